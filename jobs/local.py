@@ -1,0 +1,223 @@
+"""``pervade run``: the whole pipeline on one machine, every component a separate process.
+
+A broker on a free loopback port, N workers, a sink and a producer, started exactly as they would be on a
+cluster (``python -m pervade ROLE ...``), so a local run exercises the same code and the same wire as a
+real one. The run ends when the producer reports the job durably written; then the sink, the workers and
+the broker are stopped with SIGTERM, as a batch system would. Each process logs to ``OUT/_logs/ROLE.log``
+(the leading underscore keeps Parquet readers out of that folder).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pervade.errors import ConfigError, PervadeError
+from sinks.summary import OutputSummary, summarize
+
+STOP_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 60.0
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pervade"
+
+
+def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
+    """The offline default model: built once into the cache, then reused (same seed, same weights)."""
+    from transformers.utils import logging as hf_logging
+
+    from pervade.tinymodel import build_tiny_model
+
+    hf_logging.disable_progress_bar()
+    target = (cache_dir or default_cache_dir()) / "tiny-model-v1"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-model-", dir=target.parent))
+    build_tiny_model(staging)
+    try:
+        staging.rename(target)  # atomic: concurrent runs never see half a model
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another run won the race
+    return target
+
+
+@dataclass(frozen=True)
+class LocalRunConfig:
+    """A local run. Unset fields take the offline defaults (shipped claims, default templates, tiny model)."""
+
+    claims: str | None = None
+    templates: Path | None = None
+    out_dir: Path | None = None
+    overwrite: bool = False
+    workers: int = 2
+    model: str | None = None
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    limit: int | None = None
+    batch_size: int = 32
+    threads_per_worker: int | None = None
+    extra_produce_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError("--workers must be at least 1")
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    log_dir: Path
+    wall_seconds: float
+    startup_seconds: float
+    summary: OutputSummary
+    workers: int
+    model: str
+    failures: list[str] = field(default_factory=list)
+
+
+def _prepare_out_dir(config: LocalRunConfig) -> Path:
+    if config.out_dir is None:
+        return Path("pervade-out") / time.strftime("run-%Y%m%d-%H%M%S")
+    out = config.out_dir
+    existing = list(out.glob("*.parquet")) if out.exists() else []
+    if existing and not config.overwrite:
+        raise ConfigError(f"{out} already holds {len(existing)} Parquet files; pass --overwrite or another --out")
+    for path in existing:
+        path.unlink()
+    return out
+
+
+class _Processes:
+    """The child processes of a run, started as ``python -m pervade ROLE``, each logging to a file."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.children: dict[str, asyncio.subprocess.Process] = {}
+
+    async def start(self, name: str, *args: str) -> asyncio.subprocess.Process:
+        log_file = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pervade", *args, "--log-json",
+            stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=asyncio.subprocess.STDOUT, env=env,
+        )  # fmt: skip
+        log_file.close()
+        self.children[name] = process
+        return process
+
+    async def first_exit(self, names: list[str]) -> str:
+        """Wait until any of ``names`` exits; returns its name."""
+        waits = {asyncio.ensure_future(self.children[n].wait()): n for n in names}
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for future in pending:
+            future.cancel()
+        return waits[next(iter(done))]
+
+    async def stop(self, names: list[str]) -> None:
+        """SIGTERM, then SIGKILL after STOP_TIMEOUT_S."""
+        procs = [self.children[n] for n in names if n in self.children and self.children[n].returncode is None]
+        for process in procs:
+            process.send_signal(signal.SIGTERM)
+        for process in procs:
+            try:
+                await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+    def tail(self, name: str, lines: int = 15) -> str:
+        text = (self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+async def _wait_for_file(path: Path, process: asyncio.subprocess.Process, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return path.read_text().strip()
+        if process.returncode is not None:
+            break
+        await asyncio.sleep(0.05)
+    raise PervadeError(f"the broker did not start (see {path.parent / 'broker.log'})")
+
+
+async def run_local(config: LocalRunConfig) -> RunResult:
+    """Run the pipeline to completion on this machine and summarise the output."""
+    from producer.claims import sample_claims_path
+
+    started = time.perf_counter()
+    out_dir = _prepare_out_dir(config)
+    log_dir = out_dir / "_logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    model = config.model or str(ensure_tiny_model())
+    claims = config.claims or str(sample_claims_path())
+    threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // config.workers)
+    procs = _Processes(log_dir)
+    workers = [f"worker-{i}" for i in range(config.workers)]
+    endpoint_file = log_dir / "broker.endpoint"
+    endpoint_file.unlink(missing_ok=True)
+    try:
+        broker = await procs.start("broker", "broker", "--bind", "tcp://127.0.0.1:*", "--endpoint-file", str(endpoint_file))
+        endpoint = await _wait_for_file(endpoint_file, broker, START_TIMEOUT_S)
+        await procs.start("sink", "sink", "--broker", endpoint, "--out", str(out_dir))
+        for name in workers:
+            await procs.start(name, "worker", "--broker", endpoint, "--device", config.device, "--threads", str(threads), "--worker-id", name)
+        produce = ["produce", "--broker", endpoint, "--claims", claims, "--model", model, "--dtype", config.dtype,
+                   "--batch-size", str(config.batch_size), "--wait"]  # fmt: skip
+        if config.templates:
+            produce += ["--templates", str(config.templates)]
+        if config.limit is not None:
+            produce += ["--limit", str(config.limit)]
+        if config.revision:
+            produce += ["--revision", config.revision]
+        produce += list(config.extra_produce_args)
+        producer = await procs.start("producer", *produce)
+        startup = time.perf_counter() - started
+        first = await procs.first_exit(["producer", "broker", "sink", *workers])
+        if first != "producer":
+            raise PervadeError(f"{first} exited early with status {procs.children[first].returncode}:\n{procs.tail(first)}")
+        if producer.returncode != 0:
+            raise PervadeError(f"the producer failed with status {producer.returncode}:\n{procs.tail('producer')}")
+        await procs.stop(["sink"])
+        wall = time.perf_counter() - started
+    finally:
+        await procs.stop(["producer", "sink", *workers, "broker"])
+    return RunResult(
+        out_dir=out_dir,
+        log_dir=log_dir,
+        wall_seconds=wall,
+        startup_seconds=startup,
+        summary=summarize(out_dir),
+        workers=config.workers,
+        model=model,
+    )
+
+
+def format_result(result: RunResult) -> str:
+    """The summary ``pervade run`` prints."""
+    summary = result.summary
+    seconds = max(result.wall_seconds, 1e-9)
+    lines = [
+        f"pervade run: {summary.rows} verdicts for {summary.claims} claims "
+        f"x {len({s.template_id for s in summary.per_template})} templates, {result.workers} workers",
+        f"  model      {result.model}",
+        f"  wall time  {result.wall_seconds:.1f} s (of which start-up {result.startup_seconds:.1f} s)",
+        f"  throughput {summary.claims / seconds:.1f} claims/s, {summary.rows / seconds:.1f} verdicts/s (inferences)",
+        "",
+        f"  {'template':<24} {'verdicts':>9} {'accuracy':>9}",
+    ]
+    for score in summary.per_template:
+        accuracy = f"{score.accuracy:.3f}" if score.accuracy is not None else "n/a"
+        lines.append(f"  {score.template_id:<24} {score.verdicts:>9} {accuracy:>9}")
+    lines += ["", f"  output     {result.out_dir} ({summary.files} Parquet files)", f"  logs       {result.log_dir}"]
+    return "\n".join(lines)

@@ -1,0 +1,5 @@
+import sys
+
+from pervade.cli import main
+
+sys.exit(main())

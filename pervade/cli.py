@@ -1,0 +1,268 @@
+"""``pervade``: one command, a subcommand per role. Each subcommand only parses options into a component's
+config object and runs it; the components themselves know nothing of the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pervade.constants import DEFAULT_BROKER_BIND, DEFAULT_BROKER_CONNECT
+from pervade.context import DTYPES
+from pervade.errors import ConfigError, InputError, JobFailed, PervadeError
+from pervade.logs import configure_logging
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _add_logging(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("logging")
+    group.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="lowest level logged (default: info)")
+    fmt = group.add_mutually_exclusive_group()
+    fmt.add_argument("--log-json", dest="log_json", action="store_const", const=True, help="JSON lines (default when stderr is not a terminal)")
+    fmt.add_argument("--log-console", dest="log_json", action="store_const", const=False, help="readable lines (default on a terminal)")
+
+
+def _add_broker_endpoint(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker", default=DEFAULT_BROKER_CONNECT, metavar="ENDPOINT", help=f"the broker's ZeroMQ endpoint (default: {DEFAULT_BROKER_CONNECT})")
+
+
+def _add_model(parser: argparse.ArgumentParser, required: bool) -> None:
+    group = parser.add_argument_group("model (the context)")
+    group.add_argument("--model", required=required, metavar="ID_OR_DIR", help="a Hugging Face hub id (e.g. HuggingFaceTB/SmolLM2-1.7B-Instruct) or a local model directory" + ("" if required else "; default: the offline tiny model (built on first use)"))
+    group.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of the model")
+    group.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype; auto keeps the checkpoint's (default: auto)")
+
+
+def _add_claims(parser: argparse.ArgumentParser, required: bool) -> None:
+    group = parser.add_argument_group("claims")
+    group.add_argument("--claims", required=required, metavar="PATH_OR_HUB_NAME", help="a local .jsonl/.json/.csv/.parquet file or a hub dataset name" + ("" if required else "; default: the small claims file shipped with pervade"))
+    group.add_argument("--templates", type=Path, default=None, metavar="FILE", help="JSON object of template id -> text with one {claim} (default: the shipped set)")
+    group.add_argument("--limit", type=_positive_int, default=None, help="read at most this many claims")
+    group.add_argument("--batch-size", type=_positive_int, default=32, help="claims per batch; each batch has one template (default: 32)")
+    group.add_argument("--id-field", default="id", help="record field holding the claim id (default: id)")
+    group.add_argument("--claim-field", default="claim", help="record field holding the claim text (default: claim)")
+    group.add_argument("--label-field", default="label", help="record field holding the gold label; '' for none (default: label)")
+    group.add_argument("--split", default="train", help="split of a hub dataset (default: train)")
+    group.add_argument("--dataset-config", default=None, help="configuration (subset) of a hub dataset")
+    group.add_argument("--skip-invalid", action="store_true", help="skip and count records without a usable id or claim, instead of failing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pervade",
+        description="High-throughput LLM fact verification on opportunistic GPUs, with the model kept resident on the workers.",
+        epilog="Run 'pervade SUBCOMMAND --help' for a subcommand's options. Docs: docs/architecture.md.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+
+    p = sub.add_parser("broker", help="run the broker (on a login node)", description="Queue claim batches per context, hand them to workers by affinity, route verdicts to sinks.")
+    p.add_argument("--bind", default=DEFAULT_BROKER_BIND, metavar="ENDPOINT", help=f"ZeroMQ endpoint to bind; tcp://HOST:* picks a free port (default: {DEFAULT_BROKER_BIND})")
+    p.add_argument("--endpoint-file", type=Path, default=None, help="write the endpoint actually bound to this file")
+    p.add_argument("--max-message-bytes", type=_positive_int, default=64 * 1024 * 1024, help="drop peers sending larger frames (default: 64 MiB)")
+    p.add_argument("--max-attempts", type=_positive_int, default=3, help="a batch failing this many times is recorded as failed (default: 3)")
+    p.add_argument("--rebalance-backlog", type=_positive_int, default=8, help="queued batches per host at which an idle worker switches context (default: 8)")
+    _add_logging(p)
+    p.set_defaults(handler=_cmd_broker)
+
+    p = sub.add_parser("worker", help="run a GPU worker (in a batch job)", description="Load contexts when told, keep them resident, and score the batches pulled from the broker.")
+    _add_broker_endpoint(p)
+    p.add_argument("--device", default="auto", help="auto (first visible GPU, else CPU), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--prefetch", type=int, default=1, help="batches held beyond the one computing (default: 1)")
+    p.add_argument("--max-contexts", type=_positive_int, default=1, help="contexts kept resident at once (default: 1)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--worker-id", default=None, help="name in logs and output rows (default: HOST-PID)")
+    _add_logging(p)
+    p.set_defaults(handler=_cmd_worker)
+
+    p = sub.add_parser("produce", help="stream claims x templates into the broker", description="Send every (claim, template) pair for one model to the broker, with backpressure.")
+    _add_broker_endpoint(p)
+    _add_claims(p, required=True)
+    _add_model(p, required=True)
+    p.add_argument("--max-unacked", type=_positive_int, default=16, help="batches in flight without the broker's acknowledgement (default: 16)")
+    p.add_argument("--job-id", default=None, help="job id (default: a stable hash of claims, templates, model and batch size)")
+    p.add_argument("--wait", action="store_true", help="return only when every pair is durably written; exit 1 if any failed")
+    p.add_argument("--timeout", type=_positive_float, default=None, help="with --wait: give up after this many seconds")
+    _add_logging(p)
+    p.set_defaults(handler=_cmd_produce)
+
+    p = sub.add_parser("sink", help="write verdicts to Parquet", description="Receive results from the broker and write them to Parquet files in a directory.")
+    _add_broker_endpoint(p)
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (created if missing)")
+    p.add_argument("--row-group-rows", type=_positive_int, default=10_000, help="rows per Parquet row group (default: 10000)")
+    p.add_argument("--file-rows", type=_positive_int, default=1_000_000, help="rows per file before it is closed (default: 1000000)")
+    p.add_argument("--roll-seconds", type=_positive_float, default=2.0, help="longest a result waits before its file is closed and acknowledged (default: 2)")
+    p.add_argument("--idle-roll-seconds", type=_positive_float, default=0.5, help="close the file once no result has come for this long (default: 0.5)")
+    p.add_argument("--sink-id", default=None, help="name in file names and logs (default: random)")
+    _add_logging(p)
+    p.set_defaults(handler=_cmd_sink)
+
+    p = sub.add_parser("run", help="run the whole pipeline on this machine", description="Start a broker, N workers, a producer and a sink as separate processes, run the job to completion, and print a summary. With no flags it runs offline on shipped claims and a tiny model.")
+    _add_claims(p, required=False)
+    _add_model(p, required=False)
+    p.add_argument("--out", type=Path, default=None, metavar="DIR", help="output directory (default: pervade-out/run-TIMESTAMP)")
+    p.add_argument("--overwrite", action="store_true", help="replace Parquet files already in --out")
+    p.add_argument("--workers", type=_positive_int, default=2, help="worker processes (default: 2)")
+    p.add_argument("--device", default="auto", help="workers' device: auto, cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--threads-per-worker", type=_positive_int, default=None, help="CPU threads per worker (default: cores / workers)")
+    _add_logging(p)
+    p.set_defaults(handler=_cmd_run)
+
+    p = sub.add_parser("tiny-model", help="write a tiny random SmolLM2-architecture model", description="Write a randomly initialised LlamaForCausalLM of SmolLM2's architecture and a locally trained tokenizer, for offline runs and tests.")
+    p.add_argument("dir", type=Path, help="directory to write")
+    p.add_argument("--size", default="tiny", choices=["tiny", "small", "smollm2-135m", "smollm2-1.7b"], help="shape (default: tiny)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _add_logging(p)
+    p.set_defaults(handler=_cmd_tiny_model)
+    return parser
+
+
+def _cmd_broker(args: argparse.Namespace) -> int:
+    from broker.server import BrokerConfig, run_broker
+
+    config = BrokerConfig(
+        bind=args.bind,
+        endpoint_file=args.endpoint_file,
+        max_message_bytes=args.max_message_bytes,
+        max_attempts=args.max_attempts,
+        rebalance_backlog=args.rebalance_backlog,
+    )
+    asyncio.run(run_broker(config))
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from gpuworker.worker import WorkerConfig, run_worker
+
+    hf_logging.disable_progress_bar()  # progress bars would flood batch-system logs
+    config = WorkerConfig(
+        broker=args.broker,
+        device=args.device,
+        prefetch=args.prefetch,
+        max_contexts=args.max_contexts,
+        threads=args.threads,
+        worker_id=args.worker_id,
+    )
+    asyncio.run(run_worker(config))
+    return 0
+
+
+def _cmd_produce(args: argparse.Namespace) -> int:
+    from pervade.context import make_context
+    from producer.run import ProduceRequest, produce
+
+    request = ProduceRequest(
+        broker=args.broker,
+        claims=args.claims,
+        templates=args.templates,
+        context=make_context(args.model, args.revision, args.dtype),
+        batch_size=args.batch_size,
+        limit=args.limit,
+        id_field=args.id_field,
+        claim_field=args.claim_field,
+        label_field=args.label_field or None,
+        split=args.split,
+        dataset_config=args.dataset_config,
+        skip_invalid=args.skip_invalid,
+        max_unacked=args.max_unacked,
+        job_id=args.job_id,
+        wait=args.wait,
+        timeout_s=args.timeout,
+    )
+    outcome = asyncio.run(produce(request))
+    print(outcome.describe())
+    return 0
+
+
+def _cmd_sink(args: argparse.Namespace) -> int:
+    from sinks.sink import SinkConfig, run_sink
+
+    config = SinkConfig(
+        out_dir=args.out,
+        broker=args.broker,
+        row_group_rows=args.row_group_rows,
+        file_rows=args.file_rows,
+        roll_seconds=args.roll_seconds,
+        idle_roll_seconds=args.idle_roll_seconds,
+        sink_id=args.sink_id,
+    )
+    asyncio.run(run_sink(config))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from jobs.local import LocalRunConfig, format_result, run_local
+
+    extra: list[str] = ["--id-field", args.id_field, "--claim-field", args.claim_field, "--label-field", args.label_field, "--split", args.split]
+    if args.dataset_config:
+        extra += ["--dataset-config", args.dataset_config]
+    if args.skip_invalid:
+        extra.append("--skip-invalid")
+    config = LocalRunConfig(
+        claims=args.claims,
+        templates=args.templates,
+        out_dir=args.out,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        model=args.model,
+        revision=args.revision,
+        dtype=args.dtype,
+        device=args.device,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        threads_per_worker=args.threads_per_worker,
+        extra_produce_args=tuple(extra),
+    )
+    if config.templates is not None:  # fail before any process starts
+        from producer.templates import load_templates
+
+        load_templates(config.templates)
+    print(format_result(asyncio.run(run_local(config))))
+    return 0
+
+
+def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from pervade.tinymodel import build_tiny_model
+
+    hf_logging.disable_progress_bar()
+    path = build_tiny_model(args.dir, size=args.size, seed=args.seed)
+    print(f"wrote a {args.size} SmolLM2-architecture model to {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level, args.log_json)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ConfigError, InputError) as exc:
+        print(f"pervade {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except JobFailed as exc:
+        print(f"pervade {args.command}: job failed: {exc}", file=sys.stderr)
+        return 1
+    except PervadeError as exc:
+        print(f"pervade {args.command}: error: {exc}", file=sys.stderr)
+        return 1

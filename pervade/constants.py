@@ -1,0 +1,22 @@
+"""Constants shared by every component, in one place."""
+
+from __future__ import annotations
+
+#: The header frame of every message. A peer speaking another version is refused with an error.
+PROTOCOL_HEADER = b"pervade/1"
+PROTOCOL_VERSION = 1
+
+#: FEVER's three labels, in the order the scores are reported everywhere (wire, Parquet, summaries).
+LABELS: tuple[str, ...] = ("SUPPORTS", "REFUTES", "NOT ENOUGH INFO")
+
+#: The placeholder a prompt template must contain exactly once.
+CLAIM_PLACEHOLDER = "{claim}"
+
+#: Largest frame the broker accepts (libzmq disconnects a peer that sends more; see zeromq.md).
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+#: Milliseconds a socket may keep unsent messages at close, so no process hangs at exit.
+SOCKET_LINGER_MS = 1000
+
+DEFAULT_BROKER_BIND = "tcp://*:5555"
+DEFAULT_BROKER_CONNECT = "tcp://127.0.0.1:5555"

@@ -1,0 +1,84 @@
+"""ZeroMQ sockets set up the way this project needs them, and message send/receive on top.
+
+Pitfalls this module exists to handle once (see docs/architecture.md):
+- a ROUTER silently drops messages to unknown peers: ``ROUTER_MANDATORY`` makes that an error we log;
+- ``LINGER`` defaults to infinite, so a process with unsent messages would hang at exit: we bound it;
+- cancelling a pending async ``recv`` can lose a message (pyzmq #1925): ``receive`` polls with a timeout
+  and only then reads without blocking, so nothing is ever cancelled mid-read;
+- two peers with one routing id silently lose messages (libzmq #4503): every DEALER gets a fresh identity.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import structlog
+import zmq
+import zmq.asyncio
+
+from pervade.constants import DEFAULT_MAX_MESSAGE_BYTES, SOCKET_LINGER_MS
+from pervade.errors import ProtocolError
+from pervade.protocol import Message, decode, encode
+
+log = structlog.get_logger(__name__)
+
+
+def new_identity(role: str) -> str:
+    """A routing identity that no earlier incarnation of this peer can have used."""
+    return f"{role}-{uuid.uuid4().hex[:12]}"
+
+
+def router_socket(ctx: zmq.asyncio.Context, bind: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> zmq.asyncio.Socket:
+    """The broker's ROUTER, bound to ``bind`` (``tcp://host:*`` picks a free port)."""
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.LINGER, SOCKET_LINGER_MS)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    sock.bind(bind)
+    return sock
+
+
+def dealer_socket(ctx: zmq.asyncio.Context, connect: str, identity: str) -> zmq.asyncio.Socket:
+    """A DEALER connected to the broker under ``identity``."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, identity.encode())
+    sock.setsockopt(zmq.LINGER, SOCKET_LINGER_MS)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    sock.connect(connect)
+    return sock
+
+
+@dataclass
+class BrokerConnection:
+    """A DEALER's conversation with the broker: send messages, receive validated messages."""
+
+    socket: zmq.asyncio.Socket
+    identity: str
+
+    @classmethod
+    def open(cls, ctx: zmq.asyncio.Context, endpoint: str, role: str) -> BrokerConnection:
+        identity = new_identity(role)
+        return cls(dealer_socket(ctx, endpoint, identity), identity)
+
+    async def send(self, message: Message) -> None:
+        await self.socket.send_multipart(encode(message))
+
+    async def receive(self, timeout_s: float | None = None) -> Message | None:
+        """The next valid message, or None when ``timeout_s`` passes first. Invalid frames are logged
+        and skipped: a broken message from the broker must not kill a client either."""
+        timeout_ms = None if timeout_s is None else max(0, int(timeout_s * 1000))
+        while True:
+            if not await self.socket.poll(timeout_ms, zmq.POLLIN):
+                return None
+            frames = await self.socket.recv_multipart(zmq.NOBLOCK)
+            try:
+                return decode(frames)
+            except ProtocolError as exc:
+                log.error("dropped_invalid_message", error=str(exc))
+
+    def close(self) -> None:
+        self.socket.close()

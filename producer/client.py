@@ -1,0 +1,185 @@
+"""The producer's Python API: submit a Prompt-for-Fact sweep to the broker and, if asked, wait for it.
+
+    async with Producer("tcp://login1:5555") as producer:
+        report = await producer.submit_sweep(claims, templates, make_context("HuggingFaceTB/SmolLM2-1.7B-Instruct"))
+        done = await producer.wait(report.job_id)
+
+Every (claim, template) pair is sent once, in batches of one template and up to ``batch_size`` claims.
+Claims are read once, as a stream: each chunk of claims becomes one batch per template. At most
+``max_unacked`` batches are in flight without the broker's acknowledgement (backpressure), so a producer
+never floods a broker that is slower than the claims source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from itertools import islice
+
+import msgspec
+import structlog
+import zmq.asyncio
+
+from pervade.constants import DEFAULT_BROKER_CONNECT
+from pervade.context import ContextSpec
+from pervade.errors import ConfigError, JobFailed
+from pervade.protocol import Accepted, Batch, Claim, EndJob, Error, JobDone, Rejected, Submit
+from pervade.transport import BrokerConnection
+from producer.templates import validate_templates
+
+log = structlog.get_logger("producer")
+
+
+@dataclass
+class SubmitReport:
+    """What a sweep submission came to."""
+
+    job_id: str
+    batches: int = 0
+    pairs: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def job_id_for(context: ContextSpec, templates: Mapping[str, str], source: str, batch_size: int) -> str:
+    """A job id that is the same whenever the same sweep is submitted again, so a restarted producer's
+    batches are recognised by the broker instead of being run twice."""
+    key = msgspec.msgpack.encode((context.context_id, sorted(templates.items()), source, batch_size))
+    return "job-" + hashlib.sha256(key).hexdigest()[:16]
+
+
+def _chunks(claims: Iterable[Claim], size: int) -> Iterator[list[Claim]]:
+    iterator = iter(claims)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+class Producer:
+    """A connection to the broker that submits sweeps. Use as an async context manager."""
+
+    def __init__(
+        self, broker: str = DEFAULT_BROKER_CONNECT, max_unacked: int = 16, ctx: zmq.asyncio.Context | None = None
+    ) -> None:
+        if max_unacked < 1:
+            raise ConfigError("max_unacked must be at least 1")
+        self.broker = broker
+        self.max_unacked = max_unacked
+        self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._conn: BrokerConnection | None = None
+        self._receiver: asyncio.Task[None] | None = None
+        self._window = asyncio.Semaphore(max_unacked)
+        self._reports: dict[str, SubmitReport] = {}
+        self._batch_jobs: dict[str, str] = {}
+        self._done: dict[str, asyncio.Future[JobDone]] = {}
+        self._all_acked = asyncio.Event()
+        self._all_acked.set()
+
+    async def __aenter__(self) -> Producer:
+        self._conn = BrokerConnection.open(self._ctx, self.broker, "producer")
+        self._receiver = asyncio.create_task(self._receive_loop())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._receiver is not None:
+            self._receiver.cancel()
+            await asyncio.gather(self._receiver, return_exceptions=True)
+        if self._conn is not None:
+            self._conn.close()
+
+    def _done_future(self, job_id: str) -> asyncio.Future[JobDone]:
+        return self._done.setdefault(job_id, asyncio.get_running_loop().create_future())
+
+    async def _receive_loop(self) -> None:
+        assert self._conn is not None
+        while True:
+            message = await self._conn.receive(timeout_s=1.0)
+            if isinstance(message, (Accepted, Rejected)):
+                self._acknowledge(message)
+            elif isinstance(message, JobDone):
+                future = self._done_future(message.job_id)
+                if not future.done():
+                    future.set_result(message)
+            elif isinstance(message, Error):
+                log.error("broker_error", reason=message.reason, detail=message.detail)
+
+    def _acknowledge(self, message: Accepted | Rejected) -> None:
+        job_id = self._batch_jobs.pop(message.batch_id, None)
+        if job_id is None:
+            return  # an answer to a resend we no longer wait for
+        report = self._reports[job_id]
+        if isinstance(message, Accepted):
+            report.accepted += 1
+            report.duplicates += message.duplicate
+        else:
+            report.rejected.append(f"{message.batch_id}: {message.reason}")
+            log.error("batch_rejected", batch_id=message.batch_id, reason=message.reason)
+        self._window.release()
+        if not self._batch_jobs:
+            self._all_acked.set()
+
+    async def submit_sweep(
+        self,
+        claims: Iterable[Claim],
+        templates: Mapping[str, str],
+        context: ContextSpec,
+        batch_size: int = 32,
+        job_id: str | None = None,
+    ) -> SubmitReport:
+        """Send every (claim, template) pair for ``context`` and end the job; returns once the broker
+        has acknowledged every batch. ``job_id`` defaults to a stable hash of the sweep."""
+        if self._conn is None:
+            raise ConfigError("use the Producer as 'async with Producer(...) as producer'")
+        if batch_size < 1:
+            raise ConfigError("batch_size must be at least 1")
+        templates = validate_templates(dict(templates))
+        context.validate()
+        job_id = job_id or job_id_for(context, templates, "", batch_size)
+        report = self._reports[job_id] = SubmitReport(job_id=job_id)
+        self._done_future(job_id)
+        started = time.perf_counter()
+        chunks = _chunks(claims, batch_size)
+        index = 0
+        # Reading claims (files, the hub) blocks: take each chunk on a thread so acknowledgements
+        # keep flowing while the next chunk is read.
+        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+            for template_id, template in templates.items():
+                batch = Batch(
+                    batch_id=f"{job_id}/{index:07d}/{template_id}",
+                    job_id=job_id,
+                    context=context,
+                    template_id=template_id,
+                    template=template,
+                    claims=chunk,
+                    submitted_at=time.time(),
+                )
+                await self._send_batch(batch, report)
+            index += 1
+        await self._all_acked.wait()
+        await self._conn.send(EndJob(job_id=job_id, batches=report.batches, pairs=report.pairs))
+        report.seconds = time.perf_counter() - started
+        log.info("job_submitted", job_id=job_id, batches=report.batches, pairs=report.pairs, accepted=report.accepted)
+        return report
+
+    async def _send_batch(self, batch: Batch, report: SubmitReport) -> None:
+        assert self._conn is not None
+        await self._window.acquire()
+        self._batch_jobs[batch.batch_id] = batch.job_id
+        self._all_acked.clear()
+        await self._conn.send(Submit(batch=batch))
+        report.batches += 1
+        report.pairs += len(batch.claims)
+
+    async def wait(self, job_id: str, timeout_s: float | None = None) -> JobDone:
+        """Until every batch of the job is durably written by a sink or has failed. Raises JobFailed if
+        any batch failed or was rejected."""
+        done = await asyncio.wait_for(asyncio.shield(self._done_future(job_id)), timeout_s)
+        report = self._reports.get(job_id)
+        problems = list(done.errors) + (report.rejected if report else [])
+        if done.failed_batches or problems:
+            raise JobFailed(f"job {job_id}: {done.failed_batches} batches failed; " + "; ".join(problems[:5]))
+        return done

@@ -1,0 +1,84 @@
+"""``produce``: read claims and templates, submit the sweep, optionally wait. What ``pervade produce`` runs,
+and what a user's script awaits:
+
+    from pervade.context import make_context
+    from producer import ProduceRequest, produce
+
+    outcome = await produce(ProduceRequest(
+        broker="tcp://login1:5555", claims="fever_dev.jsonl",
+        context=make_context("HuggingFaceTB/SmolLM2-1.7B-Instruct"), wait=True))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pervade.constants import DEFAULT_BROKER_CONNECT
+from pervade.context import ContextSpec
+from pervade.protocol import JobDone
+from producer.claims import ClaimFields, ClaimsSource, read_claims
+from producer.client import Producer, SubmitReport, job_id_for
+from producer.templates import load_templates
+
+
+@dataclass(frozen=True)
+class ProduceRequest:
+    """One sweep: every claim of ``claims`` under every template, for one context."""
+
+    claims: str
+    context: ContextSpec
+    broker: str = DEFAULT_BROKER_CONNECT
+    #: Templates file; None: the shipped default set.
+    templates: Path | None = None
+    batch_size: int = 32
+    limit: int | None = None
+    id_field: str = "id"
+    claim_field: str = "claim"
+    label_field: str | None = "label"
+    split: str = "train"
+    dataset_config: str | None = None
+    skip_invalid: bool = False
+    max_unacked: int = 16
+    job_id: str | None = None
+    #: Wait until every pair is durably written (raises JobFailed if any failed).
+    wait: bool = False
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ProduceOutcome:
+    report: SubmitReport
+    skipped_records: int
+    done: JobDone | None
+
+    def describe(self) -> str:
+        r = self.report
+        text = f"job {r.job_id}: {r.pairs} pairs in {r.batches} batches accepted by the broker"
+        if r.duplicates:
+            text += f" ({r.duplicates} batches were already there)"
+        if self.skipped_records:
+            text += f"; {self.skipped_records} invalid records skipped"
+        if self.done is not None:
+            text += f"; all {self.done.pairs} pairs written"
+        return text
+
+
+async def produce(request: ProduceRequest) -> ProduceOutcome:
+    templates = load_templates(request.templates)  # validated before anything is read or sent
+    source = ClaimsSource(
+        location=request.claims,
+        fields=ClaimFields(id=request.id_field, claim=request.claim_field, label=request.label_field),
+        split=request.split,
+        config=request.dataset_config,
+        limit=request.limit,
+        skip_invalid=request.skip_invalid,
+    )
+    origin = f"{request.claims}|{request.split}|{request.dataset_config}|{request.limit}|{source.fields}"
+    job_id = request.job_id or job_id_for(request.context, templates, origin, request.batch_size)
+    async with Producer(request.broker, max_unacked=request.max_unacked) as producer:
+        report = await producer.submit_sweep(
+            read_claims(source), templates, request.context, batch_size=request.batch_size, job_id=job_id
+        )
+        done = await producer.wait(job_id, request.timeout_s) if request.wait else None
+    return ProduceOutcome(report=report, skipped_records=source.skipped, done=done)

@@ -1,0 +1,1 @@
+"""Sinks: collect verdicts from the broker into Parquet."""

@@ -1,0 +1,138 @@
+"""Writing verdicts to Parquet: one row per (claim, template, context), files rolled and renamed atomically.
+
+A file is written under a hidden name (``.verdicts-*.parquet.partial``; pyarrow, pandas, polars and duckdb
+skip names starting with a dot) and renamed to its final name only once closed and fsynced. So a reader
+of the directory only ever sees complete files, and the batches in a renamed file are durable: that is
+the moment the sink acknowledges them to the broker. Row groups are written as they fill.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pervade.protocol import BatchResult
+
+_TIME = pa.timestamp("us", tz="UTC")
+
+#: The output schema (documented in docs/output.md).
+SCHEMA = pa.schema(
+    [
+        pa.field("claim_id", pa.string(), nullable=False),
+        pa.field("template_id", pa.string(), nullable=False),
+        pa.field("context_id", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("gold_label", pa.string()),
+        pa.field("verdict", pa.string(), nullable=False),
+        pa.field("score_supports", pa.float32(), nullable=False),
+        pa.field("score_refutes", pa.float32(), nullable=False),
+        pa.field("score_not_enough_info", pa.float32(), nullable=False),
+        pa.field("worker_id", pa.string(), nullable=False),
+        pa.field("device", pa.string(), nullable=False),
+        pa.field("batch_id", pa.string(), nullable=False),
+        pa.field("job_id", pa.string(), nullable=False),
+        pa.field("submitted_at", _TIME, nullable=False),
+        pa.field("started_at", _TIME, nullable=False),
+        pa.field("finished_at", _TIME, nullable=False),
+    ]
+)
+
+_PER_BATCH = ("template_id", "context_id", "model", "worker_id", "device", "batch_id", "job_id")
+_TIMES = ("submitted_at", "started_at", "finished_at")
+
+
+def _micros(seconds: float) -> int:
+    return int(round(seconds * 1_000_000))
+
+
+@dataclass
+class _Columns:
+    """Rows buffered column by column (cheap to append, one conversion per row group)."""
+
+    data: dict[str, list] = field(default_factory=lambda: {name: [] for name in SCHEMA.names})
+    rows: int = 0
+
+    def add(self, result: BatchResult) -> None:
+        n = len(result.verdicts)
+        for name in _PER_BATCH:
+            self.data[name].extend([getattr(result, name)] * n)
+        for name in _TIMES:
+            self.data[name].extend([_micros(getattr(result, name))] * n)
+        for verdict in result.verdicts:
+            self.data["claim_id"].append(verdict.claim_id)
+            self.data["gold_label"].append(verdict.gold_label)
+            self.data["verdict"].append(verdict.verdict)
+            supports, refutes, nei = verdict.scores
+            self.data["score_supports"].append(supports)
+            self.data["score_refutes"].append(refutes)
+            self.data["score_not_enough_info"].append(nei)
+        self.rows += n
+
+    def to_table(self) -> pa.Table:
+        return pa.Table.from_pydict(self.data, schema=SCHEMA)
+
+
+class RollingParquetWriter:
+    """Appends batch results; writes row groups as they fill; ``roll`` makes the current file final.
+
+    Blocking I/O: an asyncio caller runs ``flush`` and ``roll`` on a thread.
+    """
+
+    def __init__(self, out_dir: Path, name_prefix: str, row_group_rows: int = 10_000) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.name_prefix = name_prefix
+        self.row_group_rows = row_group_rows
+        self._buffer = _Columns()
+        self._writer: pq.ParquetWriter | None = None
+        self._partial: Path | None = None
+        self._sequence = 0
+        self.batches_in_file: list[str] = []
+        self.rows_in_file = 0
+        self.files_written: list[Path] = []
+
+    @property
+    def buffered_rows(self) -> int:
+        return self._buffer.rows
+
+    def add(self, result: BatchResult) -> None:
+        self._buffer.add(result)
+        self.batches_in_file.append(result.batch_id)
+        self.rows_in_file += len(result.verdicts)
+
+    def flush(self) -> None:
+        """Write the buffered rows as a row group of the current (still partial) file."""
+        if not self._buffer.rows:
+            return
+        if self._writer is None:
+            self._partial = self.out_dir / f".{self.name_prefix}-{self._sequence:05d}.parquet.partial"
+            self._writer = pq.ParquetWriter(self._partial, SCHEMA, compression="zstd")
+        self._writer.write_table(self._buffer.to_table(), row_group_size=self.row_group_rows)
+        self._buffer = _Columns()
+
+    def roll(self) -> list[str]:
+        """Close the current file and give it its final name; returns the batch ids now durable."""
+        self.flush()
+        if self._writer is None:
+            return []
+        assert self._partial is not None
+        self._writer.close()
+        final = self.out_dir / f"{self.name_prefix}-{self._sequence:05d}.parquet"
+        with open(self._partial, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(self._partial, final)
+        directory = os.open(self.out_dir, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself must survive a crash
+        finally:
+            os.close(directory)
+        durable, self.batches_in_file = self.batches_in_file, []
+        self._writer, self._partial = None, None
+        self._sequence += 1
+        self.rows_in_file = 0
+        self.files_written.append(final)
+        return durable
