@@ -1,0 +1,102 @@
+"""Fixtures that yield real components: a tiny model on disk, FEVER claims, a live in-process broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import zmq
+import zmq.asyncio
+
+from broker.server import Broker, BrokerConfig
+from pervade.protocol import Message, decode, encode
+from producer.claims import sample_claims_path
+
+FEVER_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fever" / "paper_dev.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers.utils import logging as hf_logging
+
+    from pervade.tinymodel import build_tiny_model
+
+    hf_logging.disable_progress_bar()
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def fever_claims(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real FEVER claims when ../shared has them; else the shipped sample, repeated with fresh ids to 600."""
+    if FEVER_DEV.exists():
+        return FEVER_DEV
+    records = [json.loads(line) for line in sample_claims_path().read_text().splitlines()]
+    path = tmp_path_factory.mktemp("claims") / "claims.jsonl"
+    with path.open("w") as out:
+        for i in range(600):
+            record = records[i % len(records)]
+            out.write(json.dumps({**record, "id": i + 1, "claim": f"{record['claim']} ({i})"}) + "\n")
+    return path
+
+
+class Peer:
+    """A raw DEALER talking to a broker, for tests that speak the protocol by hand."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, identity: bytes) -> None:
+        self.socket = ctx.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.IDENTITY, identity)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+
+    async def send(self, message: Message) -> None:
+        await self.socket.send_multipart(encode(message))
+
+    async def send_raw(self, frames: list[bytes]) -> None:
+        await self.socket.send_multipart(frames)
+
+    async def receive(self, timeout_s: float = 5.0) -> Message:
+        if not await self.socket.poll(int(timeout_s * 1000)):
+            raise TimeoutError("no message from the broker")
+        return decode(await self.socket.recv_multipart())
+
+    async def expect_silence(self, timeout_s: float = 0.3) -> None:
+        assert not await self.socket.poll(int(timeout_s * 1000)), "unexpected message from the broker"
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+@pytest_asyncio.fixture
+async def live_broker() -> AsyncIterator[Broker]:
+    """A real broker on a free loopback port, serving in this test's event loop."""
+    ctx = zmq.asyncio.Context()
+    broker = Broker(BrokerConfig(bind="tcp://127.0.0.1:*", max_attempts=2, max_message_bytes=1 << 20), ctx=ctx)
+    broker.start()
+    task = asyncio.create_task(broker.serve())
+    try:
+        yield broker
+    finally:
+        broker.stop()
+        await task
+        ctx.term()
+
+
+@pytest_asyncio.fixture
+async def connect(live_broker: Broker) -> AsyncIterator:
+    """``await connect(b"name")`` gives a Peer on the live broker; all are closed after the test."""
+    peers: list[Peer] = []
+    ctx = zmq.asyncio.Context()
+
+    async def _connect(identity: bytes) -> Peer:
+        peer = Peer(ctx, live_broker.endpoint, identity)
+        peers.append(peer)
+        return peer
+
+    yield _connect
+    for peer in peers:
+        peer.close()
+    ctx.term()

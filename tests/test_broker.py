@@ -1,0 +1,198 @@
+"""The broker, live on a loopback socket, driven by peers that speak the protocol by hand."""
+
+from __future__ import annotations
+
+import msgpack
+
+from pervade.constants import PROTOCOL_HEADER
+from pervade.context import ContextSpec
+from pervade.protocol import (
+    Accepted,
+    Assign,
+    Batch,
+    BatchFailed,
+    BatchResult,
+    Claim,
+    Completed,
+    ContextFailed,
+    Deliver,
+    DeviceInfo,
+    Disconnect,
+    EndJob,
+    Error,
+    JobDone,
+    LoadContext,
+    Pull,
+    Rejected,
+    SinkAck,
+    SinkReady,
+    Submit,
+    Verdict,
+    WorkerReady,
+)
+
+CTX_A = ContextSpec(model="model-a")
+CTX_B = ContextSpec(model="model-b")
+CPU = DeviceInfo(kind="cpu", name="cpu")
+
+
+def batch(job: str, n: int, context: ContextSpec = CTX_A) -> Batch:
+    return Batch(
+        batch_id=f"{job}/{n}",
+        job_id=job,
+        context=context,
+        template_id="t",
+        template="{claim} Answer:",
+        claims=[Claim(claim_id=f"{n}-{i}", text=f"claim {i}") for i in range(2)],
+        submitted_at=0.0,
+    )
+
+
+def result_for(b: Batch, worker_id: str = "w1") -> BatchResult:
+    return BatchResult(
+        batch_id=b.batch_id, job_id=b.job_id, context_id=b.context.context_id, model=b.context.model,
+        template_id=b.template_id, worker_id=worker_id, device="cpu", submitted_at=0, started_at=0, finished_at=0,
+        verdicts=[Verdict(claim_id=c.claim_id, verdict="SUPPORTS", scores=[1, 0, 0]) for c in b.claims],
+    )  # fmt: skip
+
+
+async def register_worker(peer, worker_id: str, credit: int, contexts: list[str] = ()) -> None:
+    await peer.send(WorkerReady(worker_id=worker_id, host="h", pid=1, device=CPU, contexts=list(contexts)))
+    await peer.send(Pull(credit=credit))
+
+
+async def test_a_job_flows_from_producer_to_worker_to_sink_and_back(connect) -> None:
+    producer, worker, sink = await connect(b"p"), await connect(b"w"), await connect(b"s")
+    await sink.send(SinkReady(sink_id="s1"))
+    for n in range(2):
+        await producer.send(Submit(batch=batch("j1", n)))
+        assert await producer.receive() == Accepted(batch_id=f"j1/{n}")
+    await producer.send(EndJob(job_id="j1", batches=2, pairs=4))
+
+    await register_worker(worker, "w1", credit=2)
+    load = await worker.receive()
+    assert isinstance(load, LoadContext) and load.context == CTX_A and load.evict == []
+    assigned = [await worker.receive(), await worker.receive()]
+    assert [a.batch.batch_id for a in assigned] == ["j1/0", "j1/1"]
+
+    for a in assigned:
+        await worker.send(Completed(result=result_for(a.batch)))
+    delivered = [await sink.receive(), await sink.receive()]
+    assert all(isinstance(d, Deliver) for d in delivered)
+    await producer.expect_silence()  # not done until the sink says the rows are durable
+    await sink.send(SinkAck(batch_ids=[d.result.batch_id for d in delivered]))
+    assert await producer.receive() == JobDone(job_id="j1", batches=2, pairs=4)
+
+
+async def test_malformed_input_gets_an_error_and_the_broker_keeps_serving(connect, live_broker) -> None:
+    rogue, producer = await connect(b"rogue"), await connect(b"p")
+    bad_frames = [
+        [b"only-one-frame"],
+        [b"pervade/0", b"x"],
+        [PROTOCOL_HEADER, b"\xc1 not msgpack"],
+        [PROTOCOL_HEADER, msgpack.packb({"kind": "nonsense"})],
+        [PROTOCOL_HEADER, msgpack.packb({"kind": "pull", "credit": -5})],
+        [PROTOCOL_HEADER, msgpack.packb({"kind": "submit", "batch": {"batch_id": 7}})],
+    ]
+    for frames in bad_frames:
+        await rogue.send_raw(frames)
+        reply = await rogue.receive()
+        assert isinstance(reply, Error) and reply.reason
+    # messages that decode but make no sense from this peer
+    await rogue.send(Pull(credit=1))
+    assert "send worker_ready first" in (await rogue.receive()).reason
+    await rogue.send(JobDone(job_id="j", batches=0, pairs=0))
+    assert "does not accept 'job_done'" in (await rogue.receive()).reason
+    assert live_broker.counters["invalid_messages"] == len(bad_frames) + 2
+
+    await producer.send(Submit(batch=batch("j2", 0)))
+    assert await producer.receive() == Accepted(batch_id="j2/0")
+
+
+async def test_oversized_messages_cut_the_sender_off_not_the_broker(connect) -> None:
+    big, producer = await connect(b"big"), await connect(b"p")
+    await big.send_raw([PROTOCOL_HEADER, b"x" * (2 << 20)])  # the fixture's broker allows 1 MiB
+    await big.expect_silence()
+    await producer.send(Submit(batch=batch("j3", 0)))
+    assert await producer.receive() == Accepted(batch_id="j3/0")
+
+
+async def test_resubmitted_batches_are_acknowledged_once_and_queued_once(connect, live_broker) -> None:
+    producer = await connect(b"p")
+    for _ in range(3):
+        await producer.send(Submit(batch=batch("j4", 0)))
+    replies = [await producer.receive() for _ in range(3)]
+    assert [r.duplicate for r in replies] == [False, True, True]
+    assert live_broker.queues.total() == 1
+    await producer.send(EndJob(job_id="j4", batches=1, pairs=2))
+    await producer.send(Submit(batch=batch("j4", 1)))
+    rejected = await producer.receive()
+    assert isinstance(rejected, Rejected) and "already ended" in rejected.reason
+
+
+async def test_affinity_sends_a_context_to_the_worker_that_holds_it(connect) -> None:
+    producer, wa, wb = await connect(b"p"), await connect(b"wa"), await connect(b"wb")
+    for n in range(3):
+        await producer.send(Submit(batch=batch("ja", n, CTX_A)))
+        await producer.send(Submit(batch=batch("jb", n, CTX_B)))
+    for _ in range(6):
+        await producer.receive()
+    # wb already holds B; wa holds nothing and is placed on A, the context nobody hosts
+    await register_worker(wb, "wb", credit=3, contexts=[CTX_B.context_id])
+    got_b = [await wb.receive() for _ in range(3)]
+    assert all(isinstance(m, Assign) and m.batch.context == CTX_B for m in got_b)  # no LoadContext: it holds B
+    await register_worker(wa, "wa", credit=4)
+    load = await wa.receive()
+    assert isinstance(load, LoadContext) and load.context == CTX_A
+    got_a = [await wa.receive() for _ in range(3)]
+    assert all(m.batch.context == CTX_A for m in got_a)
+    await wa.expect_silence()  # B's queue is empty and A ran dry: wa stays warm on A
+
+
+async def test_a_leaving_worker_has_its_batches_requeued_to_another(connect) -> None:
+    producer, w1, w2 = await connect(b"p"), await connect(b"w1"), await connect(b"w2")
+    await producer.send(Submit(batch=batch("j5", 0)))
+    await producer.receive()
+    await register_worker(w1, "w1", credit=1)
+    assert isinstance(await w1.receive(), LoadContext)
+    assert (await w1.receive()).batch.batch_id == "j5/0"
+    await w1.send(Disconnect(reason="preempted"))
+    await register_worker(w2, "w2", credit=1, contexts=[CTX_A.context_id])
+    assigned = await w2.receive()
+    assert isinstance(assigned, Assign) and assigned.batch.batch_id == "j5/0"
+    # a late answer from the departed worker is not taken twice
+    await w1.send(Completed(result=result_for(assigned.batch, "w1")))
+    await w1.receive()  # it is no longer a registered worker: an error
+    await w2.send(Completed(result=result_for(assigned.batch, "w2")))
+
+
+async def test_a_failing_batch_is_retried_then_reported_failed(connect) -> None:
+    producer, worker = await connect(b"p"), await connect(b"w")
+    await producer.send(Submit(batch=batch("j6", 0)))
+    await producer.receive()
+    await producer.send(EndJob(job_id="j6", batches=1, pairs=2))
+    await register_worker(worker, "w", credit=1)
+    assert isinstance(await worker.receive(), LoadContext)
+    for attempt in range(2):  # the fixture's broker allows 2 attempts
+        assigned = await worker.receive()
+        assert isinstance(assigned, Assign), f"attempt {attempt}"
+        await worker.send(BatchFailed(batch_id="j6/0", error="CUDA out of memory"))
+        await worker.send(Pull(credit=1))
+    done = await producer.receive()
+    assert isinstance(done, JobDone) and done.failed_batches == 1 and "CUDA out of memory" in done.errors[0]
+
+
+async def test_a_context_no_worker_can_load_fails_its_batches(connect) -> None:
+    producer, worker = await connect(b"p"), await connect(b"w")
+    for n in range(3):
+        await producer.send(Submit(batch=batch("j7", n)))
+        await producer.receive()
+    await producer.send(EndJob(job_id="j7", batches=3, pairs=6))
+    await register_worker(worker, "w", credit=1)
+    assert isinstance(await worker.receive(), LoadContext)
+    assert isinstance(await worker.receive(), Assign)
+    await worker.send(ContextFailed(context_id=CTX_A.context_id, error="no such model"))
+    done = await producer.receive()
+    assert isinstance(done, JobDone) and done.failed_batches == 3
+    assert all("no such model" in e for e in done.errors)
+    await worker.expect_silence()  # never offered the context it could not load

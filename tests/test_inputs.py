@@ -1,0 +1,110 @@
+"""User input: templates and claims files, good and bad. Every bad input gets a clear error."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pervade.errors import ClaimsError, TemplateError
+from producer.claims import ClaimFields, ClaimsSource, read_claims, sample_claims_path
+from producer.templates import load_templates, validate_templates
+from tests.conftest import FEVER_DEV
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_default_templates_are_valid_and_end_asking_for_the_answer() -> None:
+    templates = load_templates()
+    assert len(templates) >= 2
+    assert all(text.count("{claim}") == 1 for text in templates.values())
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ("not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ("{}", "no templates"),
+        ('{"a": "no placeholder"}', "exactly once, found 0"),
+        ('{"a": "{claim} and {claim}"}', "exactly once, found 2"),
+        ('{"a": 5}', "must be a string"),
+        ('{"": "{claim}"}', "non-empty strings"),
+    ],
+)
+def test_bad_templates_are_refused(tmp_path, content: str, reason: str) -> None:
+    path = tmp_path / "templates.json"
+    path.write_text(content)
+    with pytest.raises(TemplateError, match=reason):
+        load_templates(path)
+
+
+def test_missing_templates_file(tmp_path) -> None:
+    with pytest.raises(TemplateError, match="cannot read templates file"):
+        load_templates(tmp_path / "absent.json")
+    with pytest.raises(TemplateError, match="template id"):
+        validate_templates({"x" * 100: "{claim}"})
+
+
+def test_shipped_sample_has_all_three_labels() -> None:
+    claims = list(read_claims(ClaimsSource(str(sample_claims_path()))))
+    assert len(claims) == 60
+    assert {c.gold_label for c in claims} == {"SUPPORTS", "REFUTES", "NOT ENOUGH INFO"}
+    assert {c.gold_label for c in claims[:3]} == {"SUPPORTS", "REFUTES", "NOT ENOUGH INFO"}
+
+
+@pytest.mark.skipif(not FEVER_DEV.exists(), reason="the FEVER sample lives in ../shared on the project's machines")
+def test_real_fever_file_reads_with_default_fields() -> None:
+    claims = list(read_claims(ClaimsSource(str(FEVER_DEV))))
+    assert len(claims) == 9999
+    assert claims[0].claim_id == "91198" and claims[0].gold_label == "NOT ENOUGH INFO"
+    assert claims[0].text.startswith("Colin Kaepernick")
+
+
+def test_limit_and_field_mapping_over_csv_and_parquet(tmp_path) -> None:
+    table = pa.table({"uid": ["a", "b", "c"], "text": ["x is y", "y is z", "z is x"], "gold": ["SUPPORTS", None, "REFUTES"]})
+    pq.write_table(table, tmp_path / "claims.parquet")
+    table.to_pandas().to_csv(tmp_path / "claims.csv", index=False)
+    fields = ClaimFields(id="uid", claim="text", label="gold")
+    for name in ("claims.parquet", "claims.csv"):
+        claims = list(read_claims(ClaimsSource(str(tmp_path / name), fields=fields, limit=2)))
+        assert [(c.claim_id, c.text, c.gold_label) for c in claims] == [("a", "x is y", "SUPPORTS"), ("b", "y is z", None)]
+    unlabelled = list(read_claims(ClaimsSource(str(tmp_path / "claims.parquet"), fields=ClaimFields("uid", "text", None))))
+    assert all(c.gold_label is None for c in unlabelled)
+
+
+def test_invalid_records_fail_by_default_and_can_be_skipped(tmp_path) -> None:
+    path = write_jsonl(tmp_path / "c.jsonl", [
+        {"id": 1, "claim": "fine"}, {"id": 2, "claim": ""}, {"id": 3, "claim": None}, {"claim": "no id"},
+        {"id": 5, "claim": "also fine"},
+    ])  # fmt: skip
+    with pytest.raises(ClaimsError, match="record 2: field 'claim' must be a non-empty string"):
+        list(read_claims(ClaimsSource(path)))
+    source = ClaimsSource(path, skip_invalid=True)
+    assert [c.claim_id for c in read_claims(source)] == ["1", "5"]
+    assert source.skipped == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("empty.jsonl", "", "the file is empty"),
+        ("notes.txt", "hello", "expected a .jsonl, .json, .csv or .parquet file"),
+        ("broken.jsonl", '{"id": 1, "claim": "ok"}\n{"id": 2, "claim": \n', "cannot"),
+        ("nothing.jsonl", json.dumps({"id": 1, "other": "x"}) + "\n", "field 'claim'"),
+    ],
+)
+def test_unreadable_claims_files(tmp_path, name: str, content: str, reason: str) -> None:
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ClaimsError, match=reason):
+        list(read_claims(ClaimsSource(str(tmp_path / name))))
+
+
+def test_missing_file_is_not_mistaken_for_a_hub_name(tmp_path) -> None:
+    with pytest.raises(ClaimsError, match="no such file"):
+        list(read_claims(ClaimsSource(str(tmp_path / "absent.jsonl"))))

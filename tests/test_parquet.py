@@ -1,0 +1,66 @@
+"""The Parquet output: complete files only, the documented schema, readable by pandas, polars and duckdb."""
+
+from __future__ import annotations
+
+import duckdb
+import pandas as pd
+import polars as pl
+
+from pervade.protocol import BatchResult, Verdict
+from sinks.parquet import SCHEMA, RollingParquetWriter
+from sinks.summary import read_verdicts, summarize
+
+
+def result(batch: int, n: int = 3, template: str = "t1") -> BatchResult:
+    return BatchResult(
+        batch_id=f"b{batch}", job_id="j", context_id="ctx-1", model="m", template_id=template, worker_id="w",
+        device="cpu", submitted_at=1_700_000_000.0, started_at=1_700_000_001.0, finished_at=1_700_000_001.5,
+        verdicts=[Verdict(claim_id=f"{batch}-{i}", verdict="SUPPORTS" if i % 2 else "REFUTES",
+                          scores=[0.5, 0.25, -1.0], gold_label="SUPPORTS" if i < 2 else None) for i in range(n)],
+    )  # fmt: skip
+
+
+def test_partial_files_are_hidden_until_rolled(tmp_path) -> None:
+    writer = RollingParquetWriter(tmp_path, "verdicts-test", row_group_rows=4)
+    writer.add(result(0))
+    writer.add(result(1))
+    writer.flush()
+    assert list(tmp_path.glob("*.parquet")) == []
+    assert len(list(tmp_path.glob(".verdicts-test-*.parquet.partial"))) == 1
+    assert read_verdicts(tmp_path).num_rows == 0  # readers skip the hidden file
+    assert writer.roll() == ["b0", "b1"]
+    assert [p.name for p in tmp_path.iterdir()] == ["verdicts-test-00000.parquet"]
+    assert writer.roll() == []  # nothing new: no empty file
+
+
+def test_rows_columns_and_readers(tmp_path) -> None:
+    writer = RollingParquetWriter(tmp_path, "v", row_group_rows=2)
+    for b in range(3):
+        writer.add(result(b, template=f"t{b % 2}"))
+        writer.flush()
+    writer.roll()
+    writer.add(result(3))
+    writer.roll()
+
+    frame = pd.read_parquet(tmp_path)
+    assert len(frame) == 12 and list(frame.columns) == SCHEMA.names
+    assert frame["claim_id"].is_unique
+    row = frame.set_index("claim_id").loc["0-1"]
+    assert (row.verdict, row.gold_label, row.score_supports, row.score_not_enough_info) == ("SUPPORTS", "SUPPORTS", 0.5, -1.0)
+    assert frame.loc[frame.claim_id == "0-2", "gold_label"].isna().all()
+    assert str(frame["finished_at"].dt.tz) == "UTC"
+
+    assert pl.read_parquet(tmp_path / "*.parquet").height == 12
+    assert duckdb.sql(f"select count(*) from '{tmp_path}/*.parquet'").fetchall() == [(12,)]
+    assert duckdb.sql(f"select count(distinct batch_id) from '{tmp_path}/*.parquet'").fetchall() == [(4,)]
+
+
+def test_summary_counts_accuracy_on_labelled_rows_only(tmp_path) -> None:
+    writer = RollingParquetWriter(tmp_path, "v")
+    writer.add(result(0, n=4, template="a"))  # gold: S S - -   verdicts: R S R S  -> 1 of 2 labelled right
+    writer.roll()
+    summary = summarize(tmp_path)
+    assert (summary.rows, summary.claims, summary.files) == (4, 4, 1)
+    [score] = summary.per_template
+    assert (score.template_id, score.verdicts, score.labelled, score.correct, score.accuracy) == ("a", 4, 2, 1, 0.5)
+    assert summarize(tmp_path / "empty").rows == 0

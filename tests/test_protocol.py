@@ -1,0 +1,120 @@
+"""The wire protocol: every message round-trips, and every malformed frame is refused with a reason."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from pervade.constants import PROTOCOL_HEADER
+from pervade.context import ContextSpec, make_context
+from pervade.errors import ConfigError, ProtocolError
+from pervade.protocol import (
+    ALL_MESSAGES,
+    Accepted,
+    Assign,
+    Batch,
+    BatchResult,
+    Claim,
+    Completed,
+    DeviceInfo,
+    Pull,
+    Submit,
+    Verdict,
+    WorkerReady,
+    decode,
+    encode,
+    kind_of,
+)
+
+CONTEXT = ContextSpec(model="HuggingFaceTB/SmolLM2-1.7B-Instruct")
+
+
+def make_batch(n: int = 3) -> Batch:
+    return Batch(
+        batch_id="job-1/0000000/direct",
+        job_id="job-1",
+        context=CONTEXT,
+        template_id="direct",
+        template="Claim: {claim}\nAnswer:",
+        claims=[Claim(claim_id=str(i), text=f"claim {i}", gold_label="SUPPORTS" if i % 2 else None) for i in range(n)],
+        submitted_at=1.5,
+    )
+
+
+def test_batch_messages_round_trip_exactly() -> None:
+    result = BatchResult(
+        batch_id="b", job_id="j", context_id=CONTEXT.context_id, model=CONTEXT.model, template_id="t",
+        worker_id="w", device="cpu", submitted_at=1.0, started_at=2.0, finished_at=3.0,
+        verdicts=[Verdict(claim_id="1", verdict="REFUTES", scores=[0.1, 0.9, -2.0], gold_label=None)],
+    )  # fmt: skip
+    for message in (Submit(batch=make_batch()), Assign(batch=make_batch()), Completed(result=result)):
+        assert decode(encode(message)) == message
+
+
+def test_every_message_kind_is_distinct_and_named() -> None:
+    kinds = [m.__struct_config__.tag for m in ALL_MESSAGES]
+    assert len(kinds) == len(set(kinds))
+    assert kind_of(Pull(credit=2)) == "pull"
+
+
+def test_body_is_plain_msgpack_with_a_kind_field() -> None:
+    header, body = encode(Accepted(batch_id="b-1"))
+    assert header == PROTOCOL_HEADER
+    assert msgpack.unpackb(body) == {"kind": "accepted", "batch_id": "b-1"}
+
+
+@pytest.mark.parametrize(
+    ("frames", "reason"),
+    [
+        ([PROTOCOL_HEADER], "expected 2 frames"),
+        ([b"pervade/0", msgpack.packb({"kind": "heartbeat"})], "unsupported protocol header"),
+        ([b"MDPW01", b"x"], "unsupported protocol header"),
+        ([PROTOCOL_HEADER, b"\xc1\xff garbage"], "invalid message"),
+        ([PROTOCOL_HEADER, msgpack.packb({"kind": "launch_missiles"})], "invalid message"),
+        ([PROTOCOL_HEADER, msgpack.packb({"batch_id": "b"})], "invalid message"),
+        ([PROTOCOL_HEADER, msgpack.packb({"kind": "pull", "credit": "lots"})], "Expected `int`, got `str`"),
+        ([PROTOCOL_HEADER, msgpack.packb({"kind": "pull", "credit": 0})], "Expected `int` >= 1"),
+        ([PROTOCOL_HEADER, msgpack.packb({"kind": "pull", "credit": 1, "extra": 1})], "unknown field"),
+        ([PROTOCOL_HEADER, msgpack.packb([1, 2, 3])], "invalid message"),
+    ],
+)
+def test_malformed_frames_are_refused_with_a_reason(frames: list[bytes], reason: str) -> None:
+    with pytest.raises(ProtocolError, match=reason):
+        decode(frames)
+
+
+def test_nested_validation_names_the_bad_field() -> None:
+    body = msgpack.unpackb(encode(Submit(batch=make_batch()))[1])
+    body["batch"]["claims"][1]["text"] = 42
+    with pytest.raises(ProtocolError, match=r"\$\.batch\.claims\[1\]\.text"):
+        decode([PROTOCOL_HEADER, msgpack.packb(body)])
+
+
+def test_empty_batches_and_wrong_score_counts_are_refused() -> None:
+    body = msgpack.unpackb(encode(Submit(batch=make_batch()))[1])
+    body["batch"]["claims"] = []
+    with pytest.raises(ProtocolError, match="length >= 1"):
+        decode([PROTOCOL_HEADER, msgpack.packb(body)])
+    verdict = {"claim_id": "1", "verdict": "SUPPORTS", "scores": [1.0, 2.0]}
+    with pytest.raises(ProtocolError, match="length >= 3"):
+        decode([PROTOCOL_HEADER, msgpack.packb({"kind": "completed", "result": {
+            "batch_id": "b", "job_id": "j", "context_id": "c", "model": "m", "template_id": "t", "worker_id": "w",
+            "device": "cpu", "submitted_at": 0, "started_at": 0, "finished_at": 0, "verdicts": [verdict]}})])  # fmt: skip
+
+
+def test_worker_ready_defaults() -> None:
+    ready = WorkerReady(worker_id="w", host="h", pid=1, device=DeviceInfo(kind="cpu", name="cpu"))
+    decoded = decode(encode(ready))
+    assert decoded == ready and decoded.max_contexts == 1 and decoded.contexts == []
+
+
+def test_context_id_is_stable_and_depends_on_every_field(tmp_path) -> None:
+    a = ContextSpec(model="m")
+    assert a.context_id == ContextSpec(model="m").context_id
+    assert len({a.context_id, ContextSpec(model="m", dtype="bfloat16").context_id,
+                ContextSpec(model="m", revision="v2").context_id, ContextSpec(model="n").context_id}) == 4  # fmt: skip
+    # a local directory is named by its absolute path, however the user spelled it
+    (tmp_path / "model").mkdir()
+    assert make_context(str(tmp_path / "model")).model == str((tmp_path / "model").resolve())
+    with pytest.raises(ConfigError, match="unknown dtype"):
+        make_context("m", dtype="float8")
