@@ -94,6 +94,8 @@ class Broker:
         self.jobs: dict[str, JobRecord] = {}
         self.queues = ContextQueues()
         self.undelivered: deque[str] = deque()
+        #: Contexts no live worker could load, with the error; cleared when a new worker joins.
+        self.failed_contexts: dict[str, str] = {}
         self._next_sink = 0
         self._stopping = asyncio.Event()
         self.counters = {"invalid_messages": 0, "duplicate_submissions": 0, "duplicate_results": 0}
@@ -146,6 +148,8 @@ class Broker:
                             break
                         self.handle(frames)
                     self.dispatch()
+                if self.undelivered and self.sinks:
+                    self.deliver_held()
                 if time.monotonic() >= next_stats:
                     self.log_stats()
                     next_stats = time.monotonic() + self.config.stats_interval_s
@@ -196,12 +200,18 @@ class Broker:
         if job is None:
             job = self.jobs[batch.job_id] = JobRecord(job_id=batch.job_id, producer=identity)
         job.producer = identity
-        if batch.batch_id in self.batches:
+        if batch.batch_id in self.batches or job.done_reported:
+            # A resend (the producer restarted, or lost our answer): acknowledged, never queued twice.
+            # A finished job's batch records are pruned, so its id alone answers for all of them.
             self.counters["duplicate_submissions"] += 1
             self.send(identity, Accepted(batch_id=batch.batch_id, duplicate=True))
             return
         if job.total_batches is not None:
             self.send(identity, Rejected(batch_id=batch.batch_id, reason=f"job {batch.job_id} has already ended"))
+            return
+        failure = self.failed_contexts.get(batch.context.context_id)
+        if failure is not None:
+            self.send(identity, Rejected(batch_id=batch.batch_id, reason=f"no worker can load this context: {failure}"))
             return
         self.batches[batch.batch_id] = BatchRecord(batch=batch)
         self.queues.push(batch)
@@ -213,23 +223,33 @@ class Broker:
         if job is None:
             job = self.jobs[message.job_id] = JobRecord(job_id=message.job_id, producer=identity)
         job.producer = identity
-        job.total_batches = message.batches
-        self.report_if_complete(job)
+        if job.total_batches is None:
+            job.total_batches = message.batches
+        # A producer re-running a finished job waits for JobDone again: answer every EndJob.
+        self.report_if_complete(job, again=True)
 
-    def report_if_complete(self, job: JobRecord) -> None:
-        if job.complete and not job.done_reported:
+    def report_if_complete(self, job: JobRecord, again: bool = False) -> None:
+        if not job.complete or (job.done_reported and not again):
+            return
+        if not job.done_reported:
             job.done_reported = True
             log.info("job_done", job_id=job.job_id, written=job.written, failed=job.failed)
-            self.send(
-                job.producer,
-                JobDone(
-                    job_id=job.job_id,
-                    batches=job.total_batches or 0,
-                    pairs=job.total_pairs,
-                    failed_batches=job.failed,
-                    errors=job.errors[:20],
-                ),
-            )
+            self.forget_batches(job.job_id)
+        self.send(
+            job.producer,
+            JobDone(
+                job_id=job.job_id,
+                batches=job.total_batches or 0,
+                pairs=job.total_pairs,
+                failed_batches=job.failed,
+                errors=job.errors[:20],
+            ),
+        )
+
+    def forget_batches(self, job_id: str) -> None:
+        """A reported job's batch records (claims and all) are no longer needed: keep memory bounded."""
+        for batch_id in [b for b, r in self.batches.items() if r.batch.job_id == job_id]:
+            del self.batches[batch_id]
 
     # --- workers ---------------------------------------------------------------------------------
 
@@ -243,6 +263,7 @@ class Broker:
         )
         worker.contexts.update(dict.fromkeys(message.contexts))
         self.workers[identity] = worker
+        self.failed_contexts.clear()  # new capacity: contexts that failed elsewhere may load here
         log.info("worker_joined", worker_id=message.worker_id, host=message.host, device=message.device.describe())
 
     def worker(self, identity: bytes) -> WorkerRecord:
@@ -273,7 +294,9 @@ class Broker:
             self.fail_context(context_id, message.error)
 
     def fail_context(self, context_id: str, error: str) -> None:
-        """No live worker can load this context: fail its queued batches rather than loop forever."""
+        """No live worker can load this context: fail its queued batches rather than loop forever,
+        and refuse new ones until another worker joins."""
+        self.failed_contexts[context_id] = error
         for batch_id in self.queues.drain(context_id):
             self.mark_failed(self.batches[batch_id], f"no worker could load context {context_id}: {error}")
 
@@ -328,7 +351,12 @@ class Broker:
     def on_sink_ready(self, identity: bytes, message: SinkReady) -> None:
         self.sinks[identity] = SinkRecord(identity=identity, sink_id=message.sink_id)
         log.info("sink_joined", sink_id=message.sink_id)
-        while self.undelivered:
+        self.deliver_held()
+
+    def deliver_held(self) -> None:
+        """Try again to deliver the results held back (no sink, or a failed send). Each is tried once per
+        call: one that fails again goes back to the end of the line, not into an endless loop."""
+        for _ in range(len(self.undelivered)):
             self.deliver(self.batches[self.undelivered.popleft()])
 
     def deliver(self, record: BatchRecord) -> None:
@@ -412,7 +440,8 @@ class Broker:
                     break
                 if choice.load and not self.tell_to_load(worker, choice.context_id):
                     break
-                self.assign(worker, self.queues.pop(choice.context_id))
+                if not self.assign(worker, self.queues.pop(choice.context_id)):
+                    break  # unreachable for now: try again at the next dispatch
 
     def tell_to_load(self, worker: WorkerRecord, context_id: str) -> bool:
         evict = list(worker.contexts)[: max(0, len(worker.contexts) + 1 - worker.max_contexts)]
@@ -425,16 +454,18 @@ class Broker:
         log.info("told_to_load", worker_id=worker.worker_id, context_id=context_id, evict=evict)
         return True
 
-    def assign(self, worker: WorkerRecord, batch_id: str) -> None:
+    def assign(self, worker: WorkerRecord, batch_id: str) -> bool:
+        """Send a batch to a worker; on a failed send the batch goes back to the front of its queue and
+        the worker keeps its credit (it never saw the batch)."""
         record = self.batches[batch_id]
         if not self.send(worker.identity, Assign(batch=record.batch)):
             self.queues.push(record.batch, front=True)
-            worker.credit = 0  # it is not reading; wait for its next pull
-            return
+            return False
         worker.credit -= 1
         worker.in_flight.add(batch_id)
         record.status, record.worker = BatchStatus.ASSIGNED, worker.identity
         record.attempts += 1
+        return True
 
     def log_stats(self) -> None:
         by_status: dict[str, int] = {}

@@ -108,10 +108,16 @@ class Worker:
             )
             await conn.send(Pull(credit=self.config.prefetch + 1))
             log.info("worker_started", broker=self.config.broker, device=self.device_info.describe())
-            compute = asyncio.create_task(self.compute_loop(conn))
-            await self.receive_loop(conn)
-            await compute  # finishes the item in hand, then returns
-            await conn.send(Disconnect(reason="stopping"))
+            tasks = [asyncio.create_task(self.receive_loop(conn)), asyncio.create_task(self.compute_loop(conn))]
+            # Both loops return once stop() is called, the compute loop after the item in hand. If either
+            # dies instead, the worker must not linger holding credit and batches: stop, and say so.
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            self.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            failure = next((t.exception() for t in done if t.exception() is not None), None)
+            await conn.send(Disconnect(reason=f"worker failed: {failure!r}" if failure else "stopping"))
+            if failure is not None:
+                raise failure
         finally:
             conn.close()
             self._executor.shutdown(wait=True)

@@ -3,8 +3,8 @@
 A broker on a free loopback port, N workers, a sink and a producer, started exactly as they would be on a
 cluster (``python -m pervade ROLE ...``), so a local run exercises the same code and the same wire as a
 real one. The run ends when the producer reports the job durably written; then the sink, the workers and
-the broker are stopped with SIGTERM, as a batch system would. Each process logs to ``OUT/_logs/ROLE.log``
-(the leading underscore keeps Parquet readers out of that folder).
+the broker are stopped with SIGTERM, as a batch system would. Each process logs to ``OUT.logs/ROLE.log``,
+beside the output directory, so that the output directory holds Parquet files only.
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ class LocalRunConfig:
     limit: int | None = None
     batch_size: int = 32
     threads_per_worker: int | None = None
+    #: Log level of every process of the run.
+    log_level: str = "info"
     extra_produce_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -85,8 +87,8 @@ class RunResult:
 
 def _prepare_out_dir(config: LocalRunConfig) -> Path:
     if config.out_dir is None:
-        return Path("pervade-out") / time.strftime("run-%Y%m%d-%H%M%S")
-    out = config.out_dir
+        return (Path("pervade-out") / time.strftime("run-%Y%m%d-%H%M%S")).resolve()
+    out = config.out_dir.resolve()
     existing = list(out.glob("*.parquet")) if out.exists() else []
     if existing and not config.overwrite:
         raise ConfigError(f"{out} already holds {len(existing)} Parquet files; pass --overwrite or another --out")
@@ -98,15 +100,16 @@ def _prepare_out_dir(config: LocalRunConfig) -> Path:
 class ProcessGroup:
     """The child processes of a run, started as ``python -m pervade ROLE``, each logging to a file."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, log_level: str = "info") -> None:
         self.log_dir = log_dir
+        self.log_level = log_level
         self.children: dict[str, asyncio.subprocess.Process] = {}
 
     async def start(self, name: str, *args: str) -> asyncio.subprocess.Process:
         log_file = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pervade", *args, "--log-json",
+            sys.executable, "-m", "pervade", *args, "--log-json", "--log-level", self.log_level,
             stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=asyncio.subprocess.STDOUT, env=env,
         )  # fmt: skip
         log_file.close()
@@ -156,12 +159,12 @@ async def run_local(config: LocalRunConfig) -> RunResult:
 
     started = time.perf_counter()
     out_dir = _prepare_out_dir(config)
-    log_dir = out_dir / "_logs"
+    log_dir = out_dir.with_name(out_dir.name + ".logs")
     log_dir.mkdir(parents=True, exist_ok=True)
     model = config.model or str(ensure_tiny_model())
     claims = config.claims or str(sample_claims_path())
     threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // config.workers)
-    procs = ProcessGroup(log_dir)
+    procs = ProcessGroup(log_dir, config.log_level)
     workers = [f"worker-{i}" for i in range(config.workers)]
     endpoint_file = log_dir / "broker.endpoint"
     endpoint_file.unlink(missing_ok=True)

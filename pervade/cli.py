@@ -22,6 +22,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _prefetch(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 1023:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1023, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -82,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a GPU worker (in a batch job)", description="Load contexts when told, keep them resident, and score the batches pulled from the broker.")
     _add_broker_endpoint(p)
     p.add_argument("--device", default="auto", help="auto (first visible GPU, else CPU), cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--prefetch", type=int, default=1, help="batches held beyond the one computing (default: 1)")
+    p.add_argument("--prefetch", type=_prefetch, default=1, help="batches held beyond the one computing (default: 1)")
     p.add_argument("--max-contexts", type=_positive_int, default=1, help="contexts kept resident at once (default: 1)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--worker-id", default=None, help="name in logs and output rows (default: HOST-PID)")
@@ -96,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-unacked", type=_positive_int, default=16, help="batches in flight without the broker's acknowledgement (default: 16)")
     p.add_argument("--job-id", default=None, help="job id (default: a stable hash of claims, templates, model and batch size)")
     p.add_argument("--wait", action="store_true", help="return only when every pair is durably written; exit 1 if any failed")
-    p.add_argument("--timeout", type=_positive_float, default=None, help="with --wait: give up after this many seconds")
+    p.add_argument("--timeout", type=_positive_float, default=None, help="give up (exit 1) if submitting, and waiting with --wait, takes longer than this many seconds")
     _add_logging(p)
     p.set_defaults(handler=_cmd_produce)
 
@@ -227,6 +234,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         limit=args.limit,
         batch_size=args.batch_size,
         threads_per_worker=args.threads_per_worker,
+        log_level=args.log_level,
         extra_produce_args=tuple(extra),
     )
     if config.templates is not None:  # fail before any process starts

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
@@ -25,8 +26,8 @@ import zmq.asyncio
 
 from pervade.constants import DEFAULT_BROKER_CONNECT
 from pervade.context import ContextSpec
-from pervade.errors import ConfigError, JobFailed
-from pervade.protocol import Accepted, Batch, Claim, EndJob, Error, JobDone, Rejected, Submit
+from pervade.errors import ConfigError, InputError, JobFailed, ProtocolError
+from pervade.protocol import Accepted, Batch, Claim, EndJob, Error, JobDone, Rejected, Submit, decode, encode
 from pervade.transport import BrokerConnection
 from producer.templates import validate_templates
 
@@ -44,6 +45,7 @@ class SubmitReport:
     duplicates: int = 0
     rejected: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    rejected_pairs: int = 0
 
 
 def job_id_for(context: ContextSpec, templates: Mapping[str, str], source: str, batch_size: int) -> str:
@@ -74,10 +76,12 @@ class Producer:
         self._receiver: asyncio.Task[None] | None = None
         self._window = asyncio.Semaphore(max_unacked)
         self._reports: dict[str, SubmitReport] = {}
-        self._batch_jobs: dict[str, str] = {}
+        self._batch_jobs: dict[str, tuple[str, int]] = {}  # batch id -> (job id, pairs), until answered
         self._done: dict[str, asyncio.Future[JobDone]] = {}
         self._all_acked = asyncio.Event()
         self._all_acked.set()
+        #: Set when the broker answers with Error: it refused a message we cannot match to a batch.
+        self._refusal: str | None = None
 
     async def __aenter__(self) -> Producer:
         self._conn = BrokerConnection.open(self._ctx, self.broker, "producer")
@@ -106,17 +110,28 @@ class Producer:
                     future.set_result(message)
             elif isinstance(message, Error):
                 log.error("broker_error", reason=message.reason, detail=message.detail)
+                self._fail_pending(message.reason)
+
+    def _fail_pending(self, reason: str) -> None:
+        """The broker refused something it could not name: whatever waits on an answer stops waiting."""
+        self._refusal = reason
+        for _ in range(len(self._batch_jobs)):
+            self._window.release()
+        self._batch_jobs.clear()
+        self._all_acked.set()
 
     def _acknowledge(self, message: Accepted | Rejected) -> None:
-        job_id = self._batch_jobs.pop(message.batch_id, None)
-        if job_id is None:
+        pending = self._batch_jobs.pop(message.batch_id, None)
+        if pending is None:
             return  # an answer to a resend we no longer wait for
+        job_id, pairs = pending
         report = self._reports[job_id]
         if isinstance(message, Accepted):
             report.accepted += 1
             report.duplicates += message.duplicate
         else:
             report.rejected.append(f"{message.batch_id}: {message.reason}")
+            report.rejected_pairs += pairs
             log.error("batch_rejected", batch_id=message.batch_id, reason=message.reason)
         self._window.release()
         if not self._batch_jobs:
@@ -131,16 +146,17 @@ class Producer:
         job_id: str | None = None,
     ) -> SubmitReport:
         """Send every (claim, template) pair for ``context`` and end the job; returns once the broker
-        has acknowledged every batch. ``job_id`` defaults to a stable hash of the sweep."""
+        has acknowledged every batch. ``job_id`` defaults to a fresh random id; pass a stable one (such as
+        ``job_id_for(...)`` over the claims' source) to let a re-run be recognised instead of redone."""
         if self._conn is None:
             raise ConfigError("use the Producer as 'async with Producer(...) as producer'")
         if batch_size < 1:
             raise ConfigError("batch_size must be at least 1")
         templates = validate_templates(dict(templates))
         context.validate()
-        job_id = job_id or job_id_for(context, templates, "", batch_size)
+        job_id = job_id or f"job-{uuid.uuid4().hex[:16]}"
         report = self._reports[job_id] = SubmitReport(job_id=job_id)
-        self._done_future(job_id)
+        self._done[job_id] = asyncio.get_running_loop().create_future()  # never an earlier run's answer
         started = time.perf_counter()
         chunks = _chunks(claims, batch_size)
         index = 0
@@ -160,17 +176,30 @@ class Producer:
                 await self._send_batch(batch, report)
             index += 1
         await self._all_acked.wait()
-        await self._conn.send(EndJob(job_id=job_id, batches=report.batches, pairs=report.pairs))
+        self._raise_if_refused()
+        # Only what the broker took counts: a rejected batch would never complete.
+        accepted_pairs = report.pairs - report.rejected_pairs
+        await self._conn.send(EndJob(job_id=job_id, batches=report.accepted, pairs=accepted_pairs))
         report.seconds = time.perf_counter() - started
         log.info("job_submitted", job_id=job_id, batches=report.batches, pairs=report.pairs, accepted=report.accepted)
         return report
 
+    def _raise_if_refused(self) -> None:
+        if self._refusal is not None:
+            raise JobFailed(f"the broker refused a message: {self._refusal}")
+
     async def _send_batch(self, batch: Batch, report: SubmitReport) -> None:
         assert self._conn is not None
+        frames = encode(Submit(batch=batch))
+        try:
+            decode(frames)  # what the broker would refuse, refused here, with the field named
+        except ProtocolError as exc:
+            raise InputError(f"batch {batch.batch_id} cannot be sent: {exc}") from None
         await self._window.acquire()
-        self._batch_jobs[batch.batch_id] = batch.job_id
+        self._raise_if_refused()
+        self._batch_jobs[batch.batch_id] = (batch.job_id, len(batch.claims))
         self._all_acked.clear()
-        await self._conn.send(Submit(batch=batch))
+        await self._conn.socket.send_multipart(frames)
         report.batches += 1
         report.pairs += len(batch.claims)
 

@@ -11,11 +11,13 @@ and what a user's script awaits:
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
 from pervade.constants import DEFAULT_BROKER_CONNECT
 from pervade.context import ContextSpec
+from pervade.errors import JobFailed
 from pervade.protocol import JobDone
 from producer.claims import ClaimFields, ClaimsSource, read_claims
 from producer.client import Producer, SubmitReport, job_id_for
@@ -43,6 +45,7 @@ class ProduceRequest:
     job_id: str | None = None
     #: Wait until every pair is durably written (raises JobFailed if any failed).
     wait: bool = False
+    #: Give up (JobFailed) if submitting, and waiting when asked, takes longer than this.
     timeout_s: float | None = None
 
 
@@ -76,9 +79,12 @@ async def produce(request: ProduceRequest) -> ProduceOutcome:
     )
     origin = f"{request.claims}|{request.split}|{request.dataset_config}|{request.limit}|{source.fields}"
     job_id = request.job_id or job_id_for(request.context, templates, origin, request.batch_size)
-    async with Producer(request.broker, max_unacked=request.max_unacked) as producer:
-        report = await producer.submit_sweep(
-            read_claims(source), templates, request.context, batch_size=request.batch_size, job_id=job_id
-        )
-        done = await producer.wait(job_id, request.timeout_s) if request.wait else None
+    try:
+        async with asyncio.timeout(request.timeout_s), Producer(request.broker, max_unacked=request.max_unacked) as producer:
+            report = await producer.submit_sweep(
+                read_claims(source), templates, request.context, batch_size=request.batch_size, job_id=job_id
+            )
+            done = await producer.wait(job_id) if request.wait else None
+    except TimeoutError:
+        raise JobFailed(f"job {job_id}: not finished within {request.timeout_s} s (is the broker at {request.broker} up?)") from None
     return ProduceOutcome(report=report, skipped_records=source.skipped, done=done)

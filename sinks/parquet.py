@@ -1,9 +1,10 @@
 """Writing verdicts to Parquet: one row per (claim, template, context), files rolled and renamed atomically.
 
-A file is written under a hidden name (``.verdicts-*.parquet.partial``; pyarrow, pandas, polars and duckdb
-skip names starting with a dot) and renamed to its final name only once closed and fsynced. So a reader
-of the directory only ever sees complete files, and the batches in a renamed file are durable: that is
-the moment the sink acknowledges them to the broker. Row groups are written as they fill.
+A file is written in a staging directory beside the output directory (``.OUT.partial/``, on the same file
+system) and moved into the output directory only once closed and fsynced. The output directory therefore
+only ever holds complete Parquet files, which matters because some readers (polars) read every file under a
+directory, hidden or not. The batches in a moved file are durable: that is the moment the sink acknowledges
+them to the broker. Row groups are written as they fill.
 """
 
 from __future__ import annotations
@@ -76,6 +77,23 @@ class _Columns:
         return pa.Table.from_pydict(self.data, schema=SCHEMA)
 
 
+def staging_dir_for(out_dir: Path) -> Path:
+    """Where files are written before they are complete: ``.NAME.partial`` beside ``out_dir``, or, when
+    ``out_dir`` is a mount point (a rename across file systems would not be atomic), a hidden folder in it."""
+    out_dir = out_dir.resolve()
+    staging = out_dir.parent / f".{out_dir.name}.partial"
+    try:
+        staging.mkdir(exist_ok=True)
+        if staging.stat().st_dev == out_dir.stat().st_dev:
+            return staging
+        staging.rmdir()
+    except OSError:
+        pass
+    staging = out_dir / ".partial"
+    staging.mkdir(exist_ok=True)
+    return staging
+
+
 class RollingParquetWriter:
     """Appends batch results; writes row groups as they fill; ``roll`` makes the current file final.
 
@@ -85,6 +103,7 @@ class RollingParquetWriter:
     def __init__(self, out_dir: Path, name_prefix: str, row_group_rows: int = 10_000) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.staging_dir = staging_dir_for(self.out_dir)
         self.name_prefix = name_prefix
         self.row_group_rows = row_group_rows
         self._buffer = _Columns()
@@ -109,7 +128,7 @@ class RollingParquetWriter:
         if not self._buffer.rows:
             return
         if self._writer is None:
-            self._partial = self.out_dir / f".{self.name_prefix}-{self._sequence:05d}.parquet.partial"
+            self._partial = self.staging_dir / f"{self.name_prefix}-{self._sequence:05d}.parquet.partial"
             self._writer = pq.ParquetWriter(self._partial, SCHEMA, compression="zstd")
         self._writer.write_table(self._buffer.to_table(), row_group_size=self.row_group_rows)
         self._buffer = _Columns()
@@ -135,4 +154,13 @@ class RollingParquetWriter:
         self._sequence += 1
         self.rows_in_file = 0
         self.files_written.append(final)
+        return durable
+
+    def close(self) -> list[str]:
+        """Roll what is left, and remove the staging directory if nothing else uses it."""
+        durable = self.roll()
+        try:
+            self.staging_dir.rmdir()
+        except OSError:
+            pass  # another sink writing to the same directory still uses it
         return durable

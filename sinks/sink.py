@@ -83,7 +83,7 @@ class Sink:
                     log.warning("unexpected_message", kind=type(message).__name__)
                 if self.roll_due(time.monotonic()):
                     await self.roll(conn)
-            await self.roll(conn)
+            await self.roll(conn, final=True)
             await conn.send(Disconnect(reason="stopping"))
         finally:
             conn.close()
@@ -107,9 +107,9 @@ class Sink:
         elif self.writer.buffered_rows >= self.config.row_group_rows:
             await asyncio.to_thread(self.writer.flush)
 
-    async def roll(self, conn: BrokerConnection) -> None:
+    async def roll(self, conn: BrokerConnection, final: bool = False) -> None:
         rows = self.writer.rows_in_file
-        durable = await asyncio.to_thread(self.writer.roll)
+        durable = await asyncio.to_thread(self.writer.close if final else self.writer.roll)
         self._oldest_unacked = None
         if durable:
             self.rows_written += rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgpack
+import pytest
 
 from pervade.constants import PROTOCOL_HEADER
 from pervade.context import ContextSpec
@@ -20,6 +21,7 @@ from pervade.protocol import (
     Disconnect,
     EndJob,
     Error,
+    Heartbeat,
     JobDone,
     LoadContext,
     Pull,
@@ -109,12 +111,13 @@ async def test_malformed_input_gets_an_error_and_the_broker_keeps_serving(connec
     assert await producer.receive() == Accepted(batch_id="j2/0")
 
 
-async def test_oversized_messages_cut_the_sender_off_not_the_broker(connect) -> None:
+async def test_oversized_messages_cut_the_sender_off_not_the_broker(connect, live_broker) -> None:
     big, producer = await connect(b"big"), await connect(b"p")
     await big.send_raw([PROTOCOL_HEADER, b"x" * (2 << 20)])  # the fixture's broker allows 1 MiB
     await big.expect_silence()
     await producer.send(Submit(batch=batch("j3", 0)))
     assert await producer.receive() == Accepted(batch_id="j3/0")
+    assert live_broker.counters["invalid_messages"] == 0  # libzmq dropped it before the broker saw it
 
 
 async def test_resubmitted_batches_are_acknowledged_once_and_queued_once(connect, live_broker) -> None:
@@ -149,7 +152,7 @@ async def test_affinity_sends_a_context_to_the_worker_that_holds_it(connect) -> 
     await wa.expect_silence()  # B's queue is empty and A ran dry: wa stays warm on A
 
 
-async def test_a_leaving_worker_has_its_batches_requeued_to_another(connect) -> None:
+async def test_a_leaving_worker_has_its_batches_requeued_to_another(connect, live_broker) -> None:
     producer, w1, w2 = await connect(b"p"), await connect(b"w1"), await connect(b"w2")
     await producer.send(Submit(batch=batch("j5", 0)))
     await producer.receive()
@@ -160,10 +163,17 @@ async def test_a_leaving_worker_has_its_batches_requeued_to_another(connect) -> 
     await register_worker(w2, "w2", credit=1, contexts=[CTX_A.context_id])
     assigned = await w2.receive()
     assert isinstance(assigned, Assign) and assigned.batch.batch_id == "j5/0"
-    # a late answer from the departed worker is not taken twice
-    await w1.send(Completed(result=result_for(assigned.batch, "w1")))
-    await w1.receive()  # it is no longer a registered worker: an error
     await w2.send(Completed(result=result_for(assigned.batch, "w2")))
+    # a late answer from the departed worker is refused, and an answer repeated is not taken twice
+    await w1.send(Completed(result=result_for(assigned.batch, "w1")))
+    assert "unknown worker" in (await w1.receive()).reason
+    await w2.send(Completed(result=result_for(assigned.batch, "w2")))
+    sink = await connect(b"s")
+    await sink.send(SinkReady(sink_id="s"))
+    delivered = await sink.receive()
+    assert isinstance(delivered, Deliver) and delivered.result.worker_id == "w2"
+    await sink.expect_silence()
+    assert live_broker.counters["duplicate_results"] == 1
 
 
 async def test_a_failing_batch_is_retried_then_reported_failed(connect) -> None:
@@ -196,3 +206,62 @@ async def test_a_context_no_worker_can_load_fails_its_batches(connect) -> None:
     assert isinstance(done, JobDone) and done.failed_batches == 3
     assert all("no such model" in e for e in done.errors)
     await worker.expect_silence()  # never offered the context it could not load
+    # later batches of that context are refused at once instead of queued forever...
+    await producer.send(Submit(batch=batch("j8", 0)))
+    refused = await producer.receive()
+    assert isinstance(refused, Rejected) and "no worker can load this context: no such model" in refused.reason
+    # ...until a new worker brings capacity that might load it
+    w2 = await connect(b"w2")
+    await register_worker(w2, "w2", credit=1)
+    await w2.send(Heartbeat())  # messages on one socket arrive in order: a round trip proves it registered
+    await w2.send(JobDone(job_id="x", batches=0, pairs=0))
+    assert isinstance(await w2.receive(), Error)
+    await producer.send(Submit(batch=batch("j8", 1)))
+    assert await producer.receive() == Accepted(batch_id="j8/1")
+
+
+async def test_a_finished_job_sent_again_is_answered_without_running_again(connect, live_broker) -> None:
+    producer, worker, sink = await connect(b"p"), await connect(b"w"), await connect(b"s")
+    await sink.send(SinkReady(sink_id="s"))
+    await register_worker(worker, "w", credit=1)
+    await producer.send(Submit(batch=batch("j9", 0)))
+    await producer.receive()
+    await producer.send(EndJob(job_id="j9", batches=1, pairs=2))
+    assert isinstance(await worker.receive(), LoadContext)
+    await worker.send(Completed(result=result_for((await worker.receive()).batch)))
+    await sink.send(SinkAck(batch_ids=[(await sink.receive()).result.batch_id]))
+    assert isinstance(await producer.receive(), JobDone)
+    assert live_broker.batches == {}  # a finished job's batches are forgotten: memory stays bounded
+
+    rerun = await connect(b"p2")  # the producer, restarted
+    await rerun.send(Submit(batch=batch("j9", 0)))
+    assert await rerun.receive() == Accepted(batch_id="j9/0", duplicate=True)
+    await rerun.send(EndJob(job_id="j9", batches=1, pairs=2))
+    assert await rerun.receive() == JobDone(job_id="j9", batches=1, pairs=2)
+    await worker.expect_silence()
+
+
+async def test_a_leaving_sink_has_its_unwritten_results_delivered_to_another(connect) -> None:
+    producer, worker, s1, s2 = await connect(b"p"), await connect(b"w"), await connect(b"s1"), await connect(b"s2")
+    await s1.send(SinkReady(sink_id="s1"))
+    await producer.send(Submit(batch=batch("j10", 0)))
+    await producer.receive()
+    await register_worker(worker, "w", credit=1)
+    assert isinstance(await worker.receive(), LoadContext)
+    await worker.send(Completed(result=result_for((await worker.receive()).batch)))
+    assert isinstance(await s1.receive(), Deliver)
+    await s2.send(SinkReady(sink_id="s2"))
+    await s1.send(Disconnect(reason="stopping"))  # left without acknowledging
+    redelivered = await s2.receive()
+    assert isinstance(redelivered, Deliver) and redelivered.result.batch_id == "j10/0"
+
+
+async def test_the_producer_api_refuses_a_claim_the_broker_would_refuse(live_broker) -> None:
+    from pervade.errors import InputError
+    from producer.client import Producer
+
+    async with Producer(live_broker.endpoint) as producer:
+        claims = [Claim(claim_id="1", text="fine", gold_label="X" * 65)]  # labels are at most 64 characters
+        with pytest.raises(InputError, match=r"gold_label"):
+            await producer.submit_sweep(claims, {"t": "{claim}"}, CTX_A)
+    assert live_broker.queues.total() == 0 and live_broker.counters["invalid_messages"] == 0

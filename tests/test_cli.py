@@ -43,8 +43,10 @@ def test_run_with_no_flags_works_offline(tmp_path: Path) -> None:
     assert "240 verdicts for 60 claims x 4 templates, 2 workers" in result.stdout
     for template in ("direct", "fact_checker", "verdict_only", "wiki_evidence"):
         assert template in result.stdout
-    [out_dir] = (tmp_path / "pervade-out").iterdir()
+    [out_dir] = [p for p in (tmp_path / "pervade-out").iterdir() if p.name.startswith("run-") and p.suffix != ".logs"]
+    assert sorted(p.suffix for p in out_dir.iterdir()) == [".parquet"]  # nothing else in the output
     assert read_verdicts(out_dir).num_rows == 240
+    assert {p.name for p in out_dir.with_name(out_dir.name + ".logs").glob("*.log")} >= {"broker.log", "sink.log", "producer.log"}
     assert (tmp_path / "cache" / "pervade" / "tiny-model-v1" / "config.json").exists()
 
 
@@ -74,3 +76,16 @@ def test_produce_explains_bad_input(tmp_path: Path, args: list[str], message: st
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_produce_gives_up_after_its_timeout_when_no_broker_answers(tmp_path: Path) -> None:
+    (tmp_path / "claims.jsonl").write_text(json.dumps({"id": 1, "claim": "x"}) + "\n")
+    result = pervade("produce", "--broker", "tcp://127.0.0.1:9", "--model", "m", "--claims", str(tmp_path / "claims.jsonl"),
+                     "--wait", "--timeout", "3", timeout=60)  # fmt: skip
+    assert result.returncode == 1
+    assert "not finished within 3.0 s (is the broker at tcp://127.0.0.1:9 up?)" in result.stderr
+
+
+def test_worker_prefetch_is_bounded_by_what_the_protocol_allows() -> None:
+    result = pervade("worker", "--prefetch", "5000", timeout=60)
+    assert result.returncode == 2 and "must be between 0 and 1023" in result.stderr

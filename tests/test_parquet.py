@@ -20,17 +20,22 @@ def result(batch: int, n: int = 3, template: str = "t1") -> BatchResult:
     )  # fmt: skip
 
 
-def test_partial_files_are_hidden_until_rolled(tmp_path) -> None:
-    writer = RollingParquetWriter(tmp_path, "verdicts-test", row_group_rows=4)
+def test_the_output_directory_only_ever_holds_complete_files(tmp_path) -> None:
+    out = tmp_path / "out"
+    writer = RollingParquetWriter(out, "verdicts-test", row_group_rows=4)
     writer.add(result(0))
     writer.add(result(1))
     writer.flush()
-    assert list(tmp_path.glob("*.parquet")) == []
-    assert len(list(tmp_path.glob(".verdicts-test-*.parquet.partial"))) == 1
-    assert read_verdicts(tmp_path).num_rows == 0  # readers skip the hidden file
+    assert list(out.iterdir()) == []
+    assert [p.name for p in (tmp_path / ".out.partial").iterdir()] == ["verdicts-test-00000.parquet.partial"]
     assert writer.roll() == ["b0", "b1"]
-    assert [p.name for p in tmp_path.iterdir()] == ["verdicts-test-00000.parquet"]
+    assert [p.name for p in out.iterdir()] == ["verdicts-test-00000.parquet"]
+    writer.add(result(2))
+    writer.flush()  # a second file is under way: directory readers must not see it
+    assert pl.read_parquet(out).height == 6 and len(pd.read_parquet(out)) == 6
+    assert writer.roll() == ["b2"]
     assert writer.roll() == []  # nothing new: no empty file
+    assert pl.read_parquet(out).height == 9
 
 
 def test_rows_columns_and_readers(tmp_path) -> None:
