@@ -29,7 +29,6 @@ from pervade.protocol import (
     Accepted,
     Assign,
     BatchFailed,
-    BatchResult,
     Completed,
     ContextFailed,
     ContextLoaded,

@@ -106,7 +106,7 @@ class ProcessGroup:
         self.children: dict[str, asyncio.subprocess.Process] = {}
 
     async def start(self, name: str, *args: str) -> asyncio.subprocess.Process:
-        log_file = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        log_file = await asyncio.to_thread(open, self.log_dir / f"{name}.log", "ab")  # the child inherits it
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "pervade", *args, "--log-json", "--log-level", self.log_level,
@@ -145,8 +145,8 @@ async def wait_for_endpoint(path: Path, process: asyncio.subprocess.Process, tim
     """The endpoint a broker started with ``--endpoint-file path`` bound, once it has written it."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if path.exists():
-            return path.read_text().strip()
+        if await asyncio.to_thread(path.exists):
+            return (await asyncio.to_thread(path.read_text)).strip()
         if process.returncode is not None:
             break
         await asyncio.sleep(0.05)

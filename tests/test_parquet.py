@@ -8,7 +8,7 @@ import polars as pl
 
 from pervade.protocol import BatchResult, Verdict
 from sinks.parquet import SCHEMA, RollingParquetWriter
-from sinks.summary import read_verdicts, summarize
+from sinks.summary import summarize
 
 
 def result(batch: int, n: int = 3, template: str = "t1") -> BatchResult:
