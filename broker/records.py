@@ -50,7 +50,6 @@ class WorkerRecord:
     credit: int = 0
     in_flight: set[str] = field(default_factory=set)
     batches_done: int = 0
-    loads: int = 0
     last_seen: float = field(default_factory=time.monotonic)
 
 

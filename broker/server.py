@@ -449,7 +449,6 @@ class Broker:
         for context_id_evicted in evict:
             worker.contexts.pop(context_id_evicted, None)
         worker.contexts[context_id] = None
-        worker.loads += 1
         log.info("told_to_load", worker_id=worker.worker_id, context_id=context_id, evict=evict)
         return True
 

@@ -65,7 +65,11 @@ class BrokerConnection:
         return cls(dealer_socket(ctx, endpoint, identity), identity)
 
     async def send(self, message: Message) -> None:
-        await self.socket.send_multipart(encode(message))
+        await self.send_frames(encode(message))
+
+    async def send_frames(self, frames: list[bytes]) -> None:
+        """Send frames already built by ``encode`` (a caller that checked them first need not encode twice)."""
+        await self.socket.send_multipart(frames)
 
     async def receive(self, timeout_s: float | None = None) -> Message | None:
         """The next valid message, or None when ``timeout_s`` passes first. Invalid frames are logged

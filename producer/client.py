@@ -199,7 +199,7 @@ class Producer:
         self._raise_if_refused()
         self._batch_jobs[batch.batch_id] = (batch.job_id, len(batch.claims))
         self._all_acked.clear()
-        await self._conn.socket.send_multipart(frames)
+        await self._conn.send_frames(frames)
         report.batches += 1
         report.pairs += len(batch.claims)
 

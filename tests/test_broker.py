@@ -21,7 +21,6 @@ from pervade.protocol import (
     Disconnect,
     EndJob,
     Error,
-    Heartbeat,
     JobDone,
     LoadContext,
     Pull,
@@ -213,7 +212,7 @@ async def test_a_context_no_worker_can_load_fails_its_batches(connect) -> None:
     # ...until a new worker brings capacity that might load it
     w2 = await connect(b"w2")
     await register_worker(w2, "w2", credit=1)
-    await w2.send(Heartbeat())  # messages on one socket arrive in order: a round trip proves it registered
+    # messages on one socket arrive in order: an answered round trip proves w2's registration was handled
     await w2.send(JobDone(job_id="x", batches=0, pairs=0))
     assert isinstance(await w2.receive(), Error)
     await producer.send(Submit(batch=batch("j8", 1)))
