@@ -2,9 +2,14 @@
 
 Shaped like the ZeroMQ Guide's Majordomo broker: ``serve`` reads frames, ``handle`` decodes and routes
 each message to a small verb method (``on_submit``, ``on_pull``, ...), ``dispatch`` matches queued
-batches with worker credit through the affinity policy, and ``send`` is the one place that builds
-envelopes. Handlers are synchronous and never block: sends are non-blocking, so a slow or vanished peer
-cannot stall everyone else. No message, however malformed, escapes ``handle``.
+batches with worker credit through the affinity policy, ``purge_dead_peers`` and ``send_heartbeats`` keep
+the peer lists true, and ``send`` is the one place that builds envelopes.
+
+Handlers are synchronous and never block. They change state in the store (``broker/store.py``) and queue
+replies in an outbox; once per turn of the loop, ``flush`` commits the store and only then sends the
+outbox. So every reply a peer sees (Accepted, Assign, Deliver, JobDone) describes state already on disk,
+and a broker killed at any moment restarts without contradicting what its peers were told. No message,
+however malformed, escapes ``handle``.
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -22,17 +27,22 @@ import zmq
 import zmq.asyncio
 
 from broker.policy import choose_context
-from broker.records import BatchRecord, BatchStatus, ContextQueues, JobRecord, SinkRecord, WorkerRecord
+from broker.records import PeerRecord, ProducerRecord, SinkRecord, WorkerRecord
+from broker.store import BatchStatus, BrokerStore, JobRecord, StoredBatch
 from pervade.constants import DEFAULT_BROKER_BIND, DEFAULT_MAX_MESSAGE_BYTES
+from pervade.context import ContextSpec
 from pervade.errors import ConfigError, ProtocolError
 from pervade.protocol import (
     Accepted,
     Assign,
     BatchFailed,
+    BatchFailure,
+    BatchResult,
     Completed,
     ContextFailed,
     ContextLoaded,
     Deliver,
+    DeliverFailure,
     Disconnect,
     EndJob,
     Error,
@@ -40,8 +50,10 @@ from pervade.protocol import (
     JobDone,
     LoadContext,
     Message,
+    ProducerReady,
     Pull,
     Rejected,
+    Release,
     SinkAck,
     SinkReady,
     Submit,
@@ -50,9 +62,31 @@ from pervade.protocol import (
     encode,
     kind_of,
 )
+from pervade.session import Heartbeats
 from pervade.transport import router_socket
 
 log = structlog.get_logger("broker")
+
+#: What the broker tells a peer it does not know (it restarted, or declared the peer dead).
+REGISTER_AGAIN = "unknown peer: register again"
+#: Errors kept per job for JobDone (all of them are in the failures files).
+MAX_JOB_ERRORS = 20
+#: Completed batches handed to sinks per turn of the loop.
+DELIVER_PER_TURN = 1000
+
+COUNTERS = (
+    "invalid_messages",  # frames that were not valid messages, or that a handler refused
+    "unknown_peer_messages",  # messages from peers not registered (answered with Disconnect)
+    "duplicate_submissions",  # batches submitted again (a restarted producer): acknowledged, not queued
+    "duplicate_results",  # results for batches already done: a duplicate execution, suppressed
+    "late_results_accepted",  # results from a worker the batch was no longer assigned to, accepted
+    "requeues",  # batches put back in a queue after a worker failed or died
+    "released",  # batches handed back by a stopping worker
+    "redeliveries",  # deliveries to sinks that left before acknowledging them
+    "workers_declared_dead",  # workers that missed their heartbeats
+    "sinks_declared_dead",
+    "batches_failed",  # batches given up on after max_attempts
+)
 
 
 @dataclass(frozen=True)
@@ -65,10 +99,18 @@ class BrokerConfig:
     endpoint_file: Path | None = None
     #: Frames larger than this make libzmq drop the sender's connection.
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    #: A batch that fails this many times is recorded as failed instead of retried.
+    #: A batch that fails this many times (or whose worker dies this many times) is recorded as failed.
     max_attempts: int = 3
     #: Queued batches per host at which an idle worker leaves its context for another (see policy.py).
     rebalance_backlog: int = 8
+    #: Directory of the durable state; None keeps it in a temporary directory that dies with the broker.
+    state_dir: Path | None = None
+    #: fsync every commit (survives a power failure of the node, not only a killed broker).
+    fsync: bool = False
+    #: Heartbeat interval and liveness; clients should use the same values.
+    heartbeats: Heartbeats = field(default_factory=Heartbeats)
+    #: How often the store's write-ahead log is checkpointed (on a thread).
+    checkpoint_interval_s: float = 5.0
     #: How often the broker logs its counters.
     stats_interval_s: float = 10.0
 
@@ -77,6 +119,8 @@ class BrokerConfig:
             raise ConfigError("max_attempts must be at least 1")
         if self.rebalance_backlog < 1:
             raise ConfigError("rebalance_backlog must be at least 1")
+        if self.checkpoint_interval_s <= 0 or self.stats_interval_s <= 0:
+            raise ConfigError("checkpoint and stats intervals must be positive")
 
 
 class Broker:
@@ -86,19 +130,24 @@ class Broker:
         self.config = config
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
+        self.store: BrokerStore | None = None
         self.endpoint = ""
         self.workers: dict[bytes, WorkerRecord] = {}
         self.sinks: dict[bytes, SinkRecord] = {}
-        self.batches: dict[str, BatchRecord] = {}
+        self.producers: dict[bytes, ProducerRecord] = {}
         self.jobs: dict[str, JobRecord] = {}
-        self.queues = ContextQueues()
-        self.undelivered: deque[str] = deque()
+        self.specs: dict[str, ContextSpec] = {}
         #: Contexts no live worker could load, with the error; cleared when a new worker joins.
         self.failed_contexts: dict[str, str] = {}
+        self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
+        self._saved_counters: dict[str, int] = {}
+        self._outbox: deque[tuple[bytes, Message, Callable[[], None] | None]] = deque()
         self._next_sink = 0
         self._stopping = asyncio.Event()
-        self.counters = {"invalid_messages": 0, "duplicate_submissions": 0, "duplicate_results": 0}
+        #: Set once ``serve`` has committed its last state and closed.
+        self.closed = asyncio.Event()
         self._handlers: dict[type[Message], Callable[[bytes, Message], None]] = {
+            ProducerReady: self.on_producer_ready,
             Submit: self.on_submit,
             EndJob: self.on_end_job,
             WorkerReady: self.on_worker_ready,
@@ -107,17 +156,35 @@ class Broker:
             ContextFailed: self.on_context_failed,
             Completed: self.on_completed,
             BatchFailed: self.on_batch_failed,
+            Release: self.on_release,
             SinkReady: self.on_sink_ready,
             SinkAck: self.on_sink_ack,
             Disconnect: self.on_disconnect,
             Heartbeat: self.on_heartbeat,
             Error: self.on_error,
         }
+        #: Messages only a peer registered in that role may send; others may come from anyone (a
+        #: registration, or a fact worth keeping from a peer the broker has forgotten: a result, an ack).
+        self._role_of: dict[type[Message], dict[bytes, PeerRecord]] = {
+            Submit: self.producers, EndJob: self.producers,
+            Pull: self.workers, ContextLoaded: self.workers, ContextFailed: self.workers,
+            BatchFailed: self.workers, Release: self.workers,
+        }  # fmt: skip
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> str:
-        """Bind the socket; returns the endpoint actually bound."""
+        """Open the state (recovering what a previous broker left), bind; returns the endpoint bound."""
+        self.store = BrokerStore.open(self.config.state_dir, fsync=self.config.fsync)
+        requeued, redeliver = self.store.recover()
+        self.jobs = self.store.jobs()
+        self.specs = self.store.contexts()
+        self.counters.update(self.store.meta("counters", {}))  # type: ignore[arg-type]
+        if self.config.state_dir is not None:
+            log.info(
+                "broker_state_opened", path=str(self.store.path), jobs=len(self.jobs), queued=self.queued_total(),
+                requeued=requeued, to_redeliver=redeliver,
+            )  # fmt: skip
         self._sock = router_socket(self._ctx, self.config.bind, self.config.max_message_bytes)
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if self.config.endpoint_file:
@@ -134,12 +201,17 @@ class Broker:
         """Serve until ``stop`` is called (or SIGTERM/SIGINT when installed by ``run_broker``)."""
         if self._sock is None:
             self.start()
-        assert self._sock is not None
-        next_stats = time.monotonic() + self.config.stats_interval_s
+        assert self._sock is not None and self.store is not None
+        beat = self.config.heartbeats.interval_s
+        poll_ms = max(1, int(min(0.2, beat / 2) * 1000))
+        now = time.monotonic()
+        next_beat, next_stats = now + beat, now + self.config.stats_interval_s
+        next_checkpoint = now + self.config.checkpoint_interval_s
+        checkpointing: asyncio.Future[None] | None = None
         try:
             while not self._stopping.is_set():
-                if await self._sock.poll(200, zmq.POLLIN):
-                    # Drain what is ready, then dispatch once: fewer policy passes under load.
+                if await self._sock.poll(poll_ms, zmq.POLLIN):
+                    # Drain what is ready, then dispatch once: fewer policy passes, one commit under load.
                     for _ in range(1000):
                         try:
                             frames = await self._sock.recv_multipart(zmq.NOBLOCK)
@@ -147,19 +219,52 @@ class Broker:
                             break
                         self.handle(frames)
                     self.dispatch()
-                if self.undelivered and self.sinks:
+                now = time.monotonic()
+                if now >= next_beat:
+                    self.purge_dead_peers(now)
+                    self.send_heartbeats()
+                    next_beat = now + beat
+                if self.sinks and self.store.status_counts[BatchStatus.DONE]:
                     self.deliver_held()
-                if time.monotonic() >= next_stats:
+                self.flush()
+                if now >= next_checkpoint and (checkpointing is None or checkpointing.done()):
+                    checkpointing = asyncio.ensure_future(asyncio.to_thread(self.store.checkpoint))
+                    next_checkpoint = now + self.config.checkpoint_interval_s
+                if now >= next_stats:
                     self.log_stats()
-                    next_stats = time.monotonic() + self.config.stats_interval_s
+                    next_stats = now + self.config.stats_interval_s
         finally:
+            if checkpointing is not None:
+                await asyncio.gather(checkpointing, return_exceptions=True)
+            self.flush()
             self.log_stats()
             self._sock.close()
             self._sock = None
+            self.store.close()
+            self.store = None
+            self.closed.set()
 
     # --- envelopes -------------------------------------------------------------------------------
 
-    def send(self, identity: bytes, message: Message) -> bool:
+    def send(self, identity: bytes, message: Message, on_fail: Callable[[], None] | None = None) -> None:
+        """Queue a message; ``flush`` sends it once the state it describes is committed. ``on_fail`` runs
+        if the peer turns out to be gone or not keeping up."""
+        self._outbox.append((identity, message, on_fail))
+
+    def flush(self) -> None:
+        """Commit the store, then send what this turn queued (so no peer hears of uncommitted state)."""
+        assert self.store is not None
+        if self.counters != self._saved_counters:
+            self.store.save_meta("counters", self.counters)
+            self._saved_counters = dict(self.counters)
+        self.store.commit()
+        while self._outbox:
+            identity, message, on_fail = self._outbox.popleft()
+            if not self._send_now(identity, message) and on_fail is not None:
+                on_fail()
+        self.store.commit()  # what failed sends undid
+
+    def _send_now(self, identity: bytes, message: Message) -> bool:
         """Send without blocking; False when the peer is gone or not keeping up (logged, not raised)."""
         assert self._sock is not None
         future = self._sock.send_multipart([identity, *encode(message)], flags=zmq.NOBLOCK)
@@ -181,6 +286,8 @@ class Broker:
             handler = self._handlers.get(type(message))
             if handler is None:
                 raise ProtocolError(f"a broker does not accept {kind_of(message)!r} messages")
+            if not self.admit(identity, message):
+                return
             handler(identity, message)
         except ProtocolError as exc:
             self.counters["invalid_messages"] += 1
@@ -191,71 +298,108 @@ class Broker:
             log.exception("handler_failed", peer=identity.decode(errors="replace"))
             self.send(identity, Error(reason="internal broker error", detail=repr(exc)))
 
+    def admit(self, identity: bytes, message: Message) -> bool:
+        """Note that the peer is alive; refuse a message its role may not send, and tell a peer the
+        broker does not know to register again."""
+        peer = self.peer(identity)
+        if peer is not None:
+            peer.last_seen = time.monotonic()
+        role = self._role_of.get(type(message))
+        if role is None and not isinstance(message, Heartbeat):
+            return True
+        if role is not None and identity in role or role is None and peer is not None:
+            return True
+        if peer is not None:
+            raise ProtocolError(f"a peer registered as {type(peer).__name__} cannot send {kind_of(message)!r}")
+        self.counters["unknown_peer_messages"] += 1
+        log.debug("unknown_peer", peer=identity.decode(errors="replace"), kind=kind_of(message))
+        self.send(identity, Disconnect(reason=REGISTER_AGAIN))
+        return False
+
+    def peer(self, identity: bytes) -> PeerRecord | None:
+        return self.workers.get(identity) or self.sinks.get(identity) or self.producers.get(identity)
+
     # --- producers -------------------------------------------------------------------------------
 
-    def on_submit(self, identity: bytes, message: Submit) -> None:
-        batch = message.batch
-        job = self.jobs.get(batch.job_id)
+    def on_producer_ready(self, identity: bytes, message: ProducerReady) -> None:
+        self.producers[identity] = ProducerRecord(identity=identity, name=message.producer_id)
+
+    def job(self, job_id: str, producer: bytes) -> JobRecord:
+        job = self.jobs.get(job_id)
         if job is None:
-            job = self.jobs[batch.job_id] = JobRecord(job_id=batch.job_id, producer=identity)
-        job.producer = identity
-        if batch.batch_id in self.batches or job.done_reported:
+            job = self.jobs[job_id] = JobRecord(job_id=job_id)
+        job.producer = producer  # the latest connection of the producer hears JobDone
+        return job
+
+    def on_submit(self, identity: bytes, message: Submit) -> None:
+        assert self.store is not None
+        batch = message.batch
+        job = self.job(batch.job_id, identity)
+        if job.done_reported or self.store.get(batch.batch_id) is not None:
             # A resend (the producer restarted, or lost our answer): acknowledged, never queued twice.
-            # A finished job's batch records are pruned, so its id alone answers for all of them.
             self.counters["duplicate_submissions"] += 1
             self.send(identity, Accepted(batch_id=batch.batch_id, duplicate=True))
             return
-        if job.total_batches is not None:
+        if job.ended:
             self.send(identity, Rejected(batch_id=batch.batch_id, reason=f"job {batch.job_id} has already ended"))
             return
         failure = self.failed_contexts.get(batch.context.context_id)
         if failure is not None:
             self.send(identity, Rejected(batch_id=batch.batch_id, reason=f"no worker can load this context: {failure}"))
             return
-        self.batches[batch.batch_id] = BatchRecord(batch=batch)
-        self.queues.push(batch)
-        job.total_pairs += len(batch.claims)
+        if batch.context.context_id not in self.specs:
+            self.specs[batch.context.context_id] = batch.context
+            self.store.save_context(batch.context)
+        self.store.add(batch)
+        job.batches += 1
+        job.pairs += len(batch.claims)
+        self.store.save_job(job)
         self.send(identity, Accepted(batch_id=batch.batch_id))
 
     def on_end_job(self, identity: bytes, message: EndJob) -> None:
-        job = self.jobs.get(message.job_id)
-        if job is None:
-            job = self.jobs[message.job_id] = JobRecord(job_id=message.job_id, producer=identity)
-        job.producer = identity
-        if job.total_batches is None:
-            job.total_batches = message.batches
-        # A producer re-running a finished job waits for JobDone again: answer every EndJob.
+        assert self.store is not None
+        job = self.job(message.job_id, identity)
+        if not job.ended:
+            job.ended = True
+            if message.batches != job.batches:
+                log.warning("end_job_count_differs", job_id=job.job_id, producer_says=message.batches, broker_holds=job.batches)
+            self.store.save_job(job)
+        # A producer re-running a finished job, or reconnecting, waits for JobDone again: answer every EndJob.
         self.report_if_complete(job, again=True)
 
     def report_if_complete(self, job: JobRecord, again: bool = False) -> None:
+        assert self.store is not None
         if not job.complete or (job.done_reported and not again):
             return
-        if not job.done_reported:
+        first = not job.done_reported
+        if first:
             job.done_reported = True
+            self.store.save_job(job)
             log.info("job_done", job_id=job.job_id, written=job.written, failed=job.failed)
-            self.forget_batches(job.job_id)
-        self.send(
-            job.producer,
-            JobDone(
-                job_id=job.job_id,
-                batches=job.total_batches or 0,
-                pairs=job.total_pairs,
-                failed_batches=job.failed,
-                errors=job.errors[:20],
-            ),
+        done = JobDone(
+            job_id=job.job_id,
+            batches=job.batches,
+            pairs=job.pairs,
+            failed_batches=job.failed,
+            errors=job.errors[:MAX_JOB_ERRORS],
+            open_jobs=sum(not j.done_reported for j in self.jobs.values()),
         )
-
-    def forget_batches(self, job_id: str) -> None:
-        """A reported job's batch records (claims and all) are no longer needed: keep memory bounded."""
-        for batch_id in [b for b, r in self.batches.items() if r.batch.job_id == job_id]:
-            del self.batches[batch_id]
+        self.send(job.producer, done)
+        if first:
+            for sink in self.sinks.values():  # sinks run with --until-done wait for this
+                self.send(sink.identity, done)
 
     # --- workers ---------------------------------------------------------------------------------
 
     def on_worker_ready(self, identity: bytes, message: WorkerReady) -> None:
+        # The same worker on a new connection (it lost us, or we restarted): its old record goes, and
+        # what it held is requeued at once rather than after a heartbeat timeout.
+        stale = [w for w in self.workers.values() if w.name == message.worker_id or w.identity == identity]
+        for old in stale:
+            self.drop_worker(old, "registered again", count_attempts=False)
         worker = WorkerRecord(
             identity=identity,
-            worker_id=message.worker_id,
+            name=message.worker_id,
             host=message.host,
             device=message.device,
             max_contexts=message.max_contexts,
@@ -263,218 +407,343 @@ class Broker:
         worker.contexts.update(dict.fromkeys(message.contexts))
         self.workers[identity] = worker
         self.failed_contexts.clear()  # new capacity: contexts that failed elsewhere may load here
-        log.info("worker_joined", worker_id=message.worker_id, host=message.host, device=message.device.describe())
+        log.info(
+            "worker_joined", worker_id=message.worker_id, host=message.host, device=message.device.describe(),
+            contexts=message.contexts,
+        )  # fmt: skip
 
-    def worker(self, identity: bytes) -> WorkerRecord:
-        worker = self.workers.get(identity)
-        if worker is None:
-            raise ProtocolError("unknown worker: send worker_ready first")
-        worker.last_seen = time.monotonic()
-        return worker
+    def drop_worker(self, worker: WorkerRecord, reason: str, count_attempts: bool) -> None:
+        """Forget a worker and requeue what it held: counted as failed attempts when the worker died
+        holding them (a batch that kills workers must not be retried forever), not when it said goodbye."""
+        assert self.store is not None
+        self.workers.pop(worker.identity, None)
+        requeued = 0
+        for batch_id in sorted(worker.in_flight):
+            row = self.store.get(batch_id)
+            if row is None or row.status is not BatchStatus.ASSIGNED or row.worker != worker.identity:
+                continue
+            requeued += 1
+            if count_attempts:
+                self.retry_or_fail(row, f"worker {worker.name} {reason} while holding it")
+            else:
+                self.store.requeue(row, count_attempt=False)
+                self.counters["requeues"] += 1
+        worker.in_flight.clear()
+        log.info("worker_left", worker_id=worker.name, reason=reason, requeued=requeued, batches_done=worker.batches_done)
 
     def on_pull(self, identity: bytes, message: Pull) -> None:
-        self.worker(identity).credit += message.credit
+        worker = self.workers[identity]
+        if not worker.leaving:
+            worker.credit += message.credit
 
     def on_context_loaded(self, identity: bytes, message: ContextLoaded) -> None:
-        worker = self.worker(identity)
-        log.info("context_loaded", worker_id=worker.worker_id, context_id=message.context_id, seconds=round(message.seconds, 3))
+        worker = self.workers[identity]
+        log.info("context_loaded", worker_id=worker.name, context_id=message.context_id, seconds=round(message.seconds, 3))
 
     def on_context_failed(self, identity: bytes, message: ContextFailed) -> None:
-        worker = self.worker(identity)
+        assert self.store is not None
+        worker = self.workers[identity]
         context_id = message.context_id
         worker.contexts.pop(context_id, None)
         worker.refused.add(context_id)
-        log.error("context_failed", worker_id=worker.worker_id, context_id=context_id, error=message.error)
-        for batch_id in [b for b in worker.in_flight if self.batches[b].context_id == context_id]:
+        log.error("context_failed", worker_id=worker.name, context_id=context_id, error=message.error)
+        for batch_id in sorted(worker.in_flight):
+            row = self.store.get(batch_id)
+            if row is None or row.context_id != context_id or row.worker != identity:
+                continue
             worker.in_flight.discard(batch_id)
             worker.credit += 1  # the worker will never answer these, so their credit comes back
-            self.retry_or_fail(self.batches[batch_id], f"context {context_id} failed to load: {message.error}")
+            self.retry_or_fail(row, f"context {context_id} failed to load: {message.error}")
         if all(context_id in w.refused for w in self.workers.values()):
             self.fail_context(context_id, message.error)
 
     def fail_context(self, context_id: str, error: str) -> None:
         """No live worker can load this context: fail its queued batches rather than loop forever,
         and refuse new ones until another worker joins."""
+        assert self.store is not None
         self.failed_contexts[context_id] = error
-        for batch_id in self.queues.drain(context_id):
-            self.mark_failed(self.batches[batch_id], f"no worker could load context {context_id}: {error}")
+        for batch_id in self.store.queued_ids(context_id):
+            row = self.store.get(batch_id)
+            assert row is not None
+            self.fail(row, f"no worker could load context {context_id}: {error}")
 
     def on_completed(self, identity: bytes, message: Completed) -> None:
-        worker = self.worker(identity)
+        """Accept the first result of a batch, from whichever worker: a late reply from a worker declared
+        dead is as good as any. Every later one is a duplicate execution, suppressed."""
+        assert self.store is not None
         result = message.result
-        record = self.batches.get(result.batch_id)
-        if record is None or record.status is not BatchStatus.ASSIGNED or record.worker != identity:
+        worker = self.workers.get(identity)
+        if worker is not None:
+            worker.in_flight.discard(result.batch_id)
+        row = self.store.get(result.batch_id)
+        if row is None:
+            raise ProtocolError(f"result for unknown batch {result.batch_id!r}")
+        if row.status not in (BatchStatus.QUEUED, BatchStatus.ASSIGNED):
             self.counters["duplicate_results"] += 1
-            log.info("duplicate_result_suppressed", batch_id=result.batch_id, worker_id=worker.worker_id)
-            return
-        worker.in_flight.discard(result.batch_id)
-        worker.batches_done += 1
-        record.status, record.result, record.worker = BatchStatus.COMPLETED, result, None
-        self.deliver(record)
+            log.info("duplicate_result_suppressed", batch_id=result.batch_id, worker_id=result.worker_id)
+        elif (problem := self.mismatch(row, result)) is not None:
+            if row.worker == identity:
+                self.retry_or_fail(row, problem)
+            raise ProtocolError(problem)
+        else:
+            if row.worker != identity:
+                self.counters["late_results_accepted"] += 1
+                holder = self.workers.get(row.worker or b"")
+                if holder is not None:
+                    holder.in_flight.discard(row.batch_id)  # its own answer will be a duplicate
+            self.store.complete(row, result)
+            if worker is not None:
+                worker.batches_done += 1
+            self.deliver(row.batch_id)
+        if worker is None:
+            self.send(identity, Disconnect(reason=REGISTER_AGAIN))
+
+    def mismatch(self, row: StoredBatch, result: BatchResult) -> str | None:
+        """Why ``result`` cannot be the answer to the stored batch, or None when it can."""
+        assert self.store is not None
+        batch = self.store.batch(row.batch_id)
+        if (result.job_id, result.context_id, result.template_id) != (batch.job_id, row.context_id, batch.template_id):
+            return f"result for {row.batch_id!r} names another job, context or template"
+        if [v.claim_id for v in result.verdicts] != [c.claim_id for c in batch.claims]:
+            return f"result for {row.batch_id!r} does not answer exactly the batch's claims"
+        return None
 
     def on_batch_failed(self, identity: bytes, message: BatchFailed) -> None:
-        worker = self.worker(identity)
-        record = self.batches.get(message.batch_id)
-        if record is None or record.worker != identity or record.status is not BatchStatus.ASSIGNED:
-            raise ProtocolError(f"batch {message.batch_id!r} is not assigned to this worker")
+        assert self.store is not None
+        worker = self.workers[identity]
+        row = self.store.get(message.batch_id)
+        if row is None or row.status is not BatchStatus.ASSIGNED or row.worker != identity:
+            log.info("stale_batch_failed_ignored", batch_id=message.batch_id, worker_id=worker.name)
+            return
         worker.in_flight.discard(message.batch_id)
-        log.warning("batch_failed", batch_id=message.batch_id, worker_id=worker.worker_id, error=message.error)
-        self.retry_or_fail(record, message.error)
+        log.warning("batch_failed", batch_id=message.batch_id, worker_id=worker.name, error=message.error)
+        self.retry_or_fail(row, message.error)
 
-    def retry_or_fail(self, record: BatchRecord, error: str) -> None:
-        record.worker = None
-        if record.attempts >= self.config.max_attempts:
-            self.mark_failed(record, error)
+    def on_release(self, identity: bytes, message: Release) -> None:
+        assert self.store is not None
+        worker = self.workers[identity]
+        for batch_id in message.batch_ids:
+            row = self.store.get(batch_id)
+            if row is not None and row.status is BatchStatus.ASSIGNED and row.worker == identity:
+                self.store.requeue(row, count_attempt=False)
+                worker.in_flight.discard(batch_id)
+                self.counters["released"] += 1
+        if message.leaving:
+            worker.leaving, worker.credit = True, 0
+            log.info("worker_leaving", worker_id=worker.name, released=len(message.batch_ids))
+
+    def retry_or_fail(self, row: StoredBatch, error: str) -> None:
+        assert self.store is not None
+        if row.attempts >= self.config.max_attempts:
+            self.fail(row, error)
         else:
-            record.status = BatchStatus.QUEUED
-            self.queues.push(record.batch, front=True)
+            self.store.requeue(row, count_attempt=True)
+            self.counters["requeues"] += 1
 
-    def mark_failed(self, record: BatchRecord, error: str) -> None:
-        record.status, record.error, record.worker = BatchStatus.FAILED, error, None
-        job = self.jobs[record.batch.job_id]
-        job.failed += 1
-        job.errors.append(f"{record.batch.batch_id}: {error}")
-        self.report_if_complete(job)
-
-    def requeue_in_flight(self, worker: WorkerRecord) -> None:
-        for batch_id in sorted(worker.in_flight):
-            record = self.batches[batch_id]
-            record.status, record.worker = BatchStatus.QUEUED, None
-            self.queues.push(record.batch, front=True)
-        if worker.in_flight:
-            log.info("requeued", worker_id=worker.worker_id, batches=len(worker.in_flight))
-        worker.in_flight.clear()
+    def fail(self, row: StoredBatch, error: str) -> None:
+        """Give up on a batch: its failure goes to a sink to be recorded, like a result."""
+        assert self.store is not None
+        error = f"{error} (attempts: {row.attempts})"
+        self.store.fail(row, error)
+        self.counters["batches_failed"] += 1
+        log.error("batch_given_up", batch_id=row.batch_id, error=error)
+        self.deliver(row.batch_id)
 
     # --- sinks -----------------------------------------------------------------------------------
 
     def on_sink_ready(self, identity: bytes, message: SinkReady) -> None:
-        self.sinks[identity] = SinkRecord(identity=identity, sink_id=message.sink_id)
+        stale = [s for s in self.sinks.values() if s.name == message.sink_id or s.identity == identity]
+        for old in stale:
+            self.drop_sink(old, "registered again")
+        self.sinks[identity] = SinkRecord(identity=identity, name=message.sink_id)
         log.info("sink_joined", sink_id=message.sink_id)
-        self.deliver_held()
+
+    def drop_sink(self, sink: SinkRecord, reason: str) -> None:
+        """Forget a sink; what it had not acknowledged is delivered again (to it or another sink)."""
+        assert self.store is not None
+        self.sinks.pop(sink.identity, None)
+        for batch_id in sorted(sink.unacked):
+            row = self.store.get(batch_id)
+            if row is not None and row.status is BatchStatus.DELIVERED and row.sink == sink.identity:
+                self.store.undeliver(row)
+                self.counters["redeliveries"] += 1
+        log.info("sink_left", sink_id=sink.name, reason=reason, unacked=len(sink.unacked))
+        sink.unacked.clear()
 
     def deliver_held(self) -> None:
-        """Try again to deliver the results held back (no sink, or a failed send). Each is tried once per
-        call: one that fails again goes back to the end of the line, not into an endless loop."""
-        for _ in range(len(self.undelivered)):
-            self.deliver(self.batches[self.undelivered.popleft()])
+        """Deliver outcomes held back (no sink, a failed send, a sink that left)."""
+        assert self.store is not None
+        for batch_id in self.store.done_ids(DELIVER_PER_TURN):
+            self.deliver(batch_id)
 
-    def deliver(self, record: BatchRecord) -> None:
-        """Hand a completed batch to a sink (round robin), or hold it until one is there."""
-        sinks = list(self.sinks.values())
-        if not sinks:
-            self.undelivered.append(record.batch.batch_id)
+    def deliver(self, batch_id: str) -> None:
+        """Hand a done batch (verdicts or failure) to a sink, round robin; without sinks it waits."""
+        assert self.store is not None
+        if not self.sinks:
             return
+        row = self.store.get(batch_id)
+        assert row is not None and row.status is BatchStatus.DONE
+        sinks = list(self.sinks.values())
         sink = sinks[self._next_sink % len(sinks)]
         self._next_sink += 1
-        assert record.result is not None
-        if not self.send(sink.identity, Deliver(result=record.result)):
-            self.undelivered.append(record.batch.batch_id)
-            return
-        record.status, record.sink = BatchStatus.DELIVERED, sink.identity
-        sink.unacked.add(record.batch.batch_id)
+        message = self.delivery_for(row)
+        self.store.deliver(row, sink.identity)
+        sink.unacked.add(batch_id)
+        self.send(sink.identity, message, on_fail=lambda: self.undeliver(batch_id, sink))
+
+    def delivery_for(self, row: StoredBatch) -> Deliver | DeliverFailure:
+        assert self.store is not None
+        redelivery = row.deliveries > 0
+        if row.error is None:
+            return Deliver(result=self.store.result(row.batch_id), redelivery=redelivery)
+        batch = self.store.batch(row.batch_id)
+        failure = BatchFailure(
+            batch_id=row.batch_id, job_id=row.job_id, context_id=row.context_id, model=batch.context.model,
+            template_id=batch.template_id, claim_ids=[c.claim_id for c in batch.claims], error=row.error,
+            attempts=row.attempts,
+        )  # fmt: skip
+        return DeliverFailure(failure=failure, redelivery=redelivery)
+
+    def undeliver(self, batch_id: str, sink: SinkRecord) -> None:
+        assert self.store is not None
+        row = self.store.get(batch_id)
+        if row is not None and row.status is BatchStatus.DELIVERED and row.sink == sink.identity:
+            self.store.undeliver(row)
+            sink.unacked.discard(batch_id)
 
     def on_sink_ack(self, identity: bytes, message: SinkAck) -> None:
-        sink = self.sinks.get(identity)
-        if sink is None:
-            raise ProtocolError("unknown sink: send sink_ready first")
+        """Durable in a sink's output. Accepted from any sink, even one the broker has since forgotten:
+        the rows are on disk either way."""
+        assert self.store is not None
         touched: dict[str, JobRecord] = {}
         for batch_id in message.batch_ids:
-            record = self.batches.get(batch_id)
-            if record is None or record.status is not BatchStatus.DELIVERED or record.sink != identity:
-                log.warning("unexpected_sink_ack", batch_id=batch_id, sink_id=sink.sink_id)
+            row = self.store.get(batch_id)
+            if row is None or row.status not in (BatchStatus.DELIVERED, BatchStatus.DONE):
+                if row is None or row.status is not BatchStatus.WRITTEN:
+                    log.warning("unexpected_sink_ack", batch_id=batch_id, status=row and row.status.value)
                 continue
-            sink.unacked.discard(batch_id)
-            record.status, record.result = BatchStatus.WRITTEN, None  # the rows live in Parquet now
-            job = self.jobs[record.batch.job_id]
-            job.written += 1
+            holder = self.sinks.get(row.sink or b"")
+            if holder is not None:
+                holder.unacked.discard(batch_id)
+            self.store.written(row)
+            job = self.jobs[row.job_id]
+            if row.failed:
+                job.failed += 1
+                if len(job.errors) < MAX_JOB_ERRORS:
+                    job.errors.append(f"{batch_id}: {row.error}")
+            else:
+                job.written += 1
             touched[job.job_id] = job
         for job in touched.values():
+            self.store.save_job(job)
             self.report_if_complete(job)
+        if identity not in self.sinks:
+            self.send(identity, Disconnect(reason=REGISTER_AGAIN))
 
     # --- any peer --------------------------------------------------------------------------------
 
     def on_disconnect(self, identity: bytes, message: Disconnect) -> None:
-        worker = self.workers.pop(identity, None)
-        if worker is not None:
-            log.info("worker_left", worker_id=worker.worker_id, reason=message.reason, batches_done=worker.batches_done)
-            self.requeue_in_flight(worker)
-        sink = self.sinks.pop(identity, None)
-        if sink is not None:
-            log.info("sink_left", sink_id=sink.sink_id, reason=message.reason)
-            for batch_id in sorted(sink.unacked):
-                record = self.batches[batch_id]
-                record.status, record.sink = BatchStatus.COMPLETED, None
-                self.deliver(record)
+        if identity in self.workers:
+            self.drop_worker(self.workers[identity], f"disconnected ({message.reason})", count_attempts=True)
+        elif identity in self.sinks:
+            self.drop_sink(self.sinks[identity], f"disconnected ({message.reason})")
+        else:
+            self.producers.pop(identity, None)
 
     def on_heartbeat(self, identity: bytes, message: Heartbeat) -> None:
-        if identity in self.workers:
-            self.workers[identity].last_seen = time.monotonic()
+        pass  # ``admit`` noted the peer alive
 
     def on_error(self, identity: bytes, message: Error) -> None:
         log.warning("peer_reported_error", peer=identity.decode(errors="replace"), reason=message.reason)
 
+    def purge_dead_peers(self, now: float) -> None:
+        """Peers silent for longer than the heartbeat liveness are dead: requeue what they held."""
+        dead_after = self.config.heartbeats.dead_after_s
+        for worker in [w for w in self.workers.values() if now - w.last_seen > dead_after]:
+            self.counters["workers_declared_dead"] += 1
+            log.warning("worker_declared_dead", worker_id=worker.name, silent_s=round(now - worker.last_seen, 1))
+            self.drop_worker(worker, "died", count_attempts=True)
+        for sink in [s for s in self.sinks.values() if now - s.last_seen > dead_after]:
+            self.counters["sinks_declared_dead"] += 1
+            self.drop_sink(sink, "missed heartbeats")
+        for producer in [p for p in self.producers.values() if now - p.last_seen > dead_after]:
+            del self.producers[producer.identity]
+
+    def send_heartbeats(self) -> None:
+        for peers in (self.workers, self.sinks, self.producers):
+            for identity in peers:
+                self.send(identity, Heartbeat())
+
     # --- scheduling ------------------------------------------------------------------------------
 
-    def hosts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for worker in self.workers.values():
-            for context_id in worker.contexts:
-                counts[context_id] = counts.get(context_id, 0) + 1
-        return counts
+    def queued_total(self) -> int:
+        assert self.store is not None
+        return sum(self.store.queued.values())
+
+    def hosts(self) -> Counter[str]:
+        return Counter(context_id for worker in self.workers.values() for context_id in worker.contexts)
 
     def dispatch(self) -> None:
         """Match queued batches with worker credit, by affinity (see broker/policy.py)."""
-        if not self.queues.total():
+        assert self.store is not None
+        if not self.store.queued:
             return
+        hosts = self.hosts()
         for worker in list(self.workers.values()):
-            while worker.credit > 0:
+            while worker.credit > 0 and not worker.leaving:
                 choice = choose_context(
                     held=worker.contexts,
-                    pending=self.queues.pending(),
-                    hosts=self.hosts(),
+                    pending=self.store.queued,
+                    hosts=hosts,
                     refused=worker.refused,
                     rebalance_backlog=self.config.rebalance_backlog,
                 )
                 if choice is None:
                     break
-                if choice.load and not self.tell_to_load(worker, choice.context_id):
-                    break
-                if not self.assign(worker, self.queues.pop(choice.context_id)):
-                    break  # unreachable for now: try again at the next dispatch
+                if choice.load:
+                    hosts.subtract(self.tell_to_load(worker, choice.context_id))
+                    hosts[choice.context_id] += 1
+                row = self.store.next_queued(choice.context_id)
+                assert row is not None
+                self.assign(worker, row)
 
-    def tell_to_load(self, worker: WorkerRecord, context_id: str) -> bool:
+    def tell_to_load(self, worker: WorkerRecord, context_id: str) -> list[str]:
+        """Send LoadContext (evicting the oldest contexts if the worker is full); returns the evicted."""
         evict = list(worker.contexts)[: max(0, len(worker.contexts) + 1 - worker.max_contexts)]
-        if not self.send(worker.identity, LoadContext(context=self.queues.specs[context_id], evict=evict)):
-            return False
-        for context_id_evicted in evict:
-            worker.contexts.pop(context_id_evicted, None)
+        self.send(worker.identity, LoadContext(context=self.specs[context_id], evict=evict))
+        for evicted in evict:
+            worker.contexts.pop(evicted, None)
         worker.contexts[context_id] = None
-        log.info("told_to_load", worker_id=worker.worker_id, context_id=context_id, evict=evict)
-        return True
+        log.info("told_to_load", worker_id=worker.name, context_id=context_id, evict=evict)
+        return evict
 
-    def assign(self, worker: WorkerRecord, batch_id: str) -> bool:
-        """Send a batch to a worker; on a failed send the batch goes back to the front of its queue and
+    def assign(self, worker: WorkerRecord, row: StoredBatch) -> None:
+        """Send a batch to a worker; if the send fails the batch goes back to the front of its queue and
         the worker keeps its credit (it never saw the batch)."""
-        record = self.batches[batch_id]
-        if not self.send(worker.identity, Assign(batch=record.batch)):
-            self.queues.push(record.batch, front=True)
-            return False
+        assert self.store is not None
+        batch = self.store.batch(row.batch_id)
+        self.store.assign(row, worker.identity)
         worker.credit -= 1
-        worker.in_flight.add(batch_id)
-        record.status, record.worker = BatchStatus.ASSIGNED, worker.identity
-        record.attempts += 1
-        return True
+        worker.in_flight.add(row.batch_id)
+        self.send(worker.identity, Assign(batch=batch), on_fail=lambda: self.unassign(row.batch_id, worker))
+
+    def unassign(self, batch_id: str, worker: WorkerRecord) -> None:
+        assert self.store is not None
+        row = self.store.get(batch_id)
+        if row is not None and row.status is BatchStatus.ASSIGNED and row.worker == worker.identity:
+            self.store.requeue(row, count_attempt=False)
+            worker.in_flight.discard(batch_id)
+            worker.credit += 1
 
     def log_stats(self) -> None:
-        by_status: dict[str, int] = {}
-        for record in self.batches.values():
-            by_status[record.status.value] = by_status.get(record.status.value, 0) + 1
+        assert self.store is not None
         log.info(
             "broker_stats",
             workers=len(self.workers),
             sinks=len(self.sinks),
-            queued=self.queues.total(),
-            batches=by_status,
+            producers=len(self.producers),
+            queued=self.queued_total(),
+            batches={status.value: n for status, n in self.store.status_counts.items() if n},
             **self.counters,
         )
 

@@ -8,11 +8,15 @@ import asyncio
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pervade.constants import DEFAULT_BROKER_BIND, DEFAULT_BROKER_CONNECT
 from pervade.context import DTYPES
 from pervade.errors import ConfigError, InputError, JobFailed, PervadeError
 from pervade.logs import configure_logging
+
+if TYPE_CHECKING:
+    from pervade.session import Heartbeats
 
 
 def _positive_int(text: str) -> int:
@@ -42,6 +46,18 @@ def _add_logging(parser: argparse.ArgumentParser) -> None:
     fmt = group.add_mutually_exclusive_group()
     fmt.add_argument("--log-json", dest="log_json", action="store_const", const=True, help="JSON lines (default when stderr is not a terminal)")
     fmt.add_argument("--log-console", dest="log_json", action="store_const", const=False, help="readable lines (default on a terminal)")
+
+
+def _add_heartbeats(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("liveness (use the same values on the broker and every client)")
+    group.add_argument("--heartbeat-interval", type=_positive_float, default=2.0, metavar="SECONDS", help="seconds between heartbeats (default: 2)")
+    group.add_argument("--heartbeat-liveness", type=_positive_int, default=3, metavar="N", help="missed heartbeats after which the other side is declared dead (default: 3)")
+
+
+def _heartbeats(args: argparse.Namespace) -> Heartbeats:
+    from pervade.session import Heartbeats  # lazily, like every component: the CLI starts fast
+
+    return Heartbeats(interval_s=args.heartbeat_interval, liveness=args.heartbeat_liveness)
 
 
 def _add_broker_endpoint(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-bytes", type=_positive_int, default=64 * 1024 * 1024, help="drop peers sending larger frames (default: 64 MiB)")
     p.add_argument("--max-attempts", type=_positive_int, default=3, help="a batch failing this many times is recorded as failed (default: 3)")
     p.add_argument("--rebalance-backlog", type=_positive_int, default=8, help="queued batches per host at which an idle worker switches context (default: 8)")
+    p.add_argument("--state", type=Path, default=None, metavar="DIR", help="keep the broker's state (queued work, jobs, results) in DIR, so a restarted broker resumes where it stopped (default: a temporary directory, lost with the broker)")
+    p.add_argument("--fsync", action="store_true", help="fsync every commit of the state: survives a power failure of the node, not only a killed broker (slower)")
+    _add_heartbeats(p)
     _add_logging(p)
     p.set_defaults(handler=_cmd_broker)
 
@@ -93,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-contexts", type=_positive_int, default=1, help="contexts kept resident at once (default: 1)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--worker-id", default=None, help="name in logs and output rows (default: HOST-PID)")
+    p.add_argument("--grace-seconds", type=_positive_float, default=20.0, help="on SIGTERM, exit within this many seconds: queued batches are handed back at once, the one in hand is finished only if it fits (default: 20; Slurm sends SIGKILL 30 s after SIGTERM by default)")
+    _add_heartbeats(p)
     _add_logging(p)
     p.set_defaults(handler=_cmd_worker)
 
@@ -102,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p, required=True)
     p.add_argument("--max-unacked", type=_positive_int, default=16, help="batches in flight without the broker's acknowledgement (default: 16)")
     p.add_argument("--job-id", default=None, help="job id (default: a stable hash of claims, templates, model and batch size)")
-    p.add_argument("--wait", action="store_true", help="return only when every pair is durably written; exit 1 if any failed")
+    p.add_argument("--wait", action="store_true", help="return only when every pair is durably written by a sink or recorded as failed; exit 1 if any failed")
     p.add_argument("--timeout", type=_positive_float, default=None, help="give up (exit 1) if submitting, and waiting with --wait, takes longer than this many seconds")
+    _add_heartbeats(p)
     _add_logging(p)
     p.set_defaults(handler=_cmd_produce)
 
@@ -114,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file-rows", type=_positive_int, default=1_000_000, help="rows per file before it is closed (default: 1000000)")
     p.add_argument("--roll-seconds", type=_positive_float, default=2.0, help="longest a result waits before its file is closed and acknowledged (default: 2)")
     p.add_argument("--idle-roll-seconds", type=_positive_float, default=0.5, help="close the file once no result has come for this long (default: 0.5)")
-    p.add_argument("--sink-id", default=None, help="name in file names and logs (default: random)")
+    p.add_argument("--sink-id", default=None, help="name in file names and logs; a restarted sink with the same name takes over at once (default: random)")
+    p.add_argument("--until-done", action="store_true", help="exit once the broker reports every job complete")
+    _add_heartbeats(p)
     _add_logging(p)
     p.set_defaults(handler=_cmd_sink)
 
@@ -147,6 +171,9 @@ def _cmd_broker(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         max_attempts=args.max_attempts,
         rebalance_backlog=args.rebalance_backlog,
+        state_dir=args.state,
+        fsync=args.fsync,
+        heartbeats=_heartbeats(args),
     )
     asyncio.run(run_broker(config))
     return 0
@@ -165,6 +192,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         max_contexts=args.max_contexts,
         threads=args.threads,
         worker_id=args.worker_id,
+        grace_s=args.grace_seconds,
+        heartbeats=_heartbeats(args),
     )
     asyncio.run(run_worker(config))
     return 0
@@ -191,6 +220,7 @@ def _cmd_produce(args: argparse.Namespace) -> int:
         job_id=args.job_id,
         wait=args.wait,
         timeout_s=args.timeout,
+        heartbeats=_heartbeats(args),
     )
     outcome = asyncio.run(produce(request))
     print(outcome.describe())
@@ -208,6 +238,8 @@ def _cmd_sink(args: argparse.Namespace) -> int:
         roll_seconds=args.roll_seconds,
         idle_roll_seconds=args.idle_roll_seconds,
         sink_id=args.sink_id,
+        until_done=args.until_done,
+        heartbeats=_heartbeats(args),
     )
     asyncio.run(run_sink(config))
     return 0

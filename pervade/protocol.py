@@ -85,6 +85,19 @@ class BatchResult(_Part):
     verdicts: list[Verdict]
 
 
+class BatchFailure(_Part):
+    """A batch given up on after repeated failures, forwarded by the broker to a sink to be recorded."""
+
+    batch_id: Id
+    job_id: Id
+    context_id: Id
+    model: str
+    template_id: Id
+    claim_ids: list[Id]
+    error: str
+    attempts: int
+
+
 class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True, tag_field="kind"):
     """Base of every message; the class's tag is the message's ``kind`` on the wire."""
 
@@ -120,14 +133,22 @@ class EndJob(Message, tag="end_job"):
     pairs: Annotated[int, msgspec.Meta(ge=0)]
 
 
+class ProducerReady(Message, tag="producer_ready"):
+    """A producer registers (first message on every new connection)."""
+
+    producer_id: Id
+
+
 class JobDone(Message, tag="job_done"):
-    """Broker to producer: every batch of the job is written by a sink, or has failed."""
+    """Broker to producer (and to every sink): every batch of the job is durably written by a sink, as
+    verdicts or as a recorded failure. ``open_jobs`` counts the jobs the broker still has unfinished."""
 
     job_id: Id
     batches: int
     pairs: int
     failed_batches: int = 0
     errors: list[str] = []
+    open_jobs: int = 0
 
 
 # --- worker <-> broker ---------------------------------------------------------------------------
@@ -190,8 +211,17 @@ class BatchFailed(Message, tag="batch_failed"):
     error: str
 
 
+class Release(Message, tag="release"):
+    """Worker hands back assigned batches it will not run (it was told to stop): the broker requeues them
+    at once, not counted as failed attempts. With ``leaving`` it also gets no more work."""
+
+    batch_ids: list[Id]
+    leaving: bool = False
+
+
 class Disconnect(Message, tag="disconnect"):
-    """A peer is leaving; the broker requeues whatever it held."""
+    """Peer to broker: it is leaving; the broker requeues whatever it held. Broker to peer: it does not
+    know the peer (it restarted, or declared the peer dead); the peer reconnects and registers again."""
 
     reason: str = ""
 
@@ -206,13 +236,23 @@ class SinkReady(Message, tag="sink_ready"):
 
 
 class Deliver(Message, tag="deliver"):
-    """Broker hands a batch's results to a sink."""
+    """Broker hands a batch's results to a sink. ``redelivery``: an earlier delivery was never
+    acknowledged, so the rows may already be in the output (the sink checks before writing)."""
 
     result: BatchResult
+    redelivery: bool = False
+
+
+class DeliverFailure(Message, tag="deliver_failure"):
+    """Broker hands a failed batch to a sink, to be recorded beside the output."""
+
+    failure: BatchFailure
+    redelivery: bool = False
 
 
 class SinkAck(Message, tag="sink_ack"):
-    """Sink has written these batches' rows durably (the Parquet file holding them is final)."""
+    """Sink has written these batches durably: verdict rows in a final Parquet file, or failures in an
+    fsynced failures file."""
 
     batch_ids: list[Id]
 
@@ -232,9 +272,9 @@ class Error(Message, tag="error"):
 
 
 AnyMessage = Union[
-    Submit, Accepted, Rejected, EndJob, JobDone,
-    WorkerReady, Pull, LoadContext, ContextLoaded, ContextFailed, Assign, Completed, BatchFailed, Disconnect,
-    SinkReady, Deliver, SinkAck,
+    ProducerReady, Submit, Accepted, Rejected, EndJob, JobDone,
+    WorkerReady, Pull, LoadContext, ContextLoaded, ContextFailed, Assign, Completed, BatchFailed, Release,
+    Disconnect, SinkReady, Deliver, DeliverFailure, SinkAck,
     Heartbeat, Error,
 ]  # fmt: skip
 

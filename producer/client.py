@@ -8,6 +8,10 @@ Every (claim, template) pair is sent once, in batches of one template and up to 
 Claims are read once, as a stream: each chunk of claims becomes one batch per template. At most
 ``max_unacked`` batches are in flight without the broker's acknowledgement (backpressure), so a producer
 never floods a broker that is slower than the claims source.
+
+Nothing is lost if the broker restarts or the network fails: the session reconnects (``pervade.session``),
+then every batch not yet acknowledged is sent again, and so is the EndJob of every job still awaited. Batch
+ids are deterministic, so the broker recognises a resend as a duplicate and queues it once.
 """
 
 from __future__ import annotations
@@ -27,8 +31,21 @@ import zmq.asyncio
 from pervade.constants import DEFAULT_BROKER_CONNECT
 from pervade.context import ContextSpec
 from pervade.errors import ConfigError, InputError, JobFailed, ProtocolError
-from pervade.protocol import Accepted, Batch, Claim, EndJob, Error, JobDone, Rejected, Submit, decode, encode
-from pervade.transport import BrokerConnection
+from pervade.protocol import (
+    Accepted,
+    Batch,
+    Claim,
+    Disconnect,
+    EndJob,
+    Error,
+    JobDone,
+    ProducerReady,
+    Rejected,
+    Submit,
+    decode,
+    encode,
+)
+from pervade.session import BrokerSession, Heartbeats
 from producer.templates import validate_templates
 
 log = structlog.get_logger("producer")
@@ -65,18 +82,27 @@ class Producer:
     """A connection to the broker that submits sweeps. Use as an async context manager."""
 
     def __init__(
-        self, broker: str = DEFAULT_BROKER_CONNECT, max_unacked: int = 16, ctx: zmq.asyncio.Context | None = None
+        self,
+        broker: str = DEFAULT_BROKER_CONNECT,
+        max_unacked: int = 16,
+        ctx: zmq.asyncio.Context | None = None,
+        heartbeats: Heartbeats | None = None,
     ) -> None:
         if max_unacked < 1:
             raise ConfigError("max_unacked must be at least 1")
         self.broker = broker
         self.max_unacked = max_unacked
+        self.producer_id = f"producer-{uuid.uuid4().hex[:12]}"
         self._ctx = ctx or zmq.asyncio.Context.instance()
-        self._conn: BrokerConnection | None = None
+        self._closing = asyncio.Event()
+        self.session = BrokerSession(self._ctx, broker, "producer", self._register, heartbeats, stopping=self._closing)
         self._receiver: asyncio.Task[None] | None = None
         self._window = asyncio.Semaphore(max_unacked)
         self._reports: dict[str, SubmitReport] = {}
-        self._batch_jobs: dict[str, tuple[str, int]] = {}  # batch id -> (job id, pairs), until answered
+        #: Batches sent and not yet answered: batch id -> (job id, pairs, frames to send again).
+        self._unanswered: dict[str, tuple[str, int, list[bytes]]] = {}
+        #: Jobs ended and not yet reported done: their EndJob is sent again after a reconnection.
+        self._awaiting: dict[str, EndJob] = {}
         self._done: dict[str, asyncio.Future[JobDone]] = {}
         self._all_acked = asyncio.Event()
         self._all_acked.set()
@@ -84,27 +110,36 @@ class Producer:
         self._refusal: str | None = None
 
     async def __aenter__(self) -> Producer:
-        self._conn = BrokerConnection.open(self._ctx, self.broker, "producer")
+        await self.session.open()
         self._receiver = asyncio.create_task(self._receive_loop())
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        self._closing.set()
         if self._receiver is not None:
-            self._receiver.cancel()
             await asyncio.gather(self._receiver, return_exceptions=True)
-        if self._conn is not None:
-            self._conn.close()
+        await self.session.send_if_connected(Disconnect(reason="done"))
+        self.session.close()
+
+    async def _register(self, session: BrokerSession) -> None:
+        await session.send_registration(ProducerReady(producer_id=self.producer_id))
+        for _, _, frames in list(self._unanswered.values()):
+            await session.send_frames_registration(frames)
+        for end in list(self._awaiting.values()):
+            await session.send_registration(end)
+        if self._unanswered or self._awaiting:
+            log.info("resent_after_reconnect", batches=len(self._unanswered), jobs=len(self._awaiting))
 
     def _done_future(self, job_id: str) -> asyncio.Future[JobDone]:
         return self._done.setdefault(job_id, asyncio.get_running_loop().create_future())
 
     async def _receive_loop(self) -> None:
-        assert self._conn is not None
-        while True:
-            message = await self._conn.receive(timeout_s=1.0)
+        while not self._closing.is_set():
+            message = await self.session.receive(timeout_s=0.5)
             if isinstance(message, (Accepted, Rejected)):
                 self._acknowledge(message)
             elif isinstance(message, JobDone):
+                self._awaiting.pop(message.job_id, None)
                 future = self._done_future(message.job_id)
                 if not future.done():
                     future.set_result(message)
@@ -115,16 +150,16 @@ class Producer:
     def _fail_pending(self, reason: str) -> None:
         """The broker refused something it could not name: whatever waits on an answer stops waiting."""
         self._refusal = reason
-        for _ in range(len(self._batch_jobs)):
+        for _ in range(len(self._unanswered)):
             self._window.release()
-        self._batch_jobs.clear()
+        self._unanswered.clear()
         self._all_acked.set()
 
     def _acknowledge(self, message: Accepted | Rejected) -> None:
-        pending = self._batch_jobs.pop(message.batch_id, None)
+        pending = self._unanswered.pop(message.batch_id, None)
         if pending is None:
             return  # an answer to a resend we no longer wait for
-        job_id, pairs = pending
+        job_id, pairs, _ = pending
         report = self._reports[job_id]
         if isinstance(message, Accepted):
             report.accepted += 1
@@ -134,7 +169,7 @@ class Producer:
             report.rejected_pairs += pairs
             log.error("batch_rejected", batch_id=message.batch_id, reason=message.reason)
         self._window.release()
-        if not self._batch_jobs:
+        if not self._unanswered:
             self._all_acked.set()
 
     async def submit_sweep(
@@ -148,7 +183,7 @@ class Producer:
         """Send every (claim, template) pair for ``context`` and end the job; returns once the broker
         has acknowledged every batch. ``job_id`` defaults to a fresh random id; pass a stable one (such as
         ``job_id_for(...)`` over the claims' source) to let a re-run be recognised instead of redone."""
-        if self._conn is None:
+        if self._receiver is None:
             raise ConfigError("use the Producer as 'async with Producer(...) as producer'")
         if batch_size < 1:
             raise ConfigError("batch_size must be at least 1")
@@ -179,7 +214,8 @@ class Producer:
         self._raise_if_refused()
         # Only what the broker took counts: a rejected batch would never complete.
         accepted_pairs = report.pairs - report.rejected_pairs
-        await self._conn.send(EndJob(job_id=job_id, batches=report.accepted, pairs=accepted_pairs))
+        end = self._awaiting[job_id] = EndJob(job_id=job_id, batches=report.accepted, pairs=accepted_pairs)
+        await self.session.send(end)
         report.seconds = time.perf_counter() - started
         log.info("job_submitted", job_id=job_id, batches=report.batches, pairs=report.pairs, accepted=report.accepted)
         return report
@@ -189,7 +225,6 @@ class Producer:
             raise JobFailed(f"the broker refused a message: {self._refusal}")
 
     async def _send_batch(self, batch: Batch, report: SubmitReport) -> None:
-        assert self._conn is not None
         frames = encode(Submit(batch=batch))
         try:
             decode(frames)  # what the broker would refuse, refused here, with the field named
@@ -197,9 +232,9 @@ class Producer:
             raise InputError(f"batch {batch.batch_id} cannot be sent: {exc}") from None
         await self._window.acquire()
         self._raise_if_refused()
-        self._batch_jobs[batch.batch_id] = (batch.job_id, len(batch.claims))
+        self._unanswered[batch.batch_id] = (batch.job_id, len(batch.claims), frames)
         self._all_acked.clear()
-        await self._conn.send_frames(frames)
+        await self.session.send_frames(frames)
         report.batches += 1
         report.pairs += len(batch.claims)
 

@@ -19,6 +19,7 @@ from pervade.constants import DEFAULT_BROKER_CONNECT
 from pervade.context import ContextSpec
 from pervade.errors import JobFailed
 from pervade.protocol import JobDone
+from pervade.session import Heartbeats
 from producer.claims import ClaimFields, ClaimsSource, read_claims
 from producer.client import Producer, SubmitReport, job_id_for
 from producer.templates import load_templates
@@ -47,6 +48,7 @@ class ProduceRequest:
     wait: bool = False
     #: Give up (JobFailed) if submitting, and waiting when asked, takes longer than this.
     timeout_s: float | None = None
+    heartbeats: Heartbeats | None = None
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,9 @@ async def produce(request: ProduceRequest) -> ProduceOutcome:
     origin = f"{request.claims}|{request.split}|{request.dataset_config}|{request.limit}|{source.fields}"
     job_id = request.job_id or job_id_for(request.context, templates, origin, request.batch_size)
     try:
-        async with asyncio.timeout(request.timeout_s), Producer(request.broker, max_unacked=request.max_unacked) as producer:
+        async with asyncio.timeout(request.timeout_s), Producer(
+            request.broker, max_unacked=request.max_unacked, heartbeats=request.heartbeats
+        ) as producer:
             report = await producer.submit_sweep(
                 read_claims(source), templates, request.context, batch_size=request.batch_size, job_id=job_id
             )

@@ -1,9 +1,14 @@
-"""The sink: receives results from the broker, writes them to Parquet, acknowledges what is durable.
+"""The sink: receives outcomes from the broker, writes them durably, acknowledges only what is durable.
 
-A batch is acknowledged only after the file holding its rows has its final name, so the broker knows
-exactly which results could still be lost. Files roll when they reach ``file_rows`` rows, when the oldest
-unacknowledged result is ``roll_seconds`` old, when no result has come for ``idle_roll_seconds``, and on
-shutdown.
+Verdicts go to Parquet (``sinks/parquet.py``), failed batches to the failures log beside the output
+(``sinks/failures.py``). A batch is acknowledged only after the file holding it has its final name (or is
+fsynced), so the broker knows exactly which outcomes could still be lost and delivers those again. A
+delivery of a batch already durable in the output (``sinks/written.py``) is acknowledged, not written
+again: every (claim, template, context) gets exactly one row.
+
+Files roll when they reach ``file_rows`` rows, when the oldest unacknowledged outcome is ``roll_seconds``
+old, when nothing has arrived for ``idle_roll_seconds``, and on shutdown. With ``until_done`` the sink
+exits once the broker reports every job complete.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import asyncio
 import signal
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -20,9 +25,11 @@ import zmq.asyncio
 
 from pervade.constants import DEFAULT_BROKER_CONNECT
 from pervade.errors import ConfigError
-from pervade.protocol import Deliver, Disconnect, Error, SinkAck, SinkReady
-from pervade.transport import BrokerConnection
+from pervade.protocol import Deliver, DeliverFailure, Disconnect, Error, JobDone, SinkAck, SinkReady
+from pervade.session import BrokerSession, Heartbeats
+from sinks.failures import FailureLog
 from sinks.parquet import RollingParquetWriter
+from sinks.written import WrittenIndex
 
 log = structlog.get_logger("sinks")
 
@@ -31,7 +38,7 @@ log = structlog.get_logger("sinks")
 class SinkConfig:
     """How a sink writes."""
 
-    #: Directory for the Parquet files (created if missing).
+    #: Directory for the Parquet files (created if missing). Sinks of one run share it.
     out_dir: Path
     broker: str = DEFAULT_BROKER_CONNECT
     #: Rows per Parquet row group; a full group is written out at once.
@@ -42,8 +49,12 @@ class SinkConfig:
     roll_seconds: float = 2.0
     #: Close the file early once no result has arrived for this long (the end of a job, a lull).
     idle_roll_seconds: float = 0.5
-    #: A name for the files and logs; defaults to a fresh random id.
+    #: A name for the files and logs; defaults to a fresh random id. A restarted sink given the same name
+    #: replaces its old registration at once instead of after a heartbeat timeout.
     sink_id: str | None = None
+    #: Exit once the broker reports every job complete.
+    until_done: bool = False
+    heartbeats: Heartbeats = field(default_factory=Heartbeats)
 
     def __post_init__(self) -> None:
         if self.row_group_rows < 1 or self.file_rows < 1:
@@ -58,36 +69,63 @@ class Sink:
         self.sink_id = config.sink_id or f"sink-{uuid.uuid4().hex[:8]}"
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         self.writer = RollingParquetWriter(config.out_dir, f"verdicts-{stamp}-{self.sink_id}", config.row_group_rows)
+        self.failures = FailureLog(config.out_dir, f"{stamp}-{self.sink_id}")
+        self.index = WrittenIndex(config.out_dir)
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._stopping = asyncio.Event()
+        self.session = BrokerSession(
+            self._ctx, config.broker, "sink", self._register, config.heartbeats, stopping=self._stopping
+        )
         self._oldest_unacked: float | None = None
         self._last_delivery = 0.0
+        self._all_jobs_done = False
         self.rows_written = 0
+        self.duplicates_skipped = 0
 
     def stop(self) -> None:
         self._stopping.set()
 
+    async def _register(self, session: BrokerSession) -> None:
+        await session.send_registration(SinkReady(sink_id=self.sink_id))
+
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(sink_id=self.sink_id)
-        conn = BrokerConnection.open(self._ctx, self.config.broker, "sink")
+        known = await asyncio.to_thread(self.index.refresh)
+        await self.session.open()
+        log.info("sink_started", broker=self.config.broker, out_dir=str(self.config.out_dir), batches_in_output=known)
         try:
-            await conn.send(SinkReady(sink_id=self.sink_id))
-            log.info("sink_started", broker=self.config.broker, out_dir=str(self.config.out_dir))
             while not self._stopping.is_set():
-                message = await conn.receive(timeout_s=0.1)
-                if isinstance(message, Deliver):
-                    await self.accept(conn, message)
+                message = await self.session.receive(timeout_s=0.1)
+                if isinstance(message, (Deliver, DeliverFailure)):
+                    await self.accept(message)
+                elif isinstance(message, JobDone):
+                    self.job_done(message)
                 elif isinstance(message, Error):
                     log.error("broker_error", reason=message.reason, detail=message.detail)
                 elif message is not None:
                     log.warning("unexpected_message", kind=type(message).__name__)
                 if self.roll_due(time.monotonic()):
-                    await self.roll(conn)
-            await self.roll(conn, final=True)
-            await conn.send(Disconnect(reason="stopping"))
+                    await self.roll()
+                if self._all_jobs_done and not self.holding():
+                    log.info("all_jobs_done")
+                    break
+            await self.roll(final=True)
+            await self.session.send_if_connected(Disconnect(reason="stopping"))
         finally:
-            conn.close()
-            log.info("sink_stopped", rows_written=self.rows_written, files=len(self.writer.files_written))
+            self.session.close()
+            log.info(
+                "sink_stopped", rows_written=self.rows_written, files=len(self.writer.files_written),
+                duplicates_skipped=self.duplicates_skipped,
+            )  # fmt: skip
+
+    def holding(self) -> bool:
+        """Whether outcomes are waiting to be made durable."""
+        return bool(self.writer.rows_in_file or self.failures.pending)
+
+    def job_done(self, message: JobDone) -> None:
+        log.info("job_done", job_id=message.job_id, batches=message.batches, failed=message.failed_batches, open_jobs=message.open_jobs)
+        if self.config.until_done and message.open_jobs == 0:
+            self._all_jobs_done = True
 
     def roll_due(self, now: float) -> bool:
         if self._oldest_unacked is None:
@@ -97,28 +135,47 @@ class Sink:
             or now - self._last_delivery >= self.config.idle_roll_seconds
         )
 
-    async def accept(self, conn: BrokerConnection, message: Deliver) -> None:
-        self.writer.add(message.result)
+    async def accept(self, message: Deliver | DeliverFailure) -> None:
+        batch_id = message.result.batch_id if isinstance(message, Deliver) else message.failure.batch_id
+        if batch_id in self.writer.batches_in_file or batch_id in self.failures.pending:
+            return  # delivered again before our roll: the roll acknowledges it
+        if message.redelivery and batch_id not in self.index:
+            await asyncio.to_thread(self.index.refresh)  # another sink (or our former self) may have it
+        if batch_id in self.index:
+            self.duplicates_skipped += 1
+            log.info("duplicate_delivery_skipped", batch_id=batch_id)
+            await self.session.send(SinkAck(batch_ids=[batch_id]))
+            return
+        if isinstance(message, Deliver):
+            self.writer.add(message.result)
+        else:
+            self.failures.add(message.failure)
         self._last_delivery = time.monotonic()
         if self._oldest_unacked is None:
             self._oldest_unacked = self._last_delivery
         if self.writer.rows_in_file >= self.config.file_rows:
-            await self.roll(conn)
+            await self.roll()
         elif self.writer.buffered_rows >= self.config.row_group_rows:
             await asyncio.to_thread(self.writer.flush)
 
-    async def roll(self, conn: BrokerConnection, final: bool = False) -> None:
+    async def roll(self, final: bool = False) -> None:
         rows = self.writer.rows_in_file
         durable = await asyncio.to_thread(self.writer.close if final else self.writer.roll)
-        self._oldest_unacked = None
         if durable:
             self.rows_written += rows
-            await conn.send(SinkAck(batch_ids=durable))
             log.info("file_written", batches=len(durable), rows=rows, path=str(self.writer.files_written[-1]))
+        failed = await asyncio.to_thread(self.failures.flush)
+        if failed:
+            log.info("failures_recorded", batches=len(failed), path=str(self.failures.path))
+        self._oldest_unacked = None
+        if durable or failed:
+            self.index.add(durable + failed)
+            await self.session.send(SinkAck(batch_ids=durable + failed))
 
 
 async def run_sink(config: SinkConfig) -> None:
-    """Run a sink until SIGTERM or SIGINT; the open file is finished and acknowledged before exit."""
+    """Run a sink until SIGTERM or SIGINT (or every job is done, with ``until_done``); the open file is
+    finished and acknowledged before exit."""
     sink = Sink(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

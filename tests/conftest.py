@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,8 @@ import zmq
 import zmq.asyncio
 
 from broker.server import Broker, BrokerConfig
-from pervade.protocol import Message, decode, encode
+from pervade.protocol import Heartbeat, Message, ProducerReady, decode, encode
+from pervade.session import Heartbeats
 from producer.claims import sample_claims_path
 
 FEVER_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fever" / "paper_dev.jsonl"
@@ -59,44 +60,76 @@ class Peer:
         await self.socket.send_multipart(frames)
 
     async def receive(self, timeout_s: float = 5.0) -> Message:
-        if not await self.socket.poll(int(timeout_s * 1000)):
-            raise TimeoutError("no message from the broker")
-        return decode(await self.socket.recv_multipart())
+        """The next message other than a heartbeat."""
+        while True:
+            if not await self.socket.poll(int(timeout_s * 1000)):
+                raise TimeoutError("no message from the broker")
+            message = decode(await self.socket.recv_multipart())
+            if not isinstance(message, Heartbeat):
+                return message
 
     async def expect_silence(self, timeout_s: float = 0.3) -> None:
-        assert not await self.socket.poll(int(timeout_s * 1000)), "unexpected message from the broker"
+        """Nothing but heartbeats arrives for ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (left := deadline - loop.time()) > 0:
+            if await self.socket.poll(int(left * 1000)):
+                message = decode(await self.socket.recv_multipart())
+                assert isinstance(message, Heartbeat), f"unexpected message from the broker: {message}"
 
     def close(self) -> None:
         self.socket.close()
 
 
+BrokerFactory = Callable[..., Awaitable[Broker]]
+
+
 @pytest_asyncio.fixture
-async def live_broker() -> AsyncIterator[Broker]:
-    """A real broker on a free loopback port, serving in this test's event loop."""
+async def start_broker() -> AsyncIterator[BrokerFactory]:
+    """``await start_broker(**config)``: a real broker on a free loopback port, serving in this test's
+    event loop (2 attempts per batch, 1 MiB messages unless told otherwise). Stopped after the test;
+    ``stop`` on a broker ends it early, like a restart, keeping its state directory."""
     ctx = zmq.asyncio.Context()
-    broker = Broker(BrokerConfig(bind="tcp://127.0.0.1:*", max_attempts=2, max_message_bytes=1 << 20), ctx=ctx)
-    broker.start()
-    task = asyncio.create_task(broker.serve())
-    try:
-        yield broker
-    finally:
+    running: list[tuple[Broker, asyncio.Task[None]]] = []
+
+    async def _start(**overrides: object) -> Broker:
+        config = {"bind": "tcp://127.0.0.1:*", "max_attempts": 2, "max_message_bytes": 1 << 20, **overrides}
+        broker = Broker(BrokerConfig(**config), ctx=ctx)  # type: ignore[arg-type]
+        broker.start()
+        running.append((broker, asyncio.create_task(broker.serve())))
+        return broker
+
+    yield _start
+    for broker, task in running:
         broker.stop()
         await task
-        ctx.term()
+    ctx.term()
+
+
+@pytest_asyncio.fixture
+async def live_broker(start_broker: BrokerFactory) -> Broker:
+    """A real broker with default heartbeats (raw test peers, which never beat, live 6 s)."""
+    return await start_broker()
 
 
 @pytest_asyncio.fixture
 async def connect(live_broker: Broker) -> AsyncIterator:
-    """``await connect(b"name")`` gives a Peer on the live broker; all are closed after the test."""
+    """``await connect(b"name")`` gives a Peer on the live broker (``endpoint=`` for another broker);
+    ``producer=True`` registers it as a producer. All are closed after the test."""
     peers: list[Peer] = []
     ctx = zmq.asyncio.Context()
 
-    async def _connect(identity: bytes) -> Peer:
-        peer = Peer(ctx, live_broker.endpoint, identity)
+    async def _connect(identity: bytes, producer: bool = False, endpoint: str | None = None) -> Peer:
+        peer = Peer(ctx, endpoint or live_broker.endpoint, identity)
         peers.append(peer)
+        if producer:
+            await peer.send(ProducerReady(producer_id=identity.decode()))
         return peer
 
     yield _connect
     for peer in peers:
         peer.close()
     ctx.term()
+
+
+FAST_HEARTBEATS = Heartbeats(interval_s=0.1, liveness=3, reconnect_min_s=0.05, reconnect_max_s=0.2)

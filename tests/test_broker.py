@@ -5,6 +5,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 
+from broker.server import REGISTER_AGAIN
+from broker.store import BatchStatus
 from pervade.constants import PROTOCOL_HEADER
 from pervade.context import ContextSpec
 from pervade.protocol import (
@@ -17,10 +19,12 @@ from pervade.protocol import (
     Completed,
     ContextFailed,
     Deliver,
+    DeliverFailure,
     DeviceInfo,
     Disconnect,
     EndJob,
     Error,
+    Heartbeat,
     JobDone,
     LoadContext,
     Pull,
@@ -63,7 +67,7 @@ async def register_worker(peer, worker_id: str, credit: int, contexts: list[str]
 
 
 async def test_a_job_flows_from_producer_to_worker_to_sink_and_back(connect) -> None:
-    producer, worker, sink = await connect(b"p"), await connect(b"w"), await connect(b"s")
+    producer, worker, sink = await connect(b"p", producer=True), await connect(b"w"), await connect(b"s")
     await sink.send(SinkReady(sink_id="s1"))
     for n in range(2):
         await producer.send(Submit(batch=batch("j1", n)))
@@ -83,10 +87,11 @@ async def test_a_job_flows_from_producer_to_worker_to_sink_and_back(connect) -> 
     await producer.expect_silence()  # not done until the sink says the rows are durable
     await sink.send(SinkAck(batch_ids=[d.result.batch_id for d in delivered]))
     assert await producer.receive() == JobDone(job_id="j1", batches=2, pairs=4)
+    assert await sink.receive() == JobDone(job_id="j1", batches=2, pairs=4)  # for sinks run --until-done
 
 
 async def test_malformed_input_gets_an_error_and_the_broker_keeps_serving(connect, live_broker) -> None:
-    rogue, producer = await connect(b"rogue"), await connect(b"p")
+    rogue, producer = await connect(b"rogue"), await connect(b"p", producer=True)
     bad_frames = [
         [b"only-one-frame"],
         [b"pervade/0", b"x"],
@@ -100,18 +105,24 @@ async def test_malformed_input_gets_an_error_and_the_broker_keeps_serving(connec
         reply = await rogue.receive()
         assert isinstance(reply, Error) and reply.reason
     # messages that decode but make no sense from this peer
-    await rogue.send(Pull(credit=1))
-    assert "send worker_ready first" in (await rogue.receive()).reason
     await rogue.send(JobDone(job_id="j", batches=0, pairs=0))
     assert "does not accept 'job_done'" in (await rogue.receive()).reason
-    assert live_broker.counters["invalid_messages"] == len(bad_frames) + 2
+    assert live_broker.counters["invalid_messages"] == len(bad_frames) + 1
+    # a peer the broker does not know (it restarted, or declared the peer dead) is told to register again
+    await rogue.send(Pull(credit=1))
+    assert await rogue.receive() == Disconnect(reason=REGISTER_AGAIN)
+    await rogue.send(Heartbeat())
+    assert await rogue.receive() == Disconnect(reason=REGISTER_AGAIN)
+    # a registered peer sending another role's message is refused
+    await producer.send(Pull(credit=1))
+    assert "cannot send 'pull'" in (await producer.receive()).reason
 
     await producer.send(Submit(batch=batch("j2", 0)))
     assert await producer.receive() == Accepted(batch_id="j2/0")
 
 
 async def test_oversized_messages_cut_the_sender_off_not_the_broker(connect, live_broker) -> None:
-    big, producer = await connect(b"big"), await connect(b"p")
+    big, producer = await connect(b"big"), await connect(b"p", producer=True)
     await big.send_raw([PROTOCOL_HEADER, b"x" * (2 << 20)])  # the fixture's broker allows 1 MiB
     await big.expect_silence()
     await producer.send(Submit(batch=batch("j3", 0)))
@@ -120,12 +131,12 @@ async def test_oversized_messages_cut_the_sender_off_not_the_broker(connect, liv
 
 
 async def test_resubmitted_batches_are_acknowledged_once_and_queued_once(connect, live_broker) -> None:
-    producer = await connect(b"p")
+    producer = await connect(b"p", producer=True)
     for _ in range(3):
         await producer.send(Submit(batch=batch("j4", 0)))
     replies = [await producer.receive() for _ in range(3)]
     assert [r.duplicate for r in replies] == [False, True, True]
-    assert live_broker.queues.total() == 1
+    assert live_broker.queued_total() == 1
     await producer.send(EndJob(job_id="j4", batches=1, pairs=2))
     await producer.send(Submit(batch=batch("j4", 1)))
     rejected = await producer.receive()
@@ -133,7 +144,7 @@ async def test_resubmitted_batches_are_acknowledged_once_and_queued_once(connect
 
 
 async def test_affinity_sends_a_context_to_the_worker_that_holds_it(connect) -> None:
-    producer, wa, wb = await connect(b"p"), await connect(b"wa"), await connect(b"wb")
+    producer, wa, wb = await connect(b"p", producer=True), await connect(b"wa"), await connect(b"wb")
     for n in range(3):
         await producer.send(Submit(batch=batch("ja", n, CTX_A)))
         await producer.send(Submit(batch=batch("jb", n, CTX_B)))
@@ -152,7 +163,7 @@ async def test_affinity_sends_a_context_to_the_worker_that_holds_it(connect) -> 
 
 
 async def test_a_leaving_worker_has_its_batches_requeued_to_another(connect, live_broker) -> None:
-    producer, w1, w2 = await connect(b"p"), await connect(b"w1"), await connect(b"w2")
+    producer, w1, w2 = await connect(b"p", producer=True), await connect(b"w1"), await connect(b"w2")
     await producer.send(Submit(batch=batch("j5", 0)))
     await producer.receive()
     await register_worker(w1, "w1", credit=1)
@@ -163,20 +174,21 @@ async def test_a_leaving_worker_has_its_batches_requeued_to_another(connect, liv
     assigned = await w2.receive()
     assert isinstance(assigned, Assign) and assigned.batch.batch_id == "j5/0"
     await w2.send(Completed(result=result_for(assigned.batch, "w2")))
-    # a late answer from the departed worker is refused, and an answer repeated is not taken twice
+    # a late answer from the departed worker, and an answer repeated, are duplicates: suppressed
     await w1.send(Completed(result=result_for(assigned.batch, "w1")))
-    assert "unknown worker" in (await w1.receive()).reason
+    assert await w1.receive() == Disconnect(reason=REGISTER_AGAIN)  # and w1 is told to register again
     await w2.send(Completed(result=result_for(assigned.batch, "w2")))
     sink = await connect(b"s")
     await sink.send(SinkReady(sink_id="s"))
     delivered = await sink.receive()
     assert isinstance(delivered, Deliver) and delivered.result.worker_id == "w2"
     await sink.expect_silence()
-    assert live_broker.counters["duplicate_results"] == 1
+    assert live_broker.counters["duplicate_results"] == 2
 
 
-async def test_a_failing_batch_is_retried_then_reported_failed(connect) -> None:
-    producer, worker = await connect(b"p"), await connect(b"w")
+async def test_a_failing_batch_is_retried_then_recorded_as_failed(connect) -> None:
+    producer, worker, sink = await connect(b"p", producer=True), await connect(b"w"), await connect(b"s")
+    await sink.send(SinkReady(sink_id="s"))
     await producer.send(Submit(batch=batch("j6", 0)))
     await producer.receive()
     await producer.send(EndJob(job_id="j6", batches=1, pairs=2))
@@ -187,12 +199,18 @@ async def test_a_failing_batch_is_retried_then_reported_failed(connect) -> None:
         assert isinstance(assigned, Assign), f"attempt {attempt}"
         await worker.send(BatchFailed(batch_id="j6/0", error="CUDA out of memory"))
         await worker.send(Pull(credit=1))
+    failure = await sink.receive()  # the failure is recorded by a sink, like a result
+    assert isinstance(failure, DeliverFailure) and failure.failure.claim_ids == ["0-0", "0-1"]
+    assert "CUDA out of memory" in failure.failure.error and failure.failure.attempts == 2
+    await producer.expect_silence()  # not done until the failure is durably recorded
+    await sink.send(SinkAck(batch_ids=["j6/0"]))
     done = await producer.receive()
     assert isinstance(done, JobDone) and done.failed_batches == 1 and "CUDA out of memory" in done.errors[0]
 
 
 async def test_a_context_no_worker_can_load_fails_its_batches(connect) -> None:
-    producer, worker = await connect(b"p"), await connect(b"w")
+    producer, worker, sink = await connect(b"p", producer=True), await connect(b"w"), await connect(b"s")
+    await sink.send(SinkReady(sink_id="s"))
     for n in range(3):
         await producer.send(Submit(batch=batch("j7", n)))
         await producer.receive()
@@ -201,6 +219,9 @@ async def test_a_context_no_worker_can_load_fails_its_batches(connect) -> None:
     assert isinstance(await worker.receive(), LoadContext)
     assert isinstance(await worker.receive(), Assign)
     await worker.send(ContextFailed(context_id=CTX_A.context_id, error="no such model"))
+    failures = [await sink.receive() for _ in range(3)]
+    assert all(isinstance(f, DeliverFailure) for f in failures)
+    await sink.send(SinkAck(batch_ids=[f.failure.batch_id for f in failures]))
     done = await producer.receive()
     assert isinstance(done, JobDone) and done.failed_batches == 3
     assert all("no such model" in e for e in done.errors)
@@ -220,7 +241,7 @@ async def test_a_context_no_worker_can_load_fails_its_batches(connect) -> None:
 
 
 async def test_a_finished_job_sent_again_is_answered_without_running_again(connect, live_broker) -> None:
-    producer, worker, sink = await connect(b"p"), await connect(b"w"), await connect(b"s")
+    producer, worker, sink = await connect(b"p", producer=True), await connect(b"w"), await connect(b"s")
     await sink.send(SinkReady(sink_id="s"))
     await register_worker(worker, "w", credit=1)
     await producer.send(Submit(batch=batch("j9", 0)))
@@ -230,9 +251,9 @@ async def test_a_finished_job_sent_again_is_answered_without_running_again(conne
     await worker.send(Completed(result=result_for((await worker.receive()).batch)))
     await sink.send(SinkAck(batch_ids=[(await sink.receive()).result.batch_id]))
     assert isinstance(await producer.receive(), JobDone)
-    assert live_broker.batches == {}  # a finished job's batches are forgotten: memory stays bounded
+    assert live_broker.store.get("j9/0").status is BatchStatus.WRITTEN
 
-    rerun = await connect(b"p2")  # the producer, restarted
+    rerun = await connect(b"p2", producer=True)  # the producer, restarted
     await rerun.send(Submit(batch=batch("j9", 0)))
     assert await rerun.receive() == Accepted(batch_id="j9/0", duplicate=True)
     await rerun.send(EndJob(job_id="j9", batches=1, pairs=2))
@@ -241,7 +262,7 @@ async def test_a_finished_job_sent_again_is_answered_without_running_again(conne
 
 
 async def test_a_leaving_sink_has_its_unwritten_results_delivered_to_another(connect) -> None:
-    producer, worker, s1, s2 = await connect(b"p"), await connect(b"w"), await connect(b"s1"), await connect(b"s2")
+    producer, worker, s1, s2 = await connect(b"p", producer=True), await connect(b"w"), await connect(b"s1"), await connect(b"s2")
     await s1.send(SinkReady(sink_id="s1"))
     await producer.send(Submit(batch=batch("j10", 0)))
     await producer.receive()
@@ -263,4 +284,4 @@ async def test_the_producer_api_refuses_a_claim_the_broker_would_refuse(live_bro
         claims = [Claim(claim_id="1", text="fine", gold_label="X" * 65)]  # labels are at most 64 characters
         with pytest.raises(InputError, match=r"gold_label"):
             await producer.submit_sweep(claims, {"t": "{claim}"}, CTX_A)
-    assert live_broker.queues.total() == 0 and live_broker.counters["invalid_messages"] == 0
+    assert live_broker.queued_total() == 0 and live_broker.counters["invalid_messages"] == 0

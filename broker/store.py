@@ -1,0 +1,317 @@
+"""The broker's durable state: jobs, contexts and every batch with its status, in SQLite (WAL mode).
+
+Queued work lives here, not in the broker's memory, so a broker holding millions of queued claims stays
+small: RAM holds only peers, jobs, and counters. The broker changes state through the methods below, which
+never commit; the broker commits once per turn of its loop, *before* it sends the replies that turn made
+(``Broker.flush``). So anything a peer was told (Accepted, a delivery, JobDone) is already on disk, and
+a broker killed at any moment restarts from a state its peers never saw contradicted.
+
+Durability: ``synchronous=NORMAL`` (the default) survives the broker process being killed at any point,
+which is what preemption and crashes do; ``fsync=True`` (``synchronous=FULL``) also survives a power
+failure of the login node, at a cost in latency. Checkpoints of the write-ahead log run on a thread
+(``checkpoint``), never in the event loop.
+
+A batch moves through these statuses (``BatchStatus``):
+
+    queued -> assigned -> done -> delivered -> written
+       ^          |         ^          |
+       +----------+         +----------+
+     requeued (worker      redelivered (sink gone
+     died, failed, or      before acknowledging)
+     released it)
+
+``done`` means the outcome is known: verdicts (``result``) or, after repeated failures, an ``error``. Either
+goes to a sink and is ``written`` once the sink acknowledges it durable; then the claims and verdicts are
+dropped from the store, and only the batch id stays, so a resubmission is recognised.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import shutil
+import sqlite3
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from pervade.context import ContextSpec
+from pervade.protocol import Batch, BatchResult
+
+STORE_FILE = "broker.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS contexts (
+    context_id TEXT PRIMARY KEY,
+    spec BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY,            -- arrival order
+    batch_id TEXT NOT NULL UNIQUE,
+    job_id TEXT NOT NULL,
+    context_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    queue_key INTEGER NOT NULL,         -- order in its context's queue; requeued batches go in front
+    attempts INTEGER NOT NULL DEFAULT 0,
+    deliveries INTEGER NOT NULL DEFAULT 0,
+    worker BLOB,
+    sink BLOB,
+    payload BLOB,                       -- the Batch (msgpack), dropped once written
+    result BLOB,                        -- the BatchResult (msgpack), until written
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS batches_queued ON batches (context_id, queue_key) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS batches_done ON batches (seq) WHERE status = 'done';
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+class BatchStatus(enum.Enum):
+    QUEUED = "queued"  # waiting in its context's queue
+    ASSIGNED = "assigned"  # sent to a worker, no answer yet
+    DONE = "done"  # outcome known (verdicts or a final error), not yet with a sink
+    DELIVERED = "delivered"  # sent to a sink, not yet durable
+    WRITTEN = "written"  # a sink acknowledged it durably written
+
+
+@dataclass(frozen=True)
+class StoredBatch:
+    """A batch's bookkeeping row (without its claims or verdicts)."""
+
+    batch_id: str
+    job_id: str
+    context_id: str
+    status: BatchStatus
+    attempts: int
+    deliveries: int
+    worker: bytes | None
+    sink: bytes | None
+    error: str | None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+
+@dataclass
+class JobRecord:
+    """A job (one sweep from one producer). Small, so every job is also kept in memory."""
+
+    job_id: str
+    producer: bytes = b""
+    batches: int = 0
+    pairs: int = 0
+    ended: bool = False
+    written: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    done_reported: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.ended and self.written + self.failed >= self.batches
+
+
+_ROW = "batch_id, job_id, context_id, status, attempts, deliveries, worker, sink, error"
+_encoder = msgspec.msgpack.Encoder()
+_batch_decoder = msgspec.msgpack.Decoder(Batch)
+_result_decoder = msgspec.msgpack.Decoder(BatchResult)
+_spec_decoder = msgspec.msgpack.Decoder(ContextSpec)
+
+
+class BrokerStore:
+    """SQLite-backed state. Not thread-safe: only the broker's event loop calls it (``checkpoint`` aside)."""
+
+    def __init__(self, path: Path, fsync: bool = False, temporary_dir: Path | None = None) -> None:
+        self.path = path
+        self._temporary_dir = temporary_dir
+        self._db = sqlite3.connect(path, isolation_level="DEFERRED")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        self._db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run on a thread: see checkpoint()
+        self._db.execute("PRAGMA cache_size=-16384")  # 16 MiB of page cache, whatever the queue holds
+        self._db.executescript(_SCHEMA)
+        self._db.commit()
+        self._checkpointer: sqlite3.Connection | None = None
+        #: Batches per status, and queued batches per context, kept in step with every change.
+        self.status_counts: Counter[BatchStatus] = Counter()
+        self.queued: Counter[str] = Counter()
+        self._min_key = 0
+        self._load_counts()
+
+    @classmethod
+    def open(cls, state_dir: Path | None, fsync: bool = False) -> BrokerStore:
+        """The store in ``state_dir`` (created if missing), or in a temporary directory removed at close."""
+        if state_dir is None:
+            temporary = Path(tempfile.mkdtemp(prefix="pervade-broker-"))
+            return cls(temporary / STORE_FILE, fsync=fsync, temporary_dir=temporary)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        return cls(state_dir / STORE_FILE, fsync=fsync)
+
+    def close(self) -> None:
+        self._db.commit()
+        self._db.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+        if self._temporary_dir is not None:
+            shutil.rmtree(self._temporary_dir, ignore_errors=True)
+
+    def commit(self) -> None:
+        self._db.commit()
+
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log into the database file. Blocking: call on a thread (it has its own
+        connection), never from the event loop. PASSIVE never blocks the broker's writes."""
+        if self._checkpointer is None:
+            self._checkpointer = sqlite3.connect(self.path, check_same_thread=False)
+        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _load_counts(self) -> None:
+        for status, count in self._db.execute("SELECT status, count(*) FROM batches GROUP BY status"):
+            self.status_counts[BatchStatus(status)] = count
+        query = "SELECT context_id, count(*) FROM batches WHERE status = 'queued' GROUP BY context_id"
+        self.queued.update(dict(self._db.execute(query).fetchall()))
+        self._min_key = self._db.execute("SELECT coalesce(min(queue_key), 0) FROM batches").fetchone()[0]
+
+    # --- recovery --------------------------------------------------------------------------------
+
+    def recover(self) -> tuple[int, int]:
+        """After a restart no worker or sink of the old broker is known: batches they held go back to
+        the front of their queues (not counted as attempts: the broker failed, not the batch), and
+        deliveries never acknowledged will be redelivered. Returns (requeued, to_redeliver)."""
+        base = self._min_key - 1 - (self._db.execute("SELECT coalesce(max(seq), 0) FROM batches").fetchone()[0])
+        requeued = self._db.execute(
+            "UPDATE batches SET status = 'queued', worker = NULL, attempts = max(attempts - 1, 0),"
+            " queue_key = ? + seq WHERE status = 'assigned'",
+            (base,),
+        ).rowcount
+        redeliver = self._db.execute("UPDATE batches SET status = 'done', sink = NULL WHERE status = 'delivered'").rowcount
+        self._db.commit()
+        self.status_counts.clear()
+        self.queued.clear()
+        self._load_counts()
+        return requeued, redeliver
+
+    # --- contexts and jobs -----------------------------------------------------------------------
+
+    def save_context(self, spec: ContextSpec) -> None:
+        self._db.execute("INSERT OR IGNORE INTO contexts VALUES (?, ?)", (spec.context_id, _encoder.encode(spec)))
+
+    def contexts(self) -> dict[str, ContextSpec]:
+        return {cid: _spec_decoder.decode(spec) for cid, spec in self._db.execute("SELECT context_id, spec FROM contexts")}
+
+    def save_job(self, job: JobRecord) -> None:
+        record = {**job.__dict__, "producer": job.producer.hex()}
+        self._db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?)", (job.job_id, json.dumps(record)))
+
+    def jobs(self) -> dict[str, JobRecord]:
+        jobs = {}
+        for job_id, text in self._db.execute("SELECT job_id, record FROM jobs"):
+            record = json.loads(text)
+            record["producer"] = bytes.fromhex(record["producer"])
+            jobs[job_id] = JobRecord(**record)
+        return jobs
+
+    def save_meta(self, key: str, value: object) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def meta(self, key: str, default: object = None) -> object:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    # --- batches: reading ------------------------------------------------------------------------
+
+    def get(self, batch_id: str) -> StoredBatch | None:
+        row = self._db.execute(f"SELECT {_ROW} FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+        if row is None:
+            return None
+        return StoredBatch(row[0], row[1], row[2], BatchStatus(row[3]), *row[4:])
+
+    def batch(self, batch_id: str) -> Batch:
+        (payload,) = self._db.execute("SELECT payload FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+        return _batch_decoder.decode(payload)
+
+    def result(self, batch_id: str) -> BatchResult:
+        (result,) = self._db.execute("SELECT result FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+        return _result_decoder.decode(result)
+
+    def next_queued(self, context_id: str) -> StoredBatch | None:
+        row = self._db.execute(
+            f"SELECT {_ROW} FROM batches WHERE status = 'queued' AND context_id = ? ORDER BY queue_key LIMIT 1",
+            (context_id,),
+        ).fetchone()
+        return None if row is None else StoredBatch(row[0], row[1], row[2], BatchStatus(row[3]), *row[4:])
+
+    def queued_ids(self, context_id: str) -> list[str]:
+        query = "SELECT batch_id FROM batches WHERE status = 'queued' AND context_id = ? ORDER BY queue_key"
+        return [r[0] for r in self._db.execute(query, (context_id,))]
+
+    def done_ids(self, limit: int) -> list[str]:
+        """Batches with a known outcome not yet with a sink, oldest first."""
+        query = "SELECT batch_id FROM batches WHERE status = 'done' ORDER BY seq LIMIT ?"
+        return [r[0] for r in self._db.execute(query, (limit,))]
+
+    # --- batches: changing -----------------------------------------------------------------------
+
+    def add(self, batch: Batch) -> None:
+        """Queue a new batch at the back of its context's queue."""
+        cursor = self._db.execute(
+            "INSERT INTO batches (batch_id, job_id, context_id, status, queue_key, payload)"
+            " VALUES (?, ?, ?, 'queued', 0, ?)",
+            (batch.batch_id, batch.job_id, batch.context.context_id, _encoder.encode(batch)),
+        )
+        self._db.execute("UPDATE batches SET queue_key = seq WHERE seq = ?", (cursor.lastrowid,))
+        self._count(None, BatchStatus.QUEUED, batch.context.context_id)
+
+    def assign(self, row: StoredBatch, worker: bytes) -> None:
+        self._move(row, BatchStatus.ASSIGNED, "worker = ?, attempts = attempts + 1", (worker,))
+
+    def requeue(self, row: StoredBatch, count_attempt: bool) -> None:
+        """Back to the front of its queue. An attempt that was not the batch's fault is not counted."""
+        self._min_key -= 1
+        uncount = "" if count_attempt else ", attempts = max(attempts - 1, 0)"
+        self._move(row, BatchStatus.QUEUED, f"worker = NULL, queue_key = ?{uncount}", (self._min_key,))
+
+    def complete(self, row: StoredBatch, result: BatchResult) -> None:
+        self._move(row, BatchStatus.DONE, "worker = NULL, result = ?", (_encoder.encode(result),))
+
+    def fail(self, row: StoredBatch, error: str) -> None:
+        self._move(row, BatchStatus.DONE, "worker = NULL, error = ?", (error,))
+
+    def deliver(self, row: StoredBatch, sink: bytes) -> None:
+        self._move(row, BatchStatus.DELIVERED, "sink = ?, deliveries = deliveries + 1", (sink,))
+
+    def undeliver(self, row: StoredBatch) -> None:
+        self._move(row, BatchStatus.DONE, "sink = NULL", ())
+
+    def written(self, row: StoredBatch) -> None:
+        """Durable in a sink's output: the claims and verdicts are no longer needed here."""
+        self._move(row, BatchStatus.WRITTEN, "sink = NULL, payload = NULL, result = NULL", ())
+
+    def _move(self, row: StoredBatch, status: BatchStatus, assignments: str, params: tuple) -> None:
+        self._db.execute(
+            f"UPDATE batches SET status = ?, {assignments} WHERE batch_id = ?",
+            (status.value, *params, row.batch_id),
+        )
+        self._count(row.status, status, row.context_id)
+
+    def _count(self, old: BatchStatus | None, new: BatchStatus, context_id: str) -> None:
+        if old is not None:
+            self.status_counts[old] -= 1
+            if old is BatchStatus.QUEUED:
+                self.queued[context_id] -= 1
+                if not self.queued[context_id]:
+                    del self.queued[context_id]
+        self.status_counts[new] += 1
+        if new is BatchStatus.QUEUED:
+            self.queued[context_id] += 1

@@ -1,0 +1,194 @@
+"""A client's session with the broker: heartbeats, liveness and reconnection (the zguide's Paranoid Pirate).
+
+Every client (worker, sink, producer) talks to the broker through a ``BrokerSession``. It
+
+- sends a Heartbeat whenever it has sent nothing for ``interval_s`` (any message counts as one);
+- declares the broker dead after ``interval_s * liveness`` seconds without hearing from it, and reconnects
+  after a back-off that doubles from ``reconnect_min_s`` to ``reconnect_max_s``;
+- reconnects at once when the broker answers ``Disconnect`` (it does not know this peer: it restarted, or
+  declared the peer dead);
+- reconnects on a NEW socket with a NEW identity every time (two peers with one identity lose messages,
+  libzmq #4503), and then calls the role's ``register`` callback, which announces the role again (a worker
+  lists the contexts it still holds, a producer resends what was not acknowledged).
+
+Sends made while the session is between connections wait until it is registered again, so a role never
+sends on a dead socket or before its registration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+import zmq.asyncio
+
+from pervade.errors import ConfigError
+from pervade.protocol import Disconnect, Heartbeat, Message, encode, kind_of
+from pervade.transport import BrokerConnection
+
+log = structlog.get_logger("session")
+
+
+@dataclass(frozen=True)
+class Heartbeats:
+    """Liveness settings. The broker and its clients should use the same values (the defaults match)."""
+
+    #: Seconds between heartbeats; any message counts as one.
+    interval_s: float = 2.0
+    #: Missed intervals after which the other side is declared dead.
+    liveness: int = 3
+    #: First wait before reconnecting to a silent broker; doubled on each failed attempt...
+    reconnect_min_s: float = 1.0
+    #: ...up to this.
+    reconnect_max_s: float = 32.0
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0:
+            raise ConfigError("the heartbeat interval must be positive")
+        if self.liveness < 1:
+            raise ConfigError("heartbeat liveness must be at least 1")
+        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
+            raise ConfigError("reconnect back-off must satisfy 0 < min <= max")
+
+    @property
+    def dead_after_s(self) -> float:
+        return self.interval_s * self.liveness
+
+
+class BrokerSession:
+    """One client's connection to the broker, kept alive across broker restarts and network failures."""
+
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        endpoint: str,
+        role: str,
+        register: Callable[[BrokerSession], Awaitable[None]],
+        heartbeats: Heartbeats | None = None,
+        stopping: asyncio.Event | None = None,
+    ) -> None:
+        self._ctx = ctx
+        self.endpoint = endpoint
+        self.role = role
+        self.heartbeats = heartbeats or Heartbeats()
+        self._register = register
+        self._stopping = stopping or asyncio.Event()
+        self._conn: BrokerConnection | None = None
+        self._registered = asyncio.Event()
+        self._backoff = self.heartbeats.reconnect_min_s
+        self._healthy = False  # heard the broker since the last (re)connection
+        self._last_sent = 0.0
+        self._last_heard = 0.0
+        #: Incremented on every new connection; work received on an older one is stale.
+        self.generation = 0
+        self.reconnects = 0
+
+    @property
+    def identity(self) -> str:
+        return self._conn.identity if self._conn else ""
+
+    async def open(self) -> None:
+        """Connect and register. The broker need not be up yet: messages wait in the socket."""
+        await self._connect()
+
+    def close(self) -> None:
+        self._registered.clear()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def send(self, message: Message) -> bool:
+        """Send once registered; False (not sent) if the role stops while the session is reconnecting."""
+        return await self.send_frames(encode(message))
+
+    async def send_frames(self, frames: list[bytes]) -> bool:
+        if not self._registered.is_set():
+            waiter = asyncio.ensure_future(self._registered.wait())
+            stop = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait({waiter, stop}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stop.cancel()
+            if not self._registered.is_set():
+                return False
+        await self._send_now(frames)
+        return True
+
+    async def send_if_connected(self, message: Message) -> bool:
+        """Send now if registered, else drop it (a goodbye is not worth waiting for a reconnection)."""
+        if not self._registered.is_set():
+            return False
+        await self._send_now(encode(message))
+        return True
+
+    async def _send_now(self, frames: list[bytes]) -> None:
+        assert self._conn is not None
+        await self._conn.send_frames(frames)
+        self._last_sent = time.monotonic()
+
+    async def receive(self, timeout_s: float) -> Message | None:
+        """The next message for the role, or None after ``timeout_s``. Heartbeats are consumed here,
+        heartbeats are sent when due, and a silent or forgetful broker is reconnected to."""
+        deadline = time.monotonic() + timeout_s
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            if self._registered.is_set() and now - self._last_sent >= self.heartbeats.interval_s:
+                await self._send_now(encode(Heartbeat()))
+            if now - self._last_heard >= self.heartbeats.dead_after_s:
+                await self.reconnect(f"no word from the broker for {now - self._last_heard:.1f} s", wait=True)
+                continue
+            wait = min(
+                deadline - now,
+                self._last_sent + self.heartbeats.interval_s - now,
+                self._last_heard + self.heartbeats.dead_after_s - now,
+            )
+            assert self._conn is not None
+            message = await self._conn.receive(timeout_s=max(wait, 0.0))
+            if message is None:
+                if time.monotonic() >= deadline:
+                    return None
+                continue
+            self._last_heard = time.monotonic()
+            if isinstance(message, Disconnect):
+                await self.reconnect(f"the broker asked: {message.reason}", wait=not self._healthy)
+                continue
+            self._healthy = True
+            self._backoff = self.heartbeats.reconnect_min_s
+            if not isinstance(message, Heartbeat):
+                return message
+        return None
+
+    async def reconnect(self, reason: str, wait: bool) -> None:
+        """Drop the socket, wait the back-off if asked, and connect afresh under a new identity."""
+        self.close()
+        delay = self._backoff if wait else 0.0
+        log.warning("broker_reconnecting", role=self.role, reason=reason, after_s=round(delay, 2))
+        if wait:
+            self._backoff = min(self._backoff * 2, self.heartbeats.reconnect_max_s)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            except TimeoutError:
+                pass
+        self.reconnects += 1
+        if not self._stopping.is_set():
+            await self._connect()
+
+    async def _connect(self) -> None:
+        self._conn = BrokerConnection.open(self._ctx, self.endpoint, self.role)
+        self.generation += 1
+        self._healthy = False
+        self._last_heard = self._last_sent = time.monotonic()  # the new connection gets a full grace period
+        await self._register(self)
+        self._registered.set()
+        log.info("broker_connected", role=self.role, identity=self.identity, generation=self.generation)
+
+    async def send_registration(self, message: Message) -> None:
+        """For ``register`` callbacks: send before the session counts as registered."""
+        log.debug("registering", role=self.role, kind=kind_of(message))
+        await self._send_now(encode(message))
+
+    async def send_frames_registration(self, frames: list[bytes]) -> None:
+        """For ``register`` callbacks: send frames already encoded (a resend) before registration ends."""
+        await self._send_now(frames)

@@ -1,0 +1,71 @@
+"""Failed pairs, recorded beside the output: ``OUT.failures/failures-<sink>.jsonl``, one JSON object per
+(claim, template, context) that could not be scored, with the error.
+
+Lines are appended and fsynced before the sink acknowledges their batches, so a recorded failure is as
+durable as a written verdict. A sink killed mid-write can leave a torn last line; readers skip it (its
+batch was never acknowledged, so it is delivered again and recorded whole).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pervade.protocol import BatchFailure
+
+
+def failures_dir_for(out_dir: Path) -> Path:
+    """``OUT.failures`` beside the output directory, so the output holds Parquet files only."""
+    out_dir = Path(out_dir).resolve()
+    return out_dir.with_name(out_dir.name + ".failures")
+
+
+class FailureLog:
+    """Buffers failures; ``flush`` appends them durably and returns their batch ids.
+
+    Blocking I/O: an asyncio caller runs ``flush`` on a thread.
+    """
+
+    def __init__(self, out_dir: Path, name: str) -> None:
+        self.path = failures_dir_for(out_dir) / f"failures-{name}.jsonl"
+        self.pending: dict[str, BatchFailure] = {}
+
+    def add(self, failure: BatchFailure) -> None:
+        self.pending[failure.batch_id] = failure
+
+    def flush(self) -> list[str]:
+        if not self.pending:
+            return []
+        lines = []
+        for f in self.pending.values():
+            for claim_id in f.claim_ids:
+                record = {
+                    "claim_id": claim_id, "template_id": f.template_id, "context_id": f.context_id, "model": f.model,
+                    "batch_id": f.batch_id, "job_id": f.job_id, "error": f.error, "attempts": f.attempts,
+                }  # fmt: skip
+                lines.append(json.dumps(record) + "\n")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+b") as handle:
+            if handle.tell() > 0:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":  # a torn line left by a killed sink of the same name
+                    lines.insert(0, "\n")
+            handle.write("".join(lines).encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        durable, self.pending = list(self.pending), {}
+        return durable
+
+
+def read_failures(out_dir: Path) -> list[dict]:
+    """Every failure recorded for ``out_dir`` (a torn last line of a killed sink is skipped)."""
+    records = []
+    directory = failures_dir_for(out_dir)
+    for path in sorted(directory.glob("*.jsonl")) if directory.exists() else []:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records

@@ -1,0 +1,58 @@
+"""Which batches are already durable in an output directory, so that a batch delivered twice is written once.
+
+The broker delivers at least once: a sink can write a file and die before its acknowledgement arrives (or
+the broker can die before recording it), and the batch is then delivered again, to the same directory,
+perhaps by another sink. Before writing a redelivered batch the sink looks here. The index is built from
+the files themselves (the ``batch_id`` column of every final Parquet file, and the failures files), so it
+needs no state of its own and sees what other sinks sharing the directory wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sinks.failures import failures_dir_for
+
+
+class WrittenIndex:
+    """Batch ids durable in ``out_dir``. ``refresh`` reads only files it has not read yet.
+
+    Blocking I/O: an asyncio caller runs ``refresh`` on a thread.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.batch_ids: set[str] = set()
+        self._read_files: set[Path] = set()
+        self._failure_sizes: dict[Path, int] = {}
+
+    def __contains__(self, batch_id: str) -> bool:
+        return batch_id in self.batch_ids
+
+    def add(self, batch_ids: list[str]) -> None:
+        self.batch_ids.update(batch_ids)
+
+    def refresh(self) -> int:
+        """Read the files written since the last refresh; returns how many batch ids were new."""
+        before = len(self.batch_ids)
+        for path in sorted(self.out_dir.glob("*.parquet")) if self.out_dir.exists() else []:
+            if path not in self._read_files:
+                column = pq.read_table(path, columns=["batch_id"])["batch_id"]
+                self.batch_ids.update(pc.unique(column).to_pylist())
+                self._read_files.add(path)
+        directory = failures_dir_for(self.out_dir)
+        for path in sorted(directory.glob("*.jsonl")) if directory.exists() else []:
+            size = path.stat().st_size
+            if self._failure_sizes.get(path) == size:
+                continue
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    self.batch_ids.add(json.loads(line)["batch_id"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a torn last line: that batch was never acknowledged
+            self._failure_sizes[path] = size
+        return len(self.batch_ids) - before
