@@ -528,7 +528,7 @@ class Broker:
                 self.store.requeue(row, count_attempt=False)
                 worker.in_flight.discard(batch_id)
                 self.counters["released"] += 1
-        if message.leaving:
+        if message.leaving and not worker.leaving:
             worker.leaving, worker.credit = True, 0
             log.info("worker_leaving", worker_id=worker.name, released=len(message.batch_ids))
 

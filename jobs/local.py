@@ -136,6 +136,19 @@ class ProcessGroup:
                 process.kill()
                 await process.wait()
 
+    async def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> int:
+        """Send ``sig`` to a child and wait for it to exit (SIGKILL after STOP_TIMEOUT_S); its exit status."""
+        process = self.children[name]
+        if process.returncode is None:
+            process.send_signal(sig)
+            try:
+                await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        assert process.returncode is not None
+        return process.returncode
+
     def tail(self, name: str, lines: int = 15) -> str:
         text = (self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])

@@ -107,6 +107,8 @@ def read_claims(source: ClaimsSource) -> Iterator[Claim]:
     count = 0
     records = iter(dataset)
     index = 0
+    # Output rows are keyed by claim id: a repeated id would mean two rows for one key, or one lost.
+    seen_ids: set[str] = set()
     while source.limit is None or count < source.limit:
         try:
             record = next(records)
@@ -117,6 +119,9 @@ def read_claims(source: ClaimsSource) -> Iterator[Claim]:
         index += 1
         try:
             claim = _to_claim(record, source.fields, label_names)
+            if claim.claim_id in seen_ids:
+                raise ValueError(f"id {claim.claim_id!r} was already used by an earlier record")
+            seen_ids.add(claim.claim_id)
         except ValueError as exc:
             if not source.skip_invalid:
                 raise ClaimsError(f"{source.location}: record {index}: {exc}") from None

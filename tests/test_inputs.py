@@ -81,13 +81,20 @@ def test_limit_and_field_mapping_over_csv_and_parquet(tmp_path) -> None:
 def test_invalid_records_fail_by_default_and_can_be_skipped(tmp_path) -> None:
     path = write_jsonl(tmp_path / "c.jsonl", [
         {"id": 1, "claim": "fine"}, {"id": 2, "claim": ""}, {"id": 3, "claim": None}, {"claim": "no id"},
-        {"id": 5, "claim": "also fine"},
+        {"id": 5, "claim": "also fine"}, {"id": 6, "claim": ["not", "a", "string"]}, {"id": 1, "claim": "id reused"},
     ])  # fmt: skip
     with pytest.raises(ClaimsError, match="record 2: field 'claim' must be a non-empty string"):
         list(read_claims(ClaimsSource(path)))
     source = ClaimsSource(path, skip_invalid=True)
     assert [c.claim_id for c in read_claims(source)] == ["1", "5"]
-    assert source.skipped == 3
+    assert source.skipped == 5
+
+
+def test_a_repeated_claim_id_is_refused(tmp_path) -> None:
+    """Rows are keyed by claim id: two claims with one id would break exactly-once output."""
+    path = write_jsonl(tmp_path / "c.jsonl", [{"id": 7, "claim": "first"}, {"id": "7", "claim": "second"}])
+    with pytest.raises(ClaimsError, match="record 2: id '7' was already used by an earlier record"):
+        list(read_claims(ClaimsSource(path)))
 
 
 @pytest.mark.parametrize(
@@ -97,6 +104,8 @@ def test_invalid_records_fail_by_default_and_can_be_skipped(tmp_path) -> None:
         ("notes.txt", "hello", "expected a .jsonl, .json, .csv or .parquet file"),
         ("broken.jsonl", '{"id": 1, "claim": "ok"}\n{"id": 2, "claim": \n', "cannot"),
         ("nothing.jsonl", json.dumps({"id": 1, "other": "x"}) + "\n", "field 'claim'"),
+        ("numbers.jsonl", json.dumps({"id": 1, "claim": 12345}) + "\n", "field 'claim' must be a non-empty string"),
+        ("binary.parquet", "PAR1 this is not parquet", "cannot"),
     ],
 )
 def test_unreadable_claims_files(tmp_path, name: str, content: str, reason: str) -> None:
