@@ -245,5 +245,5 @@ class Producer:
         report = self._reports.get(job_id)
         problems = list(done.errors) + (report.rejected if report else [])
         if done.failed_batches or problems:
-            raise JobFailed(f"job {job_id}: {done.failed_batches} batches failed; " + "; ".join(problems[:5]))
+            raise JobFailed(f"job {job_id}: {done.failed_batches} of {done.batches} batches failed; " + "; ".join(problems[:5]))
         return done
