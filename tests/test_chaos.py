@@ -131,6 +131,9 @@ async def test_no_pair_is_lost_or_doubled_whatever_is_killed(tmp_path, tiny_mode
         got = [r["score_supports"], r["score_refutes"], r["score_not_enough_info"]]
         assert got == pytest.approx(scores, abs=1e-3)
 
+    # workers that lived through the broker's restart re-registered with their context: none was told to
+    # load it again (one load per worker ever started)
+    assert len(cluster.events("broker", "told_to_load")) <= len([n for n in cluster.procs.children if n.startswith("worker-")])
     counters = cluster.broker_counters()
     assert counters["workers_declared_dead"] >= 1  # the SIGKILLed worker that was still registered
     assert counters["released"] + counters["requeues"] >= 1  # work came back from the departed workers

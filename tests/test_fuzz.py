@@ -167,7 +167,7 @@ RAW_MSGPACK = (
     b"\xc6\xff\xff\xff\xff",
 )
 
-timestamps = st.floats(min_value=0) | st.floats()  # in the protocol's bounds (inf included), or not
+timestamps = st.floats(min_value=0, max_value=4e9) | st.floats(max_value=-1.0)  # in the protocol's bounds (inf included), or not
 labels = st.sampled_from(LABELS) | st.text(max_size=70)
 contexts = st.builds(
     ContextSpec, model=st.sampled_from(FUZZ_MODELS), revision=st.sampled_from(FUZZ_REVISIONS), dtype=st.sampled_from(FUZZ_DTYPES)
