@@ -9,6 +9,7 @@ from broker.store import BatchStatus
 from pervade.protocol import (
     Accepted,
     Assign,
+    Claim,
     Completed,
     Deliver,
     Disconnect,
@@ -24,6 +25,7 @@ from pervade.protocol import (
     Submit,
     decode,
 )
+from producer.client import Producer
 from tests.conftest import FAST_HEARTBEATS
 from tests.test_broker import CTX_A, batch, register_worker, result_for
 
@@ -140,3 +142,26 @@ async def test_a_restarted_broker_resumes_from_its_state(start_broker, connect, 
     await w2.send(Completed(result=result_for(last.batch)))
     await s2.send(SinkAck(batch_ids=[(await s2.receive()).result.batch_id]))
     assert await p2.receive() == JobDone(job_id="j4", batches=3, pairs=6)
+
+
+async def test_a_waiting_producer_reconnects_to_a_restarted_broker_and_gets_its_answer(start_broker, connect, tmp_path) -> None:
+    state = tmp_path / "state"
+    first = await start_broker(state_dir=state)
+    async with Producer(first.endpoint) as producer:
+        claims = [Claim(claim_id=f"c{i}", text=f"claim {i}") for i in range(3)]
+        report = await producer.submit_sweep(claims, {"t": "{claim} Answer:"}, CTX_A, batch_size=1, job_id="j5")
+        assert report.accepted == 3
+        first.stop()  # the login node reboots while the producer waits
+        await first.closed.wait()
+        second = await start_broker(state_dir=state, bind=first.endpoint)  # same state, same address
+
+        worker, sink = await connect(b"w", endpoint=second.endpoint), await connect(b"s", endpoint=second.endpoint)
+        await sink.send(SinkReady(sink_id="s"))
+        await register_worker(worker, "w", credit=3)
+        assert isinstance(await worker.receive(), LoadContext)
+        for _ in range(3):
+            await worker.send(Completed(result=result_for((await worker.receive()).batch)))
+            await sink.send(SinkAck(batch_ids=[(await sink.receive()).result.batch_id]))
+        done = await producer.wait("j5", timeout_s=20)  # its EndJob was resent on the new connection
+    assert done.batches == 3 and done.failed_batches == 0
+    assert producer.session.reconnects >= 1 and second.counters["unknown_peer_messages"] >= 1
