@@ -110,7 +110,7 @@ class BrokerConfig:
     #: Heartbeat interval and liveness; clients should use the same values.
     heartbeats: Heartbeats = field(default_factory=Heartbeats)
     #: How often the store's write-ahead log is checkpointed (on a thread).
-    checkpoint_interval_s: float = 5.0
+    checkpoint_interval_s: float = 1.0
     #: How often the broker logs its counters.
     stats_interval_s: float = 10.0
 
@@ -207,7 +207,7 @@ class Broker:
         now = time.monotonic()
         next_beat, next_stats = now + beat, now + self.config.stats_interval_s
         next_checkpoint = now + self.config.checkpoint_interval_s
-        checkpointing: asyncio.Future[None] | None = None
+        checkpointing: asyncio.Future[bool] | None = None
         try:
             while not self._stopping.is_set():
                 if await self._sock.poll(poll_ms, zmq.POLLIN):
@@ -227,7 +227,13 @@ class Broker:
                 if self.sinks and self.store.status_counts[BatchStatus.DONE]:
                     self.deliver_held()
                 self.flush()
-                if now >= next_checkpoint and (checkpointing is None or checkpointing.done()):
+                if checkpointing is not None and checkpointing.done():
+                    if not checkpointing.cancelled() and checkpointing.exception() is None and checkpointing.result():
+                        self.store.restart_log()
+                    elif not checkpointing.cancelled() and checkpointing.exception() is not None:
+                        log.error("checkpoint_failed", error=str(checkpointing.exception()))
+                    checkpointing = None
+                if now >= next_checkpoint and checkpointing is None:
                     checkpointing = asyncio.ensure_future(asyncio.to_thread(self.store.checkpoint))
                     next_checkpoint = now + self.config.checkpoint_interval_s
                 if now >= next_stats:

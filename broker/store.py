@@ -42,6 +42,9 @@ from pervade.context import ContextSpec
 from pervade.protocol import Batch, BatchResult
 
 STORE_FILE = "broker.sqlite3"
+#: Once the write-ahead log holds more than this, the broker finishes a checkpoint between two of its own
+#: commits, so the log starts again from the beginning instead of growing through a long burst of writes.
+WAL_LIMIT_BYTES = 64 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS contexts (
@@ -139,6 +142,7 @@ class BrokerStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         self._db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run on a thread: see checkpoint()
+        self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")  # a restarted log is cut back to this
         self._db.execute("PRAGMA cache_size=-16384")  # 16 MiB of page cache, whatever the queue holds
         self._db.executescript(_SCHEMA)
         self._db.commit()
@@ -169,12 +173,22 @@ class BrokerStore:
     def commit(self) -> None:
         self._db.commit()
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> bool:
         """Copy the write-ahead log into the database file. Blocking: call on a thread (it has its own
-        connection), never from the event loop. PASSIVE never blocks the broker's writes."""
+        connection), never from the event loop; PASSIVE never blocks the broker's writes. Returns True
+        when the log has grown past ``WAL_LIMIT_BYTES``: then call ``restart_log``."""
         if self._checkpointer is None:
             self._checkpointer = sqlite3.connect(self.path, check_same_thread=False)
-        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        _, log_frames, _ = self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        page_size = self._checkpointer.execute("PRAGMA page_size").fetchone()[0]
+        return log_frames * page_size > WAL_LIMIT_BYTES
+
+    def restart_log(self) -> None:
+        """Finish the checkpoint on the broker's own connection, between its commits: no write races it,
+        so it completes, and the next write starts the log afresh. Quick: the thread already copied all
+        but the last few commits."""
+        self._db.commit()
+        self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     def _load_counts(self) -> None:
         for status, count in self._db.execute("SELECT status, count(*) FROM batches GROUP BY status"):
