@@ -59,10 +59,11 @@ class _Columns:
 
     def add(self, result: BatchResult) -> None:
         n = len(result.verdicts)
+        times = {name: _micros(getattr(result, name)) for name in _TIMES}  # before any column grows
         for name in _PER_BATCH:
             self.data[name].extend([getattr(result, name)] * n)
-        for name in _TIMES:
-            self.data[name].extend([_micros(getattr(result, name))] * n)
+        for name, micros in times.items():
+            self.data[name].extend([micros] * n)
         for verdict in result.verdicts:
             self.data["claim_id"].append(verdict.claim_id)
             self.data["gold_label"].append(verdict.gold_label)

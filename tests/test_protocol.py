@@ -76,6 +76,12 @@ def test_body_is_plain_msgpack_with_a_kind_field() -> None:
         ([PROTOCOL_HEADER, msgpack.packb({"kind": "pull", "credit": 0})], "Expected `int` >= 1"),
         ([PROTOCOL_HEADER, msgpack.packb({"kind": "pull", "credit": 1, "extra": 1})], "unknown field"),
         ([PROTOCOL_HEADER, msgpack.packb([1, 2, 3])], "invalid message"),
+        # found by the fuzz test: invalid UTF-8 in a string, and a time no Parquet file can hold
+        ([PROTOCOL_HEADER, b"\x81\xa4kind\xa2\xff\xfe"], "invalid message"),
+        ([PROTOCOL_HEADER, msgpack.packb({"kind": "deliver", "result": {
+            "batch_id": "b", "job_id": "j", "context_id": "c", "model": "m", "template_id": "t", "worker_id": "w",
+            "device": "cpu", "submitted_at": 0.0, "started_at": float("inf"), "finished_at": 0.0, "verdicts": [],
+        }})], "Expected `float` <= 253402300799"),
     ],
 )
 def test_malformed_frames_are_refused_with_a_reason(frames: list[bytes], reason: str) -> None:
