@@ -30,8 +30,12 @@ class WorkerRecord(PeerRecord):
     contexts: OrderedDict[str, None] = field(default_factory=OrderedDict)
     #: Contexts this worker failed to load; never offered to it again.
     refused: set[str] = field(default_factory=set)
+    #: Contexts the worker reported loaded (or held when it registered).
+    loaded: set[str] = field(default_factory=set)
     credit: int = 0
-    in_flight: set[str] = field(default_factory=set)
+    #: Batches assigned and not answered, oldest first: the worker runs them in this order, so the first
+    #: is the one in hand.
+    in_flight: dict[str, None] = field(default_factory=dict)
     batches_done: int = 0
     #: Said it is leaving (preempted): gets no more work.
     leaving: bool = False

@@ -139,6 +139,8 @@ class Broker:
         self.specs: dict[str, ContextSpec] = {}
         #: Contexts no live worker could load, with the error; cleared when a new worker joins.
         self.failed_contexts: dict[str, str] = {}
+        #: Workers that died loading a context since a batch of it last completed.
+        self.load_deaths: dict[str, int] = {}
         self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         self._saved_counters: dict[str, int] = {}
         self._outbox: deque[tuple[bytes, Message, Callable[[], None] | None]] = deque()
@@ -411,6 +413,7 @@ class Broker:
             max_contexts=message.max_contexts,
         )
         worker.contexts.update(dict.fromkeys(message.contexts))
+        worker.loaded.update(message.contexts)
         self.workers[identity] = worker
         self.failed_contexts.clear()  # new capacity: contexts that failed elsewhere may load here
         log.info(
@@ -419,23 +422,38 @@ class Broker:
         )  # fmt: skip
 
     def drop_worker(self, worker: WorkerRecord, reason: str, count_attempts: bool) -> None:
-        """Forget a worker and requeue what it held: counted as failed attempts when the worker died
-        holding them (a batch that kills workers must not be retried forever), not when it said goodbye."""
+        """Forget a worker and requeue what it held. When it died (``count_attempts``), the death counts
+        as a failed attempt for the batch in hand only, and only if its model had loaded: a batch that kills
+        every worker it touches must not be retried forever, but the batches merely waiting behind it, or
+        behind a model load, did nothing wrong. A death during a load counts against the context."""
         assert self.store is not None
         self.workers.pop(worker.identity, None)
+        in_hand = next(iter(worker.in_flight), None)
         requeued = 0
-        for batch_id in sorted(worker.in_flight):
+        for batch_id in reversed(worker.in_flight):  # each goes to the front: keep their order
             row = self.store.get(batch_id)
             if row is None or row.status is not BatchStatus.ASSIGNED or row.worker != worker.identity:
                 continue
             requeued += 1
-            if count_attempts:
-                self.retry_or_fail(row, f"worker {worker.name} {reason} while holding it")
+            if count_attempts and batch_id == in_hand and row.context_id in worker.loaded:
+                self.retry_or_fail(row, f"worker {worker.name} {reason} while running it")
             else:
                 self.store.requeue(row, count_attempt=False)
                 self.counters["requeues"] += 1
         worker.in_flight.clear()
+        if count_attempts:
+            for context_id in set(worker.contexts) - worker.loaded:
+                self.note_load_death(context_id, worker.name)
         log.info("worker_left", worker_id=worker.name, reason=reason, requeued=requeued, batches_done=worker.batches_done)
+
+    def note_load_death(self, context_id: str, worker_name: str) -> None:
+        """A worker died while loading this context. After ``max_attempts`` such deaths with no batch of
+        the context completed in between (a model that kills whoever loads it), the context fails."""
+        deaths = self.load_deaths[context_id] = self.load_deaths.get(context_id, 0) + 1
+        log.warning("worker_died_loading", context_id=context_id, worker_id=worker_name, deaths=deaths)
+        if deaths >= self.config.max_attempts:
+            del self.load_deaths[context_id]
+            self.fail_context(context_id, f"{deaths} workers died while loading it")
 
     def on_pull(self, identity: bytes, message: Pull) -> None:
         worker = self.workers[identity]
@@ -444,6 +462,7 @@ class Broker:
 
     def on_context_loaded(self, identity: bytes, message: ContextLoaded) -> None:
         worker = self.workers[identity]
+        worker.loaded.add(message.context_id)
         log.info("context_loaded", worker_id=worker.name, context_id=message.context_id, seconds=round(message.seconds, 3))
 
     def on_context_failed(self, identity: bytes, message: ContextFailed) -> None:
@@ -451,13 +470,14 @@ class Broker:
         worker = self.workers[identity]
         context_id = message.context_id
         worker.contexts.pop(context_id, None)
+        worker.loaded.discard(context_id)
         worker.refused.add(context_id)
         log.error("context_failed", worker_id=worker.name, context_id=context_id, error=message.error)
-        for batch_id in sorted(worker.in_flight):
+        for batch_id in list(worker.in_flight):
             row = self.store.get(batch_id)
             if row is None or row.context_id != context_id or row.worker != identity:
                 continue
-            worker.in_flight.discard(batch_id)
+            worker.in_flight.pop(batch_id, None)
             worker.credit += 1  # the worker will never answer these, so their credit comes back
             self.retry_or_fail(row, f"context {context_id} failed to load: {message.error}")
         if all(context_id in w.refused for w in self.workers.values()):
@@ -480,7 +500,7 @@ class Broker:
         result = message.result
         worker = self.workers.get(identity)
         if worker is not None:
-            worker.in_flight.discard(result.batch_id)
+            worker.in_flight.pop(result.batch_id, None)
         row = self.store.get(result.batch_id)
         if row is None:
             raise ProtocolError(f"result for unknown batch {result.batch_id!r}")
@@ -496,8 +516,9 @@ class Broker:
                 self.counters["late_results_accepted"] += 1
                 holder = self.workers.get(row.worker or b"")
                 if holder is not None:
-                    holder.in_flight.discard(row.batch_id)  # its own answer will be a duplicate
+                    holder.in_flight.pop(row.batch_id, None)  # its own answer will be a duplicate
             self.store.complete(row, result)
+            self.load_deaths.pop(row.context_id, None)  # the context works: earlier load deaths were bad luck
             if worker is not None:
                 worker.batches_done += 1
             self.deliver(row.batch_id)
@@ -521,7 +542,7 @@ class Broker:
         if row is None or row.status is not BatchStatus.ASSIGNED or row.worker != identity:
             log.info("stale_batch_failed_ignored", batch_id=message.batch_id, worker_id=worker.name)
             return
-        worker.in_flight.discard(message.batch_id)
+        worker.in_flight.pop(message.batch_id, None)
         log.warning("batch_failed", batch_id=message.batch_id, worker_id=worker.name, error=message.error)
         self.retry_or_fail(row, message.error)
 
@@ -532,7 +553,7 @@ class Broker:
             row = self.store.get(batch_id)
             if row is not None and row.status is BatchStatus.ASSIGNED and row.worker == identity:
                 self.store.requeue(row, count_attempt=False)
-                worker.in_flight.discard(batch_id)
+                worker.in_flight.pop(batch_id, None)
                 self.counters["released"] += 1
         if message.leaving and not worker.leaving:
             worker.leaving, worker.credit = True, 0
@@ -719,6 +740,7 @@ class Broker:
         self.send(worker.identity, LoadContext(context=self.specs[context_id], evict=evict))
         for evicted in evict:
             worker.contexts.pop(evicted, None)
+            worker.loaded.discard(evicted)
         worker.contexts[context_id] = None
         log.info("told_to_load", worker_id=worker.name, context_id=context_id, evict=evict)
         return evict
@@ -730,7 +752,7 @@ class Broker:
         batch = self.store.batch(row.batch_id)
         self.store.assign(row, worker.identity)
         worker.credit -= 1
-        worker.in_flight.add(row.batch_id)
+        worker.in_flight[row.batch_id] = None
         self.send(worker.identity, Assign(batch=batch), on_fail=lambda: self.unassign(row.batch_id, worker))
 
     def unassign(self, batch_id: str, worker: WorkerRecord) -> None:
@@ -738,7 +760,7 @@ class Broker:
         row = self.store.get(batch_id)
         if row is not None and row.status is BatchStatus.ASSIGNED and row.worker == worker.identity:
             self.store.requeue(row, count_attempt=False)
-            worker.in_flight.discard(batch_id)
+            worker.in_flight.pop(batch_id, None)
             worker.credit += 1
 
     def log_stats(self) -> None:
