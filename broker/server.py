@@ -375,7 +375,7 @@ class Broker:
         # A producer re-running a finished job, or reconnecting, waits for JobDone again: answer every EndJob.
         self.report_if_complete(job, again=True)
 
-    def report_if_complete(self, job: JobRecord, again: bool = False) -> None:
+    def report_if_complete(self, job: JobRecord, again: bool = False, to_producer: bool = True) -> None:
         assert self.store is not None
         if not job.complete or (job.done_reported and not again):
             return
@@ -392,8 +392,9 @@ class Broker:
             errors=job.errors[:MAX_JOB_ERRORS],
             open_jobs=sum(not j.done_reported for j in self.jobs.values()),
         )
-        self.send(job.producer, done)
-        if first:
+        if to_producer:
+            self.send(job.producer, done)
+        if first or not to_producer:
             for sink in self.sinks.values():  # sinks run with --until-done wait for this
                 self.send(sink.identity, done)
 
@@ -441,7 +442,7 @@ class Broker:
                 self.store.requeue(row, count_attempt=False)
                 self.counters["requeues"] += 1
         worker.in_flight.clear()
-        if count_attempts:
+        if count_attempts and not worker.leaving:  # preempted while loading is not the model's fault
             for context_id in set(worker.contexts) - worker.loaded:
                 self.note_load_death(context_id, worker.name)
         log.info("worker_left", worker_id=worker.name, reason=reason, requeued=requeued, batches_done=worker.batches_done)
@@ -584,6 +585,9 @@ class Broker:
             self.drop_sink(old, "registered again")
         self.sinks[identity] = SinkRecord(identity=identity, name=message.sink_id)
         log.info("sink_joined", sink_id=message.sink_id)
+        finished = [job for job in self.jobs.values() if job.done_reported]
+        if finished and len(finished) == len(self.jobs):  # it may have missed the last job_done
+            self.report_if_complete(finished[-1], again=True, to_producer=False)
 
     def drop_sink(self, sink: SinkRecord, reason: str) -> None:
         """Forget a sink; what it had not acknowledged is delivered again (to it or another sink)."""
@@ -671,7 +675,9 @@ class Broker:
 
     def on_disconnect(self, identity: bytes, message: Disconnect) -> None:
         if identity in self.workers:
-            self.drop_worker(self.workers[identity], f"disconnected ({message.reason})", count_attempts=True)
+            worker = self.workers[identity]
+            # A leaving worker released what it would not finish; a worker that failed is charged.
+            self.drop_worker(worker, f"disconnected ({message.reason})", count_attempts=not worker.leaving)
         elif identity in self.sinks:
             self.drop_sink(self.sinks[identity], f"disconnected ({message.reason})")
         else:

@@ -127,6 +127,7 @@ class Worker:
         self._stopping.set()
 
     async def _register(self, session: BrokerSession) -> None:
+        self._failed_contexts.clear()  # the broker forgets refusals when we register: so do we
         stale = self._take_queued()
         if stale:
             log.info("dropped_stale_work", orders=len(stale))  # the broker requeues what it sent us
@@ -254,6 +255,7 @@ class Worker:
             await self.session.send(ContextFailed(context_id=context_id, error=str(exc)))
             return False
         self.contexts[context_id] = loaded
+        self._failed_contexts.discard(context_id)
         self.loads += 1
         log.info("context_loaded", context_id=context_id, seconds=round(loaded.load_seconds, 3))
         await self.session.send(ContextLoaded(context_id=context_id, seconds=loaded.load_seconds))

@@ -2,8 +2,9 @@
 (claim, template, context) that could not be scored, with the error.
 
 Lines are appended and fsynced before the sink acknowledges their batches, so a recorded failure is as
-durable as a written verdict. A sink killed mid-write can leave a torn last line; readers skip it (its
-batch was never acknowledged, so it is delivered again and recorded whole).
+durable as a written verdict. Each batch's lines end with a ``recorded_batch`` line; a sink killed mid-write
+leaves a batch without one (and perhaps a torn line), which readers ignore: that batch was never
+acknowledged, so it is delivered again and recorded whole.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class FailureLog:
                     "batch_id": f.batch_id, "job_id": f.job_id, "error": f.error, "attempts": f.attempts,
                 }  # fmt: skip
                 lines.append(json.dumps(record) + "\n")
+            # A batch counts as recorded only with this line after all of its pairs: a write cut short by
+            # a crash leaves a batch without it, which readers ignore (it is delivered and written again).
+            lines.append(json.dumps({"recorded_batch": f.batch_id, "pairs": len(f.claim_ids)}) + "\n")
+        created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+b") as handle:
             if handle.tell() > 0:
@@ -54,18 +59,46 @@ class FailureLog:
             handle.write("".join(lines).encode("utf-8"))
             handle.flush()
             os.fsync(handle.fileno())
+        _fsync_directory(self.path.parent)  # the file's name must survive a crash too
+        if created:
+            _fsync_directory(self.path.parent.parent)
         durable, self.pending = list(self.pending), {}
         return durable
 
 
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def parse_failures(text: str) -> tuple[list[dict], set[str]]:
+    """The failure records of complete batches in one failures file, and those batches' ids. Lines of a
+    batch whose write was cut short (no ``recorded_batch`` line), and torn lines, are left out."""
+    records, recorded = [], set()
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        if "recorded_batch" in record:
+            recorded.add(record["recorded_batch"])
+        elif "batch_id" in record:
+            records.append(record)
+    return [r for r in records if r["batch_id"] in recorded], recorded
+
+
 def read_failures(out_dir: Path) -> list[dict]:
     """Every failure recorded for ``out_dir`` (a torn last line of a killed sink is skipped)."""
-    records = []
+    records: list[dict] = []
+    seen: set[str] = set()
     directory = failures_dir_for(out_dir)
     for path in sorted(directory.glob("*.jsonl")) if directory.exists() else []:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+        complete, recorded = parse_failures(path.read_text(encoding="utf-8"))
+        records += [r for r in complete if r["batch_id"] not in seen]
+        seen |= recorded
     return records

@@ -111,7 +111,8 @@ class RollingParquetWriter:
         self._writer: pq.ParquetWriter | None = None
         self._partial: Path | None = None
         self._sequence = 0
-        self.batches_in_file: list[str] = []
+        #: Batches in the current file, in arrival order (a dict: membership is checked per delivery).
+        self.batches_in_file: dict[str, None] = {}
         self.rows_in_file = 0
         self.files_written: list[Path] = []
 
@@ -121,7 +122,7 @@ class RollingParquetWriter:
 
     def add(self, result: BatchResult) -> None:
         self._buffer.add(result)
-        self.batches_in_file.append(result.batch_id)
+        self.batches_in_file[result.batch_id] = None
         self.rows_in_file += len(result.verdicts)
 
     def flush(self) -> None:
@@ -150,7 +151,7 @@ class RollingParquetWriter:
             os.fsync(directory)  # the rename itself must survive a crash
         finally:
             os.close(directory)
-        durable, self.batches_in_file = self.batches_in_file, []
+        durable, self.batches_in_file = list(self.batches_in_file), {}
         self._writer, self._partial = None, None
         self._sequence += 1
         self.rows_in_file = 0

@@ -67,7 +67,8 @@ class Sink:
     def __init__(self, config: SinkConfig, ctx: zmq.asyncio.Context | None = None) -> None:
         self.config = config
         self.sink_id = config.sink_id or f"sink-{uuid.uuid4().hex[:8]}"
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        # A restarted sink of the same name must never reuse (and so replace) a file already acknowledged.
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{uuid.uuid4().hex[:6]}"
         self.writer = RollingParquetWriter(config.out_dir, f"verdicts-{stamp}-{self.sink_id}", config.row_group_rows)
         self.failures = FailureLog(config.out_dir, f"{stamp}-{self.sink_id}")
         self.index = WrittenIndex(config.out_dir)

@@ -9,13 +9,12 @@ needs no state of its own and sees what other sinks sharing the directory wrote.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sinks.failures import failures_dir_for
+from sinks.failures import failures_dir_for, parse_failures
 
 
 class WrittenIndex:
@@ -49,10 +48,7 @@ class WrittenIndex:
             size = path.stat().st_size
             if self._failure_sizes.get(path) == size:
                 continue
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    self.batch_ids.add(json.loads(line)["batch_id"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a torn last line: that batch was never acknowledged
+            _, recorded = parse_failures(path.read_text(encoding="utf-8"))  # complete batches only
+            self.batch_ids.update(recorded)
             self._failure_sizes[path] = size
         return len(self.batch_ids) - before

@@ -32,13 +32,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def fever_claims(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Real FEVER claims when ../shared has them; else the shipped sample, repeated with fresh ids to 600."""
+    """Real FEVER claims when ../shared has them; else the shipped sample, repeated with fresh ids to 3,000
+    (as many as the chaos test needs)."""
     if FEVER_DEV.exists():
         return FEVER_DEV
     records = [json.loads(line) for line in sample_claims_path().read_text().splitlines()]
     path = tmp_path_factory.mktemp("claims") / "claims.jsonl"
     with path.open("w") as out:
-        for i in range(600):
+        for i in range(3000):
             record = records[i % len(records)]
             out.write(json.dumps({**record, "id": i + 1, "claim": f"{record['claim']} ({i})"}) + "\n")
     return path

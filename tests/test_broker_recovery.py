@@ -209,3 +209,21 @@ async def test_workers_dying_while_loading_a_context_fail_it_only_if_it_never_wo
     row = broker.store.get("j7/0")
     assert row.status is BatchStatus.DONE and "2 workers died while loading it" in row.error
     assert row.attempts == 0  # the batch itself was never run
+
+
+async def test_a_sink_joining_after_every_job_is_done_hears_so(connect) -> None:
+    """A sink run --until-done that was away (restarting) when the last job_done went out must not wait forever."""
+    producer, worker, sink = await connect(b"p", producer=True), await connect(b"w"), await connect(b"s")
+    await sink.send(SinkReady(sink_id="s"))
+    await producer.send(Submit(batch=batch("j8", 0)))
+    await producer.receive()
+    await producer.send(EndJob(job_id="j8", batches=1, pairs=2))
+    await register_worker(worker, "w", credit=1)
+    await worker.receive()
+    await worker.send(Completed(result=result_for((await worker.receive()).batch)))
+    await sink.send(SinkAck(batch_ids=[(await sink.receive()).result.batch_id]))
+    assert isinstance(await producer.receive(), JobDone)
+    late = await connect(b"s2")
+    await late.send(SinkReady(sink_id="s2"))
+    done = await late.receive()
+    assert isinstance(done, JobDone) and done.job_id == "j8" and done.open_jobs == 0

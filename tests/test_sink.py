@@ -124,3 +124,25 @@ async def test_failures_are_recorded_beside_the_output_and_until_done_exits(brok
     await broker_side.send(identity, JobDone(job_id="j2", batches=2, pairs=4, failed_batches=1, open_jobs=0))
     await asyncio.wait_for(task, 10)  # --until-done: every job is complete, so the sink exits
     assert read_verdicts(out).num_rows == 2
+
+
+def test_a_failures_write_cut_short_leaves_no_half_recorded_batch(tmp_path) -> None:
+    """A sink killed mid-append: the batch without its closing line does not count as recorded (it was
+    never acknowledged and will be recorded again whole), and the torn line is skipped."""
+    from sinks.failures import FailureLog, failures_dir_for
+    from sinks.written import WrittenIndex
+
+    out = tmp_path / "out"
+    log = FailureLog(out, "s")
+    for n in range(2):
+        failed = batch("j3", n)
+        log.add(BatchFailure(batch_id=failed.batch_id, job_id="j3", context_id="c", model="m", template_id="t",
+                             claim_ids=[c.claim_id for c in failed.claims], error="boom", attempts=3))  # fmt: skip
+    assert log.flush() == ["j3/0", "j3/1"]
+    path = failures_dir_for(out) / "failures-s.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:4]) + lines[4][:10])  # j3/1: one pair written, then a torn line
+    assert {f["batch_id"] for f in read_failures(out)} == {"j3/0"}
+    index = WrittenIndex(out)
+    index.refresh()
+    assert "j3/0" in index and "j3/1" not in index
