@@ -522,7 +522,7 @@ class Broker:
             self.load_deaths.pop(row.context_id, None)  # the context works: earlier load deaths were bad luck
             if worker is not None:
                 worker.batches_done += 1
-            self.deliver(row.batch_id)
+            self.deliver(row.batch_id, result)
         if worker is None:
             self.send(identity, Disconnect(reason=REGISTER_AGAIN))
 
@@ -607,8 +607,9 @@ class Broker:
         for batch_id in self.store.done_ids(DELIVER_PER_TURN):
             self.deliver(batch_id)
 
-    def deliver(self, batch_id: str) -> None:
-        """Hand a done batch (verdicts or failure) to a sink, round robin; without sinks it waits."""
+    def deliver(self, batch_id: str, result: BatchResult | None = None) -> None:
+        """Hand a done batch (verdicts or failure) to a sink, round robin; without sinks it waits.
+        ``result``: the verdicts just stored, if at hand (saves reading them back)."""
         assert self.store is not None
         if not self.sinks:
             return
@@ -617,16 +618,16 @@ class Broker:
         sinks = list(self.sinks.values())
         sink = sinks[self._next_sink % len(sinks)]
         self._next_sink += 1
-        message = self.delivery_for(row)
+        message = self.delivery_for(row, result)
         self.store.deliver(row, sink.identity)
         sink.unacked.add(batch_id)
         self.send(sink.identity, message, on_fail=lambda: self.undeliver(batch_id, sink))
 
-    def delivery_for(self, row: StoredBatch) -> Deliver | DeliverFailure:
+    def delivery_for(self, row: StoredBatch, result: BatchResult | None = None) -> Deliver | DeliverFailure:
         assert self.store is not None
         redelivery = row.deliveries > 0
         if row.error is None:
-            return Deliver(result=self.store.result(row.batch_id), redelivery=redelivery)
+            return Deliver(result=result or self.store.result(row.batch_id), redelivery=redelivery)
         batch = self.store.batch(row.batch_id)
         failure = BatchFailure(
             batch_id=row.batch_id, job_id=row.job_id, context_id=row.context_id, model=batch.context.model,
