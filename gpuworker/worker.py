@@ -39,7 +39,6 @@ from pervade.constants import DEFAULT_BROKER_CONNECT
 from pervade.errors import ConfigError
 from pervade.protocol import (
     Assign,
-    Batch,
     BatchFailed,
     BatchResult,
     Completed,

@@ -8,13 +8,12 @@ settings, and logs JSON lines to ``log_dir/NAME.log`` (a restarted process appen
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from jobs.local import ProcessGroup, wait_for_endpoint
+from jobs.local import ProcessGroup, read_events, wait_for_endpoint
 
 
 @dataclass
@@ -82,15 +81,7 @@ class LocalCluster:
 
     def events(self, name: str, event: str) -> list[dict]:
         """The log records of one process with this event name."""
-        path = self.procs.log_dir / f"{name}.log"
-        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-        records = []
-        for line in lines:
-            if line.startswith("{") and f'"{event}"' in line:
-                record = json.loads(line)
-                if record.get("event") == event:
-                    records.append(record)
-        return records
+        return read_events(self.procs.log_dir / f"{name}.log", event)
 
     def broker_counters(self) -> dict:
         """The last counters the broker logged (they persist in its state across restarts)."""

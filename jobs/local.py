@@ -10,6 +10,7 @@ beside the output directory, so that the output directory holds Parquet files on
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -95,6 +96,19 @@ def _prepare_out_dir(config: LocalRunConfig) -> Path:
     for path in existing:
         path.unlink()
     return out
+
+
+def read_events(log_file: Path, event: str | None = None) -> list[dict]:
+    """The JSON log records a process wrote to ``log_file`` (all, or those of one ``event``); anything
+    else it printed is skipped, and a missing file has none."""
+    lines = log_file.read_text(errors="replace").splitlines() if log_file.exists() else []
+    records = []
+    for line in lines:
+        if line.startswith("{") and (event is None or f'"{event}"' in line):
+            record = json.loads(line)
+            if event is None or record.get("event") == event:
+                records.append(record)
+    return records
 
 
 class ProcessGroup:

@@ -189,7 +189,7 @@ async def test_a_batch_that_kills_its_workers_fails_but_the_batches_behind_it_do
         await register_worker(worker, name.decode(), credit=2, contexts=[CTX_A.context_id])
         held = [(await worker.receive()).batch.batch_id for _ in range(2)]
         assert held == ["j6/0", "j6/1"]  # requeued in their order: the one in hand comes first again
-        await until(lambda: broker.counters["workers_declared_dead"] == death)  # SIGKILLed: silence
+        await until(lambda death=death: broker.counters["workers_declared_dead"] == death)  # SIGKILLed: silence
     poison, behind = broker.store.get("j6/0"), broker.store.get("j6/1")
     assert poison.status is BatchStatus.DONE and "died while running it (attempts: 2)" in poison.error
     assert behind.status is BatchStatus.QUEUED and behind.attempts == 0
@@ -205,7 +205,7 @@ async def test_workers_dying_while_loading_a_context_fail_it_only_if_it_never_wo
         await register_worker(worker, name.decode(), credit=1)
         assert isinstance(await worker.receive(), LoadContext)
         assert isinstance(await worker.receive(), Assign)
-        await until(lambda: broker.counters["workers_declared_dead"] == death)  # died loading the model
+        await until(lambda death=death: broker.counters["workers_declared_dead"] == death)  # died loading the model
     row = broker.store.get("j7/0")
     assert row.status is BatchStatus.DONE and "2 workers died while loading it" in row.error
     assert row.attempts == 0  # the batch itself was never run

@@ -19,7 +19,6 @@ import random
 import signal
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 

@@ -20,7 +20,7 @@ import pytest_asyncio
 import torch
 
 from gpuworker.engine import load_context, render_prompt
-from jobs.local import ProcessGroup, wait_for_endpoint
+from jobs.local import ProcessGroup, read_events, wait_for_endpoint
 from pervade.constants import LABELS
 from pervade.context import make_context
 from producer.claims import ClaimsSource, read_claims
@@ -50,8 +50,7 @@ class Cluster:
         return (self.procs.log_dir / f"{name}.log").read_text()
 
     def events(self, name: str, event: str) -> list[dict]:
-        lines = (self.procs.log_dir / f"{name}.log").read_text().splitlines()
-        return [record for line in lines if line.startswith("{") and (record := json.loads(line))["event"] == event]
+        return read_events(self.procs.log_dir / f"{name}.log", event)
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 from zmq.utils.monitor import recv_monitor_message
 
-from jobs.local import ProcessGroup, wait_for_endpoint
+from jobs.local import ProcessGroup, read_events, wait_for_endpoint
 from pervade.constants import LABELS, PROTOCOL_HEADER
 from pervade.context import DTYPES, ContextSpec
 from pervade.errors import ProtocolError
@@ -617,11 +617,6 @@ def fuzz(endpoint: str) -> FuzzReport:
 # --- the test -------------------------------------------------------------------------------------
 
 
-def log_events(path: Path) -> list[dict]:
-    """The JSON log lines of a process (anything else it printed is skipped)."""
-    return [json.loads(line) for line in path.read_text(errors="replace").splitlines() if line.startswith("{")]
-
-
 @pytest.mark.timeout(300)
 async def test_a_fuzzed_broker_stays_up_and_still_runs_a_job_correctly(
     tmp_path: Path, tiny_model: Path, fever_claims: Path
@@ -663,7 +658,7 @@ async def test_a_fuzzed_broker_stays_up_and_still_runs_a_job_correctly(
     assert broker.returncode == 0, f"the broker did not stop cleanly:\n{procs.tail('broker', 40)}"
 
     # The job's output: exactly one row per (claim, template), each with the reference loop's verdict.
-    (submitted,) = [e for e in log_events(log_dir / "producer.log") if e["event"] == "job_submitted"]
+    (submitted,) = [e for e in read_events(log_dir / "producer.log") if e["event"] == "job_submitted"]
     job_id = submitted["job_id"]
     rows = [r for r in read_verdicts(out_dir).to_pylist() if r["job_id"] == job_id]
     claims = list(read_claims(ClaimsSource(str(fever_claims), limit=CLAIMS)))
@@ -680,7 +675,7 @@ async def test_a_fuzzed_broker_stays_up_and_still_runs_a_job_correctly(
     assert not [f for f in read_failures(out_dir) if f["job_id"] == job_id], "the job had failed pairs"
 
     # The broker's log: the fuzz reached it, and no exception ever escaped a handler.
-    events = log_events(log_dir / "broker.log")
+    events = read_events(log_dir / "broker.log")
     counts = Counter(e["event"] for e in events)
     escaped = [e for e in events if e["event"] == "handler_failed"]
     first_escaped = json.dumps(escaped[:1], indent=1)

@@ -105,7 +105,7 @@ async def test_a_batch_delivered_again_is_acknowledged_and_never_written_twice(b
 
 async def test_failures_are_recorded_beside_the_output_and_until_done_exits(broker_side, tmp_path) -> None:
     out = tmp_path / "out"
-    sink, task, identity = await start_sink(broker_side, out, "s", until_done=True)
+    _, task, identity = await start_sink(broker_side, out, "s", until_done=True)
     failed = batch("j2", 0)
     failure = BatchFailure(
         batch_id=failed.batch_id, job_id="j2", context_id=failed.context.context_id, model=failed.context.model,
