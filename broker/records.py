@@ -39,6 +39,8 @@ class WorkerRecord(PeerRecord):
     batches_done: int = 0
     #: Said it is leaving (preempted): gets no more work.
     leaving: bool = False
+    #: Where it serves model files to peers ("" if it does not).
+    file_endpoint: str = ""
 
 
 @dataclass

@@ -28,10 +28,12 @@ import zmq.asyncio
 
 from broker.policy import choose_context
 from broker.records import PeerRecord, ProducerRecord, SinkRecord, WorkerRecord
+from broker.sources import Answer, FileSources
 from broker.store import BatchStatus, BrokerStore, JobRecord, StoredBatch
 from pervade.constants import DEFAULT_BROKER_BIND, DEFAULT_MAX_MESSAGE_BYTES
 from pervade.context import ContextSpec
 from pervade.errors import ConfigError, ProtocolError
+from pervade.manifest import Manifest
 from pervade.protocol import (
     Accepted,
     Assign,
@@ -41,11 +43,15 @@ from pervade.protocol import (
     Completed,
     ContextFailed,
     ContextLoaded,
+    DeclareContext,
     Deliver,
     DeliverFailure,
     Disconnect,
     EndJob,
     Error,
+    FilesDropped,
+    FilesHeld,
+    FindSources,
     Heartbeat,
     JobDone,
     LoadContext,
@@ -86,6 +92,10 @@ COUNTERS = (
     "workers_declared_dead",  # workers that missed their heartbeats
     "sinks_declared_dead",
     "batches_failed",  # batches given up on after max_attempts
+    "files_fetched",  # contexts' files fetched into a worker's node cache
+    "origin_bytes",  # model-file bytes workers read from the origin (shared file system, hub)
+    "peer_bytes",  # model-file bytes workers fetched from peers
+    "cached_bytes",  # model-file bytes workers found in their node cache
 )
 
 
@@ -103,6 +113,10 @@ class BrokerConfig:
     max_attempts: int = 3
     #: Queued batches per host at which an idle worker leaves its context for another (see policy.py).
     rebalance_backlog: int = 8
+    #: Downloads of model files the broker sends to one worker at once (see broker/sources.py).
+    max_uploads_per_peer: int = 4
+    #: Peers a bootstrapping worker fetches from in parallel.
+    max_sources: int = 4
     #: Directory of the durable state; None keeps it in a temporary directory that dies with the broker.
     state_dir: Path | None = None
     #: fsync every commit (survives a power failure of the node, not only a killed broker).
@@ -119,6 +133,8 @@ class BrokerConfig:
             raise ConfigError("max_attempts must be at least 1")
         if self.rebalance_backlog < 1:
             raise ConfigError("rebalance_backlog must be at least 1")
+        if self.max_uploads_per_peer < 1 or self.max_sources < 1:
+            raise ConfigError("max_uploads_per_peer and max_sources must be at least 1")
         if self.checkpoint_interval_s <= 0 or self.stats_interval_s <= 0:
             raise ConfigError("checkpoint and stats intervals must be positive")
 
@@ -137,6 +153,9 @@ class Broker:
         self.producers: dict[bytes, ProducerRecord] = {}
         self.jobs: dict[str, JobRecord] = {}
         self.specs: dict[str, ContextSpec] = {}
+        #: Manifests declared by producers, by digest.
+        self.manifests: dict[str, Manifest] = {}
+        self.files = FileSources(max_uploads_per_peer=config.max_uploads_per_peer, max_sources=config.max_sources)
         #: Contexts no live worker could load, with the error; cleared when a new worker joins.
         self.failed_contexts: dict[str, str] = {}
         #: Workers that died loading a context since a batch of it last completed.
@@ -151,6 +170,7 @@ class Broker:
         self._handlers: dict[type[Message], Callable[[bytes, Message], None]] = {
             ProducerReady: self.on_producer_ready,
             Submit: self.on_submit,
+            DeclareContext: self.on_declare_context,
             EndJob: self.on_end_job,
             WorkerReady: self.on_worker_ready,
             Pull: self.on_pull,
@@ -159,6 +179,9 @@ class Broker:
             Completed: self.on_completed,
             BatchFailed: self.on_batch_failed,
             Release: self.on_release,
+            FindSources: self.on_find_sources,
+            FilesHeld: self.on_files_held,
+            FilesDropped: self.on_files_dropped,
             SinkReady: self.on_sink_ready,
             SinkAck: self.on_sink_ack,
             Disconnect: self.on_disconnect,
@@ -168,9 +191,10 @@ class Broker:
         #: Messages only a peer registered in that role may send; others may come from anyone (a
         #: registration, or a fact worth keeping from a peer the broker has forgotten: a result, an ack).
         self._role_of: dict[type[Message], dict[bytes, PeerRecord]] = {
-            Submit: self.producers, EndJob: self.producers,
+            Submit: self.producers, EndJob: self.producers, DeclareContext: self.producers,
             Pull: self.workers, ContextLoaded: self.workers, ContextFailed: self.workers,
             BatchFailed: self.workers, Release: self.workers,
+            FindSources: self.workers, FilesHeld: self.workers, FilesDropped: self.workers,
         }  # fmt: skip
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -181,6 +205,7 @@ class Broker:
         requeued, redeliver = self.store.recover()
         self.jobs = self.store.jobs()
         self.specs = self.store.contexts()
+        self.manifests = self.store.manifests()
         self.counters.update(self.store.meta("counters", {}))  # type: ignore[arg-type]
         if self.config.state_dir is not None:
             log.info(
@@ -351,6 +376,10 @@ class Broker:
         if job.ended:
             self.send(identity, Rejected(batch_id=batch.batch_id, reason=f"job {batch.job_id} has already ended"))
             return
+        if batch.context.files is not None and batch.context.files not in self.manifests:
+            reason = f"the manifest of context {batch.context.context_id} was not declared (declare_context first)"
+            self.send(identity, Rejected(batch_id=batch.batch_id, reason=reason))
+            return
         failure = self.failed_contexts.get(batch.context.context_id)
         if failure is not None:
             self.send(identity, Rejected(batch_id=batch.batch_id, reason=f"no worker can load this context: {failure}"))
@@ -363,6 +392,22 @@ class Broker:
         job.pairs += len(batch.claims)
         self.store.save_job(job)
         self.send(identity, Accepted(batch_id=batch.batch_id))
+
+    def on_declare_context(self, identity: bytes, message: DeclareContext) -> None:
+        """Keep a context's manifest, so workers told to load it know its files. Idempotent."""
+        assert self.store is not None
+        manifest = message.manifest
+        if message.context.files != manifest.digest:
+            raise ProtocolError("declare_context: the manifest's digest is not the context's files")
+        if manifest.digest in self.manifests:
+            return
+        try:
+            manifest.validate()
+        except ConfigError as exc:
+            raise ProtocolError(f"declare_context: {exc}") from None
+        self.manifests[manifest.digest] = manifest
+        self.store.save_manifest(manifest)
+        log.info("context_declared", context_id=message.context.context_id, files=len(manifest.files), bytes=manifest.total_bytes)
 
     def on_end_job(self, identity: bytes, message: EndJob) -> None:
         assert self.store is not None
@@ -412,11 +457,13 @@ class Broker:
             host=message.host,
             device=message.device,
             max_contexts=message.max_contexts,
+            file_endpoint=message.file_endpoint,
         )
         worker.contexts.update(dict.fromkeys(message.contexts))
         worker.loaded.update(message.contexts)
         self.workers[identity] = worker
         self.failed_contexts.clear()  # new capacity: contexts that failed elsewhere may load here
+        self.answer_sources(self.files.held(identity, message.file_endpoint, message.files))
         log.info(
             "worker_joined", worker_id=message.worker_id, host=message.host, device=message.device.describe(),
             contexts=message.contexts,
@@ -429,6 +476,7 @@ class Broker:
         behind a model load, did nothing wrong. A death during a load counts against the context."""
         assert self.store is not None
         self.workers.pop(worker.identity, None)
+        self.answer_sources(self.files.forget(worker.identity))
         in_hand = next(iter(worker.in_flight), None)
         requeued = 0
         for batch_id in reversed(worker.in_flight):  # each goes to the front: keep their order
@@ -558,7 +606,38 @@ class Broker:
                 self.counters["released"] += 1
         if message.leaving and not worker.leaving:
             worker.leaving, worker.credit = True, 0
+            self.files.retire(identity)
             log.info("worker_leaving", worker_id=worker.name, released=len(message.batch_ids))
+
+    # --- model files -----------------------------------------------------------------------------
+
+    def on_find_sources(self, identity: bytes, message: FindSources) -> None:
+        answer = self.files.find(identity, message.files, message.exclude)
+        if answer is not None:
+            self.send(identity, answer)
+        else:
+            log.info("files_request_waiting", worker_id=self.workers[identity].name, files=message.files[:12])
+        self.answer_sources(self.files.wake())
+
+    def on_files_held(self, identity: bytes, message: FilesHeld) -> None:
+        worker = self.workers[identity]
+        self.counters["files_fetched"] += 1
+        self.counters["origin_bytes"] += message.origin_bytes
+        self.counters["peer_bytes"] += message.peer_bytes
+        self.counters["cached_bytes"] += message.cached_bytes
+        log.info(
+            "files_held", worker_id=worker.name, files=message.files[:12], origin_bytes=message.origin_bytes,
+            peer_bytes=message.peer_bytes, cached_bytes=message.cached_bytes, seconds=round(message.seconds, 3),
+        )  # fmt: skip
+        self.answer_sources(self.files.held(identity, worker.file_endpoint, [message.files]))
+
+    def on_files_dropped(self, identity: bytes, message: FilesDropped) -> None:
+        self.files.dropped(identity, message.files)
+
+    def answer_sources(self, answers: list[Answer]) -> None:
+        for identity, sources in answers:
+            if identity in self.workers:
+                self.send(identity, sources)
 
     def retry_or_fail(self, row: StoredBatch, error: str) -> None:
         assert self.store is not None
@@ -744,7 +823,9 @@ class Broker:
     def tell_to_load(self, worker: WorkerRecord, context_id: str) -> list[str]:
         """Send LoadContext (evicting the oldest contexts if the worker is full); returns the evicted."""
         evict = list(worker.contexts)[: max(0, len(worker.contexts) + 1 - worker.max_contexts)]
-        self.send(worker.identity, LoadContext(context=self.specs[context_id], evict=evict))
+        spec = self.specs[context_id]
+        manifest = self.manifests.get(spec.files) if spec.files is not None else None
+        self.send(worker.identity, LoadContext(context=spec, manifest=manifest, evict=evict))
         for evicted in evict:
             worker.contexts.pop(evicted, None)
             worker.loaded.discard(evicted)

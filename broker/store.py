@@ -39,6 +39,7 @@ from pathlib import Path
 import msgspec
 
 from pervade.context import ContextSpec
+from pervade.manifest import Manifest
 from pervade.protocol import Batch, BatchResult
 
 STORE_FILE = "broker.sqlite3"
@@ -50,6 +51,10 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS contexts (
     context_id TEXT PRIMARY KEY,
     spec BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS manifests (
+    digest TEXT PRIMARY KEY,
+    manifest BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
@@ -130,6 +135,7 @@ _encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(Batch)
 _result_decoder = msgspec.msgpack.Decoder(BatchResult)
 _spec_decoder = msgspec.msgpack.Decoder(ContextSpec)
+_manifest_decoder = msgspec.msgpack.Decoder(Manifest)
 
 
 class BrokerStore:
@@ -223,6 +229,12 @@ class BrokerStore:
 
     def contexts(self) -> dict[str, ContextSpec]:
         return {cid: _spec_decoder.decode(spec) for cid, spec in self._db.execute("SELECT context_id, spec FROM contexts")}
+
+    def save_manifest(self, manifest: Manifest) -> None:
+        self._db.execute("INSERT OR IGNORE INTO manifests VALUES (?, ?)", (manifest.digest, _encoder.encode(manifest)))
+
+    def manifests(self) -> dict[str, Manifest]:
+        return {d: _manifest_decoder.decode(m) for d, m in self._db.execute("SELECT digest, manifest FROM manifests")}
 
     def save_job(self, job: JobRecord) -> None:
         record = {**job.__dict__, "producer": job.producer.hex()}

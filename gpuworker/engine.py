@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 import torch
@@ -63,15 +64,21 @@ class LoadedContext:
         return self.spec.context_id
 
 
-def load_context(spec: ContextSpec, device: torch.device) -> LoadedContext:
-    """Load model and tokenizer (hub id or local directory) onto ``device``. Blocking: run off the loop."""
+def load_context(
+    spec: ContextSpec, device: torch.device, files: str | Path | None = None, hub_cache_dir: Path | None = None
+) -> LoadedContext:
+    """Load model and tokenizer onto ``device`` from ``files`` (a local model directory, such as the node
+    cache's), else from the spec's origin (hub id or directory; hub files go to ``hub_cache_dir`` if given).
+    Blocking: run it off the event loop."""
     started = time.perf_counter()
     dtype = _DTYPES.get(spec.dtype, "auto")
+    source = str(files) if files is not None else spec.model
+    revision = None if files is not None else spec.revision
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.model, revision=spec.revision)
-        model = AutoModelForCausalLM.from_pretrained(spec.model, revision=spec.revision, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, cache_dir=hub_cache_dir)
+        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype, cache_dir=hub_cache_dir)
     except (OSError, ValueError) as exc:
-        raise ContextLoadError(f"cannot load {spec.model!r}: {exc}") from exc
+        raise ContextLoadError(f"cannot load {spec.model!r} from {source}: {exc}") from exc
     model.to(device).eval()
     if tokenizer.pad_token_id is None:  # SmolLM2 has no pad token; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token

@@ -11,6 +11,11 @@ work, hands its queued batches straight back (``Release``), finishes the batch i
 ``grace_s`` (judged from how long batches have taken), else hands that back too, says goodbye and exits.
 A forward pass cannot be interrupted, so a worker that gives up on one exits without waiting for it.
 
+Context files. A context with a manifest is loaded from the node cache (``gpuworker/cache.py``); files
+missing there are fetched from peers or the origin first (``gpuworker/fetch.py``), and the worker serves
+the files it holds to other workers on a socket of its own (``gpuworker/fileserver.py``). ``context_mode``
+picks how long a context is kept: resident (full), files only (partial), or nothing (agnostic).
+
 Reconnection. When the session reconnects (the broker restarted, or declared this worker dead), work queued
 from the old connection is dropped (the broker requeues it), the contexts still resident are announced
 again, and the batch in hand, once finished, is sent on the new connection: the broker takes it if nobody
@@ -20,23 +25,32 @@ else has answered that batch yet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 import torch
 import zmq.asyncio
 
+from gpuworker.cache import FileCache, default_cache_root
 from gpuworker.device import describe_device, select_device
 from gpuworker.engine import LoadedContext, load_context, score_claims
+from gpuworker.fetch import Fetcher, FetchStats, TransferConfig
+from gpuworker.fileserver import FileServer, FileServiceConfig
 from pervade.constants import DEFAULT_BROKER_CONNECT
+from pervade.context import ContextMode, ContextSpec
 from pervade.errors import ConfigError
+from pervade.manifest import Manifest
 from pervade.protocol import (
     Assign,
     BatchFailed,
@@ -46,15 +60,23 @@ from pervade.protocol import (
     ContextLoaded,
     Disconnect,
     Error,
+    FilesDropped,
+    FilesHeld,
+    FindSources,
     LoadContext,
     Pull,
     Release,
+    Sources,
     Verdict,
     WorkerReady,
 )
 from pervade.session import BrokerSession, Heartbeats
 
 log = structlog.get_logger("gpuworker")
+
+#: Seconds a worker waits for the broker's answer to FindSources before asking again (the broker may have
+#: restarted; it answers at once when it can, or the moment a source frees up).
+SOURCES_RETRY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +99,16 @@ class WorkerConfig:
     #: SIGKILL after a grace time: Slurm's KillWait is 30 s by default).
     grace_s: float = 20.0
     heartbeats: Heartbeats = field(default_factory=Heartbeats)
+    #: How long a context is kept (see ContextMode).
+    context_mode: ContextMode = ContextMode.FULL
+    #: The node cache of model files (None: the batch system's scratch dir, see gpuworker/cache.py).
+    cache_dir: Path | None = None
+    #: Largest size of the node cache in bytes (None: unbounded).
+    cache_limit_bytes: int | None = None
+    #: Serve cached files to peers.
+    serve_files: bool = True
+    files: FileServiceConfig = field(default_factory=FileServiceConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
     def __post_init__(self) -> None:
         if self.prefetch < 0:
@@ -87,6 +119,17 @@ class WorkerConfig:
             raise ConfigError("threads must be at least 1")
         if self.grace_s <= 0:
             raise ConfigError("grace_s must be positive")
+
+
+@dataclass
+class HeldContext:
+    """A context this worker holds: its files (a local directory, or None to read the origin) and, in
+    full mode, the model resident on the device."""
+
+    spec: ContextSpec
+    manifest: Manifest | None
+    files_dir: Path | None
+    loaded: LoadedContext | None
 
 
 @dataclass
@@ -113,7 +156,13 @@ class Worker:
         self.session = BrokerSession(
             self._ctx, config.broker, "worker", self._register, config.heartbeats, stopping=self._finished
         )
-        self.contexts: OrderedDict[str, LoadedContext] = OrderedDict()
+        self.contexts: OrderedDict[str, HeldContext] = OrderedDict()
+        self.cache = FileCache(config.cache_dir or default_cache_root(), config.cache_limit_bytes)
+        self.file_server = FileServer(self._ctx, self.cache, config.files, socket.gethostname()) if config.serve_files else None
+        self.fetcher = Fetcher(self._ctx, self.cache, config.transfer, self.find_sources)
+        self._sources_wanted: dict[str, asyncio.Future[Sources]] = {}
+        #: Manifests of the contexts the broker told us about, for a context reloaded without an order.
+        self._manifests: dict[str, Manifest] = {}
         self._failed_contexts: set[str] = set()
         self.batches_done = 0
         self.loads = 0
@@ -130,6 +179,7 @@ class Worker:
         stale = self._take_queued()
         if stale:
             log.info("dropped_stale_work", orders=len(stale))  # the broker requeues what it sent us
+        held_files = await asyncio.to_thread(self.cache.complete_digests) if self.file_server else []
         await session.send_registration(
             WorkerReady(
                 worker_id=self.worker_id,
@@ -138,6 +188,8 @@ class Worker:
                 device=self.device_info,
                 contexts=list(self.contexts),
                 max_contexts=self.config.max_contexts,
+                file_endpoint=self.file_server.endpoint if self.file_server else "",
+                files=held_files[:4096],
             )
         )
         if not self._stopping.is_set():
@@ -154,8 +206,17 @@ class Worker:
         structlog.contextvars.bind_contextvars(worker_id=self.worker_id)
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
+        await asyncio.to_thread(self.cache.clean_partials)
+        serving = None
+        if self.file_server is not None:
+            self.file_server.start()
+            serving = asyncio.create_task(self.file_server.serve(self._finished))
         await self.session.open()
-        log.info("worker_started", broker=self.config.broker, device=self.device_info.describe())
+        log.info(
+            "worker_started", broker=self.config.broker, device=self.device_info.describe(),
+            context_mode=self.config.context_mode.value, cache=str(self.cache.root),
+            file_endpoint=self.file_server.endpoint if self.file_server else "",
+        )  # fmt: skip
         receiver = asyncio.create_task(self.receive_loop())
         computer = asyncio.create_task(self.compute_loop())
         stop = asyncio.create_task(self._stopping.wait())
@@ -170,7 +231,7 @@ class Worker:
         finally:
             self._finished.set()
             stop.cancel()
-            await asyncio.gather(receiver, return_exceptions=True)
+            await asyncio.gather(receiver, *([serving] if serving else []), return_exceptions=True)
             self.session.close()
             self._executor.shutdown(wait=False, cancel_futures=True)
             log.info("worker_stopped", batches_done=self.batches_done, loads=self.loads, abandoned=self.abandoned_compute)
@@ -213,6 +274,10 @@ class Worker:
                         await self.session.send(Release(batch_ids=[message.batch.batch_id], leaving=True))
                     continue
                 self._work.put_nowait(_Work(message, self.session.generation))
+            elif isinstance(message, Sources):
+                wanted = self._sources_wanted.pop(message.files, None)
+                if wanted is not None and not wanted.done():
+                    wanted.set_result(message)
             elif isinstance(message, Error):
                 log.error("broker_error", reason=message.reason, detail=message.detail)
             elif message is not None:
@@ -234,49 +299,126 @@ class Worker:
                 self._in_hand = None
 
     async def load(self, order: LoadContext) -> bool:
+        """Make the context ready in this run's mode: files in the node cache (partial, full) and the
+        model on the device (full). Tells the broker ContextLoaded or ContextFailed."""
         context_id = order.context.context_id
+        if order.manifest is not None:
+            self._manifests[context_id] = order.manifest
         for evicted in order.evict:
-            if self.contexts.pop(evicted, None) is not None:
-                log.info("context_evicted", context_id=evicted)
+            self.drop_context(evicted)
         if context_id in self.contexts:
             return True
         while len(self.contexts) >= self.config.max_contexts:  # on-demand loads respect the limit too
-            self.contexts.popitem(last=False)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        log.info("context_loading", context_id=context_id, model=order.context.model)
-        loop = asyncio.get_running_loop()
+            self.drop_context(next(iter(self.contexts)))
+        log.info("context_loading", context_id=context_id, model=order.context.model, mode=self.config.context_mode.value)
+        started = time.perf_counter()
         try:
-            loaded = await loop.run_in_executor(self._executor, load_context, order.context, self.device)
+            held = await self.prepare(order.context, order.manifest)
         except Exception as exc:
             self._failed_contexts.add(context_id)
             log.error("context_load_failed", context_id=context_id, error=str(exc))
             await self.session.send(ContextFailed(context_id=context_id, error=str(exc)))
             return False
-        self.contexts[context_id] = loaded
+        self.contexts[context_id] = held
         self._failed_contexts.discard(context_id)
         self.loads += 1
-        log.info("context_loaded", context_id=context_id, seconds=round(loaded.load_seconds, 3))
-        await self.session.send(ContextLoaded(context_id=context_id, seconds=loaded.load_seconds))
+        seconds = time.perf_counter() - started
+        log.info("context_loaded", context_id=context_id, seconds=round(seconds, 3), resident=held.loaded is not None)
+        await self.session.send(ContextLoaded(context_id=context_id, seconds=seconds))
         return True
 
+    async def prepare(self, spec: ContextSpec, manifest: Manifest | None) -> HeldContext:
+        """Fetch the files (unless agnostic) and load the model (if full)."""
+        files_dir = None
+        if manifest is not None and self.config.context_mode is not ContextMode.AGNOSTIC:
+            files_dir = await self.fetch_files(spec, manifest)
+        loaded = None
+        if self.config.context_mode is ContextMode.FULL:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            loop = asyncio.get_running_loop()
+            loaded = await loop.run_in_executor(self._executor, load_context, spec, self.device, files_dir)
+        return HeldContext(spec=spec, manifest=manifest, files_dir=files_dir, loaded=loaded)
+
+    async def fetch_files(self, spec: ContextSpec, manifest: Manifest) -> Path:
+        """The context's files in the node cache, fetched from peers or the origin if missing; pinned there
+        while this worker holds the context. The broker hears where the bytes came from."""
+        digest = manifest.digest
+        evicted = await asyncio.to_thread(self.cache.make_room, manifest)
+        if evicted:
+            if self.file_server is not None:
+                self.file_server.forget_files()
+            await self.session.send(FilesDropped(files=evicted))
+        self.cache.pin(digest)
+        try:
+            files_dir, stats = await self.fetcher.fetch(spec, manifest)
+        except BaseException:
+            self.cache.unpin(digest)
+            raise
+        self.log_fetch(digest, stats)
+        await self.session.send(
+            FilesHeld(
+                files=digest, origin_bytes=stats.origin_bytes, peer_bytes=stats.peer_bytes,
+                cached_bytes=stats.cached_bytes, seconds=stats.seconds,
+            )
+        )  # fmt: skip
+        return files_dir
+
+    def log_fetch(self, digest: str, stats: FetchStats) -> None:
+        log.info(
+            "files_ready", files=digest, origin_bytes=stats.origin_bytes, peer_bytes=stats.peer_bytes,
+            cached_bytes=stats.cached_bytes, corrupt_pieces=stats.corrupt_pieces, peers_failed=stats.peers_failed,
+            by_peer=dict(stats.by_peer), seconds=round(stats.seconds, 3),
+            mb_per_s=round((stats.origin_bytes + stats.peer_bytes) / max(stats.seconds, 1e-9) / 1e6, 1),
+        )  # fmt: skip
+
+    async def find_sources(self, digest: str, exclude: list[str]) -> Sources:
+        """Ask the broker whom to fetch ``digest`` from; ask again if no answer comes in a while."""
+        while True:
+            wanted = asyncio.get_running_loop().create_future()
+            self._sources_wanted[digest] = wanted
+            await self.session.send(FindSources(files=digest, exclude=exclude))
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(wanted, SOURCES_RETRY_S)
+            log.info("sources_retry", files=digest)
+
+    def drop_context(self, context_id: str) -> None:
+        """Free a context: the model leaves the device; its files stay cached (unpinned)."""
+        held = self.contexts.pop(context_id, None)
+        if held is None:
+            return
+        digest = held.manifest.digest if held.manifest is not None else None
+        if digest is not None and not any(h.manifest and h.manifest.digest == digest for h in self.contexts.values()):
+            self.cache.unpin(digest)
+        del held
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info("context_evicted", context_id=context_id)
+
     async def score(self, work: _Work) -> None:
-        assert isinstance(work.order, Assign)
+        if not isinstance(work.order, Assign):
+            raise TypeError("score takes an Assign")
         batch = work.order.batch
         context_id = batch.context.context_id
         if context_id in self._failed_contexts:
             return  # the broker requeued it when it heard the context failed here
         bound = log.bind(batch_id=batch.batch_id, context_id=context_id)
-        if context_id not in self.contexts and not await self.load(LoadContext(context=batch.context)):
+        reload = LoadContext(context=batch.context, manifest=self._manifests.get(context_id))
+        if context_id not in self.contexts and not await self.load(reload):
             return
-        context = self.contexts[context_id]
+        held = self.contexts[context_id]
         self.contexts.move_to_end(context_id)
+        if held.manifest is not None:
+            self.cache.touch(held.manifest.digest)
         started = time.time()
         loop = asyncio.get_running_loop()
+        texts = [c.text for c in batch.claims]
         try:
-            scored = await loop.run_in_executor(
-                self._executor, score_claims, context, batch.template, [c.text for c in batch.claims]
-            )
+            if held.loaded is not None:
+                scored = await loop.run_in_executor(self._executor, score_claims, held.loaded, batch.template, texts)
+            else:
+                scored = await loop.run_in_executor(self._executor, self._load_and_score, held, batch.template, texts)
         except Exception as exc:
             bound.warning("batch_failed", error=str(exc))
             await self.session.send(BatchFailed(batch_id=batch.batch_id, error=str(exc)))
@@ -305,6 +447,22 @@ class Worker:
         seconds = result.finished_at - started
         self.batch_seconds = seconds if self.batches_done == 1 else 0.8 * self.batch_seconds + 0.2 * seconds
         bound.debug("batch_done", claims=len(batch.claims), seconds=round(seconds, 4))
+
+    def _load_and_score(self, held: HeldContext, template: str, texts: list[str]) -> list[tuple[str, list[float]]]:
+        """Partial and agnostic modes: build the model for this batch only (from the node cache, or from the
+        origin), score, and free it. Runs on the compute thread."""
+        with contextlib.ExitStack() as stack:
+            hub_cache = None
+            if held.files_dir is None and not os.path.isdir(held.spec.model):  # agnostic from the hub
+                hub_cache = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pervade-agnostic-")))
+            context = load_context(held.spec, self.device, held.files_dir, hub_cache_dir=hub_cache)
+            try:
+                log.debug("batch_context_loaded", seconds=round(context.load_seconds, 4), from_cache=held.files_dir is not None)
+                return score_claims(context, template, texts)
+            finally:
+                del context
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
 
     async def _grant_credit(self, work: _Work) -> None:
         """One more batch, please: unless stopping, or the work came on an older connection (the new one

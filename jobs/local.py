@@ -67,6 +67,10 @@ class LocalRunConfig:
     limit: int | None = None
     batch_size: int = 32
     threads_per_worker: int | None = None
+    #: full, partial or agnostic (see pervade.context.ContextMode).
+    context_mode: str = "full"
+    #: Workers' node cache of model files (None: their default).
+    cache_dir: Path | None = None
     #: Log level of every process of the run.
     log_level: str = "info"
     extra_produce_args: tuple[str, ...] = ()
@@ -200,7 +204,10 @@ async def run_local(config: LocalRunConfig) -> RunResult:
         endpoint = await wait_for_endpoint(endpoint_file, broker)
         await procs.start("sink", "sink", "--broker", endpoint, "--out", str(out_dir))
         for name in workers:
-            await procs.start(name, "worker", "--broker", endpoint, "--device", config.device, "--threads", str(threads), "--worker-id", name)
+            files = ["--context-mode", config.context_mode, "--file-host", "127.0.0.1", "--file-bind-host", "127.0.0.1"]
+            if config.cache_dir is not None:
+                files += ["--cache-dir", str(config.cache_dir)]
+            await procs.start(name, "worker", "--broker", endpoint, "--device", config.device, "--threads", str(threads), "--worker-id", name, *files)
         produce = ["produce", "--broker", endpoint, "--claims", claims, "--model", model, "--dtype", config.dtype,
                    "--batch-size", str(config.batch_size), "--wait"]  # fmt: skip
         if config.templates:

@@ -60,6 +60,24 @@ def _heartbeats(args: argparse.Namespace) -> Heartbeats:
     return Heartbeats(interval_s=args.heartbeat_interval, liveness=args.heartbeat_liveness)
 
 
+def _add_context_mode(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--context-mode", default="full", choices=["full", "partial", "agnostic"], help="full: keep the model resident; partial: cache the files on the node, rebuild the model per batch; agnostic: load from the origin per batch (default: full)")
+
+
+def _add_context_files(parser: argparse.ArgumentParser) -> None:
+    _add_context_mode(parser)
+    group = parser.add_argument_group("model files (node cache and peer transfer)")
+    group.add_argument("--cache-dir", type=Path, default=None, help="node-local cache of model files (default: $SLURM_TMPDIR, $_CONDOR_SCRATCH_DIR or $TMPDIR, else ~/.cache/pervade/files)")
+    group.add_argument("--cache-size-gb", type=_positive_float, default=None, help="evict least recently used model files beyond this size (default: unbounded)")
+    group.add_argument("--no-serve-files", dest="serve_files", action="store_false", help="do not serve cached model files to peers")
+    group.add_argument("--file-host", default=None, help="host name or address peers reach this worker's file service at (default: this node's host name)")
+    group.add_argument("--file-bind-host", default="*", help="interface the file service binds (default: all)")
+    group.add_argument("--max-uploads", type=_positive_int, default=4, help="peers served at once (default: 4)")
+    group.add_argument("--chunk-kib", type=_positive_int, default=1024, help="KiB per chunk request (default: 1024)")
+    group.add_argument("--credit", type=_positive_int, default=8, help="chunk requests in flight per peer (default: 8)")
+    group.add_argument("--peer-timeout", type=_positive_float, default=10.0, help="give up a peer silent for this many seconds (default: 10)")
+
+
 def _add_broker_endpoint(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", default=DEFAULT_BROKER_CONNECT, metavar="ENDPOINT", help=f"the broker's ZeroMQ endpoint (default: {DEFAULT_BROKER_CONNECT})")
 
@@ -99,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-bytes", type=_positive_int, default=64 * 1024 * 1024, help="drop peers sending larger frames (default: 64 MiB)")
     p.add_argument("--max-attempts", type=_positive_int, default=3, help="a batch failing this many times is recorded as failed (default: 3)")
     p.add_argument("--rebalance-backlog", type=_positive_int, default=8, help="queued batches per host at which an idle worker switches context (default: 8)")
+    p.add_argument("--max-uploads-per-peer", type=_positive_int, default=4, help="model-file downloads sent to one worker at once (default: 4)")
+    p.add_argument("--max-sources", type=_positive_int, default=4, help="peers a bootstrapping worker fetches model files from in parallel (default: 4)")
     p.add_argument("--state", type=Path, default=None, metavar="DIR", help="keep the broker's state (queued work, jobs, results) in DIR, so a restarted broker resumes where it stopped (default: a temporary directory, lost with the broker)")
     p.add_argument("--fsync", action="store_true", help="fsync every commit of the state: survives a power failure of the node, not only a killed broker (slower)")
     _add_heartbeats(p)
@@ -112,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-contexts", type=_positive_int, default=1, help="contexts kept resident at once (default: 1)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--worker-id", default=None, help="name in logs and output rows (default: HOST-PID)")
+    _add_context_files(p)
     p.add_argument("--grace-seconds", type=_positive_float, default=20.0, help="on SIGTERM, exit within this many seconds: queued batches are handed back at once, the one in hand is finished only if it fits (default: 20; Slurm sends SIGKILL 30 s after SIGTERM by default)")
     _add_heartbeats(p)
     _add_logging(p)
@@ -150,12 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=2, help="worker processes (default: 2)")
     p.add_argument("--device", default="auto", help="workers' device: auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--threads-per-worker", type=_positive_int, default=None, help="CPU threads per worker (default: cores / workers)")
+    _add_context_mode(p)
+    p.add_argument("--cache-dir", type=Path, default=None, help="workers' node cache of model files (default: theirs)")
     _add_logging(p)
     p.set_defaults(handler=_cmd_run)
 
     p = sub.add_parser("tiny-model", help="write a tiny random SmolLM2-architecture model", description="Write a randomly initialised LlamaForCausalLM of SmolLM2's architecture and a locally trained tokenizer, for offline runs and tests.")
     p.add_argument("dir", type=Path, help="directory to write")
-    p.add_argument("--size", default="tiny", choices=["tiny", "small", "smollm2-135m", "smollm2-1.7b"], help="shape (default: tiny)")
+    p.add_argument("--size", default="tiny", choices=["tiny", "small", "medium", "smollm2-135m", "smollm2-1.7b"], help="shape (default: tiny)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     _add_logging(p)
     p.set_defaults(handler=_cmd_tiny_model)
@@ -171,6 +194,8 @@ def _cmd_broker(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         max_attempts=args.max_attempts,
         rebalance_backlog=args.rebalance_backlog,
+        max_uploads_per_peer=args.max_uploads_per_peer,
+        max_sources=args.max_sources,
         state_dir=args.state,
         fsync=args.fsync,
         heartbeats=_heartbeats(args),
@@ -182,7 +207,10 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
+    from gpuworker.fetch import TransferConfig
+    from gpuworker.fileserver import FileServiceConfig
     from gpuworker.worker import WorkerConfig, run_worker
+    from pervade.context import ContextMode
 
     hf_logging.disable_progress_bar()  # progress bars would flood batch-system logs
     config = WorkerConfig(
@@ -194,6 +222,12 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         worker_id=args.worker_id,
         grace_s=args.grace_seconds,
         heartbeats=_heartbeats(args),
+        context_mode=ContextMode(args.context_mode),
+        cache_dir=args.cache_dir,
+        cache_limit_bytes=int(args.cache_size_gb * 1e9) if args.cache_size_gb else None,
+        serve_files=args.serve_files,
+        files=FileServiceConfig(bind_host=args.file_bind_host, advertise_host=args.file_host, max_uploads=args.max_uploads),
+        transfer=TransferConfig(chunk_bytes=args.chunk_kib * 1024, credit=args.credit, peer_timeout_s=args.peer_timeout),
     )
     asyncio.run(run_worker(config))
     return 0
@@ -266,6 +300,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         limit=args.limit,
         batch_size=args.batch_size,
         threads_per_worker=args.threads_per_worker,
+        context_mode=args.context_mode,
+        cache_dir=args.cache_dir,
         log_level=args.log_level,
         extra_produce_args=tuple(extra),
     )

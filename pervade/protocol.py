@@ -18,12 +18,17 @@ import msgspec
 from pervade.constants import LABELS, PROTOCOL_HEADER
 from pervade.context import ContextSpec
 from pervade.errors import ProtocolError
+from pervade.manifest import Manifest, RelativePath
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Label = Annotated[str, msgspec.Meta(max_length=64)]
 #: Unix seconds, up to the end of year 9999: what a Parquet microsecond timestamp holds (found by the fuzz
 #: test: an infinite time once crashed every sink it was delivered to).
 Timestamp = Annotated[float, msgspec.Meta(ge=0, le=253402300799.0)]
+#: A manifest's digest (sha256, hex): names a set of model files.
+FilesDigest = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+Endpoint = Annotated[str, msgspec.Meta(max_length=512)]
+ByteCount = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class _Part(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -141,6 +146,14 @@ class ProducerReady(Message, tag="producer_ready"):
     producer_id: Id
 
 
+class DeclareContext(Message, tag="declare_context"):
+    """Producer gives the broker a context's manifest, before the batches that need it (and again on
+    every new connection). ``manifest``'s digest must be ``context.files``."""
+
+    context: ContextSpec
+    manifest: Manifest
+
+
 class JobDone(Message, tag="job_done"):
     """Broker to producer (and to every sink): every batch of the job is durably written by a sink, as
     verdicts or as a recorded failure. ``open_jobs`` counts the jobs the broker still has unfinished."""
@@ -165,6 +178,10 @@ class WorkerReady(Message, tag="worker_ready"):
     device: DeviceInfo
     contexts: list[Id] = []
     max_contexts: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    #: Where the worker serves model files to peers ("" when it does not).
+    file_endpoint: Endpoint = ""
+    #: Manifests whose files are complete in the worker's node cache.
+    files: Annotated[list[FilesDigest], msgspec.Meta(max_length=4096)] = []
 
 
 class Pull(Message, tag="pull"):
@@ -174,9 +191,11 @@ class Pull(Message, tag="pull"):
 
 
 class LoadContext(Message, tag="load_context"):
-    """Broker tells a worker to load this context (first dropping ``evict``); batches of it follow."""
+    """Broker tells a worker to load this context (first dropping ``evict``); batches of it follow.
+    ``manifest`` lists its files (None for a context without one: loaded from the origin directly)."""
 
     context: ContextSpec
+    manifest: Manifest | None = None
     evict: list[Id] = []
 
 
@@ -185,6 +204,39 @@ class ContextLoaded(Message, tag="context_loaded"):
 
     context_id: Id
     seconds: float
+
+
+class FindSources(Message, tag="find_sources"):
+    """Worker asks who can serve it the files of a manifest, leaving out peers that failed it."""
+
+    files: FilesDigest
+    exclude: Annotated[list[Endpoint], msgspec.Meta(max_length=1024)] = []
+
+
+class Sources(Message, tag="sources"):
+    """Broker's answer to FindSources: peers to fetch from (least busy first), and whether the worker
+    should read the origin itself (no peer has the files and nobody else is reading the origin)."""
+
+    files: FilesDigest
+    peers: list[Endpoint] = []
+    origin: bool = False
+
+
+class FilesHeld(Message, tag="files_held"):
+    """Worker has every file of a manifest in its cache now (and serves them); how many bytes came from
+    the origin, from peers, and were already in the cache."""
+
+    files: FilesDigest
+    origin_bytes: ByteCount = 0
+    peer_bytes: ByteCount = 0
+    cached_bytes: ByteCount = 0
+    seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+
+
+class FilesDropped(Message, tag="files_dropped"):
+    """Worker evicted these manifests from its cache: it no longer serves them."""
+
+    files: list[FilesDigest]
 
 
 class ContextFailed(Message, tag="context_failed"):
@@ -274,8 +326,9 @@ class Error(Message, tag="error"):
 
 
 AnyMessage = Union[
-    ProducerReady, Submit, Accepted, Rejected, EndJob, JobDone,
+    ProducerReady, Submit, Accepted, Rejected, EndJob, JobDone, DeclareContext,
     WorkerReady, Pull, LoadContext, ContextLoaded, ContextFailed, Assign, Completed, BatchFailed, Release,
+    FindSources, Sources, FilesHeld, FilesDropped,
     Disconnect, SinkReady, Deliver, DeliverFailure, SinkAck,
     Heartbeat, Error,
 ]  # fmt: skip
@@ -303,6 +356,61 @@ def decode(frames: list[bytes]) -> Message:
         return _decoder.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError is a DecodeError; a string
         raise ProtocolError(f"invalid message: {exc}") from None  # of invalid UTF-8 raises the other
+
+
+# --- worker <-> worker: the peer file service -----------------------------------------------------
+# Not on the broker's socket: each worker serves its files on a ROUTER of its own. A chunk's bytes travel
+# as a third raw frame, so they are never copied into or out of msgpack.
+
+
+class FetchChunk(Message, tag="fetch_chunk"):
+    """Downloader asks a peer for ``length`` bytes at ``offset`` of a file listed in manifest ``files``."""
+
+    files: FilesDigest
+    path: RelativePath
+    offset: ByteCount
+    length: Annotated[int, msgspec.Meta(ge=1)]
+
+
+class ChunkData(Message, tag="chunk_data"):
+    """Peer's answer to FetchChunk; the bytes follow in the next frame."""
+
+    files: FilesDigest
+    path: RelativePath
+    offset: ByteCount
+
+
+class FetchRefused(Message, tag="fetch_refused"):
+    """Peer will not serve this request: ``busy`` (too many downloaders now: try another peer) or not at
+    all (not a file it holds)."""
+
+    files: str
+    path: str
+    offset: int
+    reason: str
+    busy: bool = False
+
+
+PeerFileMessage = Union[FetchChunk, ChunkData, FetchRefused]
+_peer_decoder = msgspec.msgpack.Decoder(PeerFileMessage)
+
+
+def encode_chunk(reply: ChunkData, data: bytes | memoryview) -> list[bytes | memoryview]:
+    return [PROTOCOL_HEADER, _encoder.encode(reply), data]
+
+
+def decode_peer(frames: list[bytes]) -> tuple[Message, bytes | None]:
+    """Decode a peer file-service message: ``[header, body]``, or ``[header, body, data]`` for ChunkData."""
+    if len(frames) not in (2, 3) or frames[0] != PROTOCOL_HEADER:
+        raise ProtocolError(f"not a pervade peer message ({len(frames)} frames)")
+    try:
+        message = _peer_decoder.decode(frames[1])
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"invalid peer message: {exc}") from None
+    data = frames[2] if len(frames) == 3 else None
+    if isinstance(message, ChunkData) != (data is not None):
+        raise ProtocolError("a chunk_data message comes with exactly one data frame, and nothing else does")
+    return message, data
 
 
 def kind_of(message: Message) -> str:

@@ -28,10 +28,12 @@ class ModelShape:
     init_std: float = 0.02
 
 
-#: Sizes: ``tiny`` for tests, ``small`` for CPU benchmarks, and SmolLM2's real shapes for GPU benchmarks.
+#: Sizes: ``tiny`` for tests, ``small`` for CPU benchmarks, ``medium`` (about 110 MB of weights) for tests and
+#: benchmarks of model-file transfer, and SmolLM2's real shapes for GPU benchmarks.
 SHAPES: dict[str, ModelShape] = {
     "tiny": ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=0, init_std=0.5),
     "small": ModelShape(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=1024, vocab=0, init_std=0.2),
+    "medium": ModelShape(hidden=512, layers=6, heads=8, kv_heads=4, intermediate=1536, vocab=16384, init_std=0.1),
     "smollm2-135m": ModelShape(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152),
     "smollm2-1.7b": ModelShape(hidden=2048, layers=24, heads=32, kv_heads=32, intermediate=8192, vocab=49152),
 }

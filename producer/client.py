@@ -29,12 +29,13 @@ import structlog
 import zmq.asyncio
 
 from pervade.constants import DEFAULT_BROKER_CONNECT
-from pervade.context import ContextSpec
+from pervade.context import ContextSpec, ResolvedContext
 from pervade.errors import ConfigError, InputError, JobFailed, ProtocolError
 from pervade.protocol import (
     Accepted,
     Batch,
     Claim,
+    DeclareContext,
     Disconnect,
     EndJob,
     Error,
@@ -65,7 +66,7 @@ class SubmitReport:
     rejected_pairs: int = 0
 
 
-def job_id_for(context: ContextSpec, templates: Mapping[str, str], source: str, batch_size: int) -> str:
+def job_id_for(context: ContextSpec | ResolvedContext, templates: Mapping[str, str], source: str, batch_size: int) -> str:
     """A job id that is the same whenever the same sweep is submitted again, so a restarted producer's
     batches are recognised by the broker instead of being run twice."""
     key = msgspec.msgpack.encode((context.context_id, sorted(templates.items()), source, batch_size))
@@ -103,6 +104,8 @@ class Producer:
         self._unanswered: dict[str, tuple[str, int, list[bytes]]] = {}
         #: Jobs ended and not yet reported done: their EndJob is sent again after a reconnection.
         self._awaiting: dict[str, EndJob] = {}
+        #: Manifests declared to the broker: declared again on every new connection, before any resend.
+        self._declared: dict[str, DeclareContext] = {}
         self._done: dict[str, asyncio.Future[JobDone]] = {}
         self._all_acked = asyncio.Event()
         self._all_acked.set()
@@ -123,6 +126,8 @@ class Producer:
 
     async def _register(self, session: BrokerSession) -> None:
         await session.send_registration(ProducerReady(producer_id=self.producer_id))
+        for declaration in list(self._declared.values()):
+            await session.send_registration(declaration)
         for _, _, frames in list(self._unanswered.values()):
             await session.send_frames_registration(frames)
         for end in list(self._awaiting.values()):
@@ -176,7 +181,7 @@ class Producer:
         self,
         claims: Iterable[Claim],
         templates: Mapping[str, str],
-        context: ContextSpec,
+        context: ResolvedContext | ContextSpec,
         batch_size: int = 32,
         job_id: str | None = None,
     ) -> SubmitReport:
@@ -188,7 +193,7 @@ class Producer:
         if batch_size < 1:
             raise ConfigError("batch_size must be at least 1")
         templates = validate_templates(dict(templates))
-        context.validate()
+        context = await self.declare(context)
         job_id = job_id or f"job-{uuid.uuid4().hex[:16]}"
         report = self._reports[job_id] = SubmitReport(job_id=job_id)
         self._done[job_id] = asyncio.get_running_loop().create_future()  # never an earlier run's answer
@@ -219,6 +224,18 @@ class Producer:
         report.seconds = time.perf_counter() - started
         log.info("job_submitted", job_id=job_id, batches=report.batches, pairs=report.pairs, accepted=report.accepted)
         return report
+
+    async def declare(self, context: ResolvedContext | ContextSpec) -> ContextSpec:
+        """Give the broker the context's manifest (once per connection); returns the spec batches carry."""
+        if isinstance(context, ContextSpec):
+            if context.files is not None:
+                raise ConfigError("a context with files needs its manifest: pass the ResolvedContext from make_context")
+            return context.validate()
+        spec = context.spec.validate()
+        if context.manifest is not None and spec.context_id not in self._declared:
+            declaration = self._declared[spec.context_id] = DeclareContext(context=spec, manifest=context.manifest)
+            await self.session.send(declaration)
+        return spec
 
     def _raise_if_refused(self) -> None:
         if self._refusal is not None:

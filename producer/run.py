@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pervade.constants import DEFAULT_BROKER_CONNECT
-from pervade.context import ContextSpec
+from pervade.context import ContextSpec, ResolvedContext
 from pervade.errors import JobFailed
 from pervade.protocol import JobDone
 from pervade.session import Heartbeats
@@ -30,7 +30,8 @@ class ProduceRequest:
     """One sweep: every claim of ``claims`` under every template, for one context."""
 
     claims: str
-    context: ContextSpec
+    #: From ``make_context`` (with the files' manifest), or a bare spec for a context without one.
+    context: ResolvedContext | ContextSpec
     broker: str = DEFAULT_BROKER_CONNECT
     #: Templates file; None: the shipped default set.
     templates: Path | None = None

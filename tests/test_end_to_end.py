@@ -75,7 +75,7 @@ async def cluster(tmp_path_factory, tiny_model) -> AsyncIterator[Cluster]:
 
 def reference_verdicts(model_dir: Path, templates: dict[str, str], claims) -> dict[tuple[str, str], tuple[str, list[float]]]:
     """The plain loop a user would write: one prompt at a time, full logits, argmax over the labels."""
-    context = load_context(make_context(str(model_dir)), torch.device("cpu"))
+    context = load_context(make_context(str(model_dir)).spec, torch.device("cpu"))
     expected = {}
     with torch.inference_mode():
         for template_id, template in templates.items():

@@ -9,7 +9,7 @@ import torch
 
 from gpuworker.engine import label_token_ids, load_context, render_prompt, score_claims
 from pervade.constants import LABELS
-from pervade.context import make_context
+from pervade.context import ContextSpec, make_context
 from pervade.errors import ContextLoadError
 from producer.claims import sample_claims_path
 from producer.templates import load_templates
@@ -17,7 +17,7 @@ from producer.templates import load_templates
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model):
-    return load_context(make_context(str(tiny_model)), torch.device("cpu"))
+    return load_context(make_context(str(tiny_model)).spec, torch.device("cpu"))
 
 
 def reference_scores(loaded, template: str, claim: str) -> list[float]:
@@ -59,4 +59,4 @@ def test_a_prompt_longer_than_the_model_is_an_error_not_a_truncation(loaded) -> 
 
 def test_a_model_that_does_not_exist_is_a_context_load_error(tmp_path) -> None:
     with pytest.raises(ContextLoadError, match="cannot load"):
-        load_context(make_context(str(tmp_path)), torch.device("cpu"))
+        load_context(ContextSpec(model=str(tmp_path)), torch.device("cpu"))

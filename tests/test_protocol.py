@@ -119,8 +119,15 @@ def test_context_id_is_stable_and_depends_on_every_field(tmp_path) -> None:
     assert a.context_id == ContextSpec(model="m").context_id
     assert len({a.context_id, ContextSpec(model="m", dtype="bfloat16").context_id,
                 ContextSpec(model="m", revision="v2").context_id, ContextSpec(model="n").context_id}) == 4  # fmt: skip
-    # a local directory is named by its absolute path, however the user spelled it
-    (tmp_path / "model").mkdir()
-    assert make_context(str(tmp_path / "model")).model == str((tmp_path / "model").resolve())
+    # a local directory's context is named by its files' content, wherever they live
+    for name in ("model", "copy"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    here, there = make_context(str(tmp_path / "model")), make_context(str(tmp_path / "copy"))
+    assert here.spec.model == str((tmp_path / "model").resolve())
+    assert here.context_id == there.context_id and here.spec.files == here.manifest.digest
+    assert make_context(str(tmp_path / "copy"), dtype="bfloat16").context_id != here.context_id
+    (tmp_path / "copy" / "config.json").write_text("{ }")
+    assert make_context(str(tmp_path / "copy")).context_id != here.context_id
     with pytest.raises(ConfigError, match="unknown dtype"):
         make_context("m", dtype="float8")

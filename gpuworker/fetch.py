@@ -1,0 +1,331 @@
+"""Bootstrap: get a context's files into the node cache, from peers when any hold them, else from the origin.
+
+``Fetcher.fetch`` asks the broker who holds the files (``FindSources``) and pulls pieces from every peer it
+names at once: each peer has its own DEALER and its own window of ``credit`` chunk requests in flight (the
+zguide's credit-based flow control), and takes the next piece from a shared queue as it finishes one, so a
+fast peer serves more. Every piece is checked against the manifest's hash before it is written; a bad piece
+goes back to the queue, to be fetched from someone else, and a peer that sends two bad pieces is dropped.
+A peer that goes silent for ``peer_timeout_s`` or refuses (busy, evicted) is dropped too and its pieces
+return to the queue: the download resumes from other peers, keeping every piece already verified. When no
+peer is left the fetcher asks the broker again, naming the peers that failed it; the broker then names
+others, or tells the worker to read the origin (a local path, the shared file system, or the hub).
+
+Nothing here blocks the event loop: hashing, writing and origin reads run on threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+import zmq
+import zmq.asyncio
+
+from gpuworker.cache import FileCache
+from pervade.context import ContextSpec
+from pervade.errors import ConfigError, ContextLoadError, ProtocolError
+from pervade.manifest import FileEntry, Manifest
+from pervade.protocol import ChunkData, FetchChunk, FetchRefused, Sources, decode_peer, encode
+
+log = structlog.get_logger(__name__)
+
+#: (index of the file in the download, index of the piece in the file)
+PieceKey = tuple[int, int]
+FindSources = Callable[[str, list[str]], Awaitable[Sources]]
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """How a worker downloads model files from peers."""
+
+    #: Bytes per chunk request (a piece is fetched as one or more chunks from one peer).
+    chunk_bytes: int = 1024 * 1024
+    #: Chunk requests in flight per peer: the window that keeps the pipe full.
+    credit: int = 8
+    #: A peer that sends nothing for this long is given up (its pieces go to other peers).
+    peer_timeout_s: float = 10.0
+    #: Bad pieces after which a peer is dropped from this download.
+    max_strikes: int = 2
+
+    def __post_init__(self) -> None:
+        if self.chunk_bytes < 4096 or self.credit < 1 or self.peer_timeout_s <= 0 or self.max_strikes < 1:
+            raise ConfigError("chunk_bytes >= 4096, credit >= 1, peer_timeout_s > 0 and max_strikes >= 1 are required")
+
+
+@dataclass
+class FetchStats:
+    """Where the bytes of one context's files came from."""
+
+    origin_bytes: int = 0
+    peer_bytes: int = 0
+    cached_bytes: int = 0
+    corrupt_pieces: int = 0
+    peers_failed: int = 0
+    seconds: float = 0.0
+    by_peer: Counter[str] = field(default_factory=Counter)
+
+
+class Download:
+    """The pieces of one manifest still missing from the cache, and the partial files they go into."""
+
+    def __init__(self, cache: FileCache, manifest: Manifest, entries: list[FileEntry]) -> None:
+        self.cache = cache
+        self.manifest = manifest
+        self.entries = entries
+        self.partials = [cache.partial_path(e) for e in entries]
+        self._fds = []
+        for entry, path in zip(entries, self.partials, strict=True):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.ftruncate(fd, entry.size)
+            self._fds.append(fd)
+        self.todo: deque[PieceKey] = deque((f, p) for f, e in enumerate(entries) for p in range(manifest.piece_count(e)))
+        self.left = [manifest.piece_count(e) for e in entries]
+        self.avoid: dict[PieceKey, set[str]] = {}
+        self._index = {e.path: i for i, e in enumerate(entries)}
+
+    @property
+    def finished(self) -> bool:
+        return not any(self.left)
+
+    def file_index(self, path: str) -> int | None:
+        return self._index.get(path)
+
+    def span(self, key: PieceKey) -> tuple[int, int]:
+        return self.manifest.piece_span(self.entries[key[0]], key[1])
+
+    def take(self, source: str) -> PieceKey | None:
+        """The next piece for ``source`` (never one it already served corrupted)."""
+        for _ in range(len(self.todo)):
+            key = self.todo.popleft()
+            if source not in self.avoid.get(key, ()):
+                return key
+            self.todo.append(key)
+        return None
+
+    def give_back(self, key: PieceKey, bad_source: str | None = None) -> None:
+        if bad_source is not None:
+            self.avoid.setdefault(key, set()).add(bad_source)
+        self.todo.appendleft(key)
+
+    def verify_and_write(self, key: PieceKey, data: bytes | bytearray | memoryview) -> bool:
+        """Check a piece against the manifest and write it if it matches. Blocking: run on a thread."""
+        entry = self.entries[key[0]]
+        offset, length = self.span(key)
+        if len(data) != length or hashlib.sha256(data).digest() != entry.pieces[key[1]]:
+            return False
+        os.pwrite(self._fds[key[0]], data, offset)
+        return True
+
+    def piece_done(self, key: PieceKey) -> None:
+        """Count a written piece; a file whose pieces are all in goes into the cache."""
+        index = key[0]
+        self.left[index] -= 1
+        if self.left[index] == 0:
+            os.close(self._fds[index])
+            self._fds[index] = -1
+            self.cache.commit_blob(self.entries[index], self.partials[index])
+
+    def adopt_cached(self) -> int:
+        """Files another worker of this node put in the cache meanwhile: done without fetching. Returns
+        their bytes. Blocking: run on a thread."""
+        adopted = 0
+        for index, entry in enumerate(self.entries):
+            if self.left[index] and self.cache.has_blob(entry):
+                os.close(self._fds[index])
+                self._fds[index] = -1
+                self.partials[index].unlink(missing_ok=True)
+                self.left[index] = 0
+                adopted += entry.size
+        if adopted:
+            self.todo = deque(k for k in self.todo if self.left[k[0]])
+        return adopted
+
+    def close(self) -> None:
+        """Drop what was not completed (a killed fetch leaves no partial file behind)."""
+        for fd, path in zip(self._fds, self.partials, strict=True):
+            if fd >= 0:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+        self._fds = [-1] * len(self._fds)
+
+
+class Fetcher:
+    """Fills the node cache with a context's files: peers first, the origin when none can serve."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, cache: FileCache, config: TransferConfig, find_sources: FindSources) -> None:
+        self._ctx = ctx
+        self.cache = cache
+        self.config = config
+        self._find_sources = find_sources
+
+    async def fetch(self, spec: ContextSpec, manifest: Manifest) -> tuple[Path, FetchStats]:
+        """The local model directory of ``manifest`` (fetched if needed) and where its bytes came from."""
+        started = time.perf_counter()
+        stats = FetchStats()
+        missing = await asyncio.to_thread(self.cache.missing, manifest)
+        stats.cached_bytes = manifest.total_bytes - sum(e.size for e in missing)
+        if missing:
+            download = await asyncio.to_thread(Download, self.cache, manifest, missing)
+            try:
+                await self._fill(spec, download, stats)
+            finally:
+                download.close()
+        view = await asyncio.to_thread(self.cache.complete, manifest)
+        stats.seconds = time.perf_counter() - started
+        return view, stats
+
+    async def _fill(self, spec: ContextSpec, download: Download, stats: FetchStats) -> None:
+        failed: list[str] = []
+        while not download.finished:
+            stats.cached_bytes += await asyncio.to_thread(download.adopt_cached)
+            if download.finished:
+                break
+            sources = await self._find_sources(download.manifest.digest, failed)
+            if sources.peers:
+                log.info("fetching_from_peers", peers=sources.peers, pieces=len(download.todo))
+                outcomes = await asyncio.gather(*(self._from_peer(p, download, stats) for p in sources.peers))
+                failed.extend(p for p, ok in zip(sources.peers, outcomes, strict=True) if not ok)
+                stats.peers_failed = len(failed)
+            elif sources.origin:
+                log.info("fetching_from_origin", origin=spec.model, pieces=len(download.todo))
+                await self._from_origin(spec, download, stats)
+            else:
+                await asyncio.sleep(1.0)  # the broker had nothing better to say; ask again
+
+    # --- peers -----------------------------------------------------------------------------------
+
+    async def _from_peer(self, endpoint: str, download: Download, stats: FetchStats) -> bool:
+        """Pull pieces from one peer until none are left for it. False if the peer failed us."""
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, f"fetch-{uuid.uuid4().hex[:12]}".encode())
+        sock.connect(endpoint)
+        digest = download.manifest.digest
+        chunks: deque[tuple[PieceKey, int, int]] = deque()  # requests not yet sent
+        in_flight: dict[tuple[int, int], PieceKey] = {}  # (file, offset) -> piece
+        buffers: dict[PieceKey, tuple[bytearray, list[int]]] = {}  # piece -> (bytes, [bytes received])
+        strikes = 0
+        try:
+            while True:
+                while len(in_flight) < self.config.credit:
+                    if not chunks:
+                        key = download.take(endpoint)
+                        if key is None:
+                            break
+                        offset, length = download.span(key)
+                        buffers[key] = (bytearray(length), [0])
+                        chunks.extend((key, o, min(self.config.chunk_bytes, offset + length - o))
+                                      for o in range(offset, offset + max(length, 1), self.config.chunk_bytes))  # fmt: skip
+                    key, offset, length = chunks.popleft()
+                    entry = download.entries[key[0]]
+                    request = FetchChunk(files=digest, path=entry.path, offset=offset, length=max(length, 1))
+                    await sock.send_multipart(encode(request))
+                    in_flight[(key[0], offset)] = key
+                if not in_flight:
+                    return True
+                if not await sock.poll(int(self.config.peer_timeout_s * 1000), zmq.POLLIN):
+                    log.warning("peer_silent", peer=endpoint, timeout_s=self.config.peer_timeout_s)
+                    return False
+                message, data = decode_peer(await sock.recv_multipart())
+                if isinstance(message, FetchRefused):
+                    log.info("peer_refused", peer=endpoint, reason=message.reason, busy=message.busy)
+                    return False
+                if not isinstance(message, ChunkData) or data is None:
+                    raise ProtocolError(f"expected chunk_data, got {type(message).__name__}")
+                index = download.file_index(message.path)
+                key = in_flight.pop((index, message.offset), None) if index is not None else None
+                if key is None:
+                    continue  # not an answer to anything we asked
+                buffer, received = buffers[key]
+                start = message.offset - download.span(key)[0]
+                buffer[start : start + len(data)] = data
+                received[0] += len(data)
+                if any(k == key for k in in_flight.values()) or any(c[0] == key for c in chunks):
+                    continue  # more chunks of this piece to come
+                del buffers[key]
+                if await asyncio.to_thread(download.verify_and_write, key, buffer):
+                    download.piece_done(key)
+                    stats.peer_bytes += len(buffer)
+                    stats.by_peer[endpoint] += len(buffer)
+                    continue
+                stats.corrupt_pieces += 1
+                strikes += 1
+                log.warning("corrupt_piece", peer=endpoint, path=download.entries[key[0]].path, piece=key[1])
+                download.give_back(key, bad_source=endpoint)
+                if strikes >= self.config.max_strikes:
+                    return False
+        except ProtocolError as exc:
+            log.warning("peer_spoke_nonsense", peer=endpoint, error=str(exc))
+            return False
+        finally:
+            for key in buffers:
+                download.give_back(key)
+            sock.close(linger=0)
+
+    # --- origin ----------------------------------------------------------------------------------
+
+    async def _from_origin(self, spec: ContextSpec, download: Download, stats: FetchStats) -> None:
+        keys = list(download.todo)
+        download.todo.clear()
+        cancelled = threading.Event()
+        try:
+            done, read = await asyncio.to_thread(self._copy_from_origin, spec, download, keys, cancelled)
+        except BaseException:
+            cancelled.set()
+            for key in keys:
+                download.give_back(key)
+            raise
+        for key in done:
+            download.piece_done(key)
+        stats.origin_bytes += read
+
+    def _copy_from_origin(self, spec: ContextSpec, download: Download, keys: list[PieceKey], cancelled: threading.Event) -> tuple[list[PieceKey], int]:
+        """Read the pieces from the origin, checking each. Runs on a thread."""
+        staging = None
+        done: list[PieceKey] = []
+        read = 0
+        try:
+            by_file: dict[int, list[int]] = {}
+            for f, p in keys:
+                by_file.setdefault(f, []).append(p)
+            for index, pieces in by_file.items():
+                entry = download.entries[index]
+                if os.path.isdir(spec.model):
+                    source = Path(spec.model) / entry.path
+                else:
+                    staging = staging or download.cache.root / "partial" / f"hub-{uuid.uuid4().hex[:8]}"
+                    source = Path(_hub_download(spec, entry.path, staging))
+                with source.open("rb", buffering=0) as f:
+                    for piece in pieces:
+                        if cancelled.is_set():
+                            raise ContextLoadError("fetch from the origin cancelled")
+                        offset, length = download.span((index, piece))
+                        data = os.pread(f.fileno(), length, offset)
+                        read += len(data)
+                        if not download.verify_and_write((index, piece), data):
+                            raise ContextLoadError(
+                                f"{spec.model}: {entry.path} does not match the context's manifest (changed since it was hashed?)"
+                            )
+                        done.append((index, piece))
+        except OSError as exc:
+            raise ContextLoadError(f"cannot read {spec.model}: {exc}") from exc
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+        return done, read
+
+
+def _hub_download(spec: ContextSpec, filename: str, staging: Path) -> str:
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(spec.model, filename, revision=spec.revision, cache_dir=staging)

@@ -1,0 +1,180 @@
+"""The peer file service: a worker serves the model files in its node cache to other workers, on a ROUTER
+socket of its own.
+
+The ZeroMQ Guide's credit-based file transfer (chapter 7, fileio3): the downloader keeps a few chunk
+requests outstanding and asks for the next one as each chunk arrives, so the flow is paced by the receiver
+and nothing queues without bound on either side. The server only answers requests; it reads the chunk on a
+thread (``os.pread``) and sends it as a raw frame.
+
+What may be read is decided by the manifests, never by the request: a request names a manifest digest and
+a path; the path is looked up in that manifest, and the file opened is the blob named by the entry's hash.
+A path that is not in a manifest the worker holds is refused. Concurrent downloaders are bounded: a new one
+beyond ``max_uploads`` is told ``busy`` and goes to another peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import structlog
+import zmq
+import zmq.asyncio
+
+from gpuworker.cache import FileCache
+from pervade.constants import SOCKET_LINGER_MS
+from pervade.errors import ConfigError, ProtocolError
+from pervade.protocol import ChunkData, FetchChunk, FetchRefused, decode_peer, encode, encode_chunk
+
+log = structlog.get_logger(__name__)
+
+#: Largest chunk a server sends in one message.
+MAX_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileServiceConfig:
+    """How a worker serves its files to peers."""
+
+    #: Interface to bind (``*``: all); the port is picked free.
+    bind_host: str = "*"
+    #: The host name peers use to reach this worker (default: this node's host name).
+    advertise_host: str | None = None
+    #: Downloaders served at once; more are told to go elsewhere.
+    max_uploads: int = 4
+    #: A downloader that asked nothing for this long no longer counts against ``max_uploads``.
+    upload_idle_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_uploads < 1:
+            raise ConfigError("max_uploads must be at least 1")
+
+
+class FileServer:
+    """Serves chunks of the files this node's cache holds. ``start`` binds; ``serve`` runs until stopped."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, cache: FileCache, config: FileServiceConfig, host: str) -> None:
+        self.cache = cache
+        self.config = config
+        self._ctx = ctx
+        self._host = config.advertise_host or host
+        self._sock: zmq.asyncio.Socket | None = None
+        self._reader = ThreadPoolExecutor(max_workers=4, thread_name_prefix="file-read")
+        #: Downloader identity -> when it last asked.
+        self._downloaders: dict[bytes, float] = {}
+        self._fds: dict[str, int] = {}
+        self._fds_lock = threading.Lock()
+        self.endpoint = ""
+        self.bytes_served = 0
+        self.refused = 0
+
+    def start(self) -> str:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, SOCKET_LINGER_MS)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)  # requests are small; anything bigger is not ours
+        port = sock.bind_to_random_port(f"tcp://{self.config.bind_host}")
+        self._sock = sock
+        self.endpoint = f"tcp://{self._host}:{port}"
+        log.info("file_service_listening", endpoint=self.endpoint)
+        return self.endpoint
+
+    async def serve(self, stopping: asyncio.Event) -> None:
+        if self._sock is None:
+            self.start()
+        assert self._sock is not None
+        pending: set[asyncio.Task[None]] = set()
+        try:
+            while not stopping.is_set():
+                if not await self._sock.poll(200, zmq.POLLIN):
+                    continue
+                frames = await self._sock.recv_multipart(zmq.NOBLOCK)
+                task = asyncio.create_task(self.handle(frames))  # reads overlap; the loop stays free
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            self.close()
+
+    async def handle(self, frames: list[bytes]) -> None:
+        """Answer one request; bad input is answered with a refusal, never raised."""
+        if len(frames) < 2:
+            return
+        identity = frames[0]
+        try:
+            message, _ = decode_peer(frames[1:])
+            if not isinstance(message, FetchChunk):
+                raise ProtocolError("a file server only answers fetch_chunk")
+        except ProtocolError as exc:
+            await self._reply(identity, encode(FetchRefused(files="", path="", offset=0, reason=str(exc))))
+            return
+        refusal = self._refusal(identity, message)
+        if refusal is not None:
+            self.refused += 1
+            log.info("fetch_refused", path=message.path, reason=refusal.reason, busy=refusal.busy)
+            await self._reply(identity, encode(refusal))
+            return
+        entry = self.cache.manifest(message.files).by_path()[message.path]  # checked by _refusal
+        length = min(message.length, entry.size - message.offset)
+        loop = asyncio.get_running_loop()
+        try:
+            data = await loop.run_in_executor(self._reader, self._read, entry.blob_name, message.offset, length)
+        except OSError as exc:  # evicted meanwhile, or a disk error
+            await self._reply(identity, encode(FetchRefused(files=message.files, path=message.path, offset=message.offset, reason=f"cannot read: {exc}")))
+            return
+        self.bytes_served += len(data)
+        await self._reply(identity, encode_chunk(ChunkData(files=message.files, path=message.path, offset=message.offset), data))
+
+    def _refusal(self, identity: bytes, request: FetchChunk) -> FetchRefused | None:
+        def refuse(reason: str, busy: bool = False) -> FetchRefused:
+            return FetchRefused(files=request.files, path=request.path, offset=request.offset, reason=reason, busy=busy)
+
+        manifest = self.cache.manifest(request.files)
+        if manifest is None:
+            return refuse("this worker does not hold those files")
+        entry = manifest.by_path().get(request.path)
+        if entry is None:
+            return refuse("path not in the manifest")
+        if request.offset >= max(entry.size, 1) or request.length > MAX_CHUNK_BYTES:
+            return refuse(f"chunk out of range (file of {entry.size} bytes, at most {MAX_CHUNK_BYTES} per chunk)")
+        now = time.monotonic()
+        self._downloaders = {d: t for d, t in self._downloaders.items() if now - t < self.config.upload_idle_s}
+        if identity not in self._downloaders and len(self._downloaders) >= self.config.max_uploads:
+            return refuse(f"serving {len(self._downloaders)} downloaders already", busy=True)
+        self._downloaders[identity] = now
+        return None
+
+    def _read(self, blob_name: str, offset: int, length: int) -> bytes:
+        with self._fds_lock:  # guards the handle table only: reads run in parallel
+            fd = self._fds.get(blob_name)
+            if fd is None:
+                fd = self._fds[blob_name] = os.open(self.cache.root / "blobs" / blob_name, os.O_RDONLY)
+        return os.pread(fd, length, offset)
+
+    async def _reply(self, identity: bytes, frames: list) -> None:
+        assert self._sock is not None
+        try:
+            await self._sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:  # the downloader left
+            log.debug("file_reply_dropped", error=str(exc))
+
+    def forget_files(self) -> None:
+        """Close cached file handles (after an eviction, so deleted blobs free their space)."""
+        with self._fds_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self.forget_files()
+        self._reader.shutdown(wait=False, cancel_futures=True)
+
