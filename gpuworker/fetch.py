@@ -205,7 +205,8 @@ class Fetcher:
     # --- peers -----------------------------------------------------------------------------------
 
     async def _from_peer(self, endpoint: str, download: Download, stats: FetchStats) -> bool:
-        """Pull pieces from one peer until none are left for it. False if the peer failed us."""
+        """Pull pieces from one peer until none are left for it. False if the peer failed us (silent,
+        refusing, or a bad piece): the broker is then asked for sources without it."""
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, f"fetch-{uuid.uuid4().hex[:12]}".encode())
@@ -232,7 +233,7 @@ class Fetcher:
                     await sock.send_multipart(encode(request))
                     in_flight[(key[0], offset)] = key
                 if not in_flight:
-                    return True
+                    return strikes == 0  # a peer that sent a bad piece is not asked again
                 if not await sock.poll(int(self.config.peer_timeout_s * 1000), zmq.POLLIN):
                     log.warning("peer_silent", peer=endpoint, timeout_s=self.config.peer_timeout_s)
                     return False

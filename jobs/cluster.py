@@ -60,11 +60,16 @@ class LocalCluster:
                                *self._heartbeats(), *extra)  # fmt: skip
 
     async def start_worker(self, *extra: str) -> str:
-        """Start one more worker (names count up: worker-0, worker-1, ...); returns its name."""
+        """Start one more worker (names count up: worker-0, worker-1, ...); returns its name. Each worker
+        has a node cache of its own (as if on its own node) and serves it on loopback."""
         name = f"worker-{self._workers_started}"
         self._workers_started += 1
-        await self.procs.start(name, "worker", "--broker", self.endpoint, "--worker-id", name, *self._heartbeats(), *extra)
+        files = ("--cache-dir", str(self.cache_dir(name)), "--file-host", "127.0.0.1", "--file-bind-host", "127.0.0.1")
+        await self.procs.start(name, "worker", "--broker", self.endpoint, "--worker-id", name, *files, *self._heartbeats(), *extra)
         return name
+
+    def cache_dir(self, worker: str) -> Path:
+        return self.base / "caches" / worker
 
     async def start_producer(self, *args: str, name: str = "producer") -> None:
         await self.procs.start(name, "produce", "--broker", self.endpoint, *self._heartbeats(), *args)
