@@ -802,6 +802,9 @@ class Broker:
         if not self.store.queued:
             return
         hosts = self.hosts()
+        free_hosts = Counter(
+            c for w in self.workers.values() if w.credit > 0 and not w.leaving for c in w.contexts
+        )  # a stale count only delays a move by one turn
         for worker in list(self.workers.values()):
             while worker.credit > 0 and not worker.leaving:
                 choice = choose_context(
@@ -810,6 +813,7 @@ class Broker:
                     hosts=hosts,
                     refused=worker.refused,
                     rebalance_backlog=self.config.rebalance_backlog,
+                    free_hosts=free_hosts,
                 )
                 if choice is None:
                     break

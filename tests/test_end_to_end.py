@@ -67,7 +67,8 @@ async def cluster(tmp_path_factory, tiny_model) -> AsyncIterator[Cluster]:
         endpoint = await wait_for_endpoint(base / "endpoint", broker)
         await procs.start("sink", "sink", "--broker", endpoint, "--out", str(out_dir))
         for name in WORKERS:
-            await procs.start(name, "worker", "--broker", endpoint, "--device", "cpu", "--threads", "1", "--worker-id", name)
+            await procs.start(name, "worker", "--broker", endpoint, "--device", "cpu", "--threads", "1", "--worker-id", name,
+                              "--cache-dir", str(base / f"cache-{name}"), "--file-host", "127.0.0.1", "--file-bind-host", "127.0.0.1")  # fmt: skip
         yield Cluster(procs, endpoint, out_dir, tiny_model, templates_file)
     finally:
         await procs.stop(["sink", *WORKERS, "broker"])

@@ -38,6 +38,12 @@ def test_idle_worker_stays_warm_unless_moving_pays() -> None:
     assert choose_context(held=["a"], pending={"b": 1}, hosts={"a": 1}) == Choice("b", True)
 
 
+def test_no_move_to_a_starving_context_while_one_of_its_hosts_is_free() -> None:
+    starving = {"held": ["a"], "pending": {"b": 16}, "hosts": {"a": 1, "b": 2}, "rebalance_backlog": 8}
+    assert choose_context(**starving, free_hosts={"b": 1}) is None  # b's own host will take it
+    assert choose_context(**starving, free_hosts={"a": 1}) == Choice("b", True)
+
+
 def test_refused_contexts_are_never_offered_again() -> None:
     assert choose_context(held=[], pending={"a": 5}, hosts={}, refused={"a"}) is None
     assert choose_context(held=[], pending={"a": 5, "b": 1}, hosts={}, refused={"a"}) == Choice("b", True)
