@@ -522,6 +522,9 @@ class Broker:
         worker.loaded.discard(context_id)
         worker.refused.add(context_id)
         log.error("context_failed", worker_id=worker.name, context_id=context_id, error=message.error)
+        spec = self.specs.get(context_id)
+        if spec is not None and spec.files is not None:
+            self.answer_sources(self.files.abandon(identity, spec.files))
         for batch_id in list(worker.in_flight):
             row = self.store.get(batch_id)
             if row is None or row.context_id != context_id or row.worker != identity:

@@ -92,6 +92,14 @@ class FileSources:
                 self.holders.setdefault(digest, {})[worker] = endpoint
         return self._wake(digests)
 
+    def abandon(self, worker: bytes, digest: str) -> list[Answer]:
+        """``worker`` gave up fetching ``digest`` (its load failed): free its slots, and if it was the
+        origin reader, let a waiting worker read the origin instead."""
+        self._release(worker, digest)
+        if self.origin_readers.get(digest) == worker:
+            del self.origin_readers[digest]
+        return self._wake([digest])
+
     def dropped(self, worker: bytes, digests: list[str]) -> None:
         for digest in digests:
             self.holders.get(digest, {}).pop(worker, None)

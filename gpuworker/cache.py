@@ -7,7 +7,9 @@ Layout under the cache root::
     manifests/<digest>.json   a complete manifest; its mtime is the context's last use (LRU order)
     views/<digest>/<path>     symlinks to the blobs, laid out as the model directory (what transformers loads)
     locks/<digest>.lock       held (shared) by every process using the files; eviction skips locked ones
-    partial/                  downloads in progress, renamed into blobs/ once every piece is verified
+    locks/<digest>.json       the manifest of a pinned context, so a download in progress keeps its blobs
+    partial/                  downloads in progress (named with the downloader's pid), renamed into blobs/
+                              once every piece is verified
     cache.lock                held (exclusive) while evicting, so two workers never evict at once
 
 Everything that lands in ``blobs/`` or ``views/`` arrives by an atomic rename, so a worker killed at any
@@ -26,7 +28,6 @@ import contextlib
 import fcntl
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,6 +81,12 @@ class FileCache:
     def partial_path(self, entry: FileEntry) -> Path:
         """A fresh file for a download of ``entry`` in progress (unique per call: workers never share one)."""
         return self.root / "partial" / f"{entry.blob_name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
+
+    def staging_dir(self) -> Path:
+        """A fresh directory for files being fetched from the hub (removed with the partials of dead pids)."""
+        path = self.root / "partial" / f"hub.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        path.mkdir()
+        return path
 
     # --- what is here ----------------------------------------------------------------------------
 
@@ -135,14 +142,16 @@ class FileCache:
         view = self.view_dir(digest)
         if not view.is_dir():
             staging = self.root / "views" / f".{digest}.{uuid.uuid4().hex[:8]}"
-            for entry in manifest.files:
-                link = staging / entry.path
-                link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to(os.path.relpath(self.blob_path(entry), link.parent))
             try:
+                for entry in manifest.files:
+                    link = staging / entry.path
+                    link.parent.mkdir(parents=True, exist_ok=True)
+                    link.symlink_to(os.path.relpath(self.blob_path(entry), link.parent))
                 staging.rename(view)
-            except OSError:  # another worker laid it out first
+            except OSError:
                 shutil.rmtree(staging, ignore_errors=True)
+                if not view.is_dir():  # not a lost race with another worker: a real failure
+                    raise
         path = self._manifest_path(digest)
         if not path.exists():
             tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
@@ -159,12 +168,21 @@ class FileCache:
 
     # --- use and eviction ------------------------------------------------------------------------
 
-    def pin(self, digest: str) -> None:
-        """Keep ``digest``'s files from eviction (by any process) until ``unpin``."""
+    def pin(self, manifest: Manifest) -> None:
+        """Keep ``manifest``'s files from eviction and garbage collection (by any process) until ``unpin``,
+        from before its download starts to after its model is dropped."""
+        digest = manifest.digest
         if digest in self._pins:
             return
-        fd = os.open(self.root / "locks" / f"{digest}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        with open(self.root / "cache.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # not while another process collects garbage
+            fd = os.open(self.root / "locks" / f"{digest}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            pending = self.root / "locks" / f"{digest}.json"
+            if not pending.exists():
+                tmp = pending.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
+                tmp.write_bytes(manifest_to_json(manifest))
+                tmp.replace(pending)
         self._pins[digest] = fd
 
     def unpin(self, digest: str) -> None:
@@ -203,16 +221,22 @@ class FileCache:
             except BlockingIOError:
                 return False  # in use
             self._manifest_path(digest).unlink(missing_ok=True)
-            shutil.rmtree(self.view_dir(digest), ignore_errors=True)
+            view = self.view_dir(digest)
+            if view.is_dir():  # out of the way first: an eviction killed midway leaves no broken view
+                trash = self.root / "views" / f".trash-{digest}-{uuid.uuid4().hex[:8]}"
+                view.rename(trash)
+                shutil.rmtree(trash, ignore_errors=True)
             self._known.pop(digest, None)
             return True
         finally:
             os.close(fd)
 
     def _collect_garbage(self, protect: Manifest | None) -> None:
-        """Delete blobs that no remaining manifest (nor the one being fetched) lists."""
+        """Delete blobs that no remaining manifest, no pinned manifest (a download in progress, in any
+        process) and not the one about to be fetched lists."""
         referenced = {e.blob_name for e in protect.files} if protect is not None else set()
-        for path in (self.root / "manifests").glob("*.json"):
+        pinned = [p for p in (self.root / "locks").glob("*.json") if self._in_use(p.stem)]
+        for path in [*(self.root / "manifests").glob("*.json"), *pinned]:
             try:
                 referenced.update(e.blob_name for e in manifest_from_json(path.read_bytes()).files)
             except (FileNotFoundError, ConfigError):
@@ -221,12 +245,39 @@ class FileCache:
             if blob.name not in referenced:
                 blob.unlink(missing_ok=True)
 
-    def clean_partials(self, older_than_s: float = 3600.0) -> None:
-        """Remove downloads abandoned by killed workers."""
-        cutoff = time.time() - older_than_s
+    def _in_use(self, digest: str) -> bool:
+        """Whether any process (this one included) has ``digest`` pinned."""
+        fd = os.open(self.root / "locks" / f"{digest}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def clean_partials(self) -> None:
+        """Remove downloads abandoned by workers that died (their pid, in the name, is gone: the cache is
+        node-local, so pids mean something)."""
         for part in (self.root / "partial").iterdir():
-            if _mtime(part) < cutoff:
+            fields = part.name.split(".")
+            pid = next((int(f) for f in fields[1:2] if f.isdigit()), None)
+            if pid is not None and pid != os.getpid() and _alive(pid):
+                continue
+            if part.is_dir():
+                shutil.rmtree(part, ignore_errors=True)
+            else:
                 part.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _mtime(path: Path) -> float:

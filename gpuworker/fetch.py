@@ -16,6 +16,7 @@ Nothing here blocks the event loop: hashing, writing and origin reads run on thr
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import os
 import shutil
@@ -32,6 +33,7 @@ import zmq
 import zmq.asyncio
 
 from gpuworker.cache import FileCache
+from gpuworker.fileserver import MAX_CHUNK_BYTES
 from pervade.context import ContextSpec
 from pervade.errors import ConfigError, ContextLoadError, ProtocolError
 from pervade.manifest import FileEntry, Manifest
@@ -42,6 +44,14 @@ log = structlog.get_logger(__name__)
 #: (index of the file in the download, index of the piece in the file)
 PieceKey = tuple[int, int]
 FindSources = Callable[[str, list[str]], Awaitable[Sources]]
+
+
+class PeerOutcome(enum.Enum):
+    """How a peer's part of a download ended."""
+
+    DONE = "done"  # nothing left for it to serve
+    BUSY = "busy"  # it serves other downloaders now: worth asking again later
+    FAILED = "failed"  # silent, broken, or sent a bad piece: not asked again for this download
 
 
 @dataclass(frozen=True)
@@ -58,8 +68,10 @@ class TransferConfig:
     max_strikes: int = 2
 
     def __post_init__(self) -> None:
-        if self.chunk_bytes < 4096 or self.credit < 1 or self.peer_timeout_s <= 0 or self.max_strikes < 1:
-            raise ConfigError("chunk_bytes >= 4096, credit >= 1, peer_timeout_s > 0 and max_strikes >= 1 are required")
+        if not 4096 <= self.chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ConfigError(f"chunk size must be between 4 KiB and {MAX_CHUNK_BYTES // 1024} KiB (what a peer serves)")
+        if self.credit < 1 or self.peer_timeout_s <= 0 or self.max_strikes < 1:
+            raise ConfigError("credit >= 1, peer_timeout_s > 0 and max_strikes >= 1 are required")
 
 
 @dataclass
@@ -193,9 +205,14 @@ class Fetcher:
             sources = await self._find_sources(download.manifest.digest, failed)
             if sources.peers:
                 log.info("fetching_from_peers", peers=sources.peers, pieces=len(download.todo))
-                outcomes = await asyncio.gather(*(self._from_peer(p, download, stats) for p in sources.peers))
-                failed.extend(p for p, ok in zip(sources.peers, outcomes, strict=True) if not ok)
+                before = len(download.todo)
+                async with asyncio.TaskGroup() as group:  # one peer's unexpected error cancels the others
+                    tasks = [group.create_task(self._from_peer(p, download, stats)) for p in sources.peers]
+                outcomes = [t.result() for t in tasks]
+                failed.extend(p for p, o in zip(sources.peers, outcomes, strict=True) if o is PeerOutcome.FAILED)
                 stats.peers_failed = len(failed)
+                if all(o is PeerOutcome.BUSY for o in outcomes) and len(download.todo) >= before:
+                    await asyncio.sleep(0.5)  # every peer busy: give them a moment before asking again
             elif sources.origin:
                 log.info("fetching_from_origin", origin=spec.model, pieces=len(download.todo))
                 await self._from_origin(spec, download, stats)
@@ -204,19 +221,19 @@ class Fetcher:
 
     # --- peers -----------------------------------------------------------------------------------
 
-    async def _from_peer(self, endpoint: str, download: Download, stats: FetchStats) -> bool:
-        """Pull pieces from one peer until none are left for it. False if the peer failed us (silent,
-        refusing, or a bad piece): the broker is then asked for sources without it."""
+    async def _from_peer(self, endpoint: str, download: Download, stats: FetchStats) -> PeerOutcome:
+        """Pull pieces from one peer until none are left for it. A peer that fails us (silent, refusing,
+        or a bad piece) is left out when the broker is asked for sources again."""
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, f"fetch-{uuid.uuid4().hex[:12]}".encode())
-        sock.connect(endpoint)
         digest = download.manifest.digest
         chunks: deque[tuple[PieceKey, int, int]] = deque()  # requests not yet sent
         in_flight: dict[tuple[int, int], PieceKey] = {}  # (file, offset) -> piece
         buffers: dict[PieceKey, tuple[bytearray, list[int]]] = {}  # piece -> (bytes, [bytes received])
         strikes = 0
         try:
+            sock.connect(endpoint)
             while True:
                 while len(in_flight) < self.config.credit:
                     if not chunks:
@@ -233,14 +250,15 @@ class Fetcher:
                     await sock.send_multipart(encode(request))
                     in_flight[(key[0], offset)] = key
                 if not in_flight:
-                    return strikes == 0  # a peer that sent a bad piece is not asked again
+                    return PeerOutcome.DONE if strikes == 0 else PeerOutcome.FAILED
                 if not await sock.poll(int(self.config.peer_timeout_s * 1000), zmq.POLLIN):
                     log.warning("peer_silent", peer=endpoint, timeout_s=self.config.peer_timeout_s)
-                    return False
-                message, data = decode_peer(await sock.recv_multipart())
+                    return PeerOutcome.FAILED
+                frames = await sock.recv_multipart(copy=False)  # the data frame is not copied again
+                message, data = decode_peer([f.bytes for f in frames[:2]] + [f.buffer for f in frames[2:]])
                 if isinstance(message, FetchRefused):
                     log.info("peer_refused", peer=endpoint, reason=message.reason, busy=message.busy)
-                    return False
+                    return PeerOutcome.BUSY if message.busy and strikes == 0 else PeerOutcome.FAILED
                 if not isinstance(message, ChunkData) or data is None:
                     raise ProtocolError(f"expected chunk_data, got {type(message).__name__}")
                 index = download.file_index(message.path)
@@ -264,10 +282,10 @@ class Fetcher:
                 log.warning("corrupt_piece", peer=endpoint, path=download.entries[key[0]].path, piece=key[1])
                 download.give_back(key, bad_source=endpoint)
                 if strikes >= self.config.max_strikes:
-                    return False
-        except ProtocolError as exc:
-            log.warning("peer_spoke_nonsense", peer=endpoint, error=str(exc))
-            return False
+                    return PeerOutcome.FAILED
+        except (ProtocolError, zmq.ZMQError) as exc:
+            log.warning("peer_failed", peer=endpoint, error=str(exc))
+            return PeerOutcome.FAILED
         finally:
             for key in buffers:
                 download.give_back(key)
@@ -304,7 +322,7 @@ class Fetcher:
                 if os.path.isdir(spec.model):
                     source = Path(spec.model) / entry.path
                 else:
-                    staging = staging or download.cache.root / "partial" / f"hub-{uuid.uuid4().hex[:8]}"
+                    staging = staging or download.cache.staging_dir()
                     source = Path(_hub_download(spec, entry.path, staging))
                 with source.open("rb", buffering=0) as f:
                     for piece in pieces:

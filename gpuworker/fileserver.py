@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -28,12 +28,16 @@ import zmq.asyncio
 from gpuworker.cache import FileCache
 from pervade.constants import SOCKET_LINGER_MS
 from pervade.errors import ConfigError, ProtocolError
+from pervade.manifest import FileEntry
 from pervade.protocol import ChunkData, FetchChunk, FetchRefused, decode_peer, encode, encode_chunk
 
 log = structlog.get_logger(__name__)
 
 #: Largest chunk a server sends in one message.
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
+#: Requests one downloader may have in progress here; more are refused (a downloader's credit is far
+#: lower), so a client that asks and never reads cannot pile chunks up in this worker's memory.
+MAX_REQUESTS_PER_DOWNLOADER = 64
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,9 @@ class FileServiceConfig:
     advertise_host: str | None = None
     #: Downloaders served at once; more are told to go elsewhere.
     max_uploads: int = 4
-    #: A downloader that asked nothing for this long no longer counts against ``max_uploads``.
-    upload_idle_s: float = 5.0
+    #: A downloader that asked nothing for this long no longer counts against ``max_uploads`` (a
+    #: downloader keeps requests in flight while it works, so a short pause means it is done).
+    upload_idle_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_uploads < 1:
@@ -66,8 +71,10 @@ class FileServer:
         self._reader = ThreadPoolExecutor(max_workers=4, thread_name_prefix="file-read")
         #: Downloader identity -> when it last asked.
         self._downloaders: dict[bytes, float] = {}
-        self._fds: dict[str, int] = {}
-        self._fds_lock = threading.Lock()
+        #: Downloader identity -> requests being read or sent now.
+        self._in_progress: Counter[bytes] = Counter()
+        #: digest -> path -> entry, for the manifests served so far.
+        self._paths: dict[str, dict[str, FileEntry]] = {}
         self.endpoint = ""
         self.bytes_served = 0
         self.refused = 0
@@ -77,6 +84,7 @@ class FileServer:
         sock.setsockopt(zmq.LINGER, SOCKET_LINGER_MS)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)  # requests are small; anything bigger is not ours
+        sock.setsockopt(zmq.SNDHWM, MAX_REQUESTS_PER_DOWNLOADER)  # replies a slow reader leaves queued
         port = sock.bind_to_random_port(f"tcp://{self.config.bind_host}")
         self._sock = sock
         self.endpoint = f"tcp://{self._host}:{port}"
@@ -120,14 +128,21 @@ class FileServer:
             log.info("fetch_refused", path=message.path, reason=refusal.reason, busy=refusal.busy)
             await self._reply(identity, encode(refusal))
             return
-        entry = self.cache.manifest(message.files).by_path()[message.path]  # checked by _refusal
+        entry = self._paths[message.files][message.path]  # checked by _refusal
         length = min(message.length, entry.size - message.offset)
         loop = asyncio.get_running_loop()
+        self._in_progress[identity] += 1
         try:
             data = await loop.run_in_executor(self._reader, self._read, entry.blob_name, message.offset, length)
         except OSError as exc:  # evicted meanwhile, or a disk error
-            await self._reply(identity, encode(FetchRefused(files=message.files, path=message.path, offset=message.offset, reason=f"cannot read: {exc}")))
+            self._paths.pop(message.files, None)
+            reason = f"cannot read: {exc}"
+            await self._reply(identity, encode(FetchRefused(files=message.files, path=message.path, offset=message.offset, reason=reason)))
             return
+        finally:
+            self._in_progress[identity] -= 1
+            if self._in_progress[identity] <= 0:
+                del self._in_progress[identity]
         self.bytes_served += len(data)
         await self._reply(identity, encode_chunk(ChunkData(files=message.files, path=message.path, offset=message.offset), data))
 
@@ -135,10 +150,13 @@ class FileServer:
         def refuse(reason: str, busy: bool = False) -> FetchRefused:
             return FetchRefused(files=request.files, path=request.path, offset=request.offset, reason=reason, busy=busy)
 
-        manifest = self.cache.manifest(request.files)
-        if manifest is None:
-            return refuse("this worker does not hold those files")
-        entry = manifest.by_path().get(request.path)
+        paths = self._paths.get(request.files)
+        if paths is None:
+            manifest = self.cache.manifest(request.files)
+            if manifest is None:
+                return refuse("this worker does not hold those files")
+            paths = self._paths[request.files] = manifest.by_path()
+        entry = paths.get(request.path)
         if entry is None:
             return refuse("path not in the manifest")
         if request.offset >= max(entry.size, 1) or request.length > MAX_CHUNK_BYTES:
@@ -147,15 +165,19 @@ class FileServer:
         self._downloaders = {d: t for d, t in self._downloaders.items() if now - t < self.config.upload_idle_s}
         if identity not in self._downloaders and len(self._downloaders) >= self.config.max_uploads:
             return refuse(f"serving {len(self._downloaders)} downloaders already", busy=True)
+        if self._in_progress[identity] >= MAX_REQUESTS_PER_DOWNLOADER:
+            return refuse(f"more than {MAX_REQUESTS_PER_DOWNLOADER} requests in progress")
         self._downloaders[identity] = now
         return None
 
     def _read(self, blob_name: str, offset: int, length: int) -> bytes:
-        with self._fds_lock:  # guards the handle table only: reads run in parallel
-            fd = self._fds.get(blob_name)
-            if fd is None:
-                fd = self._fds[blob_name] = os.open(self.cache.root / "blobs" / blob_name, os.O_RDONLY)
-        return os.pread(fd, length, offset)
+        # Opened per read (microseconds against a MiB read): no handle outlives an eviction, whoever
+        # evicts, so deleted blobs free their space and no descriptor table fills up.
+        fd = os.open(self.cache.root / "blobs" / blob_name, os.O_RDONLY)
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
 
     async def _reply(self, identity: bytes, frames: list) -> None:
         assert self._sock is not None
@@ -165,11 +187,8 @@ class FileServer:
             log.debug("file_reply_dropped", error=str(exc))
 
     def forget_files(self) -> None:
-        """Close cached file handles (after an eviction, so deleted blobs free their space)."""
-        with self._fds_lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        """Forget the manifests looked up so far (after an eviction: they are looked up again)."""
+        self._paths.clear()
 
     def close(self) -> None:
         if self._sock is not None:

@@ -315,6 +315,8 @@ class Worker:
         try:
             held = await self.prepare(order.context, order.manifest)
         except Exception as exc:
+            if order.manifest is not None:
+                self._unpin_unless_used(order.manifest.digest)
             self._failed_contexts.add(context_id)
             log.error("context_load_failed", context_id=context_id, error=str(exc))
             await self.session.send(ContextFailed(context_id=context_id, error=str(exc)))
@@ -349,11 +351,11 @@ class Worker:
             if self.file_server is not None:
                 self.file_server.forget_files()
             await self.session.send(FilesDropped(files=evicted))
-        self.cache.pin(digest)
+        self.cache.pin(manifest)
         try:
             files_dir, stats = await self.fetcher.fetch(spec, manifest)
         except BaseException:
-            self.cache.unpin(digest)
+            self._unpin_unless_used(digest)
             raise
         self.log_fetch(digest, stats)
         await self.session.send(
@@ -387,14 +389,18 @@ class Worker:
         held = self.contexts.pop(context_id, None)
         if held is None:
             return
-        digest = held.manifest.digest if held.manifest is not None else None
-        if digest is not None and not any(h.manifest and h.manifest.digest == digest for h in self.contexts.values()):
-            self.cache.unpin(digest)
+        if held.manifest is not None:
+            self._unpin_unless_used(held.manifest.digest)
         del held
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         log.info("context_evicted", context_id=context_id)
+
+    def _unpin_unless_used(self, digest: str) -> None:
+        """Let the node cache evict these files, unless another context held here uses them."""
+        if not any(h.manifest is not None and h.manifest.digest == digest for h in self.contexts.values()):
+            self.cache.unpin(digest)
 
     async def score(self, work: _Work) -> None:
         if not isinstance(work.order, Assign):

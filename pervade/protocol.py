@@ -26,7 +26,7 @@ Label = Annotated[str, msgspec.Meta(max_length=64)]
 #: test: an infinite time once crashed every sink it was delivered to).
 Timestamp = Annotated[float, msgspec.Meta(ge=0, le=253402300799.0)]
 #: A manifest's digest (sha256, hex): names a set of model files.
-FilesDigest = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+FilesDigest = Annotated[str, msgspec.Meta(min_length=64, max_length=64, pattern="^[0-9a-f]{64}$")]
 Endpoint = Annotated[str, msgspec.Meta(max_length=512)]
 ByteCount = Annotated[int, msgspec.Meta(ge=0)]
 

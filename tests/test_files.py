@@ -119,7 +119,7 @@ def test_cache_evicts_least_recently_used_and_spares_pinned(tmp_path: Path) -> N
     for d, m in zip(dirs[:2], manifests[:2], strict=True):
         fill(cache, d, m)
     os.utime(cache.root / "manifests" / f"{manifests[0].digest}.json", (1, 1))  # m0 is the oldest
-    cache.pin(manifests[0].digest)
+    cache.pin(manifests[0])
     # m2 needs PIECE more: m0 is oldest but pinned, so m1 goes; the shared blob stays (m0 and m2 use it)
     assert cache.make_room(manifests[2]) == [manifests[1].digest]
     assert cache.manifest(manifests[1].digest) is None and cache.manifest(manifests[0].digest) is not None
@@ -128,6 +128,38 @@ def test_cache_evicts_least_recently_used_and_spares_pinned(tmp_path: Path) -> N
     cache.unpin(manifests[0].digest)
     fill(cache, dirs[2], manifests[2])
     assert cache.make_room(manifests[1]) == [manifests[0].digest]  # unpinned now, and least recently used
+
+
+def test_eviction_spares_the_blobs_of_a_download_in_progress(tmp_path: Path) -> None:
+    """Another worker of the node evicts while this one is mid-download: committed blobs of a pinned
+    manifest (not complete yet, so not in manifests/) survive the garbage collection."""
+    old_dir = write_model_dir(tmp_path / "old", {"w.bin": 2 * PIECE}, seed=1)
+    new_dir = write_model_dir(tmp_path / "new", {"a.bin": PIECE, "b.bin": PIECE}, seed=2)
+    third_dir = write_model_dir(tmp_path / "third", {"c.bin": 2 * PIECE}, seed=3)
+    old, new, third = (build_manifest(d, piece_size=PIECE) for d in (old_dir, new_dir, third_dir))
+    downloading = FileCache(tmp_path / "cache", limit_bytes=4 * PIECE)
+    fill(downloading, old_dir, old)
+    downloading.pin(new)
+    first = new.by_path()["a.bin"]
+    partial = downloading.partial_path(first)
+    partial.write_bytes((new_dir / "a.bin").read_bytes())
+    downloading.commit_blob(first, partial)  # half of "new" is in, not complete
+    evicting = FileCache(tmp_path / "cache", limit_bytes=4 * PIECE)  # another process of the node
+    assert evicting.make_room(third) == [old.digest]
+    assert downloading.has_blob(first), "a pinned download lost a blob it had already fetched"
+    assert not downloading.has_blob(old.by_path()["w.bin"])
+
+
+def test_partials_of_dead_workers_are_removed_at_start(tmp_path: Path) -> None:
+    cache = FileCache(tmp_path / "cache")
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    (cache.root / "partial" / f"{'ab' * 32}.{dead}.0000.part").write_bytes(b"x")
+    (cache.root / "partial" / f"hub.{dead}.0000").mkdir()
+    (cache.root / "partial" / f"hub.{dead}.0000" / "f").write_bytes(b"x")
+    live = cache.root / "partial" / f"{'cd' * 32}.1.0000.part"  # pid 1 is alive
+    live.write_bytes(b"x")
+    cache.clean_partials()
+    assert list((cache.root / "partial").iterdir()) == [live]
 
 
 # --- the broker's map of sources ------------------------------------------------------------------
@@ -160,6 +192,8 @@ def test_sources_skip_excluded_and_retired_and_origin_passes_on_death() -> None:
     assert files.find(b"w3", DIGEST, ["tcp://w1"]) == Sources(files=DIGEST, origin=True)
     files.dropped(b"w1", [DIGEST])
     assert files.find(b"w4", DIGEST, []) is None  # w3 reads the origin now
+    # w3's read fails (the origin changed, an I/O error) but w3 lives on: w4 takes over
+    assert files.abandon(b"w3", DIGEST) == [(b"w4", Sources(files=DIGEST, origin=True))]
 
 
 # --- the peer file service, over real sockets ---------------------------------------------------
@@ -243,7 +277,7 @@ async def test_fetch_from_two_peers_detects_a_flipped_byte(tmp_path: Path, servi
     for piece in range(len(weights.pieces)):  # one byte flipped in every piece of the weights
         corrupted[piece * PIECE + 7] ^= 0x01
     blob.write_bytes(corrupted)
-    find_sources, asked = sources_in_turn(
+    find_sources, _ = sources_in_turn(
         Sources(files=manifest.digest, peers=[bad.endpoint, good.endpoint]), Sources(files=manifest.digest, peers=[good.endpoint])
     )
     ctx = zmq.asyncio.Context()
