@@ -332,6 +332,8 @@ class Worker:
     async def prepare(self, spec: ContextSpec, manifest: Manifest | None) -> HeldContext:
         """Fetch the files (unless agnostic) and load the model (if full)."""
         files_dir = None
+        if manifest is not None:
+            manifest.validate()  # its paths become files and links in the cache: checked here too
         if manifest is not None and self.config.context_mode is not ContextMode.AGNOSTIC:
             files_dir = await self.fetch_files(spec, manifest)
         loaded = None
