@@ -230,7 +230,7 @@ class Fetcher:
         digest = download.manifest.digest
         chunks: deque[tuple[PieceKey, int, int]] = deque()  # requests not yet sent
         in_flight: dict[tuple[int, int], PieceKey] = {}  # (file, offset) -> piece
-        buffers: dict[PieceKey, tuple[bytearray, list[int]]] = {}  # piece -> (bytes, [bytes received])
+        buffers: dict[PieceKey, bytearray] = {}  # pieces being assembled
         strikes = 0
         try:
             sock.connect(endpoint)
@@ -241,7 +241,7 @@ class Fetcher:
                         if key is None:
                             break
                         offset, length = download.span(key)
-                        buffers[key] = (bytearray(length), [0])
+                        buffers[key] = bytearray(length)
                         chunks.extend((key, o, min(self.config.chunk_bytes, offset + length - o))
                                       for o in range(offset, offset + max(length, 1), self.config.chunk_bytes))  # fmt: skip
                     key, offset, length = chunks.popleft()
@@ -265,10 +265,9 @@ class Fetcher:
                 key = in_flight.pop((index, message.offset), None) if index is not None else None
                 if key is None:
                     continue  # not an answer to anything we asked
-                buffer, received = buffers[key]
+                buffer = buffers[key]
                 start = message.offset - download.span(key)[0]
                 buffer[start : start + len(data)] = data
-                received[0] += len(data)
                 if any(k == key for k in in_flight.values()) or any(c[0] == key for c in chunks):
                     continue  # more chunks of this piece to come
                 del buffers[key]

@@ -144,10 +144,6 @@ def build_manifest(directory: Path, piece_size: int = DEFAULT_PIECE_SIZE) -> Man
     return Manifest(files=entries, piece_size=piece_size).validate()
 
 
-def piece_ok(data: bytes | bytearray | memoryview, expected: bytes) -> bool:
-    return hashlib.sha256(data).digest() == expected
-
-
 _json_encoder = msgspec.json.Encoder()
 _json_decoder = msgspec.json.Decoder(Manifest)
 
