@@ -1,13 +1,41 @@
-"""Which device a worker computes on, and how it describes it to the broker."""
+"""Which device a worker computes on, how it describes it to the broker, and what suits it.
+
+A cluster lent opportunistically mixes GPU generations (A10s beside TITAN Xs beside H100s), so nothing about
+the device is tuned by hand. The worker reads its device's properties and derives two things:
+
+- **dtype** (``fit_dtype``): a context asked for in ``auto`` loads in bfloat16 where the GPU computes it
+  natively (compute capability 8.0 and up: A100, A10, L4, H100, H200), in float16 on older GPUs (Pascal,
+  Volta, Turing: TITAN X, V100, T4), and in float32 on a CPU. An explicit dtype is kept, except bfloat16 on a
+  GPU older than 8.0, which is refused: the context then fails on that worker and the broker offers it to
+  the others.
+- **micro-batch size** (``BatchPlan``): a batch from the producer is split into micro-batches of at most
+  ``max_tokens`` padded tokens, sized from the memory left free after the weights are loaded and the
+  activations of one forward pass per token. A batch that still runs out of memory is split in half and
+  retried, and the plan shrinks for good (``BatchPlan.shrink``).
+
+docs/heterogeneous.md gives the policy with its numbers.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
-from pervade.errors import ConfigError
+from pervade.errors import ConfigError, ContextLoadError
 from pervade.protocol import DeviceInfo
+
+#: Compute capability from which a GPU has native bfloat16 arithmetic (Ampere).
+BF16_MIN_CAPABILITY = (8, 0)
+#: Padded tokens per micro-batch on a CPU: larger batches do not run faster there and cost memory.
+CPU_BATCH_TOKENS = 8192
+#: Bounds of a GPU micro-batch, in padded tokens: at least one long prompt; at most what keeps the
+#: per-batch latency low enough for the prefetch window to hide it.
+MIN_BATCH_TOKENS = 512
+MAX_BATCH_TOKENS = 131_072
+#: Share of the free device memory (after loading the weights) that activations may take.
+ACTIVATION_MEMORY_SHARE = 0.6
 
 
 def select_device(requested: str = "auto") -> torch.device:
@@ -34,3 +62,79 @@ def describe_device(device: torch.device) -> DeviceInfo:
         )
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     return DeviceInfo(kind="cpu", name=f"cpu-{os.cpu_count()}core", memory_bytes=int(memory))
+
+
+def compute_capability(info: DeviceInfo) -> tuple[int, int] | None:
+    """``(major, minor)`` of a CUDA device, None for a CPU or an unreadable value."""
+    if info.kind != "cuda" or not info.compute_capability:
+        return None
+    major, _, minor = info.compute_capability.partition(".")
+    try:
+        return int(major), int(minor or 0)
+    except ValueError:
+        return None
+
+
+def fit_dtype(requested: str, info: DeviceInfo) -> str:
+    """The dtype a context asked for as ``requested`` is loaded in on this device (see the module doc)."""
+    capability = compute_capability(info)
+    native_bf16 = capability is not None and capability >= BF16_MIN_CAPABILITY
+    if requested == "auto":
+        if info.kind == "cpu" or capability is None:
+            return "float32"
+        return "bfloat16" if native_bf16 else "float16"
+    if requested == "bfloat16" and capability is not None and not native_bf16:
+        raise ContextLoadError(
+            f"bfloat16 asked for, but {info.name} (compute capability {info.compute_capability}) has no native "
+            "bfloat16; use --dtype auto or float16"
+        )
+    return requested
+
+
+@dataclass
+class BatchPlan:
+    """How many padded tokens one forward pass may hold on this device for one loaded model."""
+
+    max_tokens: int
+
+    def micro_batches(self, lengths: list[int]) -> list[list[int]]:
+        """Indices of the claims, grouped into micro-batches: sorted by length (so each micro-batch pads
+        little), each within ``max_tokens`` padded tokens, one claim at least."""
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        groups: list[list[int]] = []
+        current: list[int] = []
+        for index in order:
+            longest = lengths[index]  # sorted: the newcomer is the longest in the group
+            if current and longest * (len(current) + 1) > self.max_tokens:
+                groups.append(current)
+                current = []
+            current.append(index)
+        if current:
+            groups.append(current)
+        return groups
+
+    def shrink(self, tokens_tried: int) -> bool:
+        """After running out of memory on ``tokens_tried`` tokens: halve the budget. False when it cannot
+        shrink any more (one claim did not fit)."""
+        if tokens_tried <= 1:
+            return False
+        self.max_tokens = max(1, min(self.max_tokens, tokens_tried) // 2)
+        return True
+
+
+def activation_bytes_per_token(config: object, dtype_bytes: int) -> int:
+    """Peak activation memory per token of one forward pass without a KV cache: a layer's hidden states,
+    attention projections and MLP intermediates (layers run one after another, so one layer's worth)."""
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    intermediate = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
+    return max(1, (6 * hidden + 3 * intermediate) * dtype_bytes)
+
+
+def plan_batches(info: DeviceInfo, config: object, dtype: torch.dtype, free_bytes: int | None) -> BatchPlan:
+    """A micro-batch budget for a model with this ``config`` in ``dtype``; ``free_bytes`` is the device memory
+    free after loading it (None on a CPU)."""
+    if info.kind == "cpu" or free_bytes is None:
+        return BatchPlan(max_tokens=CPU_BATCH_TOKENS)
+    per_token = activation_bytes_per_token(config, torch.empty((), dtype=dtype).element_size())
+    tokens = int(free_bytes * ACTIVATION_MEMORY_SHARE) // per_token
+    return BatchPlan(max_tokens=max(MIN_BATCH_TOKENS, min(MAX_BATCH_TOKENS, tokens)))

@@ -3,7 +3,9 @@
 A verdict is the label whose answer token gets the highest next-token logit after the prompt, so a batch
 costs one forward pass and no ``generate()``. Prompts are right-padded (so every real token keeps its
 position) and the hidden state at each prompt's last real token is projected onto the label rows of the
-output embedding only, not the whole vocabulary.
+output embedding only, not the whole vocabulary. A batch is cut into micro-batches sized for the device
+(``gpuworker.device.BatchPlan``), claims sorted by length so that each pads little; one that runs out of
+device memory is split and retried, so the producer's batch size never has to match the GPU.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from gpuworker.device import BatchPlan, describe_device, fit_dtype, plan_batches
 from pervade.constants import CLAIM_PLACEHOLDER, LABELS
 from pervade.context import ContextSpec
 from pervade.errors import ContextLoadError
+from pervade.protocol import DeviceInfo
 
 log = structlog.get_logger("gpuworker.engine")
 
@@ -58,6 +62,10 @@ class LoadedContext:
     label_bias: torch.Tensor | None
     max_positions: int | None
     load_seconds: float
+    #: The dtype the weights were loaded in (``auto`` resolved for the device).
+    dtype: str
+    #: Micro-batch budget on this device; shrinks if a micro-batch runs out of memory.
+    plan: BatchPlan
 
     @property
     def context_id(self) -> str:
@@ -65,13 +73,19 @@ class LoadedContext:
 
 
 def load_context(
-    spec: ContextSpec, device: torch.device, files: str | Path | None = None, hub_cache_dir: Path | None = None
+    spec: ContextSpec,
+    device: torch.device,
+    files: str | Path | None = None,
+    hub_cache_dir: Path | None = None,
+    device_info: DeviceInfo | None = None,
 ) -> LoadedContext:
     """Load model and tokenizer onto ``device`` from ``files`` (a local model directory, such as the node
-    cache's), else from the spec's origin (hub id or directory; hub files go to ``hub_cache_dir`` if given).
-    Blocking: run it off the event loop."""
+    cache's), else from the spec's origin (hub id or directory; hub files go to ``hub_cache_dir`` if given),
+    in the dtype that fits the device (``fit_dtype``). Blocking: run it off the event loop."""
     started = time.perf_counter()
-    dtype = _DTYPES.get(spec.dtype, "auto")
+    info = device_info or describe_device(device)
+    dtype_name = fit_dtype(spec.dtype, info)
+    dtype = _DTYPES[dtype_name]
     source = str(files) if files is not None else spec.model
     revision = None if files is not None else spec.revision
     try:
@@ -80,6 +94,7 @@ def load_context(
     except (OSError, ValueError) as exc:
         raise ContextLoadError(f"cannot load {spec.model!r} from {source}: {exc}") from exc
     model.to(device).eval()
+    free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     if tokenizer.pad_token_id is None:  # SmolLM2 has no pad token; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -101,20 +116,58 @@ def load_context(
         label_bias=bias,
         max_positions=getattr(model.config, "max_position_embeddings", None),
         load_seconds=seconds,
+        dtype=dtype_name,
+        plan=plan_batches(info, model.config, dtype, free_bytes),
     )
 
 
-@torch.inference_mode()
 def score_claims(context: LoadedContext, template: str, claims: Sequence[str]) -> list[tuple[str, list[float]]]:
-    """Verdict and label scores (next-token logits, in ``LABELS`` order) for each claim. One forward pass."""
+    """Verdict and label scores (next-token logits, in ``LABELS`` order) for each claim, in input order. One
+    forward pass per micro-batch; a micro-batch that runs out of device memory is split and retried."""
     prompts = [render_prompt(template, claim) for claim in claims]
-    encoded = context.tokenizer(prompts, return_tensors="pt", padding=True)
-    input_ids = encoded["input_ids"].to(context.device)
-    attention_mask = encoded["attention_mask"].to(context.device)
-    if context.max_positions is not None and input_ids.shape[1] > context.max_positions:
-        raise ValueError(
-            f"a prompt of {input_ids.shape[1]} tokens exceeds the model's {context.max_positions} positions"
-        )
+    token_ids: list[list[int]] = context.tokenizer(prompts)["input_ids"]
+    lengths = [len(ids) for ids in token_ids]
+    if context.max_positions is not None and max(lengths, default=0) > context.max_positions:
+        raise ValueError(f"a prompt of {max(lengths)} tokens exceeds the model's {context.max_positions} positions")
+    scores: list[list[float] | None] = [None] * len(prompts)
+    pending = context.plan.micro_batches(lengths)
+    while pending:
+        group = pending.pop()
+        try:
+            rows = _forward([token_ids[i] for i in group], context)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            tokens = max(lengths[i] for i in group) * len(group)
+            if len(group) == 1 or not context.plan.shrink(tokens):
+                raise
+            log.warning("micro_batch_out_of_memory", tokens=tokens, max_tokens_now=context.plan.max_tokens)
+            pending.extend(_regroup(group, [lengths[i] for i in group], context.plan))
+            continue
+        for index, row in zip(group, rows, strict=True):
+            scores[index] = row
+    return [(LABELS[max(range(len(LABELS)), key=row.__getitem__)], row) for row in scores if row is not None]
+
+
+def _regroup(group: list[int], lengths: list[int], plan: BatchPlan) -> list[list[int]]:
+    """Split ``group`` (claim indices) again under a smaller plan, never into a single piece."""
+    parts = [[group[i] for i in part] for part in plan.micro_batches(lengths)]
+    if len(parts) == 1:  # the shrunk budget still holds it all: halve by count
+        half = len(group) // 2
+        parts = [group[:half], group[half:]]
+    return parts
+
+
+@torch.inference_mode()
+def _forward(token_ids: list[list[int]], context: LoadedContext) -> list[list[float]]:
+    """Label logits for one right-padded micro-batch: one forward pass."""
+    width = max(len(ids) for ids in token_ids)
+    input_ids = torch.full((len(token_ids), width), context.tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(token_ids), width), dtype=torch.long)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    input_ids = input_ids.to(context.device)
+    attention_mask = attention_mask.to(context.device)
     hidden = context.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
     last = attention_mask.sum(dim=1) - 1
     last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
@@ -122,5 +175,6 @@ def score_claims(context: LoadedContext, template: str, claims: Sequence[str]) -
     softcap = getattr(context.model.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    scores = logits.float().cpu().tolist()
-    return [(LABELS[max(range(len(LABELS)), key=row.__getitem__)], row) for row in scores]
+    if not torch.isfinite(logits).all():
+        raise ValueError(f"non-finite label scores in {context.dtype} (overflow?); try the context with --dtype float32")
+    return logits.float().cpu().tolist()

@@ -90,6 +90,8 @@ class BatchResult(_Part):
     started_at: Timestamp
     finished_at: Timestamp
     verdicts: list[Verdict]
+    #: The dtype the weights were computed in (a context in ``auto`` resolves per device).
+    dtype: str = ""
 
 
 class BatchFailure(_Part):
@@ -265,6 +267,13 @@ class BatchFailed(Message, tag="batch_failed"):
     error: str
 
 
+class Drained(Message, tag="drained"):
+    """Broker to workers: the last open job is complete and nothing is queued. Workers started with
+    ``--exit-when-drained`` (batch jobs) leave, so no GPU is held idle."""
+
+    completed_jobs: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
 class Release(Message, tag="release"):
     """Worker hands back assigned batches it will not run (it was told to stop): the broker requeues them
     at once, not counted as failed attempts. With ``leaving`` it also gets no more work."""
@@ -328,7 +337,7 @@ class Error(Message, tag="error"):
 AnyMessage = Union[
     ProducerReady, Submit, Accepted, Rejected, EndJob, JobDone, DeclareContext,
     WorkerReady, Pull, LoadContext, ContextLoaded, ContextFailed, Assign, Completed, BatchFailed, Release,
-    FindSources, Sources, FilesHeld, FilesDropped,
+    Drained, FindSources, Sources, FilesHeld, FilesDropped,
     Disconnect, SinkReady, Deliver, DeliverFailure, SinkAck,
     Heartbeat, Error,
 ]  # fmt: skip

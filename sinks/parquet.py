@@ -34,6 +34,7 @@ SCHEMA = pa.schema(
         pa.field("score_not_enough_info", pa.float32(), nullable=False),
         pa.field("worker_id", pa.string(), nullable=False),
         pa.field("device", pa.string(), nullable=False),
+        pa.field("dtype", pa.string(), nullable=False),
         pa.field("batch_id", pa.string(), nullable=False),
         pa.field("job_id", pa.string(), nullable=False),
         pa.field("submitted_at", _TIME, nullable=False),
@@ -42,7 +43,7 @@ SCHEMA = pa.schema(
     ]
 )
 
-_PER_BATCH = ("template_id", "context_id", "model", "worker_id", "device", "batch_id", "job_id")
+_PER_BATCH = ("template_id", "context_id", "model", "worker_id", "device", "dtype", "batch_id", "job_id")
 _TIMES = ("submitted_at", "started_at", "finished_at")
 
 

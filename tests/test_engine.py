@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from gpuworker.device import CPU_BATCH_TOKENS
 from gpuworker.engine import label_token_ids, load_context, render_prompt, score_claims
 from pervade.constants import LABELS
 from pervade.context import ContextSpec, make_context
@@ -60,3 +61,69 @@ def test_a_prompt_longer_than_the_model_is_an_error_not_a_truncation(loaded) -> 
 def test_a_model_that_does_not_exist_is_a_context_load_error(tmp_path) -> None:
     with pytest.raises(ContextLoadError, match="cannot load"):
         load_context(ContextSpec(model=str(tmp_path)), torch.device("cpu"))
+
+
+def all_claims() -> list[str]:
+    return [json.loads(line)["claim"] for line in sample_claims_path().read_text().splitlines()]
+
+
+def test_micro_batches_give_the_one_pass_scores_in_input_order(loaded) -> None:
+    template = next(iter(load_templates().values()))
+    claims = all_claims()
+    whole = score_claims(loaded, template, claims)
+    budget = loaded.plan.max_tokens
+    try:
+        loaded.plan.max_tokens = 200  # a few prompts per micro-batch, several micro-batches per batch
+        groups = loaded.plan.micro_batches([len(loaded.tokenizer(render_prompt(template, c))["input_ids"]) for c in claims])
+        assert len(groups) > 3
+        split = score_claims(loaded, template, claims)
+    finally:
+        loaded.plan.max_tokens = budget
+    assert [v for v, _ in split] == [v for v, _ in whole]
+    for (_, a), (_, b) in zip(split, whole, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_a_micro_batch_out_of_device_memory_is_split_and_retried(loaded, monkeypatch) -> None:
+    """Fault injection: the model refuses any pass over 120 padded tokens, as a small GPU would."""
+    template = next(iter(load_templates().values()))
+    claims = all_claims()[:16]
+    expected = score_claims(loaded, template, claims)
+    real_forward = loaded.model.base_model.forward
+    seen: list[int] = []
+
+    def small_gpu(input_ids, **kwargs):
+        seen.append(input_ids.numel())
+        if input_ids.numel() > 120:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_forward(input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(loaded.model.base_model, "forward", small_gpu)
+    budget = loaded.plan.max_tokens
+    try:
+        got = score_claims(loaded, template, claims)
+        assert loaded.plan.max_tokens <= 120, "the plan should shrink for good after running out of memory"
+    finally:
+        loaded.plan.max_tokens = budget
+    assert any(n > 120 for n in seen) and max(n for n in seen[-3:]) <= 120
+    for (va, a), (vb, b) in zip(got, expected, strict=True):
+        assert va == vb and a == pytest.approx(b, abs=1e-4)
+
+
+def test_a_claim_that_alone_exceeds_device_memory_fails_the_batch(loaded, monkeypatch) -> None:
+    def no_memory(input_ids, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(loaded.model.base_model, "forward", no_memory)
+    budget = loaded.plan.max_tokens
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            score_claims(loaded, "{claim}", ["one claim", "two claims here"])
+    finally:
+        loaded.plan.max_tokens = budget
+
+
+def test_the_cpu_loads_auto_in_float32_with_the_cpu_budget(loaded) -> None:
+    assert loaded.dtype == "float32"
+    assert next(loaded.model.parameters()).dtype == torch.float32
+    assert loaded.plan.max_tokens == CPU_BATCH_TOKENS
