@@ -47,6 +47,7 @@ from pervade.protocol import (
     Deliver,
     DeliverFailure,
     Disconnect,
+    Drained,
     EndJob,
     Error,
     FilesDropped,
@@ -442,6 +443,18 @@ class Broker:
         if first or not to_producer:
             for sink in self.sinks.values():  # sinks run with --until-done wait for this
                 self.send(sink.identity, done)
+        if first and done.open_jobs == 0:
+            self.send_drained()
+
+    def send_drained(self) -> None:
+        """The last open job is complete: tell the workers, so batch jobs end instead of holding GPUs idle.
+        Only on this transition; a worker joining later waits for work (or its idle timeout)."""
+        if self.queued_total():
+            return  # work of a job whose producer has not ended it yet
+        drained = Drained(completed_jobs=len(self.jobs))
+        for worker in self.workers.values():
+            self.send(worker.identity, drained)
+        log.info("drained", completed_jobs=len(self.jobs), workers=len(self.workers))
 
     # --- workers ---------------------------------------------------------------------------------
 

@@ -6,10 +6,15 @@ model work on a dedicated thread so the event loop stays free. The worker grants
 ``prefetch + 1`` batches, so the next batch is already on the worker when the current one finishes: the
 device never waits on the network.
 
-Preemption. On SIGTERM (what Slurm, HTCondor and Grid Engine send before SIGKILL) the worker stops taking
-work, hands its queued batches straight back (``Release``), finishes the batch in hand if it can within
+Preemption. On SIGTERM (what Slurm and HTCondor send before SIGKILL; Grid Engine's ``-notify`` sends SIGUSR1
+before a suspension and SIGUSR2 before a kill, handled alike) the worker stops taking work, hands its queued batches straight back (``Release``), finishes the batch in hand if it can within
 ``grace_s`` (judged from how long batches have taken), else hands that back too, says goodbye and exits.
 A forward pass cannot be interrupted, so a worker that gives up on one exits without waiting for it.
+
+Ending on its own. A worker in a batch job must not hold a GPU idle: with ``exit_when_drained`` it leaves
+when the broker says the last open job is done (``Drained``); with ``idle_timeout_s`` it leaves after that
+long without work from a live broker; with ``broker_deadline_s`` it gives up on a broker not heard for that long (one not up
+yet, or gone for good), and exits with status ``EXIT_BROKER_UNREACHABLE`` (3).
 
 Context files. A context with a manifest is loaded from the node cache (``gpuworker/cache.py``); files
 missing there are fetched from peers or the origin first (``gpuworker/fetch.py``), and the worker serves
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import signal
@@ -43,11 +49,11 @@ import torch
 import zmq.asyncio
 
 from gpuworker.cache import FileCache, default_cache_root
-from gpuworker.device import describe_device, select_device
+from gpuworker.device import describe_device, fit_dtype, select_device
 from gpuworker.engine import LoadedContext, load_context, score_claims
 from gpuworker.fetch import Fetcher, FetchStats, TransferConfig
 from gpuworker.fileserver import FileServer, FileServiceConfig
-from pervade.constants import DEFAULT_BROKER_CONNECT
+from pervade.constants import DEFAULT_BROKER_CONNECT, EXIT_BROKER_UNREACHABLE, LEAVE_SIGNALS
 from pervade.context import ContextMode, ContextSpec
 from pervade.errors import ConfigError
 from pervade.manifest import Manifest
@@ -59,6 +65,7 @@ from pervade.protocol import (
     ContextFailed,
     ContextLoaded,
     Disconnect,
+    Drained,
     Error,
     FilesDropped,
     FilesHeld,
@@ -73,6 +80,9 @@ from pervade.protocol import (
 from pervade.session import BrokerSession, Heartbeats
 
 log = structlog.get_logger("gpuworker")
+
+#: How often the worker checks its idle timeout and broker deadline.
+WATCH_INTERVAL_S = 0.5
 
 #: Seconds a worker waits for the broker's answer to FindSources before asking again (the broker may have
 #: restarted; it answers at once when it can, or the moment a source frees up).
@@ -109,6 +119,13 @@ class WorkerConfig:
     serve_files: bool = True
     files: FileServiceConfig = field(default_factory=FileServiceConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    #: Leave when the broker says every job is done (batch jobs: no GPU held idle).
+    exit_when_drained: bool = False
+    #: Leave after this many seconds without work (None: never).
+    idle_timeout_s: float | None = None
+    #: Give up (exit status 3) when the broker has not been heard for this long, counting from the start
+    #: for a broker not up yet (None: retry for ever).
+    broker_deadline_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.prefetch < 0:
@@ -119,6 +136,10 @@ class WorkerConfig:
             raise ConfigError("threads must be at least 1")
         if self.grace_s <= 0:
             raise ConfigError("grace_s must be positive")
+        for name in ("idle_timeout_s", "broker_deadline_s"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be positive")
 
 
 @dataclass
@@ -170,9 +191,20 @@ class Worker:
         self.batch_seconds = 0.0
         #: True when the worker stopped while the device was still busy (see ``run_worker``).
         self.abandoned_compute = False
+        #: Why the worker stopped, and the exit status that says it.
+        self.exit_reason = ""
+        self.exit_status = 0
+        self._idle_since = time.monotonic()
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "signal", status: int = 0) -> None:
+        """Leave gracefully; the first reason given is the one reported."""
+        if not self._stopping.is_set():
+            self.exit_reason, self.exit_status = reason, status
         self._stopping.set()
+
+    @property
+    def idle(self) -> bool:
+        return self._in_hand is None and self._work.empty()
 
     async def _register(self, session: BrokerSession) -> None:
         self._failed_contexts.clear()  # the broker forgets refusals when we register: so do we
@@ -219,6 +251,7 @@ class Worker:
         )  # fmt: skip
         receiver = asyncio.create_task(self.receive_loop())
         computer = asyncio.create_task(self.compute_loop())
+        watcher = asyncio.create_task(self.watch_loop())
         stop = asyncio.create_task(self._stopping.wait())
         failure: BaseException | None = None
         try:
@@ -226,15 +259,19 @@ class Worker:
             # credit and batches: leave, and say why.
             await asyncio.wait([receiver, computer, stop], return_when=asyncio.FIRST_COMPLETED)
             failure = next((t.exception() for t in (receiver, computer) if t.done() and t.exception()), None)
-            self.stop()
-            await self.leave(computer, reason=f"worker failed: {failure!r}" if failure else "stopping")
+            self.stop("failed" if failure else "stopping", 1 if failure else 0)
+            await self.leave(computer, reason=f"worker failed: {failure!r}" if failure else self.exit_reason)
         finally:
             self._finished.set()
             stop.cancel()
+            watcher.cancel()
             await asyncio.gather(receiver, *([serving] if serving else []), return_exceptions=True)
             self.session.close()
             self._executor.shutdown(wait=False, cancel_futures=True)
-            log.info("worker_stopped", batches_done=self.batches_done, loads=self.loads, abandoned=self.abandoned_compute)
+            log.info(
+                "worker_stopped", reason=self.exit_reason, exit_status=self.exit_status, batches_done=self.batches_done,
+                loads=self.loads, abandoned=self.abandoned_compute,
+            )  # fmt: skip
         if failure is not None:
             raise failure
 
@@ -274,6 +311,10 @@ class Worker:
                         await self.session.send(Release(batch_ids=[message.batch.batch_id], leaving=True))
                     continue
                 self._work.put_nowait(_Work(message, self.session.generation))
+            elif isinstance(message, Drained):
+                if self.config.exit_when_drained:
+                    log.info("broker_drained", completed_jobs=message.completed_jobs)
+                    self.stop("drained")
             elif isinstance(message, Sources):
                 wanted = self._sources_wanted.pop(message.files, None)
                 if wanted is not None and not wanted.done():
@@ -282,6 +323,21 @@ class Worker:
                 log.error("broker_error", reason=message.reason, detail=message.detail)
             elif message is not None:
                 log.warning("unexpected_message", kind=type(message).__name__)
+
+    async def watch_loop(self) -> None:
+        """End the worker on its own: idle for too long, or a broker silent past the deadline."""
+        deadline, idle_timeout = self.config.broker_deadline_s, self.config.idle_timeout_s
+        while not self._stopping.is_set():
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            now = time.monotonic()
+            if not self.idle or self.session.silent_s > self.config.heartbeats.dead_after_s:
+                self._idle_since = now  # idle means: the broker is there and has nothing for us
+            if deadline is not None and self.session.silent_s > deadline:
+                log.error("broker_unreachable", broker=self.config.broker, silent_s=round(self.session.silent_s, 1))
+                self.stop(f"broker not heard for {deadline:g} s", EXIT_BROKER_UNREACHABLE)
+            elif idle_timeout is not None and now - self._idle_since > idle_timeout:
+                log.info("worker_idle", idle_s=round(now - self._idle_since, 1))
+                self.stop(f"idle for {idle_timeout:g} s")
 
     async def compute_loop(self) -> None:
         while not self._stopping.is_set():
@@ -341,7 +397,9 @@ class Worker:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             loop = asyncio.get_running_loop()
-            loaded = await loop.run_in_executor(self._executor, load_context, spec, self.device, files_dir)
+            loaded = await loop.run_in_executor(
+                self._executor, functools.partial(load_context, spec, self.device, files_dir, device_info=self.device_info)
+            )
         return HeldContext(spec=spec, manifest=manifest, files_dir=files_dir, loaded=loaded)
 
     async def fetch_files(self, spec: ContextSpec, manifest: Manifest) -> Path:
@@ -432,6 +490,7 @@ class Worker:
             await self.session.send(BatchFailed(batch_id=batch.batch_id, error=str(exc)))
             await self._grant_credit(work)
             return
+        dtype = held.loaded.dtype if held.loaded is not None else fit_dtype(held.spec.dtype, self.device_info)
         result = BatchResult(
             batch_id=batch.batch_id,
             job_id=batch.job_id,
@@ -440,6 +499,7 @@ class Worker:
             template_id=batch.template_id,
             worker_id=self.worker_id,
             device=self.device_info.describe(),
+            dtype=dtype,
             submitted_at=batch.submitted_at,
             started_at=started,
             finished_at=time.time(),
@@ -463,7 +523,7 @@ class Worker:
             hub_cache = None
             if held.files_dir is None and not os.path.isdir(held.spec.model):  # agnostic from the hub
                 hub_cache = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pervade-agnostic-")))
-            context = load_context(held.spec, self.device, held.files_dir, hub_cache_dir=hub_cache)
+            context = load_context(held.spec, self.device, held.files_dir, hub_cache_dir=hub_cache, device_info=self.device_info)
             try:
                 log.debug("batch_context_loaded", seconds=round(context.load_seconds, 4), from_cache=held.files_dir is not None)
                 return score_claims(context, template, texts)
@@ -479,15 +539,17 @@ class Worker:
             await self.session.send(Pull(credit=1))
 
 
-async def run_worker(config: WorkerConfig) -> None:
-    """Run a worker until SIGTERM or SIGINT. If it stopped with the device still busy, exit at once: the
-    thread cannot be interrupted, and waiting for it would overrun the batch system's grace time."""
+async def run_worker(config: WorkerConfig) -> int:
+    """Run a worker until a leave signal (``LEAVE_SIGNALS``) or until it ends on its own; returns its exit
+    status. If it stopped with the device still busy, exit at once: the thread cannot be interrupted, and
+    waiting for it would overrun the batch system's grace time."""
     worker = Worker(config)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
+    for sig in LEAVE_SIGNALS:
+        loop.add_signal_handler(sig, functools.partial(worker.stop, f"signal {signal.Signals(sig).name}"))
     await worker.run()
     if worker.abandoned_compute:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(worker.exit_status)
+    return worker.exit_status

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -78,6 +79,23 @@ def _add_context_files(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--peer-timeout", type=_positive_float, default=10.0, help="give up a peer silent for this many seconds (default: 10)")
 
 
+def _add_ending(parser: argparse.ArgumentParser) -> None:
+    """When a worker ends on its own (batch jobs: no GPU held idle, no job stuck on a dead broker)."""
+    group = parser.add_argument_group("ending on its own (batch jobs)")
+    group.add_argument("--exit-when-drained", action="store_true", help="leave when the broker says every job is done")
+    group.add_argument("--idle-timeout", type=_positive_float, default=None, metavar="SECONDS", help="leave after this long without work (default: never)")
+    group.add_argument("--broker-deadline", type=_positive_float, default=None, metavar="SECONDS", help="exit with status 3 if the broker is not heard for this long, from the start for a broker not up yet (default: retry for ever)")
+
+
+def _add_node_options(parser: argparse.ArgumentParser) -> None:
+    from jobs.node import DEFAULT_BROKER_DEADLINE_S, DEFAULT_IDLE_TIMEOUT_S
+
+    group = parser.add_argument_group("the job's workers")
+    group.add_argument("--idle-timeout", type=_positive_float, default=DEFAULT_IDLE_TIMEOUT_S, metavar="SECONDS", help=f"workers leave after this long without work (default: {DEFAULT_IDLE_TIMEOUT_S:g})")
+    group.add_argument("--broker-deadline", type=_positive_float, default=DEFAULT_BROKER_DEADLINE_S, metavar="SECONDS", help=f"workers give up on a broker not heard for this long, e.g. not up yet (default: {DEFAULT_BROKER_DEADLINE_S:g})")
+    group.add_argument("--cache-dir", type=Path, default=None, help="node cache of model files, shared by the node's workers (default: the job's scratch dir)")
+
+
 def _add_broker_endpoint(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", default=DEFAULT_BROKER_CONNECT, metavar="ENDPOINT", help=f"the broker's ZeroMQ endpoint (default: {DEFAULT_BROKER_CONNECT})")
 
@@ -134,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-id", default=None, help="name in logs and output rows (default: HOST-PID)")
     _add_context_files(p)
     p.add_argument("--grace-seconds", type=_positive_float, default=20.0, help="on SIGTERM, exit within this many seconds: queued batches are handed back at once, the one in hand is finished only if it fits (default: 20; Slurm sends SIGKILL 30 s after SIGTERM by default)")
+    _add_ending(p)
     _add_heartbeats(p)
     _add_logging(p)
     p.set_defaults(handler=_cmd_worker)
@@ -175,6 +194,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None, help="workers' node cache of model files (default: theirs)")
     _add_logging(p)
     p.set_defaults(handler=_cmd_run)
+
+    p = sub.add_parser("submit", help="submit worker jobs to Slurm, HTCondor or Grid Engine", description="Render a worker job from a template (jobs/templates/) and submit it N times as one array with the scheduler's own command; prints the job ids. Options after -- are passed to every worker.")
+    p.add_argument("--scheduler", required=True, choices=["slurm", "htcondor", "sge"], help="the batch system")
+    p.add_argument("--broker", required=True, metavar="ENDPOINT", help="the broker's endpoint as compute nodes reach it, e.g. tcp://login1:5555")
+    p.add_argument("--workers", type=_positive_int, default=1, help="jobs to submit (default: 1)")
+    p.add_argument("--gpus-per-job", type=int, default=1, help="GPUs per job, one worker each; 0 for a CPU job (default: 1)")
+    p.add_argument("--cpus-per-job", type=_positive_int, default=4, help="CPU cores per job (default: 4)")
+    p.add_argument("--memory", default="16G", help="memory per job, in the scheduler's syntax; '' for the site default (default: 16G)")
+    p.add_argument("--time", default="4:00:00", help="wall-clock limit: minutes, HH:MM:SS or D-HH:MM:SS; '' for the site default (default: 4:00:00)")
+    p.add_argument("--partition", default="", help="Slurm partition or Grid Engine queue")
+    p.add_argument("--account", default="", help="Slurm account, Grid Engine project or HTCondor accounting group")
+    p.add_argument("--job-name", default="pervade-worker", help="job name (default: pervade-worker)")
+    p.add_argument("--extra", action="append", default=[], metavar="LINE", help="a scheduler line added verbatim, '--constraint=a100' style lines get the directive prefix (repeatable)")
+    p.add_argument("--setup", action="append", default=[], metavar="LINE", help="a shell line run before the worker, e.g. 'module load cuda' (repeatable)")
+    p.add_argument("--venv", type=Path, default=None, help="a virtual environment to activate on the node (default: run this Python, with its environment)")
+    p.add_argument("--python", default=None, help="the Python on the compute nodes (default: this one)")
+    p.add_argument("--log-dir", type=Path, default=Path("pervade-jobs"), help="where the jobs' output and rendered scripts go (default: ./pervade-jobs)")
+    p.add_argument("--requeue", action="store_true", help="let the scheduler requeue a preempted job")
+    p.add_argument("--template", type=Path, default=None, help="a copy of the scheduler's template in jobs/templates/ to render instead")
+    p.add_argument("--dry-run", action="store_true", help="print the rendered job and submit nothing")
+    _add_node_options(p)
+    _add_logging(p)
+    p.set_defaults(handler=_cmd_submit, worker_args=[])
+
+    p = sub.add_parser("node", help="run one batch job's workers (what a submitted job runs)", description="Start one worker per GPU in CUDA_VISIBLE_DEVICES (or one CPU worker), pass the batch system's signals on, and end when the workers end. Options after -- are passed to every worker.")
+    _add_broker_endpoint(p)
+    p.add_argument("--job-id", default="", help="the batch system's job id, to name the workers JOB-gpuK (default: HOST-PID)")
+    p.add_argument("--gpus", default=None, help="GPUs to use, overriding CUDA_VISIBLE_DEVICES; '' for one CPU worker")
+    p.add_argument("--worker-log-dir", type=Path, default=None, help="write each worker's log to DIR/WORKER.log (default: the job's output)")
+    _add_node_options(p)
+    _add_logging(p)
+    p.set_defaults(handler=_cmd_node, worker_args=[])
 
     p = sub.add_parser("tiny-model", help="write a tiny random SmolLM2-architecture model", description="Write a randomly initialised LlamaForCausalLM of SmolLM2's architecture and a locally trained tokenizer, for offline runs and tests.")
     p.add_argument("dir", type=Path, help="directory to write")
@@ -228,9 +279,11 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         serve_files=args.serve_files,
         files=FileServiceConfig(bind_host=args.file_bind_host, advertise_host=args.file_host, max_uploads=args.max_uploads),
         transfer=TransferConfig(chunk_bytes=args.chunk_kib * 1024, credit=args.credit, peer_timeout_s=args.peer_timeout),
+        exit_when_drained=args.exit_when_drained,
+        idle_timeout_s=args.idle_timeout,
+        broker_deadline_s=args.broker_deadline,
     )
-    asyncio.run(run_worker(config))
-    return 0
+    return asyncio.run(run_worker(config))
 
 
 def _cmd_produce(args: argparse.Namespace) -> int:
@@ -313,6 +366,75 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Worker options a batch job sets itself (``pervade node``), so they cannot be passed on after ``--``.
+NODE_SETS = ("--broker", "--worker-id", "--exit-when-drained", "--idle-timeout", "--broker-deadline", "--cache-dir")
+
+
+def _check_worker_args(worker_args: Sequence[str]) -> None:
+    """Refuse worker options that would fail every job later: unknown ones, and the ones the node sets."""
+    taken = [a for a in worker_args if a.split("=", 1)[0] in NODE_SETS]
+    if taken:
+        raise ConfigError(f"{', '.join(taken)}: set by the job itself; use the option before -- instead")
+    try:
+        build_parser().parse_args(["worker", *worker_args])
+    except SystemExit:  # argparse has printed what is wrong
+        raise ConfigError(f"invalid worker options after --: {shlex.join(worker_args)}") from None
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from jobs.submit import JobSpec, Scheduler, parse_duration, render, submit
+
+    _check_worker_args(args.worker_args)
+    setup = list(args.setup)
+    if args.venv is not None:
+        setup.insert(0, f"source {shlex.quote(str(args.venv.absolute() / 'bin' / 'activate'))}")
+    node_options = ["--idle-timeout", f"{args.idle_timeout:g}", "--broker-deadline", f"{args.broker_deadline:g}"]
+    if args.cache_dir is not None:
+        node_options += ["--cache-dir", str(args.cache_dir)]
+    spec = JobSpec(
+        scheduler=Scheduler(args.scheduler),
+        broker=args.broker,
+        workers=args.workers,
+        gpus_per_job=args.gpus_per_job,
+        cpus_per_job=args.cpus_per_job,
+        memory=args.memory,
+        time_limit_s=parse_duration(args.time) if args.time else 0,
+        partition=args.partition,
+        account=args.account,
+        job_name=args.job_name,
+        log_dir=args.log_dir,
+        python=args.python or ("python" if args.venv is not None else sys.executable),
+        setup_lines=tuple(setup),
+        extra_lines=tuple(args.extra),
+        requeue=args.requeue,
+        node_options=tuple(node_options),
+        worker_args=tuple(args.worker_args),
+    )
+    if args.dry_run:
+        print(render(spec, args.template).show(), end="")
+        return 0
+    for job_id in submit(spec, args.template):
+        print(job_id)
+    return 0
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    from jobs.node import NodeConfig, run_node
+
+    _check_worker_args(args.worker_args)
+    config = NodeConfig(
+        broker=args.broker,
+        job_id=args.job_id,
+        worker_args=tuple(args.worker_args),
+        cache_dir=args.cache_dir,
+        idle_timeout_s=args.idle_timeout,
+        broker_deadline_s=args.broker_deadline,
+        log_dir=args.worker_log_dir,
+        gpus=args.gpus,
+    )
+    return asyncio.run(run_node(config))
+
+
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -324,9 +446,20 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Subcommands whose options after ``--`` go to every worker they start.
+PASSES_ARGS_ON = ("submit", "node")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed_on: list[str] = []
+    if argv and argv[0] in PASSES_ARGS_ON and "--" in argv:  # `pervade node ... -- WORKER OPTIONS`
+        split = argv.index("--")
+        argv, passed_on = argv[:split], argv[split + 1 :]
     args = parser.parse_args(argv)
+    if passed_on:
+        args.worker_args = passed_on
     configure_logging(args.log_level, args.log_json)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:

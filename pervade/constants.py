@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 #: The header frame of every message. A peer speaking another version is refused with an error.
 PROTOCOL_HEADER = b"pervade/1"
 PROTOCOL_VERSION = 1
@@ -20,3 +22,10 @@ SOCKET_LINGER_MS = 1000
 
 DEFAULT_BROKER_BIND = "tcp://*:5555"
 DEFAULT_BROKER_CONNECT = "tcp://127.0.0.1:5555"
+
+#: Signals on which a worker leaves gracefully (hands its batches back, finishes what fits, says goodbye):
+#: SIGTERM from Slurm and HTCondor, SIGUSR1/SIGUSR2 from Grid Engine's -notify, SIGINT from a user.
+LEAVE_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+#: Exit status of a worker (and of its batch job) that gave up on a broker it could not reach.
+EXIT_BROKER_UNREACHABLE = 3

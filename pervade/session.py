@@ -82,6 +82,7 @@ class BrokerSession:
         self._healthy = False  # heard the broker since the last (re)connection
         self._last_sent = 0.0
         self._last_heard = 0.0
+        self._heard_at = time.monotonic()  # last word from the broker (or the start), across reconnections
         #: Incremented on every new connection; work received on an older one is stale.
         self.generation = 0
         self.reconnects = 0
@@ -92,7 +93,13 @@ class BrokerSession:
 
     async def open(self) -> None:
         """Connect and register. The broker need not be up yet: messages wait in the socket."""
+        self._heard_at = time.monotonic()
         await self._connect()
+
+    @property
+    def silent_s(self) -> float:
+        """Seconds since the broker was last heard (or since ``open``), whatever the reconnections."""
+        return time.monotonic() - self._heard_at
 
     def close(self) -> None:
         self._registered.clear()
@@ -150,7 +157,7 @@ class BrokerSession:
                 if time.monotonic() >= deadline:
                     return None
                 continue
-            self._last_heard = time.monotonic()
+            self._last_heard = self._heard_at = time.monotonic()
             if isinstance(message, Disconnect):
                 await self.reconnect(f"the broker asked: {message.reason}", wait=not self._healthy)
                 continue

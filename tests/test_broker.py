@@ -22,6 +22,7 @@ from pervade.protocol import (
     DeliverFailure,
     DeviceInfo,
     Disconnect,
+    Drained,
     EndJob,
     Error,
     Heartbeat,
@@ -88,6 +89,33 @@ async def test_a_job_flows_from_producer_to_worker_to_sink_and_back(connect) -> 
     await sink.send(SinkAck(batch_ids=[d.result.batch_id for d in delivered]))
     assert await producer.receive() == JobDone(job_id="j1", batches=2, pairs=4)
     assert await sink.receive() == JobDone(job_id="j1", batches=2, pairs=4)  # for sinks run --until-done
+
+
+async def test_workers_hear_drained_only_when_the_last_open_job_completes(connect) -> None:
+    producer, worker, sink = await connect(b"p", producer=True), await connect(b"w"), await connect(b"s")
+    await sink.send(SinkReady(sink_id="s1"))
+    for job in ("j1", "j2"):
+        await producer.send(Submit(batch=batch(job, 0)))
+        assert await producer.receive() == Accepted(batch_id=f"{job}/0")
+    await producer.send(EndJob(job_id="j1", batches=1, pairs=2))
+    await register_worker(worker, "w1", credit=1)
+    assert isinstance(await worker.receive(), LoadContext)
+
+    async def run_one() -> None:
+        assigned = await worker.receive()
+        await worker.send(Completed(result=result_for(assigned.batch)))
+        delivered = await sink.receive()
+        await sink.send(SinkAck(batch_ids=[delivered.result.batch_id]))
+        await worker.send(Pull(credit=1))
+
+    await run_one()
+    assert (await producer.receive()).job_id == "j1"
+    assert (await sink.receive()).job_id == "j1"  # JobDone, for sinks run --until-done
+    await run_one()
+    await worker.expect_silence()  # j2 is still open: its producer has not ended it
+    await producer.send(EndJob(job_id="j2", batches=1, pairs=2))
+    assert (await producer.receive()).job_id == "j2"
+    assert await worker.receive() == Drained(completed_jobs=2)
 
 
 async def test_malformed_input_gets_an_error_and_the_broker_keeps_serving(connect, live_broker) -> None:
@@ -225,6 +253,7 @@ async def test_a_context_no_worker_can_load_fails_its_batches(connect) -> None:
     done = await producer.receive()
     assert isinstance(done, JobDone) and done.failed_batches == 3
     assert all("no such model" in e for e in done.errors)
+    assert isinstance(await worker.receive(), Drained)  # the run is over: batch jobs may end
     await worker.expect_silence()  # never offered the context it could not load
     # later batches of that context are refused at once instead of queued forever...
     await producer.send(Submit(batch=batch("j8", 0)))
@@ -252,13 +281,14 @@ async def test_a_finished_job_sent_again_is_answered_without_running_again(conne
     await sink.send(SinkAck(batch_ids=[(await sink.receive()).result.batch_id]))
     assert isinstance(await producer.receive(), JobDone)
     assert live_broker.store.get("j9/0").status is BatchStatus.WRITTEN
+    assert isinstance(await worker.receive(), Drained)
 
     rerun = await connect(b"p2", producer=True)  # the producer, restarted
     await rerun.send(Submit(batch=batch("j9", 0)))
     assert await rerun.receive() == Accepted(batch_id="j9/0", duplicate=True)
     await rerun.send(EndJob(job_id="j9", batches=1, pairs=2))
     assert await rerun.receive() == JobDone(job_id="j9", batches=1, pairs=2)
-    await worker.expect_silence()
+    await worker.expect_silence()  # nothing to run, and no second Drained: the job was done already
 
 
 async def test_a_leaving_sink_has_its_unwritten_results_delivered_to_another(connect) -> None:
