@@ -128,6 +128,9 @@ class BrokerConfig:
     checkpoint_interval_s: float = 1.0
     #: How often the broker logs its counters.
     stats_interval_s: float = 10.0
+    #: Seconds the run must have been over (every job complete, no producer preparing one) before workers
+    #: are told ``drained``; checked on each heartbeat.
+    drain_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -138,6 +141,8 @@ class BrokerConfig:
             raise ConfigError("max_uploads_per_peer and max_sources must be at least 1")
         if self.checkpoint_interval_s <= 0 or self.stats_interval_s <= 0:
             raise ConfigError("checkpoint and stats intervals must be positive")
+        if self.drain_grace_s < 0:
+            raise ConfigError("drain_grace_s must be 0 or more")
 
 
 class Broker:
@@ -152,6 +157,9 @@ class Broker:
         self.workers: dict[bytes, WorkerRecord] = {}
         self.sinks: dict[bytes, SinkRecord] = {}
         self.producers: dict[bytes, ProducerRecord] = {}
+        #: When the run was first seen over, and whether workers were told (see send_drained_if_over).
+        self._over_since: float | None = None
+        self._drained_sent = False
         self.jobs: dict[str, JobRecord] = {}
         self.specs: dict[str, ContextSpec] = {}
         #: Manifests declared by producers, by digest.
@@ -251,6 +259,7 @@ class Broker:
                 if now >= next_beat:
                     self.purge_dead_peers(now)
                     self.send_heartbeats()
+                    self.send_drained_if_over(now)
                     next_beat = now + beat
                 if self.sinks and self.store.status_counts[BatchStatus.DONE]:
                     self.deliver_held()
@@ -389,6 +398,7 @@ class Broker:
             self.specs[batch.context.context_id] = batch.context
             self.store.save_context(batch.context)
         self.store.add(batch)
+        self._drained_sent = False  # new work: the run is not over
         job.batches += 1
         job.pairs += len(batch.claims)
         self.store.save_job(job)
@@ -443,14 +453,28 @@ class Broker:
         if first or not to_producer:
             for sink in self.sinks.values():  # sinks run with --until-done wait for this
                 self.send(sink.identity, done)
-        if first and done.open_jobs == 0:
-            self.send_drained()
 
-    def send_drained(self) -> None:
-        """The last open job is complete: tell the workers, so batch jobs end instead of holding GPUs idle.
-        Only on this transition; a worker joining later waits for work (or its idle timeout)."""
-        if self.queued_total():
-            return  # work of a job whose producer has not ended it yet
+    def run_is_over(self) -> bool:
+        """Every job complete, nothing queued, and no connected producer still preparing a job (hashing a
+        model, reading claims) that has not submitted yet."""
+        if not self.jobs or self.queued_total() or any(not job.done_reported for job in self.jobs.values()):
+            return False
+        finished = {job.producer for job in self.jobs.values()}
+        return all(identity in finished for identity in self.producers)
+
+    def send_drained_if_over(self, now: float) -> None:
+        """Tell the workers once the run has been over for ``drain_grace_s``, so batch jobs end instead of
+        holding GPUs idle. The grace lets a script's next sweep connect without losing the workers; new
+        work re-arms it. A worker joining after the run waits for work (or its idle timeout)."""
+        if not self.run_is_over():
+            self._over_since = None
+            return
+        if self._drained_sent:
+            return
+        self._over_since = self._over_since if self._over_since is not None else now
+        if now - self._over_since < self.config.drain_grace_s:
+            return
+        self._drained_sent = True
         drained = Drained(completed_jobs=len(self.jobs))
         for worker in self.workers.values():
             self.send(worker.identity, drained)

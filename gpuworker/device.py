@@ -93,9 +93,21 @@ def fit_dtype(requested: str, info: DeviceInfo) -> str:
 
 @dataclass
 class BatchPlan:
-    """How many padded tokens one forward pass may hold on this device for one loaded model."""
+    """How many padded tokens one forward pass may hold on this device for one loaded model.
+
+    ``max_tokens`` halves after running out of memory and grows back a quarter at a time after
+    ``GROW_AFTER`` passes without, never beyond the ``ceiling`` it was planned with: one transient
+    out-of-memory (a co-tenant process, fragmentation) does not cost the rest of a long job."""
 
     max_tokens: int
+    ceiling: int = 0
+    _passes_since_shrink: int = 0
+
+    #: Passes without running out of memory after which a shrunk budget grows back by a quarter.
+    GROW_AFTER = 64
+
+    def __post_init__(self) -> None:
+        self.ceiling = self.ceiling or self.max_tokens
 
     def micro_batches(self, lengths: list[int]) -> list[list[int]]:
         """Indices of the claims, grouped into micro-batches: sorted by length (so each micro-batch pads
@@ -119,15 +131,32 @@ class BatchPlan:
         if tokens_tried <= 1:
             return False
         self.max_tokens = max(1, min(self.max_tokens, tokens_tried) // 2)
+        self._passes_since_shrink = 0
         return True
+
+    def passed(self) -> None:
+        """A forward pass fit: after enough of them, let a shrunk budget grow back towards the ceiling."""
+        if self.max_tokens >= self.ceiling:
+            return
+        self._passes_since_shrink += 1
+        if self._passes_since_shrink >= self.GROW_AFTER:
+            self.max_tokens = min(self.ceiling, self.max_tokens + max(1, self.max_tokens // 4))
+            self._passes_since_shrink = 0
+
+
+#: Attention span assumed when sizing micro-batches: eager (non-fused) attention keeps a heads x span
+#: matrix of fp32 scores per token; FEVER prompts are ~170 tokens, so 512 leaves room for long templates.
+ATTENTION_SPAN_TOKENS = 512
 
 
 def activation_bytes_per_token(config: object, dtype_bytes: int) -> int:
     """Peak activation memory per token of one forward pass without a KV cache: a layer's hidden states,
-    attention projections and MLP intermediates (layers run one after another, so one layer's worth)."""
+    attention projections and MLP intermediates (layers run one after another, so one layer's worth), plus
+    the attention scores of an unfused kernel (fp32, over ``ATTENTION_SPAN_TOKENS``)."""
     hidden = int(getattr(config, "hidden_size", 0) or 0)
     intermediate = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
-    return max(1, (6 * hidden + 3 * intermediate) * dtype_bytes)
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    return max(1, (6 * hidden + 3 * intermediate) * dtype_bytes + heads * ATTENTION_SPAN_TOKENS * 4)
 
 
 def plan_batches(info: DeviceInfo, config: object, dtype: torch.dtype, free_bytes: int | None) -> BatchPlan:

@@ -136,15 +136,20 @@ def score_claims(context: LoadedContext, template: str, claims: Sequence[str]) -
         try:
             rows = _forward([token_ids[i] for i in group], context)
         except torch.OutOfMemoryError:
+            rows = None  # the traceback (and the tensors it holds) goes before the cache is emptied
+        if rows is None:
             torch.cuda.empty_cache()
             tokens = max(lengths[i] for i in group) * len(group)
             if len(group) == 1 or not context.plan.shrink(tokens):
-                raise
+                raise torch.OutOfMemoryError(f"one prompt of {tokens} tokens does not fit in the device's memory")
             log.warning("micro_batch_out_of_memory", tokens=tokens, max_tokens_now=context.plan.max_tokens)
             pending.extend(_regroup(group, [lengths[i] for i in group], context.plan))
             continue
+        context.plan.passed()
         for index, row in zip(group, rows, strict=True):
             scores[index] = row
+    if any(row is None for row in scores):
+        raise RuntimeError("a claim was left without scores")  # a bug in the grouping, never silently
     return [(LABELS[max(range(len(LABELS)), key=row.__getitem__)], row) for row in scores if row is not None]
 
 

@@ -257,8 +257,9 @@ class Worker:
         try:
             # The loops run until stop(). If either dies instead, the worker must not linger holding
             # credit and batches: leave, and say why.
-            await asyncio.wait([receiver, computer, stop], return_when=asyncio.FIRST_COMPLETED)
-            failure = next((t.exception() for t in (receiver, computer) if t.done() and t.exception()), None)
+            await asyncio.wait([receiver, computer, watcher, stop], return_when=asyncio.FIRST_COMPLETED)
+            loops = (receiver, computer, watcher)
+            failure = next((t.exception() for t in loops if t.done() and not t.cancelled() and t.exception()), None)
             self.stop("failed" if failure else "stopping", 1 if failure else 0)
             await self.leave(computer, reason=f"worker failed: {failure!r}" if failure else self.exit_reason)
         finally:
@@ -388,6 +389,7 @@ class Worker:
     async def prepare(self, spec: ContextSpec, manifest: Manifest | None) -> HeldContext:
         """Fetch the files (unless agnostic) and load the model (if full)."""
         files_dir = None
+        fit_dtype(spec.dtype, self.device_info)  # a dtype this device cannot run fails the context, in every mode
         if manifest is not None:
             manifest.validate()  # its paths become files and links in the cache: checked here too
         if manifest is not None and self.config.context_mode is not ContextMode.AGNOSTIC:

@@ -10,7 +10,7 @@ system sends it:
   SIGUSR2 (Grid Engine's ``-notify`` warnings before suspend and kill) are passed on to every worker as
   SIGTERM: each hands its queued batches back at once and leaves within its grace time. Slurm also signals
   the workers itself; a worker takes a second SIGTERM as the first.
-- **Ending.** Workers run with ``--exit-when-drained`` and an idle timeout, so the job ends when the broker
+- **Ending.** Workers run with ``--exit-when-drained`` (unless ``exit_when_drained`` is off) and an idle timeout, so the job ends when the broker
   says every job is done or when no work came for a while: no GPU is held idle. Workers started before the
   broker keep retrying until ``--broker-deadline``. The job's exit status is 0 when every worker ended
   well, 3 when a worker gave up on an unreachable broker, otherwise the first failure's status.
@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,10 @@ class NodeConfig:
     log_dir: Path | None = None
     #: Override CUDA_VISIBLE_DEVICES (comma-separated GPU indices or UUIDs, or "" for one CPU worker).
     gpus: str | None = None
+    #: GPUs the job asked for: fewer visible is logged as a warning (the batch system did not set them).
+    expect_gpus: int = 0
+    #: Leave when the broker says every job is done (off: only the idle timeout ends the workers).
+    exit_when_drained: bool = True
     environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
 
     def __post_init__(self) -> None:
@@ -78,6 +83,8 @@ class NodeConfig:
             raise ConfigError("a node needs the broker's endpoint (--broker)")
         if self.idle_timeout_s <= 0 or self.broker_deadline_s <= 0:
             raise ConfigError("--idle-timeout and --broker-deadline must be positive")
+        if self.expect_gpus < 0:
+            raise ConfigError("--expect-gpus must be 0 or more")
 
     @property
     def devices(self) -> list[str | None]:
@@ -97,25 +104,28 @@ class Node:
         self.config = config
         self.workers: dict[str, asyncio.subprocess.Process] = {}
         self.forwarded: signal.Signals | None = None
+        self._forwarded_at = 0.0
 
     def worker_command(self, index: int) -> list[str]:
         config = self.config
         command = [
             sys.executable, "-m", "pervade", "worker", "--broker", config.broker, "--worker-id", config.worker_id(index),
-            "--exit-when-drained", "--idle-timeout", str(config.idle_timeout_s),
-            "--broker-deadline", str(config.broker_deadline_s),
+            "--idle-timeout", str(config.idle_timeout_s), "--broker-deadline", str(config.broker_deadline_s),
         ]  # fmt: skip
+        if config.exit_when_drained:
+            command.append("--exit-when-drained")
         if config.cache_dir is not None:
             command += ["--cache-dir", str(config.cache_dir)]
-        if self.config.devices[0] is None and "--threads" not in config.worker_args:
-            command += ["--threads", str(max(1, len(os.sched_getaffinity(0))))]  # the CPUs the job was given
+        if config.devices[0] is None:  # the CPU worker: on the CPUs the job was given, on no GPU
+            if "--threads" not in config.worker_args:
+                command += ["--threads", str(max(1, len(os.sched_getaffinity(0))))]
+            if "--device" not in config.worker_args:
+                command += ["--device", "cpu"]
         return command + list(config.worker_args)
 
     def worker_environment(self, device: str | None) -> dict[str, str]:
-        env = {**self.config.environ, "PYTHONUNBUFFERED": "1"}
-        if device is not None:
-            env["CUDA_VISIBLE_DEVICES"] = device  # this worker's GPU becomes its cuda:0
-        return env
+        """This worker's GPU becomes its cuda:0; the CPU worker sees no GPU, not even one of another job's."""
+        return {**self.config.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": device or ""}
 
     async def start_workers(self) -> None:
         for index, device in enumerate(self.config.devices):
@@ -137,7 +147,8 @@ class Node:
 
     def forward(self, sig: signal.Signals) -> None:
         """Pass a batch system's warning on to every worker as SIGTERM (their signal to leave)."""
-        self.forwarded = self.forwarded or sig
+        if self.forwarded is None:
+            self.forwarded, self._forwarded_at = sig, time.monotonic()
         log.info("node_signal", signal=sig.name, workers=sum(p.returncode is None for p in self.workers.values()))
         for process in self.workers.values():
             if process.returncode is None:
@@ -154,14 +165,23 @@ class Node:
         return next(status for status in statuses if status != 0)
 
     async def _wait_one(self, name: str, process: asyncio.subprocess.Process) -> int:
+        """Wait for one worker (killing it if it overstays a forwarded signal); its exit status as a shell
+        reports it (128 + N for death by signal N)."""
         while True:
+            timeout = FORWARD_KILL_AFTER_S
+            if self.forwarded is not None:
+                timeout = max(0.0, self._forwarded_at + FORWARD_KILL_AFTER_S - time.monotonic())
             try:
-                status = await asyncio.wait_for(asyncio.shield(process.wait()), FORWARD_KILL_AFTER_S)
+                status = await asyncio.wait_for(asyncio.shield(process.wait()), timeout)
                 break
             except TimeoutError:
-                if self.forwarded is not None:  # told to leave long ago and still there
-                    log.warning("node_worker_killed", worker_id=name)
+                if self.forwarded is not None and time.monotonic() - self._forwarded_at >= FORWARD_KILL_AFTER_S:
+                    log.warning("node_worker_killed", worker_id=name, after_s=FORWARD_KILL_AFTER_S)
                     process.kill()
+        if status < 0 and self.forwarded is not None and -status in (signal.SIGTERM, self.forwarded):
+            status = 0  # told to leave before it could take the signal gracefully (still importing torch)
+        elif status < 0:
+            status = 128 - status
         log.info("node_worker_ended", worker_id=name, status=status)
         return status
 
@@ -172,7 +192,11 @@ async def run_node(config: NodeConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in LEAVE_SIGNALS:
         loop.add_signal_handler(sig, node.forward, sig)
-    log.info("node_started", job_id=config.job_id, broker=config.broker, gpus=[d for d in config.devices if d is not None])
+    gpus = [d for d in config.devices if d is not None]
+    log.info("node_started", job_id=config.job_id, broker=config.broker, gpus=gpus)
+    if len(gpus) < config.expect_gpus:
+        log.warning("node_fewer_gpus", asked=config.expect_gpus, visible=len(gpus),
+                    hint="CUDA_VISIBLE_DEVICES is not set by this batch system; set it in the job (--setup) or pass --gpus")  # fmt: skip
     await node.start_workers()
     if node.forwarded is not None:  # a signal came while starting: the early workers missed it
         node.forward(node.forwarded)

@@ -14,7 +14,9 @@ import re
 import shlex
 import subprocess
 import sys
+import uuid
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 
@@ -122,6 +124,13 @@ class JobSpec:
         for line in (*self.setup_lines, *self.extra_lines):
             if "\n" in line or "\r" in line:
                 raise ConfigError(f"one line per --setup/--extra, got {line!r}")
+        # These land inside scheduler directives, unquoted: a newline or a space would end the directive
+        # block or split the value, silently dropping the lines after it.
+        for option, value in (("--partition", self.partition), ("--account", self.account), ("--memory", self.memory)):
+            if not re.fullmatch(r"[\w.,:+=/@-]*", value):
+                raise ConfigError(f"{option} {value!r}: use letters, digits and .,:+=/@-")
+        if re.search(r"[\s%]", str(self.log_dir)):
+            raise ConfigError(f"--log-dir {str(self.log_dir)!r}: no spaces or % (schedulers read it unquoted)")
 
     @property
     def node_args(self) -> str:
@@ -158,9 +167,11 @@ def _environment(search: Path) -> jinja2.Environment:
     return env
 
 
-def render(spec: JobSpec, template: Path | None = None, job_dir: Path | None = None) -> RenderedJob:
-    """Render the job's files (``template``: a user's copy of the scheduler's template)."""
+def render(spec: JobSpec, template: Path | None = None, job_dir: Path | None = None, stem: str = "") -> RenderedJob:
+    """Render the job's files (``template``: a user's copy of the scheduler's template), named ``stem`` (default:
+    the job name) plus the template's suffix."""
     path = template or TEMPLATES_DIR / spec.scheduler.template
+    stem = stem or spec.job_name
     if not path.is_file():
         raise ConfigError(f"no job template at {path}")
     values = {
@@ -172,12 +183,12 @@ def render(spec: JobSpec, template: Path | None = None, job_dir: Path | None = N
         "node_args": spec.node_args,
     }
     if spec.scheduler is not Scheduler.HTCONDOR:
-        return RenderedJob({f"{spec.job_name}{path.suffix}": _render_one(path, values)})
+        return RenderedJob({f"{stem}{path.suffix}": _render_one(path, values)})
     # HTCondor's submit description names a script: rendered beside it, from the .sh of the same name.
-    script_name = f"{spec.job_name}.sh"
+    script_name = f"{stem}.sh"
     values["script"] = str(((job_dir or spec.log_dir) / script_name).absolute())
     script_template = path.with_suffix(".sh") if template is not None else TEMPLATES_DIR / "htcondor.sh"
-    return RenderedJob({f"{spec.job_name}.sub": _render_one(path, values), script_name: _render_one(script_template, values)})
+    return RenderedJob({f"{stem}.sub": _render_one(path, values), script_name: _render_one(script_template, values)})
 
 
 def _render_one(path: Path, values: dict) -> str:
@@ -201,9 +212,9 @@ def job_ids(scheduler: Scheduler, output: str, workers: int) -> list[str]:
     """The ids of the submitted jobs, as the scheduler's cancel command takes them, from its submit output."""
     text = output.strip()
     if scheduler is Scheduler.SLURM:  # --parsable: "ID" or "ID;CLUSTER"
-        match = re.match(r"(\d+)", text)
+        match = re.fullmatch(r"(\d+)(;\S+)?", text)
         base = match.group(1) if match else None
-        ids = [f"{base}_{i}" for i in range(workers)] if workers > 1 else [base]
+        ids = [None] if base is None else [f"{base}_{i}" for i in range(workers)] if workers > 1 else [base]
     elif scheduler is Scheduler.HTCONDOR:  # "N job(s) submitted to cluster ID."
         match = re.search(r"submitted to cluster (\d+)", text)
         ids = [f"{match.group(1)}.{i}" for i in range(workers)] if match else [None]
@@ -234,7 +245,10 @@ def submit(spec: JobSpec, template: Path | None = None, job_dir: Path | None = N
     """Render, write and submit the jobs; their ids."""
     job_dir = (job_dir or spec.log_dir).absolute()
     spec.log_dir.mkdir(parents=True, exist_ok=True)  # the batch system will not create it
-    rendered = render(spec, template, job_dir)
+    # A name of its own per submission: HTCondor runs the script from this path when a job starts, so a
+    # later submission must not overwrite the script of jobs still idle.
+    stem = f"{spec.job_name}-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    rendered = render(spec, template, job_dir, stem)
     job_file = write_job(rendered, job_dir)
     command = submit_command(spec.scheduler, job_file)
     try:

@@ -41,6 +41,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _add_logging(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("logging")
     group.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="lowest level logged (default: info)")
@@ -94,6 +101,7 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--idle-timeout", type=_positive_float, default=DEFAULT_IDLE_TIMEOUT_S, metavar="SECONDS", help=f"workers leave after this long without work (default: {DEFAULT_IDLE_TIMEOUT_S:g})")
     group.add_argument("--broker-deadline", type=_positive_float, default=DEFAULT_BROKER_DEADLINE_S, metavar="SECONDS", help=f"workers give up on a broker not heard for this long, e.g. not up yet (default: {DEFAULT_BROKER_DEADLINE_S:g})")
     group.add_argument("--cache-dir", type=Path, default=None, help="node cache of model files, shared by the node's workers (default: the job's scratch dir)")
+    group.add_argument("--stay-after-drained", dest="exit_when_drained", action="store_false", help="do not leave when the broker says every job is done (runs of several sweeps with gaps); only --idle-timeout ends the workers")
 
 
 def _add_broker_endpoint(parser: argparse.ArgumentParser) -> None:
@@ -104,7 +112,7 @@ def _add_model(parser: argparse.ArgumentParser, required: bool) -> None:
     group = parser.add_argument_group("model (the context)")
     group.add_argument("--model", required=required, metavar="ID_OR_DIR", help="a Hugging Face hub id (e.g. HuggingFaceTB/SmolLM2-1.7B-Instruct) or a local model directory" + ("" if required else "; default: the offline tiny model (built on first use)"))
     group.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of the model")
-    group.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype; auto keeps the checkpoint's (default: auto)")
+    group.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype; auto: what each worker's device does best, bf16 on recent GPUs, fp16 on older ones, fp32 on a CPU (default: auto)")
 
 
 def _add_claims(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -138,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-uploads-per-peer", type=_positive_int, default=4, help="model-file downloads sent to one worker at once (default: 4)")
     p.add_argument("--max-sources", type=_positive_int, default=4, help="peers a bootstrapping worker fetches model files from in parallel (default: 4)")
     p.add_argument("--state", type=Path, default=None, metavar="DIR", help="keep the broker's state (queued work, jobs, results) in DIR, so a restarted broker resumes where it stopped (default: a temporary directory, lost with the broker)")
+    p.add_argument("--drain-grace", type=_non_negative_float, default=10.0, metavar="SECONDS", help="tell workers the run is over (batch jobs then end) once every job has been complete for this long and no producer is preparing one (default: 10)")
     p.add_argument("--fsync", action="store_true", help="fsync every commit of the state: survives a power failure of the node, not only a killed broker (slower)")
     _add_heartbeats(p)
     _add_logging(p)
@@ -206,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", default="", help="Slurm partition or Grid Engine queue")
     p.add_argument("--account", default="", help="Slurm account, Grid Engine project or HTCondor accounting group")
     p.add_argument("--job-name", default="pervade-worker", help="job name (default: pervade-worker)")
-    p.add_argument("--extra", action="append", default=[], metavar="LINE", help="a scheduler line added verbatim, '--constraint=a100' style lines get the directive prefix (repeatable)")
+    p.add_argument("--extra", action="append", default=[], metavar="LINE", help="a scheduler line added verbatim; one starting with - gets the directive prefix, written with = as in --extra=--constraint=a100 (repeatable)")
     p.add_argument("--setup", action="append", default=[], metavar="LINE", help="a shell line run before the worker, e.g. 'module load cuda' (repeatable)")
     p.add_argument("--venv", type=Path, default=None, help="a virtual environment to activate on the node (default: run this Python, with its environment)")
     p.add_argument("--python", default=None, help="the Python on the compute nodes (default: this one)")
@@ -223,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job-id", default="", help="the batch system's job id, to name the workers JOB-gpuK (default: HOST-PID)")
     p.add_argument("--gpus", default=None, help="GPUs to use, overriding CUDA_VISIBLE_DEVICES; '' for one CPU worker")
     p.add_argument("--worker-log-dir", type=Path, default=None, help="write each worker's log to DIR/WORKER.log (default: the job's output)")
+    p.add_argument("--expect-gpus", type=int, default=0, help="GPUs the job asked for; fewer visible is logged as a warning (default: 0)")
     _add_node_options(p)
     _add_logging(p)
     p.set_defaults(handler=_cmd_node, worker_args=[])
@@ -249,6 +259,7 @@ def _cmd_broker(args: argparse.Namespace) -> int:
         max_sources=args.max_sources,
         state_dir=args.state,
         fsync=args.fsync,
+        drain_grace_s=args.drain_grace,
         heartbeats=_heartbeats(args),
     )
     asyncio.run(run_broker(config))
@@ -366,19 +377,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Worker options a batch job sets itself (``pervade node``), so they cannot be passed on after ``--``.
-NODE_SETS = ("--broker", "--worker-id", "--exit-when-drained", "--idle-timeout", "--broker-deadline", "--cache-dir")
+#: Worker options (their argparse dests) a batch job sets itself (``pervade node``): not to be passed after ``--``.
+NODE_SETS = ("broker", "worker_id", "exit_when_drained", "idle_timeout", "broker_deadline", "cache_dir")
 
 
 def _check_worker_args(worker_args: Sequence[str]) -> None:
-    """Refuse worker options that would fail every job later: unknown ones, and the ones the node sets."""
-    taken = [a for a in worker_args if a.split("=", 1)[0] in NODE_SETS]
-    if taken:
-        raise ConfigError(f"{', '.join(taken)}: set by the job itself; use the option before -- instead")
+    """Refuse worker options that would fail every job later: unknown ones, and the ones the node sets
+    (compared after parsing, so an abbreviation such as ``--worker`` is caught too)."""
     try:
-        build_parser().parse_args(["worker", *worker_args])
+        parsed = build_parser().parse_args(["worker", *worker_args])
     except SystemExit:  # argparse has printed what is wrong
         raise ConfigError(f"invalid worker options after --: {shlex.join(worker_args)}") from None
+    defaults = build_parser().parse_args(["worker"])
+    taken = ["--" + dest.replace("_", "-") for dest in NODE_SETS if getattr(parsed, dest) != getattr(defaults, dest)]
+    if taken:
+        raise ConfigError(f"{', '.join(taken)}: set by the job itself; use the option before -- instead")
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -388,7 +401,10 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     setup = list(args.setup)
     if args.venv is not None:
         setup.insert(0, f"source {shlex.quote(str(args.venv.absolute() / 'bin' / 'activate'))}")
-    node_options = ["--idle-timeout", f"{args.idle_timeout:g}", "--broker-deadline", f"{args.broker_deadline:g}"]
+    node_options = ["--idle-timeout", f"{args.idle_timeout:g}", "--broker-deadline", f"{args.broker_deadline:g}",
+                    "--expect-gpus", str(args.gpus_per_job)]  # fmt: skip
+    if not args.exit_when_drained:
+        node_options.append("--stay-after-drained")
     if args.cache_dir is not None:
         node_options += ["--cache-dir", str(args.cache_dir)]
     spec = JobSpec(
@@ -431,6 +447,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
         broker_deadline_s=args.broker_deadline,
         log_dir=args.worker_log_dir,
         gpus=args.gpus,
+        expect_gpus=args.expect_gpus,
+        exit_when_drained=args.exit_when_drained,
     )
     return asyncio.run(run_node(config))
 

@@ -27,7 +27,8 @@ from pervade.manifest import Manifest, build_manifest
 
 log = structlog.get_logger(__name__)
 
-#: dtypes a worker knows how to load. "auto" keeps the checkpoint's own dtype (SmolLM2: bf16).
+#: dtypes a worker knows how to load. "auto" lets each worker pick for its device: bf16 on GPUs of compute
+#: capability 8.0 and up, fp16 on older GPUs, fp32 on a CPU (gpuworker/device.py, docs/heterogeneous.md).
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 #: Files fetched from the hub to resolve a model: a model repository's top-level weights, config and

@@ -88,13 +88,15 @@ BrokerFactory = Callable[..., Awaitable[Broker]]
 @pytest_asyncio.fixture
 async def start_broker() -> AsyncIterator[BrokerFactory]:
     """``await start_broker(**config)``: a real broker on a free loopback port, serving in this test's
-    event loop (2 attempts per batch, 1 MiB messages unless told otherwise). Stopped after the test;
+    event loop (2 attempts per batch, 1 MiB messages, workers told ``drained`` without a grace, unless told
+    otherwise). Stopped after the test;
     ``stop`` on a broker ends it early, like a restart, keeping its state directory."""
     ctx = zmq.asyncio.Context()
     running: list[tuple[Broker, asyncio.Task[None]]] = []
 
     async def _start(**overrides: object) -> Broker:
-        config = {"bind": "tcp://127.0.0.1:*", "max_attempts": 2, "max_message_bytes": 1 << 20, **overrides}
+        config = {"bind": "tcp://127.0.0.1:*", "max_attempts": 2, "max_message_bytes": 1 << 20, "drain_grace_s": 0.0,
+                  **overrides}  # fmt: skip
         broker = Broker(BrokerConfig(**config), ctx=ctx)  # type: ignore[arg-type]
         broker.start()
         running.append((broker, asyncio.create_task(broker.serve())))

@@ -118,6 +118,25 @@ async def test_workers_hear_drained_only_when_the_last_open_job_completes(connec
     assert await worker.receive() == Drained(completed_jobs=2)
 
 
+async def test_drained_waits_for_a_producer_still_preparing_its_job(connect) -> None:
+    """A second producer connected but not yet submitting (hashing a model) holds the workers back."""
+    producer, worker, sink = await connect(b"p", producer=True), await connect(b"w"), await connect(b"s")
+    await sink.send(SinkReady(sink_id="s1"))
+    await producer.send(Submit(batch=batch("j1", 0)))
+    await producer.receive()
+    await producer.send(EndJob(job_id="j1", batches=1, pairs=2))
+    late = await connect(b"p2", producer=True)
+    await register_worker(worker, "w1", credit=1)
+    assert isinstance(await worker.receive(), LoadContext)
+    assigned = await worker.receive()
+    await worker.send(Completed(result=result_for(assigned.batch)))
+    await sink.send(SinkAck(batch_ids=[(await sink.receive()).result.batch_id]))
+    assert (await producer.receive()).job_id == "j1"
+    await worker.expect_silence(timeout_s=2.5)  # over a heartbeat tick: no drained while p2 may submit
+    await late.send(Disconnect(reason="changed my mind"))
+    assert isinstance(await worker.receive(), Drained)
+
+
 async def test_malformed_input_gets_an_error_and_the_broker_keeps_serving(connect, live_broker) -> None:
     rogue, producer = await connect(b"rogue"), await connect(b"p", producer=True)
     bad_frames = [

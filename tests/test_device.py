@@ -72,3 +72,17 @@ def test_a_plan_shrinks_below_what_failed_and_stops_at_one_token() -> None:
     assert plan.shrink(1000) and plan.max_tokens == 500
     assert plan.shrink(4000) and plan.max_tokens == 250
     assert not BatchPlan(max_tokens=1).shrink(1)
+
+
+def test_a_shrunk_plan_grows_back_to_its_ceiling_after_passes_that_fit() -> None:
+    plan = BatchPlan(max_tokens=4096)
+    plan.shrink(4096)
+    assert plan.max_tokens == 2048
+    for _ in range(BatchPlan.GROW_AFTER - 1):
+        plan.passed()
+    assert plan.max_tokens == 2048  # not yet
+    plan.passed()
+    assert plan.max_tokens == 2560  # a quarter more
+    for _ in range(BatchPlan.GROW_AFTER * 10):
+        plan.passed()
+    assert plan.max_tokens == plan.ceiling == 4096  # never beyond what it was planned with

@@ -138,6 +138,10 @@ def test_a_users_edited_copy_of_a_template_is_rendered(tmp_path) -> None:
         (["--scheduler", "slurm", "--", "--worker-id", "x"], "--worker-id: set by the job itself"),
         (["--scheduler", "slurm", "--", "--no-such-option"], "invalid worker options after --"),
         (["--scheduler", "slurm", "--template", "/nonexistent/job.sbatch"], "no job template"),
+        (["--scheduler", "slurm", "--partition", "gpu\necho hi"], "--partition 'gpu\\necho hi'"),
+        (["--scheduler", "sge", "--account", "a b"], "--account 'a b'"),
+        (["--scheduler", "slurm", "--log-dir", "/scratch/my logs"], "no spaces or %"),
+        (["--scheduler", "slurm", "--", "--worker", "x"], "--worker-id: set by the job itself"),
     ],
 )
 def test_bad_options_are_refused_with_the_reason(args: list[str], message: str) -> None:
@@ -172,9 +176,17 @@ def test_job_ids_are_read_from_each_schedulers_answer(scheduler, output: str, wo
     assert job_ids(scheduler, output, workers) == ids
 
 
-def test_an_unreadable_answer_is_an_error_not_a_guess() -> None:
+@pytest.mark.parametrize(
+    ("scheduler", "output", "workers"),
+    [
+        (Scheduler.HTCONDOR, "ERROR: no schedd\n", 1),
+        (Scheduler.SLURM, "Submitted batch job 123\n", 3),  # a site wrapper that ignores --parsable
+        (Scheduler.SGE, "Your job 5 has been submitted\n", 1),
+    ],
+)
+def test_an_unreadable_answer_is_an_error_not_a_guess(scheduler, output: str, workers: int) -> None:
     with pytest.raises(SubmitError, match="could not read job ids"):
-        job_ids(Scheduler.HTCONDOR, "ERROR: no schedd\n", 1)
+        job_ids(scheduler, output, workers)
 
 
 @pytest.mark.skipif(shutil.which("condor_submit") is not None, reason="this machine has HTCondor's client")
@@ -182,7 +194,9 @@ def test_a_missing_scheduler_command_says_so(tmp_path) -> None:
     spec = JobSpec(scheduler=Scheduler.HTCONDOR, broker=BROKER, log_dir=tmp_path / "logs")
     with pytest.raises(SubmitError, match="condor_submit not found"):
         submit(spec)
-    assert (tmp_path / "logs" / "pervade-worker.sub").exists()  # written, for the user to submit by hand
+    written = sorted(p.name for p in (tmp_path / "logs").iterdir())  # written, for the user to submit by hand
+    assert len(written) == 2 and written[0].endswith(".sh") and written[1].endswith(".sub"), written
+    assert written[0][:-3] == written[1][:-4] != "pervade-worker"  # a name of its own per submission
 
 
 def test_rendering_refuses_a_template_variable_it_does_not_know(tmp_path) -> None:

@@ -52,7 +52,10 @@ class SlurmLab:
                                  timeout=START_TIMEOUT_S, check=False)  # fmt: skip
         slurm = cls(lab, env)
         if started.returncode != 0:
-            slurm.stop()
+            try:
+                slurm.stop()  # whatever did come up
+            except PervadeError as stop_failure:
+                started.stderr += f"\n(and stopping what started failed: {stop_failure})"
             raise PervadeError(f"Slurm did not start:\n{started.stdout}\n{started.stderr}")
         return slurm
 
