@@ -220,36 +220,46 @@ async def serving(tmp_path: Path, model_dir: Path, manifest: Manifest) -> AsyncI
     ctx.term()
 
 
-async def ask(endpoint: str, request: FetchChunk, identity: bytes = b"probe") -> tuple[object, bytes | None]:
-    ctx = zmq.asyncio.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, identity)
-    sock.connect(endpoint)
-    try:
-        await sock.send_multipart(encode(request))
-        assert await sock.poll(5000), "no answer from the file server"
-        return decode_peer(await sock.recv_multipart())
-    finally:
-        sock.close()
+class Probe:
+    """A downloader speaking to a file server by hand: one DEALER for all its requests. (A new socket per
+    request under the same identity races the ROUTER, which refuses an identity still connected.)"""
+
+    def __init__(self, endpoint: str, identity: bytes) -> None:
+        self.sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IDENTITY, identity)
+        self.sock.connect(endpoint)
+
+    async def ask(self, request: FetchChunk) -> tuple[object, bytes | None]:
+        await self.sock.send_multipart(encode(request))
+        assert await self.sock.poll(5000), "no answer from the file server"
+        return decode_peer(await self.sock.recv_multipart())
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 @pytest.mark.asyncio
 async def test_server_serves_only_files_in_its_manifests(serving, model_dir: Path, manifest: Manifest) -> None:
     server = serving("a", max_uploads=1)
     digest = manifest.digest
-    reply, data = await ask(server.endpoint, FetchChunk(files=digest, path="model.safetensors", offset=PIECE, length=1000))
-    assert isinstance(reply, ChunkData) and data == (model_dir / "model.safetensors").read_bytes()[PIECE : PIECE + 1000]
-    for path in ("../../../etc/passwd", "/etc/passwd", "model.safetensors/../config.json", "missing.bin"):
-        reply, data = await ask(server.endpoint, FetchChunk(files=digest, path=path, offset=0, length=10))
-        assert isinstance(reply, FetchRefused) and reply.reason == "path not in the manifest" and data is None
-    reply, _ = await ask(server.endpoint, FetchChunk(files="b" * 64, path="config.json", offset=0, length=10))
-    assert isinstance(reply, FetchRefused) and "does not hold" in reply.reason
-    reply, _ = await ask(server.endpoint, FetchChunk(files=digest, path="config.json", offset=300, length=10))
-    assert isinstance(reply, FetchRefused) and "out of range" in reply.reason
-    # the upload bound: "probe" counts as a downloader for a few seconds, a second one is told busy
-    reply, _ = await ask(server.endpoint, FetchChunk(files=digest, path="config.json", offset=0, length=10), identity=b"other")
-    assert isinstance(reply, FetchRefused) and reply.busy
+    probe, other = Probe(server.endpoint, b"probe"), Probe(server.endpoint, b"other")
+    try:
+        reply, data = await probe.ask(FetchChunk(files=digest, path="model.safetensors", offset=PIECE, length=1000))
+        assert isinstance(reply, ChunkData) and data == (model_dir / "model.safetensors").read_bytes()[PIECE : PIECE + 1000]
+        for path in ("../../../etc/passwd", "/etc/passwd", "model.safetensors/../config.json", "missing.bin"):
+            reply, data = await probe.ask(FetchChunk(files=digest, path=path, offset=0, length=10))
+            assert isinstance(reply, FetchRefused) and reply.reason == "path not in the manifest" and data is None
+        reply, _ = await probe.ask(FetchChunk(files="b" * 64, path="config.json", offset=0, length=10))
+        assert isinstance(reply, FetchRefused) and "does not hold" in reply.reason
+        reply, _ = await probe.ask(FetchChunk(files=digest, path="config.json", offset=300, length=10))
+        assert isinstance(reply, FetchRefused) and "out of range" in reply.reason
+        # the upload bound: "probe" counts as a downloader for a few seconds, a second one is told busy
+        reply, _ = await other.ask(FetchChunk(files=digest, path="config.json", offset=0, length=10))
+        assert isinstance(reply, FetchRefused) and reply.busy
+    finally:
+        probe.close()
+        other.close()
     assert server.refused >= 6
 
 
