@@ -237,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_logging(p)
     p.set_defaults(handler=_cmd_node, worker_args=[])
 
+    p = sub.add_parser("keys", help="create the CURVE keys of a run", description="CURVE keys: the broker's key pair, a client key pair, and the directory of client public keys the broker admits (docs: pervade/keys.py).")
+    keys_sub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    k = keys_sub.add_parser("init", help="create the broker's and a client's key pairs in DIR", description="Write DIR/broker.key(_secret), DIR/client.key(_secret) (secrets mode 0600) and DIR/authorized/client.key.")
+    k.add_argument("dir", type=Path, help="directory to create the keys in")
+    k.add_argument("--force", action="store_true", help="replace keys already there (clients holding the old ones are refused)")
+    _add_logging(k)
+    k.set_defaults(handler=_cmd_keys_init)
+
     p = sub.add_parser("tiny-model", help="write a tiny random SmolLM2-architecture model", description="Write a randomly initialised LlamaForCausalLM of SmolLM2's architecture and a locally trained tokenizer, for offline runs and tests.")
     p.add_argument("dir", type=Path, help="directory to write")
     p.add_argument("--size", default="tiny", choices=["tiny", "small", "medium", "smollm2-135m", "smollm2-1.7b"], help="shape (default: tiny)")
@@ -451,6 +459,16 @@ def _cmd_node(args: argparse.Namespace) -> int:
         exit_when_drained=args.exit_when_drained,
     )
     return asyncio.run(run_node(config))
+
+
+def _cmd_keys_init(args: argparse.Namespace) -> int:
+    from pervade.keys import init_keys
+
+    for path in init_keys(args.dir, force=args.force):
+        print(path)
+    print(f"give clients {args.dir / 'client.key_secret'} and {args.dir / 'broker.key'}; "
+          f"admit more clients by adding their public keys to {args.dir / 'authorized'}")  # fmt: skip
+    return 0
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:

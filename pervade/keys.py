@@ -1,0 +1,171 @@
+"""CURVE keys of a run: the broker's key pair, a client key pair, and the client public keys the broker admits.
+
+``pervade keys init DIR`` writes, in ZeroMQ's certificate format (``zmq.auth``)::
+
+    DIR/broker.key              the broker's public key: every client needs it, to know it talks to the broker
+    DIR/broker.key_secret       the broker's secret key (mode 0600): only on the broker's host
+    DIR/client.key              a client public key
+    DIR/client.key_secret       the client secret key (mode 0600): workers, producers and sinks
+    DIR/authorized/client.key   the public keys the broker admits; add or remove files to grant or revoke
+
+A client loads its keys from a directory holding ``client.key_secret`` and ``broker.key``; the broker from
+one holding ``broker.key_secret`` and ``authorized/``. The directory comes from a flag or from
+``$PERVADE_KEYS``. Secret files readable by group or others are refused: on a cluster the home directory is
+on a shared file system that other users can read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import stat
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+
+from pervade.errors import ConfigError
+
+#: The environment variable naming the keys directory when no flag does.
+KEYS_ENV = "PERVADE_KEYS"
+BROKER = "broker"
+CLIENT = "client"
+AUTHORIZED = "authorized"
+#: Seconds an authorised-keys listing is trusted before the directory is read again (keys added or
+#: removed take effect within this time, without a restart).
+AUTHORIZED_REFRESH_S = 1.0
+
+
+def keys_dir(flag: Path | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """The keys directory from a flag, else from ``$PERVADE_KEYS``; None when neither names one."""
+    environ = os.environ if environ is None else environ
+    if flag is not None:
+        return flag
+    value = environ.get(KEYS_ENV, "").strip()
+    return Path(value) if value else None
+
+
+def init_keys(directory: Path, force: bool = False) -> list[Path]:
+    """Create the broker's and a client's key pairs and authorise the client; the files written. Refuses to
+    replace existing keys unless ``force`` (clients holding the old keys would then be refused)."""
+    names = [f"{BROKER}.key", f"{BROKER}.key_secret", f"{CLIENT}.key", f"{CLIENT}.key_secret"]
+    existing = [name for name in names if (directory / name).exists()]
+    if existing and not force:
+        raise ConfigError(f"{directory} already holds keys ({', '.join(existing)}); --force replaces them")
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    authorized = directory / AUTHORIZED
+    if force and authorized.exists():
+        shutil.rmtree(authorized)  # the old client keys would still be admitted otherwise
+    authorized.mkdir(mode=0o700)
+    written = []
+    for name in (BROKER, CLIENT):
+        for path in (directory / f"{name}.key", directory / f"{name}.key_secret"):
+            path.unlink(missing_ok=True)
+        public, secret = zmq.auth.create_certificates(str(directory), name)
+        Path(secret).chmod(0o600)
+        written += [Path(public), Path(secret)]
+    shutil.copyfile(directory / f"{CLIENT}.key", authorized / f"{CLIENT}.key")
+    return [*written, authorized / f"{CLIENT}.key"]
+
+
+def _certificate(path: Path) -> tuple[bytes, bytes | None]:
+    if not path.is_file():
+        raise ConfigError(f"no key file {path} (create keys with: pervade keys init DIR)")
+    try:
+        return zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} is not a ZeroMQ certificate: {exc}") from None
+
+
+def load_public(path: Path) -> bytes:
+    """The public key (Z85) in a certificate file."""
+    return _certificate(path)[0]
+
+
+def load_key_pair(path: Path) -> tuple[bytes, bytes]:
+    """The public and secret keys (Z85) in a secret certificate file, refused if others can read it."""
+    if path.is_file() and stat.S_IMODE(path.stat().st_mode) & 0o077:
+        raise ConfigError(f"{path} is readable by others: chmod 600 {path}")
+    public, secret = _certificate(path)
+    if not secret:
+        raise ConfigError(f"{path} holds no secret key")
+    return public, secret
+
+
+@dataclass(frozen=True)
+class ClientKeys:
+    """What a client (worker, producer, sink, peer downloader) needs: its key pair and the server's public key."""
+
+    public: bytes
+    secret: bytes
+    server_public: bytes
+
+    @classmethod
+    def load(cls, directory: Path, server: str = BROKER) -> ClientKeys:
+        public, secret = load_key_pair(directory / f"{CLIENT}.key_secret")
+        return cls(public=public, secret=secret, server_public=load_public(directory / f"{server}.key"))
+
+    def apply(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CURVE client of the server; call before ``connect``."""
+        sock.curve_publickey = self.public
+        sock.curve_secretkey = self.secret
+        sock.curve_serverkey = self.server_public
+
+
+@dataclass(frozen=True)
+class ServerKeys:
+    """What a CURVE server needs: its key pair, and where the public keys it admits are."""
+
+    public: bytes
+    secret: bytes
+    authorized: Path
+
+    @classmethod
+    def load(cls, directory: Path, name: str = BROKER) -> ServerKeys:
+        public, secret = load_key_pair(directory / f"{name}.key_secret")
+        authorized = directory / AUTHORIZED
+        if not authorized.is_dir():
+            raise ConfigError(f"no directory of authorised client keys at {authorized}")
+        return cls(public=public, secret=secret, authorized=authorized)
+
+    def apply(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CURVE server; call before ``bind``."""
+        sock.curve_server = True
+        sock.curve_publickey = self.public
+        sock.curve_secretkey = self.secret
+
+
+class AuthorizedKeys:
+    """The credentials provider of a ZeroMQ authenticator: admits a client whose public key has a file in
+    the authorised directory. The directory is read again when it changed or at most
+    ``AUTHORIZED_REFRESH_S`` after the last read, so keys added or removed take effect without a restart."""
+
+    def __init__(self, directory: Path, refresh_s: float = AUTHORIZED_REFRESH_S) -> None:
+        self.directory = directory
+        self.refresh_s = refresh_s
+        self._keys: frozenset[bytes] = frozenset()
+        self._read_at = float("-inf")
+        self._mtime_ns = -1
+
+    def admitted(self) -> frozenset[bytes]:
+        """The admitted public keys (Z85), re-read when stale. Blocking: call it off the event loop."""
+        mtime_ns = self.directory.stat().st_mtime_ns if self.directory.exists() else 0
+        if mtime_ns != self._mtime_ns or time.monotonic() - self._read_at > self.refresh_s:
+            keys = set()
+            for path in self.directory.glob("*.key") if self.directory.is_dir() else ():
+                try:
+                    keys.add(zmq.auth.load_certificate(str(path))[0])
+                except (OSError, ValueError):
+                    continue  # a half-written or foreign file admits nobody
+            self._keys, self._mtime_ns, self._read_at = frozenset(keys), mtime_ns, time.monotonic()
+        return self._keys
+
+    async def callback(self, domain: str, key: bytes) -> bool:
+        """Whether to admit a connecting client (the authenticator awaits it; the directory is read on a
+        thread, never on the event loop)."""
+        return key in await asyncio.to_thread(self.admitted)
