@@ -25,6 +25,7 @@ from pathlib import Path
 import structlog
 import zmq
 import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
 
 from broker.policy import choose_context
 from broker.records import PeerRecord, ProducerRecord, SinkRecord, WorkerRecord
@@ -33,6 +34,7 @@ from broker.store import BatchStatus, BrokerStore, JobRecord, StoredBatch
 from pervade.constants import DEFAULT_BROKER_BIND, DEFAULT_MAX_MESSAGE_BYTES
 from pervade.context import ContextSpec
 from pervade.errors import ConfigError, ProtocolError
+from pervade.keys import AuthorizedKeys, ServerKeys
 from pervade.manifest import Manifest
 from pervade.protocol import (
     Accepted,
@@ -70,7 +72,7 @@ from pervade.protocol import (
     kind_of,
 )
 from pervade.session import Heartbeats
-from pervade.transport import router_socket
+from pervade.transport import is_loopback, router_socket
 
 log = structlog.get_logger("broker")
 
@@ -128,6 +130,11 @@ class BrokerConfig:
     checkpoint_interval_s: float = 1.0
     #: How often the broker logs its counters.
     stats_interval_s: float = 10.0
+    #: CURVE keys (``pervade keys init``): the broker's key pair and ``authorized/`` client keys. None: plain
+    #: TCP, allowed on a loopback address only, unless ``insecure``.
+    keys_dir: Path | None = None
+    #: Listen on a network address without keys (anyone who can reach it may submit, pull and read).
+    insecure: bool = False
     #: Seconds the run must have been over (every job complete, no producer preparing one) before workers
     #: are told ``drained``; checked on each heartbeat.
     drain_grace_s: float = 10.0
@@ -143,6 +150,12 @@ class BrokerConfig:
             raise ConfigError("checkpoint and stats intervals must be positive")
         if self.drain_grace_s < 0:
             raise ConfigError("drain_grace_s must be 0 or more")
+        if self.keys_dir is None and not self.insecure and not is_loopback(self.bind):
+            raise ConfigError(
+                f"refusing to listen on {self.bind} without keys: anyone who can reach it could submit claims, "
+                "take work and read verdicts. Create keys with `pervade keys init DIR` and pass --keys DIR "
+                "(or set PERVADE_KEYS), or pass --insecure on a network you trust"
+            )
 
 
 class Broker:
@@ -157,6 +170,7 @@ class Broker:
         self.workers: dict[bytes, WorkerRecord] = {}
         self.sinks: dict[bytes, SinkRecord] = {}
         self.producers: dict[bytes, ProducerRecord] = {}
+        self._auth: AsyncioAuthenticator | None = None
         #: When the run was first seen over, and whether workers were told (see send_drained_if_over).
         self._over_since: float | None = None
         self._drained_sent = False
@@ -221,14 +235,24 @@ class Broker:
                 "broker_state_opened", path=str(self.store.path), jobs=len(self.jobs), queued=self.queued_total(),
                 requeued=requeued, to_redeliver=redeliver,
             )  # fmt: skip
-        self._sock = router_socket(self._ctx, self.config.bind, self.config.max_message_bytes)
+        keys = self.start_authenticator(self.config.keys_dir) if self.config.keys_dir is not None else None
+        self._sock = router_socket(self._ctx, self.config.bind, self.config.max_message_bytes, keys)
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if self.config.endpoint_file:
             tmp = self.config.endpoint_file.with_suffix(".tmp")
             tmp.write_text(self.endpoint)
             tmp.replace(self.config.endpoint_file)  # readers never see a half-written endpoint
-        log.info("broker_listening", endpoint=self.endpoint)
+        log.info("broker_listening", endpoint=self.endpoint, curve=keys is not None)
         return self.endpoint
+
+    def start_authenticator(self, keys_dir: Path) -> ServerKeys:
+        """CURVE: admit only clients whose public key is in the keys directory's ``authorized/`` (read
+        again as it changes, so keys are granted and revoked without a restart)."""
+        keys = ServerKeys.load(keys_dir)
+        self._auth = AsyncioAuthenticator(self._ctx)
+        self._auth.start()
+        self._auth.configure_curve_callback("*", credentials_provider=AuthorizedKeys(keys.authorized))
+        return keys
 
     def stop(self) -> None:
         self._stopping.set()
@@ -283,6 +307,9 @@ class Broker:
             self.log_stats()
             self._sock.close()
             self._sock = None
+            if self._auth is not None:
+                self._auth.stop()
+                self._auth = None
             self.store.close()
             self.store = None
             self.closed.set()

@@ -56,6 +56,7 @@ from gpuworker.fileserver import FileServer, FileServiceConfig
 from pervade.constants import DEFAULT_BROKER_CONNECT, EXIT_BROKER_UNREACHABLE, LEAVE_SIGNALS
 from pervade.context import ContextMode, ContextSpec
 from pervade.errors import ConfigError
+from pervade.keys import ClientKeys
 from pervade.manifest import Manifest
 from pervade.protocol import (
     Assign,
@@ -126,6 +127,8 @@ class WorkerConfig:
     #: Give up (exit status 3) when the broker has not been heard for this long, counting from the start
     #: for a broker not up yet (None: retry for ever).
     broker_deadline_s: float | None = None
+    #: CURVE keys for the broker connection (None: plain TCP).
+    keys: ClientKeys | None = None
 
     def __post_init__(self) -> None:
         if self.prefetch < 0:
@@ -175,7 +178,7 @@ class Worker:
         self._in_hand: _Work | None = None
         self._in_hand_since = 0.0
         self.session = BrokerSession(
-            self._ctx, config.broker, "worker", self._register, config.heartbeats, stopping=self._finished
+            self._ctx, config.broker, "worker", self._register, config.heartbeats, stopping=self._finished, keys=config.keys
         )
         self.contexts: OrderedDict[str, HeldContext] = OrderedDict()
         self.cache = FileCache(config.cache_dir or default_cache_root(), config.cache_limit_bytes)

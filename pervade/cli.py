@@ -17,6 +17,7 @@ from pervade.errors import ConfigError, InputError, JobFailed, PervadeError
 from pervade.logs import configure_logging
 
 if TYPE_CHECKING:
+    from pervade.keys import ClientKeys
     from pervade.session import Heartbeats
 
 
@@ -104,6 +105,23 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--stay-after-drained", dest="exit_when_drained", action="store_false", help="do not leave when the broker says every job is done (runs of several sweeps with gaps); only --idle-timeout ends the workers")
 
 
+def _add_keys(parser: argparse.ArgumentParser, server: bool = False) -> None:
+    from pervade.keys import KEYS_ENV
+
+    group = parser.add_argument_group("security (CURVE)")
+    whose = "the broker's key pair and authorized/ client keys" if server else "this client's key pair and the broker's public key"
+    group.add_argument("--keys", type=Path, default=None, metavar="DIR", help=f"keys directory from `pervade keys init`: {whose} (default: ${KEYS_ENV}; none: plain TCP)")
+    if server:
+        group.add_argument("--insecure", action="store_true", help="listen on a network address without keys: anyone who reaches it can submit, take work and read verdicts")
+
+
+def _client_keys(args: argparse.Namespace) -> ClientKeys | None:
+    from pervade.keys import ClientKeys, keys_dir
+
+    directory = keys_dir(args.keys)
+    return ClientKeys.load(directory) if directory is not None else None
+
+
 def _add_broker_endpoint(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", default=DEFAULT_BROKER_CONNECT, metavar="ENDPOINT", help=f"the broker's ZeroMQ endpoint (default: {DEFAULT_BROKER_CONNECT})")
 
@@ -149,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-grace", type=_non_negative_float, default=10.0, metavar="SECONDS", help="tell workers the run is over (batch jobs then end) once every job has been complete for this long and no producer is preparing one (default: 10)")
     p.add_argument("--fsync", action="store_true", help="fsync every commit of the state: survives a power failure of the node, not only a killed broker (slower)")
     _add_heartbeats(p)
+    _add_keys(p, server=True)
     _add_logging(p)
     p.set_defaults(handler=_cmd_broker)
 
@@ -163,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-seconds", type=_positive_float, default=20.0, help="on SIGTERM, exit within this many seconds: queued batches are handed back at once, the one in hand is finished only if it fits (default: 20; Slurm sends SIGKILL 30 s after SIGTERM by default)")
     _add_ending(p)
     _add_heartbeats(p)
+    _add_keys(p)
     _add_logging(p)
     p.set_defaults(handler=_cmd_worker)
 
@@ -175,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="return only when every pair is durably written by a sink or recorded as failed; exit 1 if any failed")
     p.add_argument("--timeout", type=_positive_float, default=None, help="give up (exit 1) if submitting, and waiting with --wait, takes longer than this many seconds")
     _add_heartbeats(p)
+    _add_keys(p)
     _add_logging(p)
     p.set_defaults(handler=_cmd_produce)
 
@@ -188,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink-id", default=None, help="name in file names and logs; a restarted sink with the same name takes over at once (default: random)")
     p.add_argument("--until-done", action="store_true", help="exit once the broker reports every job complete")
     _add_heartbeats(p)
+    _add_keys(p)
     _add_logging(p)
     p.set_defaults(handler=_cmd_sink)
 
@@ -256,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_broker(args: argparse.Namespace) -> int:
     from broker.server import BrokerConfig, run_broker
+    from pervade.keys import keys_dir
 
     config = BrokerConfig(
         bind=args.bind,
@@ -268,6 +291,8 @@ def _cmd_broker(args: argparse.Namespace) -> int:
         state_dir=args.state,
         fsync=args.fsync,
         drain_grace_s=args.drain_grace,
+        keys_dir=keys_dir(args.keys),
+        insecure=args.insecure,
         heartbeats=_heartbeats(args),
     )
     asyncio.run(run_broker(config))
@@ -301,6 +326,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         exit_when_drained=args.exit_when_drained,
         idle_timeout_s=args.idle_timeout,
         broker_deadline_s=args.broker_deadline,
+        keys=_client_keys(args),
     )
     return asyncio.run(run_worker(config))
 
@@ -327,6 +353,7 @@ def _cmd_produce(args: argparse.Namespace) -> int:
         wait=args.wait,
         timeout_s=args.timeout,
         heartbeats=_heartbeats(args),
+        keys=_client_keys(args),
     )
     outcome = asyncio.run(produce(request))
     print(outcome.describe())
@@ -346,6 +373,7 @@ def _cmd_sink(args: argparse.Namespace) -> int:
         sink_id=args.sink_id,
         until_done=args.until_done,
         heartbeats=_heartbeats(args),
+        keys=_client_keys(args),
     )
     asyncio.run(run_sink(config))
     return 0

@@ -20,6 +20,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: Milliseconds a socket may keep unsent messages at close, so no process hangs at exit.
 SOCKET_LINGER_MS = 1000
 
+#: Milliseconds a client's send may wait for the broker's connection. A healthy connection never makes a
+#: send wait (the queue holds 100,000 messages); a refused one (a CURVE handshake the broker rejected)
+#: has no pipe at all, and a send would otherwise wait for ever.
+SEND_TIMEOUT_MS = 2000
+
 DEFAULT_BROKER_BIND = "tcp://*:5555"
 DEFAULT_BROKER_CONNECT = "tcp://127.0.0.1:5555"
 

@@ -23,9 +23,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
+import zmq
 import zmq.asyncio
 
 from pervade.errors import ConfigError
+from pervade.keys import ClientKeys
 from pervade.protocol import Disconnect, Heartbeat, Message, encode, kind_of
 from pervade.transport import BrokerConnection
 
@@ -69,10 +71,12 @@ class BrokerSession:
         register: Callable[[BrokerSession], Awaitable[None]],
         heartbeats: Heartbeats | None = None,
         stopping: asyncio.Event | None = None,
+        keys: ClientKeys | None = None,
     ) -> None:
         self._ctx = ctx
         self.endpoint = endpoint
         self.role = role
+        self.keys = keys  # CURVE: the broker's public key and this client's key pair (None: plain TCP)
         self.heartbeats = heartbeats or Heartbeats()
         self._register = register
         self._stopping = stopping or asyncio.Event()
@@ -80,6 +84,7 @@ class BrokerSession:
         self._registered = asyncio.Event()
         self._backoff = self.heartbeats.reconnect_min_s
         self._healthy = False  # heard the broker since the last (re)connection
+        self._send_refused = False  # the last send timed out (logged once until one succeeds)
         self._last_sent = 0.0
         self._last_heard = 0.0
         self._heard_at = time.monotonic()  # last word from the broker (or the start), across reconnections
@@ -131,8 +136,20 @@ class BrokerSession:
         return True
 
     async def _send_now(self, frames: list[bytes]) -> None:
+        """Send on the current connection. A send the connection cannot take (no pipe: the broker refused
+        the handshake, or is unreachable) is dropped after SEND_TIMEOUT_MS, never awaited for ever: every
+        message that matters is sent again after a reconnection (resends, redeliveries, requeues)."""
         assert self._conn is not None
-        await self._conn.send_frames(frames)
+        try:
+            await self._conn.send_frames(frames)
+        except zmq.Again:
+            if self._healthy or not self._send_refused:
+                log.warning("broker_send_timed_out", role=self.role, endpoint=self.endpoint,
+                            hint="is the broker up, and are this client's keys admitted (--keys)?")  # fmt: skip
+            self._send_refused = True
+            self._healthy = False
+            return
+        self._send_refused = False
         self._last_sent = time.monotonic()
 
     async def receive(self, timeout_s: float) -> Message | None:
@@ -183,7 +200,7 @@ class BrokerSession:
             await self._connect()
 
     async def _connect(self) -> None:
-        self._conn = BrokerConnection.open(self._ctx, self.endpoint, self.role)
+        self._conn = BrokerConnection.open(self._ctx, self.endpoint, self.role, self.keys)
         self.generation += 1
         self._healthy = False
         self._last_heard = self._last_sent = time.monotonic()  # the new connection gets a full grace period

@@ -17,8 +17,9 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from pervade.constants import DEFAULT_MAX_MESSAGE_BYTES, SOCKET_LINGER_MS
+from pervade.constants import DEFAULT_MAX_MESSAGE_BYTES, SEND_TIMEOUT_MS, SOCKET_LINGER_MS
 from pervade.errors import ProtocolError
+from pervade.keys import ClientKeys, ServerKeys
 from pervade.protocol import Message, decode, encode
 
 log = structlog.get_logger(__name__)
@@ -29,9 +30,26 @@ def new_identity(role: str) -> str:
     return f"{role}-{uuid.uuid4().hex[:12]}"
 
 
-def router_socket(ctx: zmq.asyncio.Context, bind: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> zmq.asyncio.Socket:
-    """The broker's ROUTER, bound to ``bind`` (``tcp://host:*`` picks a free port)."""
+def is_loopback(endpoint: str) -> bool:
+    """Whether ``endpoint`` is reachable from this host only: tcp on a loopback address, ipc or inproc."""
+    transport, _, rest = endpoint.partition("://")
+    if transport in ("ipc", "inproc"):
+        return True
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    return transport == "tcp" and (host in ("localhost", "::1") or host.startswith("127."))
+
+
+def router_socket(
+    ctx: zmq.asyncio.Context,
+    bind: str,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    keys: ServerKeys | None = None,
+) -> zmq.asyncio.Socket:
+    """The broker's ROUTER, bound to ``bind`` (``tcp://host:*`` picks a free port); a CURVE server when
+    ``keys`` are given (the context's authenticator decides whom it admits)."""
     sock = ctx.socket(zmq.ROUTER)
+    if keys is not None:
+        keys.apply(sock)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.LINGER, SOCKET_LINGER_MS)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
@@ -41,11 +59,14 @@ def router_socket(ctx: zmq.asyncio.Context, bind: str, max_message_bytes: int = 
     return sock
 
 
-def dealer_socket(ctx: zmq.asyncio.Context, connect: str, identity: str) -> zmq.asyncio.Socket:
-    """A DEALER connected to the broker under ``identity``."""
+def dealer_socket(ctx: zmq.asyncio.Context, connect: str, identity: str, keys: ClientKeys | None = None) -> zmq.asyncio.Socket:
+    """A DEALER connected to the broker under ``identity``; a CURVE client of it when ``keys`` are given."""
     sock = ctx.socket(zmq.DEALER)
+    if keys is not None:
+        keys.apply(sock)
     sock.setsockopt(zmq.IDENTITY, identity.encode())
     sock.setsockopt(zmq.LINGER, SOCKET_LINGER_MS)
+    sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)  # a send raises zmq.Again rather than wait for ever
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.RCVHWM, 100_000)
     sock.connect(connect)
@@ -60,9 +81,9 @@ class BrokerConnection:
     identity: str
 
     @classmethod
-    def open(cls, ctx: zmq.asyncio.Context, endpoint: str, role: str) -> BrokerConnection:
+    def open(cls, ctx: zmq.asyncio.Context, endpoint: str, role: str, keys: ClientKeys | None = None) -> BrokerConnection:
         identity = new_identity(role)
-        return cls(dealer_socket(ctx, endpoint, identity), identity)
+        return cls(dealer_socket(ctx, endpoint, identity, keys), identity)
 
     async def send(self, message: Message) -> None:
         await self.send_frames(encode(message))

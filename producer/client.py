@@ -31,6 +31,7 @@ import zmq.asyncio
 from pervade.constants import DEFAULT_BROKER_CONNECT
 from pervade.context import ContextSpec, ResolvedContext
 from pervade.errors import ConfigError, InputError, JobFailed, ProtocolError
+from pervade.keys import ClientKeys
 from pervade.protocol import (
     Accepted,
     Batch,
@@ -88,6 +89,7 @@ class Producer:
         max_unacked: int = 16,
         ctx: zmq.asyncio.Context | None = None,
         heartbeats: Heartbeats | None = None,
+        keys: ClientKeys | None = None,
     ) -> None:
         if max_unacked < 1:
             raise ConfigError("max_unacked must be at least 1")
@@ -96,7 +98,9 @@ class Producer:
         self.producer_id = f"producer-{uuid.uuid4().hex[:12]}"
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._closing = asyncio.Event()
-        self.session = BrokerSession(self._ctx, broker, "producer", self._register, heartbeats, stopping=self._closing)
+        self.session = BrokerSession(
+            self._ctx, broker, "producer", self._register, heartbeats, stopping=self._closing, keys=keys
+        )
         self._receiver: asyncio.Task[None] | None = None
         self._window = asyncio.Semaphore(max_unacked)
         self._reports: dict[str, SubmitReport] = {}

@@ -18,6 +18,7 @@ from pathlib import Path
 from pervade.constants import DEFAULT_BROKER_CONNECT
 from pervade.context import ContextSpec, ResolvedContext
 from pervade.errors import JobFailed
+from pervade.keys import ClientKeys
 from pervade.protocol import JobDone
 from pervade.session import Heartbeats
 from producer.claims import ClaimFields, ClaimsSource, read_claims
@@ -50,6 +51,8 @@ class ProduceRequest:
     #: Give up (JobFailed) if submitting, and waiting when asked, takes longer than this.
     timeout_s: float | None = None
     heartbeats: Heartbeats | None = None
+    #: CURVE keys for the broker connection (None: plain TCP).
+    keys: ClientKeys | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ async def produce(request: ProduceRequest) -> ProduceOutcome:
     job_id = request.job_id or job_id_for(request.context, templates, origin, request.batch_size)
     try:
         async with asyncio.timeout(request.timeout_s), Producer(
-            request.broker, max_unacked=request.max_unacked, heartbeats=request.heartbeats
+            request.broker, max_unacked=request.max_unacked, heartbeats=request.heartbeats, keys=request.keys
         ) as producer:
             report = await producer.submit_sweep(
                 read_claims(source), templates, request.context, batch_size=request.batch_size, job_id=job_id

@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from pervade.constants import DEFAULT_BROKER_CONNECT
 from pervade.errors import ConfigError
+from pervade.keys import ClientKeys
 from pervade.protocol import Deliver, DeliverFailure, Disconnect, Error, JobDone, SinkAck, SinkReady
 from pervade.session import BrokerSession, Heartbeats
 from sinks.failures import FailureLog
@@ -55,6 +56,8 @@ class SinkConfig:
     #: Exit once the broker reports every job complete.
     until_done: bool = False
     heartbeats: Heartbeats = field(default_factory=Heartbeats)
+    #: CURVE keys for the broker connection (None: plain TCP).
+    keys: ClientKeys | None = None
 
     def __post_init__(self) -> None:
         if self.row_group_rows < 1 or self.file_rows < 1:
@@ -75,7 +78,7 @@ class Sink:
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._stopping = asyncio.Event()
         self.session = BrokerSession(
-            self._ctx, config.broker, "sink", self._register, config.heartbeats, stopping=self._stopping
+            self._ctx, config.broker, "sink", self._register, config.heartbeats, stopping=self._stopping, keys=config.keys
         )
         self._oldest_unacked: float | None = None
         self._last_delivery = 0.0
