@@ -36,6 +36,7 @@ from gpuworker.cache import FileCache
 from gpuworker.fileserver import MAX_CHUNK_BYTES
 from pervade.context import ContextSpec
 from pervade.errors import ConfigError, ContextLoadError, ProtocolError
+from pervade.keys import ClientKeys
 from pervade.manifest import FileEntry, Manifest
 from pervade.protocol import ChunkData, FetchChunk, FetchRefused, Sources, decode_peer, encode
 
@@ -174,8 +175,17 @@ class Download:
 class Fetcher:
     """Fills the node cache with a context's files: peers first, the origin when none can serve."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, cache: FileCache, config: TransferConfig, find_sources: FindSources) -> None:
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        cache: FileCache,
+        config: TransferConfig,
+        find_sources: FindSources,
+        keys: ClientKeys | None = None,
+    ) -> None:
         self._ctx = ctx
+        #: CURVE keys for peers' file services (``ClientKeys.for_peers``); None: plain TCP.
+        self.keys = keys
         self.cache = cache
         self.config = config
         self._find_sources = find_sources
@@ -225,6 +235,8 @@ class Fetcher:
         """Pull pieces from one peer until none are left for it. A peer that fails us (silent, refusing,
         or a bad piece) is left out when the broker is asked for sources again."""
         sock = self._ctx.socket(zmq.DEALER)
+        if self.keys is not None:
+            self.keys.apply(sock)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, f"fetch-{uuid.uuid4().hex[:12]}".encode())
         digest = download.manifest.digest

@@ -28,6 +28,7 @@ import zmq.asyncio
 from gpuworker.cache import FileCache
 from pervade.constants import SOCKET_LINGER_MS
 from pervade.errors import ConfigError, ProtocolError
+from pervade.keys import ClientKeys
 from pervade.manifest import FileEntry
 from pervade.protocol import ChunkData, FetchChunk, FetchRefused, decode_peer, encode, encode_chunk
 
@@ -62,8 +63,12 @@ class FileServiceConfig:
 class FileServer:
     """Serves chunks of the files this node's cache holds. ``start`` binds; ``serve`` runs until stopped."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, cache: FileCache, config: FileServiceConfig, host: str) -> None:
+    def __init__(
+        self, ctx: zmq.asyncio.Context, cache: FileCache, config: FileServiceConfig, host: str, keys: ClientKeys | None = None
+    ) -> None:
         self.cache = cache
+        #: CURVE: serve under the run's client key pair (peers admitted by the context's authenticator).
+        self.keys = keys
         self.config = config
         self._ctx = ctx
         self._host = config.advertise_host or host
@@ -81,6 +86,8 @@ class FileServer:
 
     def start(self) -> str:
         sock = self._ctx.socket(zmq.ROUTER)
+        if self.keys is not None:
+            self.keys.apply_server(sock)
         sock.setsockopt(zmq.LINGER, SOCKET_LINGER_MS)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)  # requests are small; anything bigger is not ours

@@ -47,6 +47,7 @@ from pathlib import Path
 import structlog
 import torch
 import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
 
 from gpuworker.cache import FileCache, default_cache_root
 from gpuworker.device import describe_device, fit_dtype, select_device
@@ -56,7 +57,7 @@ from gpuworker.fileserver import FileServer, FileServiceConfig
 from pervade.constants import DEFAULT_BROKER_CONNECT, EXIT_BROKER_UNREACHABLE, LEAVE_SIGNALS
 from pervade.context import ContextMode, ContextSpec
 from pervade.errors import ConfigError
-from pervade.keys import ClientKeys
+from pervade.keys import ClientKeys, PeerAdmission
 from pervade.manifest import Manifest
 from pervade.protocol import (
     Assign,
@@ -182,8 +183,11 @@ class Worker:
         )
         self.contexts: OrderedDict[str, HeldContext] = OrderedDict()
         self.cache = FileCache(config.cache_dir or default_cache_root(), config.cache_limit_bytes)
-        self.file_server = FileServer(self._ctx, self.cache, config.files, socket.gethostname()) if config.serve_files else None
-        self.fetcher = Fetcher(self._ctx, self.cache, config.transfer, self.find_sources)
+        self.file_server = (
+            FileServer(self._ctx, self.cache, config.files, socket.gethostname(), config.keys) if config.serve_files else None
+        )
+        self.fetcher = Fetcher(self._ctx, self.cache, config.transfer, self.find_sources, config.keys and config.keys.for_peers())
+        self._auth: AsyncioAuthenticator | None = None
         self._sources_wanted: dict[str, asyncio.Future[Sources]] = {}
         #: Manifests of the contexts the broker told us about, for a context reloaded without an order.
         self._manifests: dict[str, Manifest] = {}
@@ -244,6 +248,10 @@ class Worker:
         await asyncio.to_thread(self.cache.clean_partials)
         serving = None
         if self.file_server is not None:
+            if self.config.keys is not None:  # peers must hold the run's keys to download
+                self._auth = AsyncioAuthenticator(self._ctx)
+                self._auth.start()
+                self._auth.configure_curve_callback("*", credentials_provider=PeerAdmission(self.config.keys))
             self.file_server.start()
             serving = asyncio.create_task(self.file_server.serve(self._finished))
         await self.session.open()
@@ -271,6 +279,8 @@ class Worker:
             watcher.cancel()
             await asyncio.gather(receiver, *([serving] if serving else []), return_exceptions=True)
             self.session.close()
+            if self._auth is not None:
+                self._auth.stop()
             self._executor.shutdown(wait=False, cancel_futures=True)
             log.info(
                 "worker_stopped", reason=self.exit_reason, exit_status=self.exit_status, batches_done=self.batches_done,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pervade.errors import ConfigError, PervadeError
+from pervade.keys import init_keys
 from sinks.summary import OutputSummary, summarize
 
 STOP_TIMEOUT_S = 30.0
@@ -199,17 +200,22 @@ async def run_local(config: LocalRunConfig) -> RunResult:
     workers = [f"worker-{i}" for i in range(config.workers)]
     endpoint_file = log_dir / "broker.endpoint"
     endpoint_file.unlink(missing_ok=True)
+    # Throwaway CURVE keys: loopback is reachable by every user of this host, so the local run is keyed too.
+    keys_dir = Path(tempfile.mkdtemp(prefix="pervade-run-keys-"))
+    init_keys(keys_dir, force=True)
+    keys = ("--keys", str(keys_dir))
     try:
-        broker = await procs.start("broker", "broker", "--bind", "tcp://127.0.0.1:*", "--endpoint-file", str(endpoint_file))
+        broker = await procs.start("broker", "broker", "--bind", "tcp://127.0.0.1:*", "--endpoint-file", str(endpoint_file), *keys)
         endpoint = await wait_for_endpoint(endpoint_file, broker)
-        await procs.start("sink", "sink", "--broker", endpoint, "--out", str(out_dir))
+        await procs.start("sink", "sink", "--broker", endpoint, "--out", str(out_dir), *keys)
         for name in workers:
             files = ["--context-mode", config.context_mode, "--file-host", "127.0.0.1", "--file-bind-host", "127.0.0.1"]
             if config.cache_dir is not None:
                 files += ["--cache-dir", str(config.cache_dir)]
-            await procs.start(name, "worker", "--broker", endpoint, "--device", config.device, "--threads", str(threads), "--worker-id", name, *files)
+            await procs.start(name, "worker", "--broker", endpoint, "--device", config.device, "--threads", str(threads),
+                              "--worker-id", name, *files, *keys)  # fmt: skip
         produce = ["produce", "--broker", endpoint, "--claims", claims, "--model", model, "--dtype", config.dtype,
-                   "--batch-size", str(config.batch_size), "--wait"]  # fmt: skip
+                   "--batch-size", str(config.batch_size), "--wait", *keys]  # fmt: skip
         if config.templates:
             produce += ["--templates", str(config.templates)]
         if config.limit is not None:
@@ -227,6 +233,7 @@ async def run_local(config: LocalRunConfig) -> RunResult:
         wall = time.perf_counter() - started
     finally:
         await procs.stop(["producer", "sink", *workers, "broker"])
+        shutil.rmtree(keys_dir, ignore_errors=True)
     return RunResult(
         out_dir=out_dir,
         log_dir=log_dir,

@@ -99,16 +99,30 @@ def load_key_pair(path: Path) -> tuple[bytes, bytes]:
 
 @dataclass(frozen=True)
 class ClientKeys:
-    """What a client (worker, producer, sink, peer downloader) needs: its key pair and the server's public key."""
+    """What a client (worker, producer, sink, peer downloader) needs: its key pair and the server's public
+    key; and, for a worker's file service, the directory of client keys its peers may use (if it has one)."""
 
     public: bytes
     secret: bytes
     server_public: bytes
+    authorized: Path | None = None
 
     @classmethod
     def load(cls, directory: Path, server: str = BROKER) -> ClientKeys:
         public, secret = load_key_pair(directory / f"{CLIENT}.key_secret")
-        return cls(public=public, secret=secret, server_public=load_public(directory / f"{server}.key"))
+        authorized = directory / AUTHORIZED if (directory / AUTHORIZED).is_dir() else None
+        return cls(public=public, secret=secret, server_public=load_public(directory / f"{server}.key"), authorized=authorized)
+
+    def for_peers(self) -> ClientKeys:
+        """As a downloader from a peer's file service. The workers of a run share the client key pair, so
+        a peer's server key is this key's public half."""
+        return ClientKeys(public=self.public, secret=self.secret, server_public=self.public, authorized=self.authorized)
+
+    def apply_server(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` (a worker's file service) a CURVE server under this key pair; call before ``bind``."""
+        sock.curve_server = True
+        sock.curve_publickey = self.public
+        sock.curve_secretkey = self.secret
 
     def apply(self, sock: zmq.Socket) -> None:
         """Make ``sock`` a CURVE client of the server; call before ``connect``."""
@@ -169,3 +183,17 @@ class AuthorizedKeys:
         """Whether to admit a connecting client (the authenticator awaits it; the directory is read on a
         thread, never on the event loop)."""
         return key in await asyncio.to_thread(self.admitted)
+
+
+class PeerAdmission:
+    """Whom a worker's file service admits: peers holding the run's client key (this worker's own), and
+    any other client key in the keys directory's ``authorized/`` when the worker has it."""
+
+    def __init__(self, keys: ClientKeys) -> None:
+        self.own = keys.public
+        self.authorized = AuthorizedKeys(keys.authorized) if keys.authorized is not None else None
+
+    async def callback(self, domain: str, key: bytes) -> bool:
+        if key == self.own:
+            return True
+        return self.authorized is not None and await self.authorized.callback(domain, key)

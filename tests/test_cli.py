@@ -48,6 +48,8 @@ def test_run_with_no_flags_works_offline(tmp_path: Path) -> None:
     assert read_verdicts(out_dir).num_rows == 240
     assert {p.name for p in out_dir.with_name(out_dir.name + ".logs").glob("*.log")} >= {"broker.log", "sink.log", "producer.log"}
     assert (tmp_path / "cache" / "pervade" / "tiny-model-v1" / "config.json").exists()
+    broker_log = (out_dir.with_name(out_dir.name + ".logs") / "broker.log").read_text()
+    assert '"event": "broker_listening"' in broker_log and '"curve": true' in broker_log  # throwaway keys
 
 
 def test_run_refuses_to_mix_results_into_a_used_directory(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import pytest
 import pytest_asyncio
 import zmq
 import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
 
 from broker.sources import FileSources
 from gpuworker.cache import FileCache, default_cache_root
@@ -20,6 +21,7 @@ from gpuworker.fetch import Fetcher, TransferConfig
 from gpuworker.fileserver import FileServer, FileServiceConfig
 from pervade.context import ContextSpec
 from pervade.errors import ConfigError
+from pervade.keys import ClientKeys, PeerAdmission, init_keys
 from pervade.manifest import Manifest, build_manifest, check_relative_path
 from pervade.protocol import ChunkData, FetchChunk, FetchRefused, Sources, decode_peer, encode
 
@@ -224,16 +226,23 @@ class Probe:
     """A downloader speaking to a file server by hand: one DEALER for all its requests. (A new socket per
     request under the same identity races the ROUTER, which refuses an identity still connected.)"""
 
-    def __init__(self, endpoint: str, identity: bytes) -> None:
+    def __init__(self, endpoint: str, identity: bytes, keys: ClientKeys | None = None) -> None:
         self.sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        if keys is not None:
+            keys.apply(self.sock)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, identity)
         self.sock.connect(endpoint)
 
-    async def ask(self, request: FetchChunk) -> tuple[object, bytes | None]:
+    async def ask(self, request: FetchChunk, timeout_ms: int = 5000) -> tuple[object, bytes | None]:
         await self.sock.send_multipart(encode(request))
-        assert await self.sock.poll(5000), "no answer from the file server"
+        assert await self.sock.poll(timeout_ms), "no answer from the file server"
         return decode_peer(await self.sock.recv_multipart())
+
+    async def answered(self, request: FetchChunk) -> bool:
+        """Whether the server answers at all within 1.5 s (a refused CURVE handshake: never)."""
+        await self.sock.send_multipart(encode(request), zmq.NOBLOCK)
+        return bool(await self.sock.poll(1500))
 
     def close(self) -> None:
         self.sock.close()
@@ -261,6 +270,42 @@ async def test_server_serves_only_files_in_its_manifests(serving, model_dir: Pat
         probe.close()
         other.close()
     assert server.refused >= 6
+
+
+async def test_a_keyed_file_service_serves_only_the_runs_key_holders(tmp_path: Path, model_dir: Path, manifest: Manifest) -> None:
+    init_keys(tmp_path / "keys")
+    run_keys = ClientKeys.load(tmp_path / "keys")
+    init_keys(tmp_path / "other")
+    stranger = ClientKeys.load(tmp_path / "other")
+    ctx = zmq.asyncio.Context()
+    auth = AsyncioAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve_callback("*", credentials_provider=PeerAdmission(run_keys))
+    cache = FileCache(tmp_path / "cache")
+    fill(cache, model_dir, manifest)
+    server = FileServer(ctx, cache, FileServiceConfig(bind_host="127.0.0.1"), "127.0.0.1", keys=run_keys)
+    server.start()
+    stop = asyncio.Event()
+    serving = asyncio.create_task(server.serve(stop))
+    request = FetchChunk(files=manifest.digest, path="config.json", offset=0, length=10)
+    probes = {
+        "peer": Probe(server.endpoint, b"peer", run_keys.for_peers()),
+        "plain": Probe(server.endpoint, b"plain"),
+        "stranger": Probe(server.endpoint, b"stranger", ClientKeys(stranger.public, stranger.secret, server_public=run_keys.public)),
+        "wrong-server-key": Probe(server.endpoint, b"wrong", run_keys),  # trusts the broker's key, not the peer's
+    }
+    try:
+        reply, data = await probes["peer"].ask(request)
+        assert isinstance(reply, ChunkData) and data == (model_dir / "config.json").read_bytes()[:10]
+        for name in ("plain", "stranger", "wrong-server-key"):
+            assert not await probes[name].answered(request), f"the {name} downloader was served"
+    finally:
+        for probe in probes.values():
+            probe.close()
+        stop.set()
+        await serving
+        auth.stop()
+        ctx.term()
 
 
 def sources_in_turn(*answers: Sources) -> tuple[Callable, list[list[str]]]:

@@ -1,4 +1,5 @@
-"""CURVE on the broker's socket, with real processes: the run's key holders are served, nobody else is."""
+"""CURVE with real processes: the run's key holders are served by the broker and by each other's file
+service, nobody else is."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ async def test_only_the_runs_key_holders_submit_work_and_get_verdicts(tmp_path: 
     try:
         await cluster.start_broker("--keys", str(keys))
         await cluster.start_sink("--keys", str(keys))
-        await cluster.start_worker("--keys", str(keys), "--device", "cpu", "--threads", "1")
+        for _ in range(2):  # the second gets the model files from the first, over the keyed file service
+            await cluster.start_worker("--keys", str(keys), "--device", "cpu", "--threads", "1")
         # no key, and a key the broker does not admit: the handshake fails, nothing reaches the broker
         await cluster.start_producer(*claims, "--wait", "--timeout", "8", name="no-key")
         await cluster.start_producer(*claims, "--wait", "--timeout", "8", "--keys", str(strangers_keys(tmp_path, keys)), name="stranger")
@@ -54,4 +56,6 @@ async def test_only_the_runs_key_holders_submit_work_and_get_verdicts(tmp_path: 
     assert cluster.rows_written() == 8 * 4
     listening = cluster.events("broker", "broker_listening")
     assert listening and all(e["curve"] for e in listening)
+    fetched = [e for w in ("worker-0", "worker-1") for e in cluster.events(w, "files_ready")]
+    assert len(fetched) == 2 and sorted(e["peer_bytes"] > 0 for e in fetched) == [False, True], fetched
 
