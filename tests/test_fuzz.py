@@ -43,6 +43,7 @@ from jobs.local import ProcessGroup, read_events, wait_for_endpoint
 from pervade.constants import LABELS, PROTOCOL_HEADER
 from pervade.context import DTYPES, ContextSpec
 from pervade.errors import ProtocolError
+from pervade.keys import ClientKeys, init_keys
 from pervade.protocol import (
     ALL_MESSAGES,
     Accepted,
@@ -505,14 +506,17 @@ class FuzzPeers:
     """Plain (synchronous) DEALERs on the broker: one per identity in ``IDENTITIES``, and one that sends the
     oversized frames. Sends never wait for an answer; ``drain`` reads and drops whatever came back."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, keys: ClientKeys | None = None) -> None:
         self.ctx = zmq.Context()
+        self.keys = keys  # CURVE: the fuzzers hold the run's keys (the worst case: an insider's garbage)
         self.peers = [self._dealer(endpoint, identity) for identity in IDENTITIES]
         self.oversized = self._dealer(endpoint, OVERSIZED_IDENTITY)
         self.monitor = self.oversized.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
     def _dealer(self, endpoint: str, identity: bytes) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
+        if self.keys is not None:
+            self.keys.apply(sock)
         sock.setsockopt(zmq.IDENTITY, identity)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
@@ -577,10 +581,10 @@ class FuzzPeers:
         self.ctx.term()
 
 
-def fuzz(endpoint: str) -> FuzzReport:
+def fuzz(endpoint: str, keys: ClientKeys | None = None) -> FuzzReport:
     """Throw ``EXAMPLES`` hypothesis examples at the broker, then wait until it has handled them all."""
     report = FuzzReport()
-    peers = FuzzPeers(endpoint)
+    peers = FuzzPeers(endpoint, keys)
     try:
 
         @settings(
@@ -618,11 +622,17 @@ def fuzz(endpoint: str) -> FuzzReport:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("curve", [False, True], ids=["plain", "curve"])
 async def test_a_fuzzed_broker_stays_up_and_still_runs_a_job_correctly(
-    tmp_path: Path, tiny_model: Path, fever_claims: Path
+    tmp_path: Path, tiny_model: Path, fever_claims: Path, curve: bool
 ) -> None:
     log_dir, out_dir = tmp_path / "logs", tmp_path / "out"
     log_dir.mkdir()
+    keys: tuple[str, ...] = ()
+    client_keys = None
+    if curve:  # the same fuzz through CURVE: frames arrive decrypted, so the broker must refuse them the same
+        init_keys(tmp_path / "keys")
+        keys, client_keys = ("--keys", str(tmp_path / "keys")), ClientKeys.load(tmp_path / "keys")
     templates_file = tmp_path / "templates.json"
     all_templates = load_templates()
     templates_file.write_text(json.dumps({t: all_templates[t] for t in TEMPLATES}))
@@ -630,23 +640,23 @@ async def test_a_fuzzed_broker_stays_up_and_still_runs_a_job_correctly(
     try:
         broker = await procs.start(
             "broker", "broker", "--bind", "tcp://127.0.0.1:*", "--endpoint-file", str(tmp_path / "endpoint"),
-            "--max-message-bytes", str(MAX_MESSAGE_BYTES), *HEARTBEATS,
+            "--max-message-bytes", str(MAX_MESSAGE_BYTES), *HEARTBEATS, *keys,
         )  # fmt: skip
         endpoint = await wait_for_endpoint(tmp_path / "endpoint", broker)
 
-        report = await asyncio.to_thread(fuzz, endpoint)
+        report = await asyncio.to_thread(fuzz, endpoint, client_keys)
         assert broker.returncode is None, f"the broker died under the fuzz:\n{procs.tail('broker', 40)}"
         assert report.frames >= 3000 and report.oversized > 0
         assert report.disconnects > 0, "the broker never cut off the peer sending oversized frames"
 
         # A normal job, with real processes, on the broker that was just fuzzed.
-        await procs.start("sink", "sink", "--broker", endpoint, "--out", str(out_dir), *HEARTBEATS)
+        await procs.start("sink", "sink", "--broker", endpoint, "--out", str(out_dir), *HEARTBEATS, *keys)
         await procs.start("worker", "worker", "--broker", endpoint, "--device", "cpu", "--threads", "1",
-                          "--worker-id", "worker-after-fuzz", *HEARTBEATS)  # fmt: skip
+                          "--worker-id", "worker-after-fuzz", *HEARTBEATS, *keys)  # fmt: skip
         producer = await procs.start(
             "producer", "produce", "--broker", endpoint, "--model", str(tiny_model), "--claims", str(fever_claims),
             "--limit", str(CLAIMS), "--templates", str(templates_file), "--batch-size", "16", "--wait",
-            "--timeout", str(JOB_TIMEOUT_S), *HEARTBEATS,
+            "--timeout", str(JOB_TIMEOUT_S), *HEARTBEATS, *keys,
         )  # fmt: skip
         first = await asyncio.wait_for(procs.first_exit(["producer", "broker", "sink", "worker"]), JOB_TIMEOUT_S + 30)
         assert first == "producer", f"{first} exited during the job:\n{procs.tail(first, 40)}"
