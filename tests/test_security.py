@@ -51,9 +51,18 @@ async def test_only_the_runs_key_holders_submit_work_and_get_verdicts(tmp_path: 
 
         await cluster.start_producer(*claims, "--wait", "--timeout", "60", "--keys", str(keys), name="holder")
         assert await asyncio.wait_for(cluster.procs.children["holder"].wait(), 90) == 0, cluster.procs.tail("holder")
+
+        # revoked while the broker runs: the same keys no longer get through (the directory's mtime changed,
+        # so the broker reads it again at the next handshake)
+        (keys / "authorized" / "client.key").unlink()
+        await cluster.start_producer(*claims, "--wait", "--timeout", "8", "--keys", str(keys), "--job-id", "after-revocation", name="revoked")
+        assert await asyncio.wait_for(cluster.procs.children["revoked"].wait(), 60) == 1, cluster.procs.tail("revoked")
     finally:
         await cluster.stop()
-    assert cluster.rows_written() == 8 * 4
+    assert cluster.rows_written() == 8 * 4  # the holder's job only: nothing from the revoked producer
+    assert [e["job_id"] for e in cluster.events("broker", "job_done")] != [] and not any(
+        e.get("job_id") == "after-revocation" for e in cluster.events("broker", "job_done")
+    )
     listening = cluster.events("broker", "broker_listening")
     assert listening and all(e["curve"] for e in listening)
     fetched = [e for w in ("worker-0", "worker-1") for e in cluster.events(w, "files_ready")]
