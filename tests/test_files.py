@@ -240,8 +240,12 @@ class Probe:
         return decode_peer(await self.sock.recv_multipart())
 
     async def answered(self, request: FetchChunk) -> bool:
-        """Whether the server answers at all within 1.5 s (a refused CURVE handshake: never)."""
-        await self.sock.send_multipart(encode(request), zmq.NOBLOCK)
+        """Whether the server answers at all within 1.5 s. After a refused CURVE handshake the socket has no
+        pipe left to send on (zmq.Again) or the request goes unanswered: either way, never served."""
+        try:
+            await self.sock.send_multipart(encode(request), zmq.NOBLOCK)
+        except zmq.Again:
+            return False
         return bool(await self.sock.poll(1500))
 
     def close(self) -> None:
