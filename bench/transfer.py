@@ -18,6 +18,9 @@ size), and hashed into a manifest. The model is never loaded: only its bytes mov
   empty ``FileCache``, with a ``find_sources`` that names that one server. Every 4 MiB piece is checked
   against the manifest's sha256 and written to the cache (a partial file, renamed into ``blobs/``), and
   the model directory of symlinks is laid out. Same chunk size and credit as the raw row.
+- ``pervade+curve``: the same, for the default (chunk, credit) pair, with the run's CURVE keys on both sides
+  (the server a CURVE server admitting the run's key through a ZeroMQ authenticator, the ``Fetcher`` a CURVE
+  client): what authentication and encryption cost.
 - ``file copy``: ``shutil.copyfile`` of every file into a fresh directory (the lower bound of any copy that
   goes through the page cache; it runs once, not per sweep point).
 
@@ -51,12 +54,14 @@ from pathlib import Path
 
 import zmq
 import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
 
 from gpuworker.cache import FileCache
 from gpuworker.fetch import Fetcher, TransferConfig
 from gpuworker.fileserver import FileServer, FileServiceConfig
 from pervade.context import ContextSpec
 from pervade.errors import ContextLoadError
+from pervade.keys import ClientKeys, PeerAdmission, init_keys
 from pervade.logs import configure_logging
 from pervade.manifest import Manifest, build_manifest
 from pervade.protocol import Sources
@@ -80,7 +85,7 @@ class Row:
         chunk = f"{self.chunk_kib}" if self.chunk_kib else "-"
         credit = f"{self.credit}" if self.credit else "-"
         best, median = self.best(), statistics.median(self.seconds)
-        return (f"| {self.name:<9} | {chunk:>9} | {credit:>6} | {best:>6.2f} | {median:>8.2f} "
+        return (f"| {self.name:<13} | {chunk:>9} | {credit:>6} | {best:>6.2f} | {median:>8.2f} "
                 f"| {self.nbytes / best / 1e6:>10.0f} | {self.nbytes / median / 1e6:>12.0f} |")  # fmt: skip
 
 
@@ -121,22 +126,30 @@ def fill_cache(root: Path, model_dir: Path, manifest: Manifest) -> None:
 # --- servers (child processes) ------------------------------------------------------------------------
 
 
-def serve_pervade(cache_root: str, endpoint_out: mp.Queue, stop: mp.Event) -> None:
-    """Child process: a FileServer over the filled cache until ``stop`` is set."""
+def serve_pervade(cache_root: str, keys_dir: str | None, endpoint_out: mp.Queue, stop: mp.Event) -> None:
+    """Child process: a FileServer over the filled cache until ``stop`` is set (CURVE with ``keys_dir``)."""
 
     async def main() -> None:
         configure_logging("warning")
         ctx = zmq.asyncio.Context()
+        keys = ClientKeys.load(Path(keys_dir)) if keys_dir else None
+        auth = None
+        if keys is not None:
+            auth = AsyncioAuthenticator(ctx)
+            auth.start()
+            auth.configure_curve_callback("*", credentials_provider=PeerAdmission(keys))
         # Every timed run is a new downloader, and the server counts a finished one against max_uploads
         # until it has been idle upload_idle_s (5 s): with the default 4, back-to-back runs are refused.
         config = FileServiceConfig(bind_host="127.0.0.1", max_uploads=64)
-        server = FileServer(ctx, FileCache(Path(cache_root)), config, "127.0.0.1")
+        server = FileServer(ctx, FileCache(Path(cache_root)), config, "127.0.0.1", keys=keys)
         endpoint_out.put(server.start())
         stopping = asyncio.Event()
         serving = asyncio.create_task(server.serve(stopping))
         await asyncio.to_thread(stop.wait)
         stopping.set()
         await serving
+        if auth is not None:
+            auth.stop()
         ctx.term()
 
     asyncio.run(main())
@@ -205,7 +218,8 @@ def raw_stream(endpoint: str, sizes: list[int], chunk: int, credit: int) -> int:
 
 
 async def pervade_fetch(
-    endpoint: str, model_dir: Path, manifest: Manifest, cache_root: Path, chunk: int, credit: int
+    endpoint: str, model_dir: Path, manifest: Manifest, cache_root: Path, chunk: int, credit: int,
+    keys: ClientKeys | None = None,
 ) -> int:
     """The real Fetcher from one peer into an empty cache; returns the bytes it got from the peer."""
 
@@ -215,7 +229,8 @@ async def pervade_fetch(
         return Sources(files=digest, peers=[endpoint])
 
     ctx = zmq.asyncio.Context()
-    fetcher = Fetcher(ctx, FileCache(cache_root), TransferConfig(chunk_bytes=chunk, credit=credit), find_sources)
+    config = TransferConfig(chunk_bytes=chunk, credit=credit)
+    fetcher = Fetcher(ctx, FileCache(cache_root), config, find_sources, keys.for_peers() if keys else None)
     try:
         _, stats = await fetcher.fetch(ContextSpec(model=str(model_dir), files=manifest.digest), manifest)
     finally:
@@ -225,8 +240,11 @@ async def pervade_fetch(
     return stats.peer_bytes
 
 
-def fetch_once(endpoint: str, model_dir: Path, manifest: Manifest, cache_root: Path, chunk: int, credit: int) -> int:
-    return asyncio.run(pervade_fetch(endpoint, model_dir, manifest, cache_root, chunk, credit))
+def fetch_once(
+    endpoint: str, model_dir: Path, manifest: Manifest, cache_root: Path, chunk: int, credit: int,
+    keys: ClientKeys | None = None,
+) -> int:
+    return asyncio.run(pervade_fetch(endpoint, model_dir, manifest, cache_root, chunk, credit, keys))
 
 
 def copy_files(paths: list[Path], target: Path) -> None:
@@ -280,8 +298,11 @@ def main() -> int:
         [p for p in SWEEP if p != (args.chunk_kib, args.credit)] if args.sweep else []
     )
     rows: list[Row] = []
+    keys_dir = work / "keys"
+    init_keys(keys_dir, force=True)
     raw = Server(serve_raw, [str(p) for p in paths])
-    peer = Server(serve_pervade, str(server_cache))
+    peer = Server(serve_pervade, str(server_cache), None)
+    keyed_peer = Server(serve_pervade, str(server_cache), str(keys_dir))
     try:
         sizes = [p.stat().st_size for p in paths]
         for chunk_kib, credit in pairs:
@@ -291,6 +312,11 @@ def main() -> int:
             fetch_run = partial(fetch_once, peer.endpoint, model_dir, manifest, scratch / "cache", chunk, credit)
             rows.append(Row("raw zmq", chunk_kib, credit, timed(raw_run, lambda: None, args.repeat), total))
             rows.append(Row("pervade", chunk_kib, credit, timed(fetch_run, clean_scratch, args.repeat), total))
+        chunk_kib, credit = pairs[0]
+        print("# pervade with CURVE ...", file=sys.stderr, flush=True)
+        keyed_run = partial(fetch_once, keyed_peer.endpoint, model_dir, manifest, scratch / "cache", chunk_kib * 1024,
+                            credit, ClientKeys.load(keys_dir))  # fmt: skip
+        rows.append(Row("pervade+curve", chunk_kib, credit, timed(keyed_run, clean_scratch, args.repeat), total))
         print("# file copy ...", file=sys.stderr, flush=True)
         rows.append(
             Row("file copy", None, None, timed(partial(copy_files, paths, scratch), clean_scratch, args.repeat), total)
@@ -298,6 +324,7 @@ def main() -> int:
     finally:
         raw.close()
         peer.close()
+        keyed_peer.close()
         shutil.rmtree(scratch, ignore_errors=True)
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -307,16 +334,18 @@ def main() -> int:
     print(f"# {total / 1e9:.2f} GB in {len(manifest.files)} files ({args.files} x {sizes[-1] / 1e6:.0f} MB + config.json), "
           f"piece {manifest.piece_size // 1024} KiB, {args.repeat} runs per row, loopback, page cache warm")  # fmt: skip
     print()
-    print("| row       | chunk KiB | credit | best s | median s | best MB/s | median MB/s |")
-    print("|-----------|----------:|-------:|-------:|---------:|----------:|------------:|")
+    print("| row           | chunk KiB | credit | best s | median s | best MB/s | median MB/s |")
+    print("|---------------|----------:|-------:|-------:|---------:|----------:|------------:|")
     for row in rows:
         print(row.table_line())
     print()
     for chunk_kib, credit in pairs:
-        raw_row, ours = (r for r in rows if (r.chunk_kib, r.credit) == (chunk_kib, credit))
+        raw_row, ours = (r for r in rows if (r.chunk_kib, r.credit) == (chunk_kib, credit) and r.name in ("raw zmq", "pervade"))
         print(
             f"- chunk {chunk_kib} KiB, credit {credit}: pervade at {raw_row.best() / ours.best():.0%} of the raw stream"
         )
+    keyed = next(r for r in rows if r.name == "pervade+curve")
+    print(f"- pervade with CURVE (default pair) at {rows[1].best() / keyed.best():.0%} of pervade without")
     print(f"- pervade (default pair) at {rows[-1].best() / rows[1].best():.0%} of a plain file copy")
     return 0
 
