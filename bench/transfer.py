@@ -132,7 +132,7 @@ def serve_pervade(cache_root: str, keys_dir: str | None, endpoint_out: mp.Queue,
     async def main() -> None:
         configure_logging("warning")
         ctx = zmq.asyncio.Context()
-        keys = ClientKeys.load(Path(keys_dir)) if keys_dir else None
+        keys = ClientKeys.load(Path(keys_dir), "worker") if keys_dir else None
         auth = None
         if keys is not None:
             auth = AsyncioAuthenticator(ctx)
@@ -315,7 +315,7 @@ def main() -> int:
         chunk_kib, credit = pairs[0]
         print("# pervade with CURVE ...", file=sys.stderr, flush=True)
         keyed_run = partial(fetch_once, keyed_peer.endpoint, model_dir, manifest, scratch / "cache", chunk_kib * 1024,
-                            credit, ClientKeys.load(keys_dir))  # fmt: skip
+                            credit, ClientKeys.load(keys_dir, "worker"))  # fmt: skip
         rows.append(Row("pervade+curve", chunk_kib, credit, timed(keyed_run, clean_scratch, args.repeat), total))
         print("# file copy ...", file=sys.stderr, flush=True)
         rows.append(

@@ -67,7 +67,7 @@ class FileServer:
         self, ctx: zmq.asyncio.Context, cache: FileCache, config: FileServiceConfig, host: str, keys: ClientKeys | None = None
     ) -> None:
         self.cache = cache
-        #: CURVE: serve under the run's client key pair (peers admitted by the context's authenticator).
+        #: CURVE: serve under the run's worker key pair (peers admitted by the context's authenticator).
         self.keys = keys
         self.config = config
         self._ctx = ctx

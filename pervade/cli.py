@@ -115,11 +115,11 @@ def _add_keys(parser: argparse.ArgumentParser, server: bool = False) -> None:
         group.add_argument("--insecure", action="store_true", help="listen on a network address without keys: anyone who reaches it can submit, take work and read verdicts")
 
 
-def _client_keys(args: argparse.Namespace) -> ClientKeys | None:
+def _client_keys(args: argparse.Namespace, role: str) -> ClientKeys | None:
     from pervade.keys import ClientKeys, keys_dir
 
     directory = keys_dir(args.keys)
-    return ClientKeys.load(directory) if directory is not None else None
+    return ClientKeys.load(directory, role) if directory is not None else None
 
 
 def _add_broker_endpoint(parser: argparse.ArgumentParser) -> None:
@@ -259,9 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_logging(p)
     p.set_defaults(handler=_cmd_node, worker_args=[])
 
-    p = sub.add_parser("keys", help="create the CURVE keys of a run", description="CURVE keys: the broker's key pair, a client key pair, and the directory of client public keys the broker admits (docs: pervade/keys.py).")
+    p = sub.add_parser("keys", help="create the CURVE keys of a run", description="CURVE keys: the broker's key pair, one per client role (worker, producer, sink), and the directory of client public keys the broker admits (docs/security.md).")
     keys_sub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    k = keys_sub.add_parser("init", help="create the broker's and a client's key pairs in DIR", description="Write DIR/broker.key(_secret), DIR/client.key(_secret) (secrets mode 0600) and DIR/authorized/client.key.")
+    k = keys_sub.add_parser("init", help="create the broker's and the client roles' key pairs in DIR", description="Write DIR/broker.key(_secret) and DIR/ROLE.key(_secret) for ROLE in worker, producer, sink (secrets mode 0600), and authorise the roles in DIR/authorized/.")
     k.add_argument("dir", type=Path, help="directory to create the keys in")
     k.add_argument("--force", action="store_true", help="replace keys already there (clients holding the old ones are refused)")
     _add_logging(k)
@@ -326,7 +326,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         exit_when_drained=args.exit_when_drained,
         idle_timeout_s=args.idle_timeout,
         broker_deadline_s=args.broker_deadline,
-        keys=_client_keys(args),
+        keys=_client_keys(args, "worker"),
     )
     return asyncio.run(run_worker(config))
 
@@ -353,7 +353,7 @@ def _cmd_produce(args: argparse.Namespace) -> int:
         wait=args.wait,
         timeout_s=args.timeout,
         heartbeats=_heartbeats(args),
-        keys=_client_keys(args),
+        keys=_client_keys(args, "producer"),
     )
     outcome = asyncio.run(produce(request))
     print(outcome.describe())
@@ -373,7 +373,7 @@ def _cmd_sink(args: argparse.Namespace) -> int:
         sink_id=args.sink_id,
         until_done=args.until_done,
         heartbeats=_heartbeats(args),
-        keys=_client_keys(args),
+        keys=_client_keys(args, "sink"),
     )
     asyncio.run(run_sink(config))
     return 0
@@ -494,8 +494,8 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
 
     for path in init_keys(args.dir, force=args.force):
         print(path)
-    print(f"give clients {args.dir / 'client.key_secret'} and {args.dir / 'broker.key'}; "
-          f"admit more clients by adding their public keys to {args.dir / 'authorized'}")  # fmt: skip
+    print(f"each client needs {args.dir / 'broker.key'} and its role's ROLE.key_secret (worker, producer, sink); "
+          f"grant or revoke keys in {args.dir / 'authorized'}")  # fmt: skip
     return 0
 
 

@@ -1,15 +1,18 @@
-"""CURVE keys of a run: the broker's key pair, a client key pair, and the client public keys the broker admits.
+"""CURVE keys of a run: the broker's key pair, a key pair per client role, and the client public keys the
+broker admits.
 
 ``pervade keys init DIR`` writes, in ZeroMQ's certificate format (``zmq.auth``)::
 
     DIR/broker.key              the broker's public key: every client needs it, to know it talks to the broker
     DIR/broker.key_secret       the broker's secret key (mode 0600): only on the broker's host
-    DIR/client.key              a client public key
-    DIR/client.key_secret       the client secret key (mode 0600): workers, producers and sinks
-    DIR/authorized/client.key   the public keys the broker admits; add or remove files to grant or revoke
+    DIR/ROLE.key                a client role's public key (ROLE: worker, producer, sink)
+    DIR/ROLE.key_secret         that role's secret key (mode 0600): only where that role runs
+    DIR/authorized/ROLE.key     the public keys the broker admits; add or remove files to grant or revoke
 
-A client loads its keys from a directory holding ``client.key_secret`` and ``broker.key``; the broker from
-one holding ``broker.key_secret`` and ``authorized/``. The directory comes from a flag or from
+One key pair per role, so that the producers' key can be revoked without stopping the workers, and so that
+a worker node holds no key but the workers'. The workers of a run share theirs, which is also what their
+file services serve under and admit. A client loads its keys from a directory holding ``ROLE.key_secret``
+and ``broker.key``; the broker from one holding ``broker.key_secret`` and ``authorized/``. The directory comes from a flag or from
 ``$PERVADE_KEYS``. Secret files readable by group or others are refused: on a cluster the home directory is
 on a shared file system that other users can read.
 """
@@ -33,7 +36,8 @@ from pervade.errors import ConfigError
 #: The environment variable naming the keys directory when no flag does.
 KEYS_ENV = "PERVADE_KEYS"
 BROKER = "broker"
-CLIENT = "client"
+#: The client roles, each with a key pair of its own.
+ROLES = ("worker", "producer", "sink")
 AUTHORIZED = "authorized"
 #: Seconds an authorised-keys listing is trusted before the directory is read again (keys added or
 #: removed take effect within this time, without a restart).
@@ -50,9 +54,9 @@ def keys_dir(flag: Path | None, environ: Mapping[str, str] | None = None) -> Pat
 
 
 def init_keys(directory: Path, force: bool = False) -> list[Path]:
-    """Create the broker's and a client's key pairs and authorise the client; the files written. Refuses to
-    replace existing keys unless ``force`` (clients holding the old keys would then be refused)."""
-    names = [f"{BROKER}.key", f"{BROKER}.key_secret", f"{CLIENT}.key", f"{CLIENT}.key_secret"]
+    """Create the broker's key pair and one per client role, and authorise the roles; the files written.
+    Refuses to replace existing keys unless ``force`` (clients holding the old keys would then be refused)."""
+    names = [f"{name}{suffix}" for name in (BROKER, *ROLES) for suffix in (".key", ".key_secret")]
     existing = [name for name in names if (directory / name).exists()]
     if existing and not force:
         raise ConfigError(f"{directory} already holds keys ({', '.join(existing)}); --force replaces them")
@@ -63,14 +67,16 @@ def init_keys(directory: Path, force: bool = False) -> list[Path]:
         shutil.rmtree(authorized)  # the old client keys would still be admitted otherwise
     authorized.mkdir(mode=0o700)
     written = []
-    for name in (BROKER, CLIENT):
+    for name in (BROKER, *ROLES):
         for path in (directory / f"{name}.key", directory / f"{name}.key_secret"):
             path.unlink(missing_ok=True)
         public, secret = zmq.auth.create_certificates(str(directory), name)
         Path(secret).chmod(0o600)
         written += [Path(public), Path(secret)]
-    shutil.copyfile(directory / f"{CLIENT}.key", authorized / f"{CLIENT}.key")
-    return [*written, authorized / f"{CLIENT}.key"]
+    for role in ROLES:
+        shutil.copyfile(directory / f"{role}.key", authorized / f"{role}.key")
+        written.append(authorized / f"{role}.key")
+    return written
 
 
 def _certificate(path: Path) -> tuple[bytes, bytes | None]:
@@ -99,8 +105,8 @@ def load_key_pair(path: Path) -> tuple[bytes, bytes]:
 
 @dataclass(frozen=True)
 class ClientKeys:
-    """What a client (worker, producer, sink, peer downloader) needs: its key pair and the server's public
-    key; and, for a worker's file service, the directory of client keys its peers may use (if it has one)."""
+    """What a client (worker, producer, sink, peer downloader) needs: its role's key pair and the server's
+    public key; and, for a worker's file service, the directory of client keys its peers may use (if any)."""
 
     public: bytes
     secret: bytes
@@ -108,13 +114,15 @@ class ClientKeys:
     authorized: Path | None = None
 
     @classmethod
-    def load(cls, directory: Path, server: str = BROKER) -> ClientKeys:
-        public, secret = load_key_pair(directory / f"{CLIENT}.key_secret")
+    def load(cls, directory: Path, role: str, server: str = BROKER) -> ClientKeys:
+        if role not in ROLES:
+            raise ConfigError(f"unknown client role {role!r}; one of {', '.join(ROLES)}")
+        public, secret = load_key_pair(directory / f"{role}.key_secret")
         authorized = directory / AUTHORIZED if (directory / AUTHORIZED).is_dir() else None
         return cls(public=public, secret=secret, server_public=load_public(directory / f"{server}.key"), authorized=authorized)
 
     def for_peers(self) -> ClientKeys:
-        """As a downloader from a peer's file service. The workers of a run share the client key pair, so
+        """As a downloader from a peer's file service. The workers of a run share the worker key pair, so
         a peer's server key is this key's public half."""
         return ClientKeys(public=self.public, secret=self.secret, server_public=self.public, authorized=self.authorized)
 
@@ -186,7 +194,7 @@ class AuthorizedKeys:
 
 
 class PeerAdmission:
-    """Whom a worker's file service admits: peers holding the run's client key (this worker's own), and
+    """Whom a worker's file service admits: peers holding the run's worker key (this worker's own), and
     any other client key in the keys directory's ``authorized/`` when the worker has it."""
 
     def __init__(self, keys: ClientKeys) -> None:

@@ -278,9 +278,9 @@ async def test_server_serves_only_files_in_its_manifests(serving, model_dir: Pat
 
 async def test_a_keyed_file_service_serves_only_the_runs_key_holders(tmp_path: Path, model_dir: Path, manifest: Manifest) -> None:
     init_keys(tmp_path / "keys")
-    run_keys = ClientKeys.load(tmp_path / "keys")
+    run_keys = ClientKeys.load(tmp_path / "keys", "worker")
     init_keys(tmp_path / "other")
-    stranger = ClientKeys.load(tmp_path / "other")
+    stranger = ClientKeys.load(tmp_path / "other", "worker")
     ctx = zmq.asyncio.Context()
     auth = AsyncioAuthenticator(ctx)
     auth.start()

@@ -632,7 +632,7 @@ async def test_a_fuzzed_broker_stays_up_and_still_runs_a_job_correctly(
     client_keys = None
     if curve:  # the same fuzz through CURVE: frames arrive decrypted, so the broker must refuse them the same
         init_keys(tmp_path / "keys")
-        keys, client_keys = ("--keys", str(tmp_path / "keys")), ClientKeys.load(tmp_path / "keys")
+        keys, client_keys = ("--keys", str(tmp_path / "keys")), ClientKeys.load(tmp_path / "keys", "producer")
     templates_file = tmp_path / "templates.json"
     all_templates = load_templates()
     templates_file.write_text(json.dumps({t: all_templates[t] for t in TEMPLATES}))

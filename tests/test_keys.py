@@ -23,46 +23,53 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_init_writes_both_key_pairs_and_authorises_the_client(tmp_path: Path) -> None:
+def test_init_writes_a_key_pair_per_role_and_authorises_the_roles(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     done = subprocess.run([sys.executable, "-m", "pervade", "keys", "init", str(keys)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.relative_to(keys).as_posix() for p in keys.rglob("*")) == [
-        "authorized", "authorized/client.key", "broker.key", "broker.key_secret", "client.key", "client.key_secret",
-    ]  # fmt: skip
-    assert mode(keys / "broker.key_secret") == mode(keys / "client.key_secret") == 0o600
+    roles = ("worker", "producer", "sink")
+    assert sorted(p.relative_to(keys).as_posix() for p in keys.rglob("*")) == sorted(
+        ["authorized", "broker.key", "broker.key_secret"]
+        + [f"{role}{suffix}" for role in roles for suffix in (".key", ".key_secret")]
+        + [f"authorized/{role}.key" for role in roles]
+    )
+    assert {mode(keys / f"{name}.key_secret") for name in ("broker", *roles)} == {0o600}
     assert mode(keys) == 0o700
-    client, server = ClientKeys.load(keys), ServerKeys.load(keys)
-    assert client.server_public == server.public and client.public != server.public
-    assert AuthorizedKeys(server.authorized).admitted() == {client.public}
+    clients, server = [ClientKeys.load(keys, role) for role in roles], ServerKeys.load(keys)
+    assert all(c.server_public == server.public for c in clients)
+    assert len({server.public, *(c.public for c in clients)}) == 4  # four different key pairs
+    assert AuthorizedKeys(server.authorized).admitted() == {c.public for c in clients}
 
 
 def test_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     init_keys(tmp_path)
-    old = ClientKeys.load(tmp_path)
+    old = ClientKeys.load(tmp_path, "producer")
     done = subprocess.run([sys.executable, "-m", "pervade", "keys", "init", str(tmp_path)], capture_output=True, text=True, check=False)
     assert done.returncode == 2 and "already holds keys" in done.stderr and "--force" in done.stderr
-    assert ClientKeys.load(tmp_path) == old
+    assert ClientKeys.load(tmp_path, "producer") == old
     init_keys(tmp_path, force=True)
-    new = ClientKeys.load(tmp_path)
+    new = ClientKeys.load(tmp_path, "producer")
     assert new.public != old.public
-    assert AuthorizedKeys(tmp_path / "authorized").admitted() == {new.public}  # the old client is revoked
+    admitted = AuthorizedKeys(tmp_path / "authorized").admitted()
+    assert new.public in admitted and old.public not in admitted  # the old keys are revoked
 
 
 def test_a_secret_readable_by_others_is_refused(tmp_path: Path) -> None:
     init_keys(tmp_path)
-    (tmp_path / "client.key_secret").chmod(0o644)
+    (tmp_path / "sink.key_secret").chmod(0o644)
     with pytest.raises(ConfigError, match="readable by others: chmod 600"):
-        ClientKeys.load(tmp_path)
+        ClientKeys.load(tmp_path, "sink")
 
 
 def test_missing_and_foreign_key_files_say_what_is_wrong(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no key file .*client.key_secret .*pervade keys init"):
-        ClientKeys.load(tmp_path)
+    with pytest.raises(ConfigError, match="no key file .*worker.key_secret .*pervade keys init"):
+        ClientKeys.load(tmp_path, "worker")
     init_keys(tmp_path)
+    with pytest.raises(ConfigError, match="unknown client role 'broker'"):
+        ClientKeys.load(tmp_path, "broker")
     (tmp_path / "broker.key").write_text("not a certificate\n")
     with pytest.raises(ConfigError, match="is not a ZeroMQ certificate"):
-        ClientKeys.load(tmp_path)
+        ClientKeys.load(tmp_path, "worker")
     shutil.rmtree(tmp_path / "authorized")
     with pytest.raises(ConfigError, match="no directory of authorised client keys"):
         ServerKeys.load(tmp_path)
@@ -77,7 +84,7 @@ def test_the_keys_directory_comes_from_the_flag_else_the_environment(tmp_path: P
 async def test_only_authorised_clients_are_served_and_revocation_needs_no_restart(tmp_path: Path) -> None:
     init_keys(tmp_path / "run")
     server_keys = ServerKeys.load(tmp_path / "run")
-    good = ClientKeys.load(tmp_path / "run")
+    good = ClientKeys.load(tmp_path / "run", "producer")
     stranger_public, stranger_secret = zmq.auth.create_certificates(str(tmp_path), "stranger")
     stranger = ClientKeys(*zmq.auth.load_certificate(stranger_secret), server_public=server_keys.public)  # type: ignore[arg-type]
 
@@ -116,7 +123,7 @@ async def test_only_authorised_clients_are_served_and_revocation_needs_no_restar
 
         shutil.copyfile(stranger_public, server_keys.authorized / "stranger.key")  # granted, live
         assert await served(stranger)
-        (server_keys.authorized / "client.key").unlink()  # revoked, live
+        (server_keys.authorized / "producer.key").unlink()  # revoked, live
         assert not await served(good)
     finally:
         echoing.cancel()

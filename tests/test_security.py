@@ -24,7 +24,7 @@ def test_a_broker_on_a_network_address_without_keys_refuses_to_start() -> None:
 
 
 def strangers_keys(base: Path, run_keys: Path) -> Path:
-    """A keys directory that looks right but holds a client key the broker never authorised."""
+    """A keys directory that looks right but holds client keys the broker never authorised."""
     other = base / "stranger"
     init_keys(other)
     (other / "broker.key").write_bytes((run_keys / "broker.key").read_bytes())  # trusts the right broker
@@ -54,7 +54,7 @@ async def test_only_the_runs_key_holders_submit_work_and_get_verdicts(tmp_path: 
 
         # revoked while the broker runs: the same keys no longer get through (the directory's mtime changed,
         # so the broker reads it again at the next handshake)
-        (keys / "authorized" / "client.key").unlink()
+        (keys / "authorized" / "producer.key").unlink()  # the producers' key only: workers and sink stay
         await cluster.start_producer(*claims, "--wait", "--timeout", "8", "--keys", str(keys), "--job-id", "after-revocation", name="revoked")
         assert await asyncio.wait_for(cluster.procs.children["revoked"].wait(), 60) == 1, cluster.procs.tail("revoked")
     finally:
