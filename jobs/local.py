@@ -202,7 +202,7 @@ async def run_local(config: LocalRunConfig) -> RunResult:
     endpoint_file.unlink(missing_ok=True)
     # Throwaway CURVE keys: loopback is reachable by every user of this host, so the local run is keyed too.
     keys_dir = Path(tempfile.mkdtemp(prefix="pervade-run-keys-"))
-    init_keys(keys_dir, force=True)
+    await asyncio.to_thread(init_keys, keys_dir, True)  # file writes: off the event loop
     keys = ("--keys", str(keys_dir))
     try:
         broker = await procs.start("broker", "broker", "--bind", "tcp://127.0.0.1:*", "--endpoint-file", str(endpoint_file), *keys)
