@@ -12,10 +12,8 @@ One cluster on loopback (broker, sink, workers each with a node cache of its own
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from jobs.cluster import LocalCluster
 from pervade.context import make_context
 from pervade.manifest import Manifest
 from pervade.protocol import ChunkData, FetchChunk, FetchRefused, decode_peer, encode
+from tests.waiting import wait_until
 
 TIMEOUT_S = 120
 
@@ -43,11 +42,7 @@ def medium_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 async def until(condition: Callable[[], object], what: str, timeout_s: float = TIMEOUT_S) -> None:
     """Watch the processes' logs (they are other processes: there is no event to await)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+    await wait_until(condition, timeout_s, f"waiting for {what}")
 
 
 def files_ready(cluster: LocalCluster, worker: str) -> dict:

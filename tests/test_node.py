@@ -18,6 +18,7 @@ from jobs.lab.slurm import free_port
 from jobs.node import visible_gpus
 from pervade.constants import EXIT_BROKER_UNREACHABLE
 from producer.claims import sample_claims_path
+from tests.waiting import wait_until
 
 HEARTBEATS = ("--heartbeat-interval", "0.5", "--heartbeat-liveness", "3")
 WORKER_ARGS = ("--threads", "1", "--grace-seconds", "5", *HEARTBEATS, "--file-host", "127.0.0.1", "--file-bind-host", "127.0.0.1")
@@ -30,12 +31,6 @@ async def start_node(cluster: LocalCluster, *node_args: str) -> asyncio.subproce
 
 def node_events(cluster: LocalCluster, event: str) -> list[dict]:
     return cluster.events("node", event)
-
-
-async def wait_for(predicate, timeout_s: float = 60) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.1)
 
 
 @pytest.mark.parametrize(
@@ -73,10 +68,10 @@ async def test_a_batch_systems_warning_makes_every_worker_leave(tmp_path: Path, 
     try:
         await cluster.start_broker()
         node = await start_node(cluster, "--gpus", "0,1")
-        await wait_for(lambda: len(cluster.events("broker", "worker_joined")) >= 2)
+        await wait_until(lambda: len(cluster.events("broker", "worker_joined")) >= 2, 60, "both workers joined")
         node.send_signal(sig)
         assert await asyncio.wait_for(node.wait(), 30) == 0, cluster.procs.tail("node", 40)
-        await wait_for(lambda: len(cluster.events("broker", "worker_left")) >= 2, 10)
+        await wait_until(lambda: len(cluster.events("broker", "worker_left")) >= 2, 10, "both workers left")
     finally:
         await cluster.stop()
     assert [e["signal"] for e in node_events(cluster, "node_signal")] == [sig.name]

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from jobs.cluster import LocalCluster
-from tests.test_slurm import WORKER_ARGS, wait_until
+from tests.test_slurm import WORKER_ARGS
+from tests.waiting import wait_until
 
 LAB_SCRIPTS = Path(__file__).resolve().parents[1] / "jobs" / "lab" / "sge"
 CLAIMS = 400

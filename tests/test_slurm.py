@@ -24,6 +24,7 @@ from jobs.lab.slurm import SlurmLab, free_port
 from producer.claims import ClaimsSource, read_claims
 from sinks.failures import read_failures
 from sinks.summary import read_verdicts
+from tests.waiting import wait_until
 
 CLAIMS = 1200
 BATCH_SIZE = 8
@@ -64,16 +65,6 @@ async def submit(slurm: SlurmLab, broker: str, base: Path, workers: int) -> list
     out, err = await process.communicate()
     assert process.returncode == 0, err.decode()
     return out.decode().split()
-
-
-async def wait_until(predicate, timeout_s: float, what: str) -> None:
-    """Poll ``predicate`` (it may run commands or read files: on a thread) until true; fail with ``what``."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            while not await asyncio.to_thread(predicate):
-                await asyncio.sleep(0.2)
-    except TimeoutError:
-        raise AssertionError(f"after {timeout_s:g} s: {what}") from None
 
 
 def job_output(base: Path, job_id: str) -> str:
