@@ -109,14 +109,15 @@ class BatchPlan:
     def __post_init__(self) -> None:
         self.ceiling = self.ceiling or self.max_tokens
 
-    def micro_batches(self, lengths: list[int]) -> list[list[int]]:
+    def micro_batches(self, lengths: list[int], overhead: int = 0) -> list[list[int]]:
         """Indices of the claims, grouped into micro-batches: sorted by length (so each micro-batch pads
-        little), each within ``max_tokens`` padded tokens, one claim at least."""
+        little), each within ``max_tokens`` padded tokens, one claim at least. ``overhead`` is what each row
+        costs beyond its own tokens, in tokens' worth of memory (a reused prefix's keys and values)."""
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
         groups: list[list[int]] = []
         current: list[int] = []
         for index in order:
-            longest = lengths[index]  # sorted: the newcomer is the longest in the group
+            longest = lengths[index] + overhead  # sorted: the newcomer is the longest in the group
             if current and longest * (len(current) + 1) > self.max_tokens:
                 groups.append(current)
                 current = []
@@ -157,6 +158,25 @@ def activation_bytes_per_token(config: object, dtype_bytes: int) -> int:
     intermediate = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
     heads = int(getattr(config, "num_attention_heads", 0) or 0)
     return max(1, (6 * hidden + 3 * intermediate) * dtype_bytes + heads * ATTENTION_SPAN_TOKENS * 4)
+
+
+def kv_bytes_per_token(config: object, dtype_bytes: int) -> int:
+    """Keys and values one token leaves in the KV cache, over all layers."""
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    heads = int(getattr(config, "num_attention_heads", 0) or 1)
+    kv_heads = int(getattr(config, "num_key_value_heads", 0) or heads)
+    head_dim = int(getattr(config, "head_dim", 0) or hidden // heads)
+    layers = int(getattr(config, "num_hidden_layers", 0) or 1)
+    return 2 * layers * kv_heads * head_dim * dtype_bytes
+
+
+def prefix_overhead_tokens(config: object, dtype_bytes: int, prefix_tokens: int) -> int:
+    """What a reused prefix of ``prefix_tokens`` adds to each row of a micro-batch, in tokens' worth of
+    activation memory: the pass holds the prefix's keys and values once per row (``BatchPlan.micro_batches``)."""
+    if prefix_tokens <= 0:
+        return 0
+    ratio = kv_bytes_per_token(config, dtype_bytes) / activation_bytes_per_token(config, dtype_bytes)
+    return max(1, round(prefix_tokens * ratio))
 
 
 def plan_batches(info: DeviceInfo, config: object, dtype: torch.dtype, free_bytes: int | None) -> BatchPlan:

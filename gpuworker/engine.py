@@ -6,13 +6,18 @@ position) and the hidden state at each prompt's last real token is projected ont
 output embedding only, not the whole vocabulary. A batch is cut into micro-batches sized for the device
 (``gpuworker.device.BatchPlan``), claims sorted by length so that each pads little; one that runs out of
 device memory is split and retried, so the producer's batch size never has to match the GPU.
+
+The template's prefix (the instructions before the claim) is run once per context and its KV cache reused
+for every claim that starts with exactly its tokens (``gpuworker/prefix.py``); the rest take the plain path.
+Work is split in two so the worker can overlap them: ``encode_claims`` (tokenizer, CPU) and
+``score_encoded`` (device). Attention is PyTorch's fused SDPA where the model supports it.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -20,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from gpuworker.device import BatchPlan, describe_device, fit_dtype, plan_batches
+from gpuworker.device import BatchPlan, describe_device, fit_dtype, plan_batches, prefix_overhead_tokens
+from gpuworker.prefix import PrefixKV, PrefixStore, prefix_text, run_prefix
 from pervade.constants import CLAIM_PLACEHOLDER, LABELS
 from pervade.context import ContextSpec
 from pervade.errors import ContextLoadError
@@ -66,10 +72,21 @@ class LoadedContext:
     dtype: str
     #: Micro-batch budget on this device; shrinks if a micro-batch runs out of memory.
     plan: BatchPlan
+    #: Reuse each template's prefix KV cache (False: every claim on the plain path).
+    reuse_prefix: bool = True
+    prefixes: PrefixStore = field(default_factory=PrefixStore)
 
     @property
     def context_id(self) -> str:
         return self.spec.context_id
+
+    @property
+    def dtype_bytes(self) -> int:
+        return self.label_weight.element_size()
+
+    def build_prefix(self, token_ids: tuple[int, ...]) -> PrefixKV:
+        """Run a template prefix through the model (compute thread: device work)."""
+        return run_prefix(self.model, token_ids, self.device)
 
 
 def load_context(
@@ -90,7 +107,7 @@ def load_context(
     revision = None if files is not None else spec.revision
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, cache_dir=hub_cache_dir)
-        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype, cache_dir=hub_cache_dir)
+        model = _from_pretrained(source, revision, dtype, hub_cache_dir)
     except (OSError, ValueError) as exc:
         raise ContextLoadError(f"cannot load {spec.model!r} from {source}: {exc}") from exc
     model.to(device).eval()
@@ -121,29 +138,117 @@ def load_context(
     )
 
 
-def score_claims(context: LoadedContext, template: str, claims: Sequence[str]) -> list[tuple[str, list[float]]]:
-    """Verdict and label scores (next-token logits, in ``LABELS`` order) for each claim, in input order. One
-    forward pass per micro-batch; a micro-batch that runs out of device memory is split and retried."""
+def _from_pretrained(source: str, revision: str | None, dtype: torch.dtype, cache_dir: Path | None) -> PreTrainedModel:
+    """The model with fused SDPA attention, or the model's default attention where it has no SDPA."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            source, revision=revision, dtype=dtype, cache_dir=cache_dir, attn_implementation="sdpa"
+        )
+    except ValueError as exc:
+        if "sdpa" not in str(exc).lower():
+            raise
+        log.warning("sdpa_unsupported", model=source, error=str(exc))
+        return AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype, cache_dir=cache_dir)
+
+
+#: A claim's verdict and its label scores.
+Scored = list[tuple[str, list[float]]]
+
+
+@dataclass
+class EncodedClaims:
+    """Claims of one template, tokenized and ready for the device (``encode_claims``; no device work).
+
+    ``token_ids[i]`` is claim i's whole prompt; ``reuses[i]`` says whether it starts with ``prefix_ids``
+    and so may take its prefix from the KV cache (``gpuworker/prefix.py``)."""
+
+    template: str
+    prefix_ids: tuple[int, ...]
+    token_ids: list[list[int]]
+    reuses: list[bool]
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @classmethod
+    def concat(cls, parts: Sequence[EncodedClaims]) -> EncodedClaims:
+        """Several batches of the same template as one (a worker coalescing small batches)."""
+        if not parts or any(p.template != parts[0].template or p.prefix_ids != parts[0].prefix_ids for p in parts):
+            raise ValueError("only batches of one template can be scored together")
+        if len(parts) == 1:
+            return parts[0]
+        return cls(
+            template=parts[0].template,
+            prefix_ids=parts[0].prefix_ids,
+            token_ids=[ids for p in parts for ids in p.token_ids],
+            reuses=[r for p in parts for r in p.reuses],
+        )
+
+
+def encode_claims(
+    context: LoadedContext, template: str, claims: Sequence[str], reuse_prefix: bool = True
+) -> EncodedClaims:
+    """Tokenize the prompts of ``claims`` under ``template``. CPU work only, safe to run on a thread of its
+    own while the device computes another batch (the worker does)."""
     prompts = [render_prompt(template, claim) for claim in claims]
-    token_ids: list[list[int]] = context.tokenizer(prompts)["input_ids"]
-    lengths = [len(ids) for ids in token_ids]
-    if context.max_positions is not None and max(lengths, default=0) > context.max_positions:
-        raise ValueError(f"a prompt of {max(lengths)} tokens exceeds the model's {context.max_positions} positions")
-    scores: list[list[float] | None] = [None] * len(prompts)
-    pending = context.plan.micro_batches(lengths)
+    token_ids: list[list[int]] = context.tokenizer(prompts)["input_ids"] if prompts else []
+    longest = max((len(ids) for ids in token_ids), default=0)
+    if context.max_positions is not None and longest > context.max_positions:
+        raise ValueError(f"a prompt of {longest} tokens exceeds the model's {context.max_positions} positions")
+    prefix: tuple[int, ...] = ()
+    if reuse_prefix and context.reuse_prefix:
+        prefix = tuple(context.tokenizer(prefix_text(template))["input_ids"])
+    size = len(prefix)
+    reuses = [size > 0 and len(ids) > size and tuple(ids[:size]) == prefix for ids in token_ids]
+    return EncodedClaims(template=template, prefix_ids=prefix, token_ids=token_ids, reuses=reuses)
+
+
+def rows_per_pass(context: LoadedContext, encoded: EncodedClaims) -> int:
+    """How many claims like these one forward pass holds on this context's device (``BatchPlan``)."""
+    if not len(encoded):
+        return 1
+    width = len(encoded.prefix_ids)
+    overhead = prefix_overhead_tokens(context.model.config, context.dtype_bytes, width)
+    costs = [len(ids) - width + overhead if r else len(ids) for ids, r in zip(encoded.token_ids, encoded.reuses)]
+    return max(1, int(context.plan.max_tokens * len(costs) // max(1, sum(costs))))
+
+
+def score_claims(context: LoadedContext, template: str, claims: Sequence[str], reuse_prefix: bool = True) -> Scored:
+    """Verdict and label scores (next-token logits, in ``LABELS`` order) for each claim, in input order."""
+    return score_encoded(context, encode_claims(context, template, claims, reuse_prefix))
+
+
+def score_encoded(context: LoadedContext, encoded: EncodedClaims) -> Scored:
+    """Verdicts for tokenized claims, in input order: one forward pass per micro-batch, the template prefix
+    taken from the context's KV cache where it applies; a micro-batch that runs out of device memory is
+    split and retried."""
+    prefix = context.prefixes.get(encoded.prefix_ids, context.build_prefix) if any(encoded.reuses) else None
+    width = len(prefix) if prefix is not None else 0
+    overhead = prefix_overhead_tokens(context.model.config, context.dtype_bytes, width)
+    lengths = [len(ids) - width if reuse else len(ids) for ids, reuse in zip(encoded.token_ids, encoded.reuses)]
+    pending: list[tuple[bool, list[int]]] = []
+    for reuse in (False, True):
+        rows = [i for i, r in enumerate(encoded.reuses) if r == reuse]
+        extra = overhead if reuse else 0
+        pending += [
+            (reuse, [rows[i] for i in g]) for g in context.plan.micro_batches([lengths[i] for i in rows], extra)
+        ]
+    scores: list[list[float] | None] = [None] * len(encoded)
     while pending:
-        group = pending.pop()
+        reuse, group = pending.pop()
+        extra = overhead if reuse else 0
+        tokens = [encoded.token_ids[i][width:] if reuse else encoded.token_ids[i] for i in group]
         try:
-            rows = _forward([token_ids[i] for i in group], context)
+            rows = _forward(tokens, context, prefix if reuse else None)
         except torch.OutOfMemoryError:
             rows = None  # the traceback (and the tensors it holds) goes before the cache is emptied
         if rows is None:
             torch.cuda.empty_cache()
-            tokens = max(lengths[i] for i in group) * len(group)
-            if len(group) == 1 or not context.plan.shrink(tokens):
-                raise torch.OutOfMemoryError(f"one prompt of {tokens} tokens does not fit in the device's memory")
-            log.warning("micro_batch_out_of_memory", tokens=tokens, max_tokens_now=context.plan.max_tokens)
-            pending.extend(_regroup(group, [lengths[i] for i in group], context.plan))
+            cost = (max(lengths[i] for i in group) + extra) * len(group)
+            if len(group) == 1 or not context.plan.shrink(cost):
+                raise torch.OutOfMemoryError(f"one prompt of {cost} tokens does not fit in the device's memory")
+            log.warning("micro_batch_out_of_memory", tokens=cost, max_tokens_now=context.plan.max_tokens)
+            pending += [(reuse, part) for part in _regroup(group, [lengths[i] for i in group], context.plan, extra)]
             continue
         context.plan.passed()
         for index, row in zip(group, rows, strict=True):
@@ -153,9 +258,9 @@ def score_claims(context: LoadedContext, template: str, claims: Sequence[str]) -
     return [(LABELS[max(range(len(LABELS)), key=row.__getitem__)], row) for row in scores if row is not None]
 
 
-def _regroup(group: list[int], lengths: list[int], plan: BatchPlan) -> list[list[int]]:
+def _regroup(group: list[int], lengths: list[int], plan: BatchPlan, overhead: int) -> list[list[int]]:
     """Split ``group`` (claim indices) again under a smaller plan, never into a single piece."""
-    parts = [[group[i] for i in part] for part in plan.micro_batches(lengths)]
+    parts = [[group[i] for i in part] for part in plan.micro_batches(lengths, overhead)]
     if len(parts) == 1:  # the shrunk budget still holds it all: halve by count
         half = len(group) // 2
         parts = [group[:half], group[half:]]
@@ -163,23 +268,39 @@ def _regroup(group: list[int], lengths: list[int], plan: BatchPlan) -> list[list
 
 
 @torch.inference_mode()
-def _forward(token_ids: list[list[int]], context: LoadedContext) -> list[list[float]]:
-    """Label logits for one right-padded micro-batch: one forward pass."""
-    width = max(len(ids) for ids in token_ids)
-    input_ids = torch.full((len(token_ids), width), context.tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(token_ids), width), dtype=torch.long)
+def _forward(token_ids: list[list[int]], context: LoadedContext, prefix: PrefixKV | None) -> list[list[float]]:
+    """Label logits for one right-padded micro-batch: one forward pass. With ``prefix``, ``token_ids`` are
+    what follows it, and the pass attends to the prefix's cached keys and values."""
+    rows, width = len(token_ids), max(len(ids) for ids in token_ids)
+    input_ids = torch.full((rows, width), context.tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((rows, width), dtype=torch.long)
     for row, ids in enumerate(token_ids):
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
-    input_ids = input_ids.to(context.device)
-    attention_mask = attention_mask.to(context.device)
-    hidden = context.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
     last = attention_mask.sum(dim=1) - 1
-    last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    input_ids = input_ids.to(context.device)
+    if prefix is None:
+        hidden = context.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask.to(context.device), use_cache=False
+        )[0]
+    else:
+        known = len(prefix)
+        full_mask = torch.cat([torch.ones((rows, known), dtype=torch.long), attention_mask], dim=1)
+        positions = (known + torch.arange(width)).expand(rows, -1)
+        hidden = context.model.base_model(
+            input_ids=input_ids,
+            attention_mask=full_mask.to(context.device),
+            position_ids=positions.to(context.device),
+            past_key_values=prefix.cache_for(rows, context.model.config),
+            use_cache=True,
+        )[0]
+    last_hidden = hidden[torch.arange(rows, device=hidden.device), last.to(hidden.device)]
     logits = F.linear(last_hidden.to(context.label_weight.dtype), context.label_weight, context.label_bias)
     softcap = getattr(context.model.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     if not torch.isfinite(logits).all():
-        raise ValueError(f"non-finite label scores in {context.dtype} (overflow?); try the context with --dtype float32")
+        raise ValueError(
+            f"non-finite label scores in {context.dtype} (overflow?); try the context with --dtype float32"
+        )
     return logits.float().cpu().tolist()

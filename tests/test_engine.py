@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from gpuworker.device import CPU_BATCH_TOKENS
-from gpuworker.engine import label_token_ids, load_context, render_prompt, score_claims
+from gpuworker.engine import (
+    EncodedClaims,
+    encode_claims,
+    label_token_ids,
+    load_context,
+    render_prompt,
+    rows_per_pass,
+    score_claims,
+    score_encoded,
+)
 from pervade.constants import LABELS
 from pervade.context import ContextSpec, make_context
 from pervade.errors import ContextLoadError
@@ -127,3 +136,71 @@ def test_the_cpu_loads_auto_in_float32_with_the_cpu_budget(loaded) -> None:
     assert loaded.dtype == "float32"
     assert next(loaded.model.parameters()).dtype == torch.float32
     assert loaded.plan.max_tokens == CPU_BATCH_TOKENS
+
+
+def fever_texts(limit: int | None = None) -> list[str]:
+    """Real FEVER claims when ../shared has them, else the shipped sample."""
+    from tests.conftest import FEVER_DEV
+
+    path = FEVER_DEV if FEVER_DEV.exists() else sample_claims_path()
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line)["claim"] for line in lines[:limit]]
+
+
+def test_prefix_reuse_gives_the_plain_path_verdicts_on_every_claim(loaded) -> None:
+    """Every FEVER claim under every default template: the prefix KV path and the plain path agree on the
+    verdict, and on the label logits within fp32 rounding (a relative 1e-5 of the logits' size)."""
+    claims = fever_texts()
+    for template_id, template in load_templates().items():
+        encoded = encode_claims(loaded, template, claims)
+        assert len(encoded.prefix_ids) > 0 and all(encoded.reuses), f"{template_id}: some claims missed the prefix"
+        reused = score_encoded(loaded, encoded)
+        plain = score_claims(loaded, template, claims, reuse_prefix=False)
+        scale = max(1.0, max(abs(x) for _, row in plain for x in row))
+        tolerance = 1e-5 * scale
+        for (verdict, scores), (plain_verdict, plain_scores) in zip(reused, plain, strict=True):
+            assert max(abs(a - b) for a, b in zip(scores, plain_scores, strict=True)) <= tolerance
+            top, second = sorted(plain_scores, reverse=True)[:2]
+            if top - second > 2 * tolerance:  # a tie within rounding may break either way
+                assert verdict == plain_verdict
+
+
+def test_a_claim_whose_tokens_cross_the_prefix_boundary_takes_the_plain_path(loaded) -> None:
+    """A template cut mid-word: a claim that completes the word tokenizes differently from the prefix alone,
+    so it must not reuse the prefix; the others in the same call still do. Both equal the reference."""
+    template = "Is the claim true?\nVerdi{claim}\nAnswer:"
+    claims = ["ct: Paris is the capital of France.", " Paris is the capital of France."]
+    encoded = encode_claims(loaded, template, claims)
+    assert encoded.reuses == [False, True]
+    for (_, scores), claim in zip(score_encoded(loaded, encoded), claims, strict=True):
+        assert scores == pytest.approx(reference_scores(loaded, template, claim), abs=1e-4)
+
+
+def test_a_template_prefix_is_run_once_per_context(tiny_model) -> None:
+    context = load_context(make_context(str(tiny_model)).spec, torch.device("cpu"))
+    templates = list(load_templates().values())
+    for _ in range(3):
+        for template in templates[:2]:
+            score_claims(context, template, ["Paris is in France.", "The moon is made of cheese."])
+    assert context.prefixes.built == 2
+
+
+def test_batches_scored_together_equal_batches_scored_alone(loaded) -> None:
+    template = load_templates()["direct"]
+    first = encode_claims(loaded, template, ["Paris is in France.", "Cats are mammals."])
+    second = encode_claims(loaded, template, ["The moon is made of cheese."])
+    together = score_encoded(loaded, EncodedClaims.concat([first, second]))
+    alone = score_encoded(loaded, first) + score_encoded(loaded, second)
+    assert [v for v, _ in together] == [v for v, _ in alone]
+    for (_, a), (_, b) in zip(together, alone, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+    other = encode_claims(loaded, load_templates()["fact_checker"], ["Cats are mammals."])
+    with pytest.raises(ValueError, match="one template"):
+        EncodedClaims.concat([first, other])
+
+
+def test_rows_per_pass_follows_the_device_budget(loaded) -> None:
+    encoded = encode_claims(loaded, load_templates()["direct"], fever_texts(200))
+    rows = rows_per_pass(loaded, encoded)
+    claim_tokens = sum(len(ids) - len(encoded.prefix_ids) for ids in encoded.token_ids) / len(encoded)
+    assert loaded.plan.max_tokens / (claim_tokens + 2) < rows <= loaded.plan.max_tokens / claim_tokens
