@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,9 +52,19 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 
 from gpuworker.cache import FileCache, default_cache_root
 from gpuworker.device import describe_device, fit_dtype, select_device
-from gpuworker.engine import LoadedContext, load_context, score_claims
+from gpuworker.engine import (
+    EncodedClaims,
+    LoadedContext,
+    Scored,
+    encode_claims,
+    load_context,
+    rows_per_pass,
+    score_claims,
+    score_encoded,
+)
 from gpuworker.fetch import Fetcher, FetchStats, TransferConfig
 from gpuworker.fileserver import FileServer, FileServiceConfig
+from gpuworker.intake import CreditWindow, WorkQueue
 from pervade.constants import DEFAULT_BROKER_CONNECT, EXIT_BROKER_UNREACHABLE, LEAVE_SIGNALS
 from pervade.context import ContextMode, ContextSpec
 from pervade.errors import ConfigError
@@ -82,6 +93,9 @@ from pervade.protocol import (
 from pervade.session import BrokerSession, Heartbeats
 
 log = structlog.get_logger("gpuworker")
+
+#: Claims a worker asks to hold before it knows its device's pass size (then: two passes' worth).
+DEFAULT_WINDOW_CLAIMS = 256
 
 #: How often the worker checks its idle timeout and broker deadline.
 WATCH_INTERVAL_S = 0.5
@@ -159,10 +173,20 @@ class HeldContext:
 
 @dataclass
 class _Work:
-    """An order from the broker, tagged with the connection it came on."""
+    """An order from the broker, tagged with the connection it came on. A batch for a resident context is
+    tokenized as soon as it arrives, on the tokenizer thread (``encoding``), while the device computes."""
 
     order: LoadContext | Assign
     generation: int
+    encoding: asyncio.Future[EncodedClaims] | None = None
+
+    @property
+    def claims(self) -> int:
+        return len(self.order.batch.claims) if isinstance(self.order, Assign) else 0
+
+    @property
+    def batch_id(self) -> str | None:
+        return self.order.batch.batch_id if isinstance(self.order, Assign) else None
 
 
 class Worker:
@@ -173,20 +197,33 @@ class Worker:
         self.device_info = describe_device(self.device)
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
-        self._work: asyncio.Queue[_Work] = asyncio.Queue()
+        #: Tokenization runs here, never on the compute thread: the device does not wait on the tokenizer.
+        self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self._work: WorkQueue[_Work] = WorkQueue(lambda w: w.claims)
+        self.window = CreditWindow(min_batches=config.prefetch + 1, claims_wanted=DEFAULT_WINDOW_CLAIMS)
         self._stopping = asyncio.Event()  # SIGTERM: take no more work
         self._finished = asyncio.Event()  # the goodbye is sent: the receive loop may end
-        self._in_hand: _Work | None = None
+        self._in_hand: list[_Work] = []
         self._in_hand_since = 0.0
         self.session = BrokerSession(
-            self._ctx, config.broker, "worker", self._register, config.heartbeats, stopping=self._finished, keys=config.keys
+            self._ctx,
+            config.broker,
+            "worker",
+            self._register,
+            config.heartbeats,
+            stopping=self._finished,
+            keys=config.keys,
         )
         self.contexts: OrderedDict[str, HeldContext] = OrderedDict()
         self.cache = FileCache(config.cache_dir or default_cache_root(), config.cache_limit_bytes)
         self.file_server = (
-            FileServer(self._ctx, self.cache, config.files, socket.gethostname(), config.keys) if config.serve_files else None
+            FileServer(self._ctx, self.cache, config.files, socket.gethostname(), config.keys)
+            if config.serve_files
+            else None
         )
-        self.fetcher = Fetcher(self._ctx, self.cache, config.transfer, self.find_sources, config.keys and config.keys.for_peers())
+        self.fetcher = Fetcher(
+            self._ctx, self.cache, config.transfer, self.find_sources, config.keys and config.keys.for_peers()
+        )
         self._auth: AsyncioAuthenticator | None = None
         self._sources_wanted: dict[str, asyncio.Future[Sources]] = {}
         #: Manifests of the contexts the broker told us about, for a context reloaded without an order.
@@ -211,7 +248,7 @@ class Worker:
 
     @property
     def idle(self) -> bool:
-        return self._in_hand is None and self._work.empty()
+        return not self._in_hand and not len(self._work)
 
     async def _register(self, session: BrokerSession) -> None:
         self._failed_contexts.clear()  # the broker forgets refusals when we register: so do we
@@ -231,14 +268,12 @@ class Worker:
                 files=held_files[:4096],
             )
         )
+        self.window.reset()  # a new connection: the broker knows of no credit
         if not self._stopping.is_set():
-            await session.send_registration(Pull(credit=self.config.prefetch + 1))
+            await self._top_up_credit(session.send_registration)
 
     def _take_queued(self) -> list[_Work]:
-        taken = []
-        while not self._work.empty():
-            taken.append(self._work.get_nowait())
-        return taken
+        return self._work.drain()
 
     async def run(self) -> None:
         """Serve the broker until ``stop`` (SIGTERM/SIGINT under ``run_worker``), then leave gracefully."""
@@ -292,26 +327,26 @@ class Worker:
     async def leave(self, computer: asyncio.Task[None], reason: str) -> None:
         """Hand back queued work now, finish the batch in hand if it fits the grace time, say goodbye."""
         deadline = time.monotonic() + self.config.grace_s
-        returned = [w.order.batch.batch_id for w in self._take_queued() if isinstance(w.order, Assign)]
-        in_hand = self._in_hand
-        if in_hand is not None and not self._fits(in_hand, deadline):
-            if isinstance(in_hand.order, Assign):
-                returned.append(in_hand.order.batch.batch_id)
-            in_hand = None
+        returned = [w.batch_id for w in self._take_queued() if w.batch_id is not None]
+        in_hand = list(self._in_hand)
+        if in_hand and not self._fits(in_hand, deadline):
+            returned += [w.batch_id for w in in_hand if w.batch_id is not None]
+            in_hand = []
         await self.session.send_if_connected(Release(batch_ids=returned, leaving=True))
-        log.info("worker_leaving", reason=reason, returned=len(returned), finishing=in_hand is not None)
-        if in_hand is not None:
+        log.info("worker_leaving", reason=reason, returned=len(returned), finishing=len(in_hand))
+        if in_hand:
             await asyncio.wait([computer], timeout=max(0.0, deadline - time.monotonic() - 0.5))
-            if not computer.done() and isinstance(in_hand.order, Assign):  # it overran its estimate
-                await self.session.send_if_connected(Release(batch_ids=[in_hand.order.batch.batch_id], leaving=True))
-        elif self._in_hand is None:
+            unfinished = [w.batch_id for w in in_hand if w.batch_id is not None]
+            if not computer.done() and unfinished:  # it overran its estimate
+                await self.session.send_if_connected(Release(batch_ids=unfinished, leaving=True))
+        elif not self._in_hand:
             await asyncio.wait([computer], timeout=1.0)  # idle: the loop sees the stop within its poll
-        self.abandoned_compute = self._in_hand is not None
+        self.abandoned_compute = bool(self._in_hand)
         await self.session.send_if_connected(Disconnect(reason=reason))
 
-    def _fits(self, work: _Work, deadline: float) -> bool:
-        """Whether the order in hand will likely finish before the grace time runs out."""
-        if isinstance(work.order, LoadContext):
+    def _fits(self, in_hand: list[_Work], deadline: float) -> bool:
+        """Whether the orders in hand will likely finish before the grace time runs out."""
+        if any(isinstance(work.order, LoadContext) for work in in_hand):
             return False  # a load takes minutes on a real cluster, and no batch waits on it
         expected_end = self._in_hand_since + max(self.batch_seconds, 0.0) * 1.5
         return expected_end < deadline - 1.0
@@ -324,7 +359,8 @@ class Worker:
                     if isinstance(message, Assign):  # sent before the broker heard we are leaving
                         await self.session.send(Release(batch_ids=[message.batch.batch_id], leaving=True))
                     continue
-                self._work.put_nowait(_Work(message, self.session.generation))
+                self._accept(message)
+                await self._top_up_credit()
             elif isinstance(message, Drained):
                 if self.config.exit_when_drained:
                     log.info("broker_drained", completed_jobs=message.completed_jobs)
@@ -353,20 +389,61 @@ class Worker:
                 log.info("worker_idle", idle_s=round(now - self._idle_since, 1))
                 self.stop(f"idle for {idle_timeout:g} s")
 
+    def _accept(self, order: LoadContext | Assign) -> None:
+        """Queue an order; start tokenizing a batch at once if its context is resident."""
+        work = _Work(order, self.session.generation)
+        if isinstance(order, Assign):
+            self.window.arrived(len(order.batch.claims))
+            work.encoding = self._start_encoding(order)
+        self._work.put(work)
+
+    def _start_encoding(self, order: Assign) -> asyncio.Future[EncodedClaims] | None:
+        held = self.contexts.get(order.batch.context.context_id)
+        if held is None or held.loaded is None:
+            return None  # tokenized once the context is loaded, or by the per-batch path
+        texts = [claim.text for claim in order.batch.claims]
+        encoding = asyncio.get_running_loop().run_in_executor(
+            self._tokenizer, encode_claims, held.loaded, order.batch.template, texts
+        )
+        encoding.add_done_callback(_retrieve_exception)  # a batch dropped before scoring must not warn
+        return encoding
+
     async def compute_loop(self) -> None:
         while not self._stopping.is_set():
-            try:
-                work = await asyncio.wait_for(self._work.get(), timeout=0.2)
-            except TimeoutError:
+            work = await self._work.get(timeout_s=0.2)
+            if work is None:
                 continue
-            self._in_hand, self._in_hand_since = work, time.monotonic()
+            self._in_hand, self._in_hand_since = [work], time.monotonic()
             try:
                 if isinstance(work.order, LoadContext):
                     await self.load(work.order)
                 else:
-                    await self.score(work)
+                    self._in_hand += self._coalesce(work)
+                    await self.score(self._in_hand)
             finally:
-                self._in_hand = None
+                self._in_hand = []
+            await self._top_up_credit()
+
+    def _coalesce(self, first: _Work) -> list[_Work]:
+        """Queued batches to score with ``first``: same context, template and connection, up to two device
+        passes' worth of claims. Only for a resident context: partial and agnostic modes build the model
+        per batch, which is what those modes measure."""
+        assert isinstance(first.order, Assign)
+        batch = first.order.batch
+        held = self.contexts.get(batch.context.context_id)
+        if held is None or held.loaded is None:
+            return []
+
+        def belongs(work: _Work) -> bool:
+            other = work.order
+            return (
+                isinstance(other, Assign)
+                and work.generation == first.generation
+                and other.batch.template == batch.template
+                and other.batch.context.context_id == batch.context.context_id
+            )
+
+        return self._work.take_run(belongs, self.window.claims_wanted // 2, first.claims)
 
     async def load(self, order: LoadContext) -> bool:
         """Make the context ready in this run's mode: files in the node cache (partial, full) and the
@@ -380,7 +457,9 @@ class Worker:
             return True
         while len(self.contexts) >= self.config.max_contexts:  # on-demand loads respect the limit too
             self.drop_context(next(iter(self.contexts)))
-        log.info("context_loading", context_id=context_id, model=order.context.model, mode=self.config.context_mode.value)
+        log.info(
+            "context_loading", context_id=context_id, model=order.context.model, mode=self.config.context_mode.value
+        )
         started = time.perf_counter()
         try:
             held = await self.prepare(order.context, order.manifest)
@@ -413,7 +492,8 @@ class Worker:
                 torch.cuda.empty_cache()
             loop = asyncio.get_running_loop()
             loaded = await loop.run_in_executor(
-                self._executor, functools.partial(load_context, spec, self.device, files_dir, device_info=self.device_info)
+                self._executor,
+                functools.partial(load_context, spec, self.device, files_dir, device_info=self.device_info),
             )
         return HeldContext(spec=spec, manifest=manifest, files_dir=files_dir, loaded=loaded)
 
@@ -477,15 +557,15 @@ class Worker:
         if not any(h.manifest is not None and h.manifest.digest == digest for h in self.contexts.values()):
             self.cache.unpin(digest)
 
-    async def score(self, work: _Work) -> None:
-        if not isinstance(work.order, Assign):
-            raise TypeError("score takes an Assign")
-        batch = work.order.batch
-        context_id = batch.context.context_id
+    async def score(self, group: list[_Work]) -> None:
+        """Score a run of batches of one context and template (a single batch in partial and agnostic
+        modes), and send a result or a failure for each."""
+        first = group[0].order
+        assert isinstance(first, Assign)
+        context_id = first.batch.context.context_id
         if context_id in self._failed_contexts:
             return  # the broker requeued it when it heard the context failed here
-        bound = log.bind(batch_id=batch.batch_id, context_id=context_id)
-        reload = LoadContext(context=batch.context, manifest=self._manifests.get(context_id))
+        reload = LoadContext(context=first.batch.context, manifest=self._manifests.get(context_id))
         if context_id not in self.contexts and not await self.load(reload):
             return
         held = self.contexts[context_id]
@@ -493,43 +573,84 @@ class Worker:
         if held.manifest is not None:
             self.cache.touch(held.manifest.digest)
         started = time.time()
-        loop = asyncio.get_running_loop()
-        texts = [c.text for c in batch.claims]
-        try:
-            if held.loaded is not None:
-                scored = await loop.run_in_executor(self._executor, score_claims, held.loaded, batch.template, texts)
-            else:
-                scored = await loop.run_in_executor(self._executor, self._load_and_score, held, batch.template, texts)
-        except Exception as exc:
-            bound.warning("batch_failed", error=str(exc))
-            await self.session.send(BatchFailed(batch_id=batch.batch_id, error=str(exc)))
-            await self._grant_credit(work)
-            return
+        if held.loaded is not None:
+            outcomes = await self._score_resident(held.loaded, group)
+        else:
+            outcomes = [await self._score_per_batch(held, work) for work in group]
+        finished = time.time()
         dtype = held.loaded.dtype if held.loaded is not None else fit_dtype(held.spec.dtype, self.device_info)
-        result = BatchResult(
-            batch_id=batch.batch_id,
-            job_id=batch.job_id,
-            context_id=context_id,
-            model=batch.context.model,
-            template_id=batch.template_id,
-            worker_id=self.worker_id,
-            device=self.device_info.describe(),
-            dtype=dtype,
-            submitted_at=batch.submitted_at,
-            started_at=started,
-            finished_at=time.time(),
-            verdicts=[
-                Verdict(claim_id=claim.claim_id, verdict=verdict, scores=scores, gold_label=claim.gold_label)
-                for claim, (verdict, scores) in zip(batch.claims, scored, strict=True)
-            ],
-        )
-        # Sent even if the connection changed meanwhile: the broker takes it if the batch is still open.
-        await self.session.send(Completed(result=result))
-        await self._grant_credit(work)
-        self.batches_done += 1
-        seconds = result.finished_at - started
-        self.batch_seconds = seconds if self.batches_done == 1 else 0.8 * self.batch_seconds + 0.2 * seconds
-        bound.debug("batch_done", claims=len(batch.claims), seconds=round(seconds, 4))
+        for work, outcome in zip(group, outcomes, strict=True):
+            assert isinstance(work.order, Assign)
+            batch = work.order.batch
+            if isinstance(outcome, Exception):
+                log.warning("batch_failed", batch_id=batch.batch_id, context_id=context_id, error=str(outcome))
+                await self.session.send(BatchFailed(batch_id=batch.batch_id, error=str(outcome)))
+                continue
+            result = BatchResult(
+                batch_id=batch.batch_id, job_id=batch.job_id, context_id=context_id, model=batch.context.model,
+                template_id=batch.template_id, worker_id=self.worker_id, device=self.device_info.describe(),
+                dtype=dtype, submitted_at=batch.submitted_at, started_at=started, finished_at=finished,
+                verdicts=[
+                    Verdict(claim_id=claim.claim_id, verdict=verdict, scores=scores, gold_label=claim.gold_label)
+                    for claim, (verdict, scores) in zip(batch.claims, outcome, strict=True)
+                ],
+            )  # fmt: skip
+            # Sent even if the connection changed meanwhile: the broker takes it if the batch is still open.
+            await self.session.send(Completed(result=result))
+        self.batches_done += len(group)
+        seconds = finished - started
+        self.batch_seconds = seconds if self.batches_done == len(group) else 0.8 * self.batch_seconds + 0.2 * seconds
+        log.debug("batches_done", batches=len(group), claims=sum(w.claims for w in group), seconds=round(seconds, 4))
+
+    async def _score_resident(self, loaded: LoadedContext, group: list[_Work]) -> list[Scored | Exception]:
+        """A run of batches scored as one on the resident model: tokenized on the tokenizer thread (most
+        already were, while the previous run computed), then one call on the compute thread. If that call
+        fails, each batch is scored alone, so one bad batch fails only itself."""
+        loop = asyncio.get_running_loop()
+        encoded: list[EncodedClaims | Exception] = []
+        for work in group:
+            assert isinstance(work.order, Assign)
+            if work.encoding is None:
+                work.encoding = self._start_encoding(work.order)
+            try:
+                encoded.append(await work.encoding)  # type: ignore[misc]
+            except Exception as exc:
+                encoded.append(exc)
+        ready = [e for e in encoded if isinstance(e, EncodedClaims)]
+        if not ready:
+            return list(encoded)
+        self.window.claims_wanted = 2 * rows_per_pass(loaded, ready[0])
+        try:
+            scored = await loop.run_in_executor(self._executor, score_encoded, loaded, EncodedClaims.concat(ready))
+            parts: list[Scored | Exception] = []
+            offset = 0
+            for part in ready:
+                parts.append(scored[offset : offset + len(part)])
+                offset += len(part)
+        except Exception as exc:
+            if len(ready) == 1:
+                parts = [exc]
+            else:
+                parts = [await self._score_alone(loaded, part) for part in ready]
+        taken = iter(parts)
+        return [e if isinstance(e, Exception) else next(taken) for e in encoded]
+
+    async def _score_alone(self, loaded: LoadedContext, encoded: EncodedClaims) -> Scored | Exception:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, score_encoded, loaded, encoded)
+        except Exception as exc:
+            return exc
+
+    async def _score_per_batch(self, held: HeldContext, work: _Work) -> Scored | Exception:
+        """Partial and agnostic modes: the model is built for this batch alone, on the compute thread."""
+        assert isinstance(work.order, Assign)
+        batch = work.order.batch
+        texts = [claim.text for claim in batch.claims]
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._load_and_score, held, batch.template, texts)
+        except Exception as exc:
+            return exc
 
     def _load_and_score(self, held: HeldContext, template: str, texts: list[str]) -> list[tuple[str, list[float]]]:
         """Partial and agnostic modes: build the model for this batch only (from the node cache, or from the
@@ -538,20 +659,33 @@ class Worker:
             hub_cache = None
             if held.files_dir is None and not os.path.isdir(held.spec.model):  # agnostic from the hub
                 hub_cache = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pervade-agnostic-")))
-            context = load_context(held.spec, self.device, held.files_dir, hub_cache_dir=hub_cache, device_info=self.device_info)
+            context = load_context(
+                held.spec, self.device, held.files_dir, hub_cache_dir=hub_cache, device_info=self.device_info
+            )
             try:
-                log.debug("batch_context_loaded", seconds=round(context.load_seconds, 4), from_cache=held.files_dir is not None)
+                log.debug(
+                    "batch_context_loaded",
+                    seconds=round(context.load_seconds, 4),
+                    from_cache=held.files_dir is not None,
+                )
                 return score_claims(context, template, texts)
             finally:
                 del context
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
-    async def _grant_credit(self, work: _Work) -> None:
-        """One more batch, please: unless stopping, or the work came on an older connection (the new one
-        was granted a full window when it registered)."""
-        if not self._stopping.is_set() and work.generation == self.session.generation:
-            await self.session.send(Pull(credit=1))
+    async def _top_up_credit(self, send: Callable[[Pull], Awaitable[None]] | None = None) -> None:
+        """Ask for more batches when the window (``gpuworker/intake.py``) runs short, unless leaving."""
+        if self._stopping.is_set():
+            return
+        grant = self.window.top_up(held=len(self._work) + len(self._in_hand))
+        if grant:
+            await (send or self.session.send)(Pull(credit=grant))
+
+
+def _retrieve_exception(future: asyncio.Future[object]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def run_worker(config: WorkerConfig) -> int:

@@ -130,3 +130,4 @@ async def test_later_batches_go_to_the_workers_already_holding_the_model(cluster
     for name in WORKERS:
         assert len(cluster.events(name, "context_loaded")) == 1, f"{name} loaded the model more than once"
     assert len(cluster.events("broker", "told_to_load")) == len(WORKERS)
+

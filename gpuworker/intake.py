@@ -1,0 +1,112 @@
+"""What a worker holds between the broker and the device: the queue of orders, and how much it asks for.
+
+The producer's batch size is the user's choice (1 claim or 512), the device's best batch is the hardware's.
+The worker bridges the two: it asks the broker for enough batches to hold about two device passes' worth of
+claims (``CreditWindow``), and the compute loop takes a run of queued batches of the same context and
+template at once (``WorkQueue.take_run``) and scores them as one, cut into micro-batches for the device. One
+large batch is never held back, and many small ones never cost a forward pass each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+#: Largest window in batches: what one worker may hold at once however small the batches are.
+MAX_WINDOW_BATCHES = 4096
+#: Largest credit one Pull may grant (the protocol's bound).
+MAX_PULL_CREDIT = 1024
+
+Item = TypeVar("Item")
+
+
+class WorkQueue(Generic[Item]):
+    """Orders in arrival order. ``size_of`` gives an order's claims (0 for a LoadContext)."""
+
+    def __init__(self, size_of: Callable[[Item], int]) -> None:
+        self._items: deque[Item] = deque()
+        self._size_of = size_of
+        self._arrived = asyncio.Event()
+
+    def put(self, item: Item) -> None:
+        self._items.append(item)
+        self._arrived.set()
+
+    async def get(self, timeout_s: float) -> Item | None:
+        """The oldest order, waiting up to ``timeout_s`` for one; None if none came."""
+        if not self._items:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout_s)
+            except TimeoutError:
+                return None
+        return self._items.popleft() if self._items else None
+
+    def take_run(self, belongs: Callable[[Item], bool], claims_limit: int, claims_so_far: int) -> list[Item]:
+        """The orders at the head of the queue that ``belongs`` to the run being built, until the run would
+        pass ``claims_limit`` claims. Stops at the first order that does not belong: orders keep their
+        order, so a LoadContext between batches is never overtaken."""
+        taken: list[Item] = []
+        while self._items and belongs(self._items[0]):
+            size = self._size_of(self._items[0])
+            if claims_so_far + size > claims_limit:
+                break
+            taken.append(self._items.popleft())
+            claims_so_far += size
+        return taken
+
+    def drain(self) -> list[Item]:
+        taken = list(self._items)
+        self._items.clear()
+        return taken
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass
+class CreditWindow:
+    """How many batches to ask the broker for, so the worker holds about ``claims_wanted`` claims (two device
+    passes) whatever the producer's batch size, and never fewer than ``min_batches`` batches.
+
+    ``outstanding`` is credit granted and not yet used by an Assign; the broker forgets it when the worker
+    reconnects (``reset``)."""
+
+    min_batches: int
+    claims_wanted: int = 256
+    outstanding: int = 0
+    #: Mean claims per batch seen so far (None until a batch arrives).
+    claims_per_batch: float | None = None
+    _seen: int = field(default=0, repr=False)
+
+    def reset(self) -> None:
+        self.outstanding = 0
+
+    def arrived(self, claims: int) -> None:
+        """An Assign of ``claims`` claims used one credit."""
+        self.outstanding = max(0, self.outstanding - 1)
+        self._seen += 1
+        mean = self.claims_per_batch
+        self.claims_per_batch = claims if mean is None else mean + (claims - mean) / min(self._seen, 64)
+
+    @property
+    def batches_wanted(self) -> int:
+        if self.claims_per_batch is None:
+            return self.min_batches
+        batches = math.ceil(self.claims_wanted / max(self.claims_per_batch, 1.0))
+        return max(self.min_batches, min(MAX_WINDOW_BATCHES, batches))
+
+    def top_up(self, held: int) -> int:
+        """Credit to grant now, given ``held`` batches queued or computing: none until the shortfall is an
+        eighth of the window (so that tiny batches do not cost a Pull each), then all of it."""
+        wanted = self.batches_wanted
+        shortfall = wanted - held - self.outstanding
+        if shortfall < max(1, wanted // 8):
+            return 0
+        grant = min(shortfall, MAX_PULL_CREDIT)
+        self.outstanding += grant
+        return grant

@@ -1,0 +1,85 @@
+"""The worker's intake: which queued batches are scored together, and how much credit it asks for."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gpuworker.intake import MAX_PULL_CREDIT, MAX_WINDOW_BATCHES, CreditWindow, WorkQueue
+
+
+def queue_of(*orders: tuple[str, int]) -> WorkQueue[tuple[str, int]]:
+    queue: WorkQueue[tuple[str, int]] = WorkQueue(lambda order: order[1])
+    for order in orders:
+        queue.put(order)
+    return queue
+
+
+def test_a_run_takes_matching_orders_up_to_the_claim_limit() -> None:
+    queue = queue_of(("a", 3), ("a", 3), ("a", 3), ("a", 3))
+    assert queue.take_run(lambda o: o[0] == "a", claims_limit=8, claims_so_far=1) == [("a", 3), ("a", 3)]
+    assert len(queue) == 2
+
+
+def test_a_run_stops_at_the_first_order_that_does_not_belong() -> None:
+    """A LoadContext (or another template) between batches is never overtaken."""
+    queue = queue_of(("a", 1), ("load", 0), ("a", 1))
+    assert queue.take_run(lambda o: o[0] == "a", claims_limit=100, claims_so_far=0) == [("a", 1)]
+    assert queue.drain() == [("load", 0), ("a", 1)]
+
+
+async def test_get_waits_for_an_order_and_gives_up_after_the_timeout() -> None:
+    queue = queue_of()
+    assert await queue.get(timeout_s=0.01) is None
+    waiting = asyncio.create_task(queue.get(timeout_s=5))
+    await asyncio.sleep(0)
+    queue.put(("a", 1))
+    assert await waiting == ("a", 1)
+
+
+def test_the_window_starts_at_the_prefetch_minimum() -> None:
+    window = CreditWindow(min_batches=2, claims_wanted=512)
+    assert window.top_up(held=0) == 2
+    assert window.top_up(held=0) == 0, "credit already granted is not granted twice"
+
+
+def test_small_batches_widen_the_window_to_the_claims_wanted() -> None:
+    window = CreditWindow(min_batches=2, claims_wanted=512)
+    window.top_up(held=0)
+    window.arrived(1)
+    assert window.batches_wanted == 512
+    assert window.top_up(held=1) == 512 - 1 - 1
+
+
+def test_large_batches_keep_the_prefetch_minimum() -> None:
+    window = CreditWindow(min_batches=2, claims_wanted=512)
+    window.top_up(held=0)
+    window.arrived(512)
+    window.arrived(512)
+    assert window.batches_wanted == 2
+    assert window.top_up(held=1) == 1, "one batch computing: one more wanted"
+
+
+def test_credit_is_asked_for_in_chunks_not_per_batch() -> None:
+    window = CreditWindow(min_batches=2, claims_wanted=800)
+    window.arrived(1)
+    assert window.top_up(held=0) == 800
+    for _ in range(50):  # arrived and done
+        window.arrived(1)
+    assert window.top_up(held=0) == 0, "50 short of 800 is under an eighth"
+    for _ in range(60):
+        window.arrived(1)
+    assert window.top_up(held=0) == 110
+
+
+def test_the_window_and_each_pull_are_bounded() -> None:
+    window = CreditWindow(min_batches=2, claims_wanted=10**6)
+    window.arrived(1)
+    assert window.batches_wanted == MAX_WINDOW_BATCHES
+    assert window.top_up(held=0) == MAX_PULL_CREDIT
+
+
+def test_a_reconnection_forgets_the_credit_granted() -> None:
+    window = CreditWindow(min_batches=2)
+    window.top_up(held=0)
+    window.reset()
+    assert window.top_up(held=0) == 2
