@@ -187,6 +187,7 @@ class Broker:
         self._saved_counters: dict[str, int] = {}
         self._outbox: deque[tuple[bytes, Message, Callable[[], None] | None]] = deque()
         self._next_sink = 0
+        self._turn = 0  # where dispatch starts among the workers
         self._stopping = asyncio.Event()
         #: Set once ``serve`` has committed its last state and closed.
         self.closed = asyncio.Event()
@@ -864,16 +865,21 @@ class Broker:
         return Counter(context_id for worker in self.workers.values() for context_id in worker.contexts)
 
     def dispatch(self) -> None:
-        """Match queued batches with worker credit, by affinity (see broker/policy.py)."""
+        """Match queued batches with worker credit, by affinity (see broker/policy.py), one batch per worker
+        in turn, starting each call one worker further along. Workers ask for deep windows when batches are
+        small (gpuworker/intake.py): filling the first worker's window before the next would leave the
+        others idle on a short queue, and batches trickling in one at a time would all go to one worker."""
         assert self.store is not None
-        if not self.store.queued:
+        if not self.store.queued or not self.workers:
             return
         hosts = self.hosts()
         free_hosts = Counter(
             c for w in self.workers.values() if w.credit > 0 and not w.leaving for c in w.contexts
         )  # a stale count only delays a move by one turn
-        for worker in list(self.workers.values()):
-            while worker.credit > 0 and not worker.leaving:
+        ready = [w for w in self._workers_in_turn() if w.credit > 0 and not w.leaving]
+        while ready and self.store.queued:
+            served = []
+            for worker in ready:
                 choice = choose_context(
                     held=worker.contexts,
                     pending=self.store.queued,
@@ -883,13 +889,24 @@ class Broker:
                     free_hosts=free_hosts,
                 )
                 if choice is None:
-                    break
+                    continue
                 if choice.load:
                     hosts.subtract(self.tell_to_load(worker, choice.context_id))
                     hosts[choice.context_id] += 1
                 row = self.store.next_queued(choice.context_id)
                 assert row is not None
                 self.assign(worker, row)
+                if worker.credit > 0 and not worker.leaving:
+                    served.append(worker)
+                if not self.store.queued:
+                    break
+            ready = served
+
+    def _workers_in_turn(self) -> list[WorkerRecord]:
+        """The workers, starting one further along at each call (round robin across calls)."""
+        workers = list(self.workers.values())
+        self._turn = (self._turn + 1) % len(workers)
+        return workers[self._turn :] + workers[: self._turn]
 
     def tell_to_load(self, worker: WorkerRecord, context_id: str) -> list[str]:
         """Send LoadContext (evicting the oldest contexts if the worker is full); returns the evicted."""
