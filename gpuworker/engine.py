@@ -75,6 +75,8 @@ class LoadedContext:
     #: Reuse each template's prefix KV cache (False: every claim on the plain path).
     reuse_prefix: bool = True
     prefixes: PrefixStore = field(default_factory=PrefixStore)
+    #: Each template's prefix tokens (tokenizer thread only).
+    prefix_ids: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def context_id(self) -> str:
@@ -170,6 +172,19 @@ class EncodedClaims:
     def __len__(self) -> int:
         return len(self.token_ids)
 
+    def split(self, sizes: Sequence[int]) -> list[EncodedClaims]:
+        """Consecutive pieces of ``sizes`` claims each (a run tokenized at once, given back per batch)."""
+        if sum(sizes) != len(self):
+            raise ValueError(f"cannot split {len(self)} claims into pieces of {sum(sizes)}")
+        pieces, start = [], 0
+        for size in sizes:
+            end = start + size
+            pieces.append(
+                EncodedClaims(self.template, self.prefix_ids, self.token_ids[start:end], self.reuses[start:end])
+            )
+            start = end
+        return pieces
+
     @classmethod
     def concat(cls, parts: Sequence[EncodedClaims]) -> EncodedClaims:
         """Several batches of the same template as one (a worker coalescing small batches)."""
@@ -197,7 +212,9 @@ def encode_claims(
         raise ValueError(f"a prompt of {longest} tokens exceeds the model's {context.max_positions} positions")
     prefix: tuple[int, ...] = ()
     if reuse_prefix and context.reuse_prefix:
-        prefix = tuple(context.tokenizer(prefix_text(template))["input_ids"])
+        prefix = context.prefix_ids.get(template) or ()
+        if not prefix:
+            prefix = context.prefix_ids[template] = tuple(context.tokenizer(prefix_text(template))["input_ids"])
     size = len(prefix)
     reuses = [size > 0 and len(ids) > size and tuple(ids[:size]) == prefix for ids in token_ids]
     return EncodedClaims(template=template, prefix_ids=prefix, token_ids=token_ids, reuses=reuses)

@@ -39,7 +39,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -96,6 +96,9 @@ log = structlog.get_logger("gpuworker")
 
 #: Claims a worker asks to hold before it knows its device's pass size (then: two passes' worth).
 DEFAULT_WINDOW_CLAIMS = 256
+
+#: Most claims tokenized in one call by the encode loop (the first pass of a run waits for it).
+ENCODE_RUN_CLAIMS = 1024
 
 #: How often the worker checks its idle timeout and broker deadline.
 WATCH_INTERVAL_S = 0.5
@@ -178,7 +181,8 @@ class _Work:
 
     order: LoadContext | Assign
     generation: int
-    encoding: asyncio.Future[EncodedClaims] | None = None
+    #: The batch's tokens, once the encode loop has them (None inside: tokenize it alone).
+    encoding: asyncio.Future[EncodedClaims | None] | None = None
 
     @property
     def claims(self) -> int:
@@ -200,6 +204,8 @@ class Worker:
         #: Tokenization runs here, never on the compute thread: the device does not wait on the tokenizer.
         self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._work: WorkQueue[_Work] = WorkQueue(lambda w: w.claims)
+        self._to_encode: deque[_Work] = deque()
+        self._encode_wanted = asyncio.Event()
         self.window = CreditWindow(min_batches=config.prefetch + 1, claims_wanted=DEFAULT_WINDOW_CLAIMS)
         self._stopping = asyncio.Event()  # SIGTERM: take no more work
         self._finished = asyncio.Event()  # the goodbye is sent: the receive loop may end
@@ -298,13 +304,14 @@ class Worker:
         receiver = asyncio.create_task(self.receive_loop())
         computer = asyncio.create_task(self.compute_loop())
         watcher = asyncio.create_task(self.watch_loop())
+        encoder = asyncio.create_task(self.encode_loop())
         stop = asyncio.create_task(self._stopping.wait())
         failure: BaseException | None = None
         try:
             # The loops run until stop(). If either dies instead, the worker must not linger holding
             # credit and batches: leave, and say why.
-            await asyncio.wait([receiver, computer, watcher, stop], return_when=asyncio.FIRST_COMPLETED)
-            loops = (receiver, computer, watcher)
+            await asyncio.wait([receiver, computer, watcher, encoder, stop], return_when=asyncio.FIRST_COMPLETED)
+            loops = (receiver, computer, watcher, encoder)
             failure = next((t.exception() for t in loops if t.done() and not t.cancelled() and t.exception()), None)
             self.stop("failed" if failure else "stopping", 1 if failure else 0)
             await self.leave(computer, reason=f"worker failed: {failure!r}" if failure else self.exit_reason)
@@ -312,7 +319,7 @@ class Worker:
             self._finished.set()
             stop.cancel()
             watcher.cancel()
-            await asyncio.gather(receiver, *([serving] if serving else []), return_exceptions=True)
+            await asyncio.gather(receiver, encoder, *([serving] if serving else []), return_exceptions=True)
             self.session.close()
             if self._auth is not None:
                 self._auth.stop()
@@ -390,23 +397,71 @@ class Worker:
                 self.stop(f"idle for {idle_timeout:g} s")
 
     def _accept(self, order: LoadContext | Assign) -> None:
-        """Queue an order; start tokenizing a batch at once if its context is resident."""
+        """Queue an order; a batch for a resident context goes to the encode loop at once."""
         work = _Work(order, self.session.generation)
         if isinstance(order, Assign):
             self.window.arrived(len(order.batch.claims))
-            work.encoding = self._start_encoding(order)
+            if self._resident(order) is not None:
+                work.encoding = asyncio.get_running_loop().create_future()
+                work.encoding.add_done_callback(_retrieve_exception)  # a batch dropped unscored must not warn
+                self._to_encode.append(work)
+                self._encode_wanted.set()
         self._work.put(work)
 
-    def _start_encoding(self, order: Assign) -> asyncio.Future[EncodedClaims] | None:
+    def _resident(self, order: Assign) -> LoadedContext | None:
         held = self.contexts.get(order.batch.context.context_id)
-        if held is None or held.loaded is None:
-            return None  # tokenized once the context is loaded, or by the per-batch path
-        texts = [claim.text for claim in order.batch.claims]
-        encoding = asyncio.get_running_loop().run_in_executor(
-            self._tokenizer, encode_claims, held.loaded, order.batch.template, texts
-        )
-        encoding.add_done_callback(_retrieve_exception)  # a batch dropped before scoring must not warn
-        return encoding
+        return held.loaded if held is not None else None
+
+    async def encode_loop(self) -> None:
+        """Tokenize arriving batches on the tokenizer thread while the device computes: a run of consecutive
+        batches of one context and template per call, so batches of one claim do not cost a call each."""
+        while not self._finished.is_set():
+            if not self._to_encode:
+                self._encode_wanted.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._encode_wanted.wait(), 0.2)
+                continue
+            first = self._to_encode.popleft()
+            run, claims = [first], first.claims
+            while self._to_encode and claims < ENCODE_RUN_CLAIMS and _same_run(self._to_encode[0], first):
+                claims += self._to_encode[0].claims
+                run.append(self._to_encode.popleft())
+            await self._encode_run(run)
+
+    async def _encode_run(self, run: list[_Work]) -> None:
+        """Fill each work's ``encoding`` with its tokens; a run that fails is retried batch by batch, so a
+        bad batch (a prompt too long) fails alone."""
+        first = run[0].order
+        assert isinstance(first, Assign)
+        loaded = self._resident(first)
+        if loaded is None:  # evicted meanwhile: the batch is tokenized when scored
+            _settle(run, None)
+            return
+        texts = [claim.text for work in run for claim in work.order.batch.claims]  # type: ignore[union-attr]
+        try:
+            encoded = await asyncio.get_running_loop().run_in_executor(
+                self._tokenizer, encode_claims, loaded, first.batch.template, texts
+            )
+        except Exception as exc:
+            if len(run) == 1:
+                _settle(run, exc)
+            else:
+                for work in run:
+                    await self._encode_run([work])
+            return
+        for work, piece in zip(run, encoded.split([work.claims for work in run]), strict=True):
+            _settle([work], piece)
+
+    async def _encoded(self, loaded: LoadedContext, work: _Work) -> EncodedClaims:
+        """The batch's tokens: from the encode loop, or tokenized now on the tokenizer thread."""
+        assert isinstance(work.order, Assign)
+        encoded = await work.encoding if work.encoding is not None else None
+        if encoded is None:
+            texts = [claim.text for claim in work.order.batch.claims]
+            encoded = await asyncio.get_running_loop().run_in_executor(
+                self._tokenizer, encode_claims, loaded, work.order.batch.template, texts
+            )
+        return encoded
 
     async def compute_loop(self) -> None:
         while not self._stopping.is_set():
@@ -609,11 +664,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         encoded: list[EncodedClaims | Exception] = []
         for work in group:
-            assert isinstance(work.order, Assign)
-            if work.encoding is None:
-                work.encoding = self._start_encoding(work.order)
             try:
-                encoded.append(await work.encoding)  # type: ignore[misc]
+                encoded.append(await self._encoded(loaded, work))
             except Exception as exc:
                 encoded.append(exc)
         ready = [e for e in encoded if isinstance(e, EncodedClaims)]
@@ -686,6 +738,26 @@ class Worker:
 def _retrieve_exception(future: asyncio.Future[object]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def _same_run(work: _Work, first: _Work) -> bool:
+    """Whether ``work`` may be tokenized in one call with ``first``: same context and template."""
+    a, b = work.order, first.order
+    return (
+        isinstance(a, Assign)
+        and isinstance(b, Assign)
+        and a.batch.template == b.batch.template
+        and a.batch.context.context_id == b.batch.context.context_id
+    )
+
+
+def _settle(run: list[_Work], outcome: EncodedClaims | BaseException | None) -> None:
+    for work in run:
+        if work.encoding is not None and not work.encoding.done():
+            if isinstance(outcome, BaseException):
+                work.encoding.set_exception(outcome)
+            else:
+                work.encoding.set_result(outcome)
 
 
 async def run_worker(config: WorkerConfig) -> int:
