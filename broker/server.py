@@ -596,7 +596,10 @@ class Broker:
                 continue
             worker.in_flight.pop(batch_id, None)
             worker.credit += 1  # the worker will never answer these, so their credit comes back
-            self.retry_or_fail(row, f"context {context_id} failed to load: {message.error}")
+            # Not the batch's fault, and never tried: no attempt is charged. A context that loads nowhere
+            # fails its batches below, once every worker has refused it.
+            self.store.requeue(row, count_attempt=False)
+            self.counters["requeues"] += 1
         if all(context_id in w.refused for w in self.workers.values()):
             self.fail_context(context_id, message.error)
 
