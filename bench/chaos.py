@@ -46,8 +46,8 @@ After each run every process is stopped, and the output is checked: exactly one 
 - ``declared dead``: workers the broker declared dead after missed heartbeats (the SIGKILLed ones).
 - ``failed``: batches the broker gave up after ``max_attempts`` (3) deaths or failures of their holders;
   their pairs are recorded in ``out.failures/``, not written, so any makes ``exact`` no. The broker charges
-  a SIGKILLed worker's death to every batch it held, including the prefetched ones it had not started, so
-  at high SIGKILL rates innocent batches reach the limit.
+  a SIGKILLed worker's death to the oldest batch it held once its model had loaded, not to the prefetched
+  ones behind it (broker/server.py, ``drop_worker``).
 - ``time lost s``: with ``--compare-baseline``, this run's wall time minus the baseline's (same workload,
   no kills), measured. Without it, an estimate marked ``est.``: (requeues + released) x the mean compute
   time of one batch (``finished_at - started_at`` in the output). The estimate counts recomputation only,
@@ -404,9 +404,12 @@ def check_output(report: RunReport, out_dir: Path) -> None:
     report.extra = len(counts.keys() - expected)
     report.failed_pairs = len(read_failures(out_dir))
     if files and table.num_rows:
+        # A worker scores a run of batches in one pass, and each batch of the pass carries the pass's times:
+        # a pass's time is shared among its batches.
         batches = table.group_by("batch_id").aggregate([("started_at", "min"), ("finished_at", "max")])
-        seconds = pc.divide(pc.subtract(batches["finished_at_max"], batches["started_at_min"]).cast(pa.int64()), 1e6)
-        report.mean_batch_s = pc.mean(seconds).as_py()
+        passes = batches.group_by(["started_at_min", "finished_at_max"]).aggregate([])
+        seconds = pc.subtract(passes["finished_at_max"], passes["started_at_min"]).cast(pa.int64())
+        report.mean_batch_s = pc.sum(seconds).as_py() / 1e6 / batches.num_rows
     if not report.exact and not report.hung:
         report.problems.append(
             f"output not exact: {report.missing} pairs missing, {report.doubled} rows doubled, {report.extra} extra "

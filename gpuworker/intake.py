@@ -20,6 +20,9 @@ from typing import Generic, TypeVar
 MAX_WINDOW_BATCHES = 4096
 #: Largest credit one Pull may grant (the protocol's bound).
 MAX_PULL_CREDIT = 1024
+#: Fewest claims a run aims at, however small the device's pass: a run costs some Python per call, and
+#: the engine cuts it into passes anyway.
+MIN_RUN_CLAIMS = 256
 
 Item = TypeVar("Item")
 

@@ -64,7 +64,7 @@ from gpuworker.engine import (
 )
 from gpuworker.fetch import Fetcher, FetchStats, TransferConfig
 from gpuworker.fileserver import FileServer, FileServiceConfig
-from gpuworker.intake import CreditWindow, WorkQueue
+from gpuworker.intake import MIN_RUN_CLAIMS, CreditWindow, WorkQueue
 from pervade.constants import DEFAULT_BROKER_CONNECT, EXIT_BROKER_UNREACHABLE, LEAVE_SIGNALS
 from pervade.context import ContextMode, ContextSpec
 from pervade.errors import ConfigError
@@ -671,7 +671,7 @@ class Worker:
         ready = [e for e in encoded if isinstance(e, EncodedClaims)]
         if not ready:
             return list(encoded)
-        self.window.claims_wanted = 2 * rows_per_pass(loaded, ready[0])
+        self.window.claims_wanted = 2 * max(MIN_RUN_CLAIMS, rows_per_pass(loaded, ready[0]))
         try:
             scored = await loop.run_in_executor(self._executor, score_encoded, loaded, EncodedClaims.concat(ready))
             parts: list[Scored | Exception] = []
