@@ -53,10 +53,15 @@ def _training_corpus() -> list[str]:
     return lines
 
 
-def build_tiny_model(out_dir: Path, size: str = "tiny", seed: int = 0, vocab_size: int = 2048) -> Path:
-    """Write a randomly initialised LlamaForCausalLM and its tokenizer to ``out_dir``; returns the path."""
+def build_tiny_model(
+    out_dir: Path, size: str = "tiny", seed: int = 0, vocab_size: int = 2048, save_dtype: str = "float32"
+) -> Path:
+    """Write a randomly initialised LlamaForCausalLM and its tokenizer to ``out_dir``; returns the path.
+    ``save_dtype`` is the dtype of the weight files (``bfloat16``: as SmolLM2 ships, half the bytes to load)."""
     if size not in SHAPES:
         raise ConfigError(f"unknown size {size!r}; choose one of {', '.join(SHAPES)}")
+    if save_dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"unknown save dtype {save_dtype!r}; choose float32, bfloat16 or float16")
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -93,7 +98,7 @@ def build_tiny_model(out_dir: Path, size: str = "tiny", seed: int = 0, vocab_siz
         pad_token_id=None,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(getattr(torch, save_dtype))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
