@@ -1,0 +1,88 @@
+"""RQ2: total time against the producer's batch size, 1 to 512, in full and partial context modes.
+
+    .venv/bin/python bench/rq2_batch_size.py
+    .venv/bin/python bench/rq2_batch_size.py --claims 2000 --templates 2 --batch-sizes 1 4 16 64 256 512
+
+The paper (Phung & Thain, arXiv 2510.14024) reports that with pervasive context the batch size the user
+picks changes total time by 13.6%, where a pipeline that rebuilds the model per batch blows up 27x at small
+batches. Here the same workload (``--claims`` FEVER claims x ``--templates`` templates, the offline
+``--size`` model) runs through the whole pipeline (bench/runs.py: broker, sink, ``--workers`` CPU workers,
+producer, all processes) once per batch size and mode:
+
+- **full**: the model stays resident, and each worker coalesces the small batches it has prefetched into
+  passes sized for its device (gpuworker/intake.py), so the batch size should hardly matter;
+- **partial**: the model files are cached on the node but the model is rebuilt for every batch, the
+  paper's baseline. At small batch sizes that takes very long: a run is stopped after ``--limit-s``
+  seconds and its total time *projected* from the pairs it finished (marked ``projected``).
+
+Time is the pipeline clock: first batch submitted to every pair durably written (bench/runs.py). The
+sensitivity is (slowest - fastest) / fastest over the batch sizes of a mode; the issue's target for full
+mode is under 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import sys
+
+from benchkit import Report
+from runs import add_workload_args, finish_runs, run_pipeline, workload_from_args
+
+BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+
+
+def main() -> int:
+    cores = os.cpu_count() or 1
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_args(parser, claims=2048, batch_sizes=BATCH_SIZES)
+    parser.add_argument("--modes", nargs="+", default=["full", "partial"], choices=["full", "partial", "agnostic"])
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=max(1, cores // 2), help="torch threads per worker")
+    parser.add_argument("--limit-s", type=float, default=60.0, help="stop a run after this long and project")
+    args = parser.parse_args()
+
+    workload, model, base = workload_from_args(args, "rq2")
+    report = Report("rq2_batch_size", ["mode", "batch", "pairs_done", "seconds", "pairs_per_s", "model_loads",
+                                       "projected"], out_dir=args.out_dir)  # fmt: skip
+    report.header(
+        f"RQ2: {workload.claims_read:,} claims x {len(workload.templates)} templates = {len(workload.expected):,} "
+        f"pairs, model {model.name}, {args.workers} CPU worker(s) x {args.threads} thread(s)",
+        "seconds: first batch submitted to every pair written; projected = stopped at --limit-s, "
+        "extrapolated from the pairs done",
+    )
+    for mode in args.modes:
+        for batch_size in args.batch_sizes:
+            run = asyncio.run(
+                run_pipeline(dataclasses.replace(workload, batch_size=batch_size), base / f"{mode}-{batch_size}",
+                             workers=args.workers, threads=args.threads, mode=mode, limit_s=args.limit_s)
+            )  # fmt: skip
+            seconds = run.pipeline_s if run.complete else run.pipeline_s * len(workload.expected) / max(run.pairs, 1)
+            report.add(mode=mode, batch=batch_size, pairs_done=run.pairs, seconds=seconds,
+                       pairs_per_s=run.pairs / run.pipeline_s, model_loads=run.model_loads,
+                       projected="" if run.complete else "projected")  # fmt: skip
+    for mode in args.modes:
+        times = [r["seconds"] for r in report.rows if r["mode"] == mode]
+        report.note(f"{mode}: sensitivity (slowest - fastest) / fastest = {(max(times) - min(times)) / min(times):.1%}"
+                    f" over batch sizes {min(args.batch_sizes)}..{max(args.batch_sizes)}; slowest/fastest "
+                    f"{max(times) / min(times):.1f}x (paper: 13.6% pervasive, 27x baseline)")  # fmt: skip
+
+    def draw(axes, rows) -> None:
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+            mine = [r for r in rows if r["mode"] == mode]
+            axes.plot([r["batch"] for r in mine], [r["seconds"] for r in mine], marker="o", label=mode)
+        axes.set_xscale("log", base=2)
+        axes.set_yscale("log")
+        axes.set_xlabel("producer batch size (claims)")
+        axes.set_ylabel("total time, s (log)")
+        axes.legend()
+
+    report.finish(draw, "RQ2: total time vs batch size")
+    finish_runs(base, False, args.keep or args.base_dir is not None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
