@@ -3,7 +3,8 @@
 The producer's batch size is the user's choice (1 claim or 512), the device's best batch is the hardware's.
 The worker bridges the two: it asks the broker for enough batches to hold about two device passes' worth of
 claims (``CreditWindow``), and the compute loop takes a run of queued batches of the same context and
-template at once (``WorkQueue.take_run``) and scores them as one, cut into micro-batches for the device. One
+template at once (``WorkQueue.take_run``: a producer interleaves its templates, so the run skips batches of
+other templates, which keep their places) and scores them as one, cut into micro-batches for the device. One
 large batch is never held back, and many small ones never cost a forward pass each.
 """
 
@@ -49,17 +50,26 @@ class WorkQueue(Generic[Item]):
                 return None
         return self._items.popleft() if self._items else None
 
-    def take_run(self, belongs: Callable[[Item], bool], claims_limit: int, claims_so_far: int) -> list[Item]:
-        """The orders at the head of the queue that ``belongs`` to the run being built, until the run would
-        pass ``claims_limit`` claims. Stops at the first order that does not belong: orders keep their
-        order, so a LoadContext between batches is never overtaken."""
+    def take_run(
+        self, belongs: Callable[[Item], bool], barrier: Callable[[Item], bool], claims_limit: int, claims_so_far: int
+    ) -> list[Item]:
+        """Queued orders that ``belongs`` to the run being built, oldest first, until the run would pass
+        ``claims_limit`` claims. Orders that do not belong are skipped and keep their places; the scan stops
+        at a ``barrier`` (a LoadContext: no batch behind it is taken before it)."""
         taken: list[Item] = []
-        while self._items and belongs(self._items[0]):
-            size = self._size_of(self._items[0])
+        kept: list[Item] = []
+        while self._items and not barrier(self._items[0]):
+            item = self._items.popleft()
+            if not belongs(item):
+                kept.append(item)
+                continue
+            size = self._size_of(item)
             if claims_so_far + size > claims_limit:
+                kept.append(item)
                 break
-            taken.append(self._items.popleft())
+            taken.append(item)
             claims_so_far += size
+        self._items.extendleft(reversed(kept))
         return taken
 
     def drain(self) -> list[Item]:

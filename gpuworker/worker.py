@@ -413,8 +413,8 @@ class Worker:
         return held.loaded if held is not None else None
 
     async def encode_loop(self) -> None:
-        """Tokenize arriving batches on the tokenizer thread while the device computes: a run of consecutive
-        batches of one context and template per call, so batches of one claim do not cost a call each."""
+        """Tokenize arriving batches on the tokenizer thread while the device computes: the queued batches of
+        one context and template per call, so batches of one claim do not cost a call each."""
         while not self._finished.is_set():
             if not self._to_encode:
                 self._encode_wanted.clear()
@@ -422,10 +422,15 @@ class Worker:
                     await asyncio.wait_for(self._encode_wanted.wait(), 0.2)
                 continue
             first = self._to_encode.popleft()
-            run, claims = [first], first.claims
-            while self._to_encode and claims < ENCODE_RUN_CLAIMS and _same_run(self._to_encode[0], first):
-                claims += self._to_encode[0].claims
-                run.append(self._to_encode.popleft())
+            run, others, claims = [first], [], first.claims
+            while self._to_encode and claims < ENCODE_RUN_CLAIMS:  # other templates keep their places
+                work = self._to_encode.popleft()
+                if _same_run(work, first):
+                    run.append(work)
+                    claims += work.claims
+                else:
+                    others.append(work)
+            self._to_encode.extendleft(reversed(others))
             await self._encode_run(run)
 
     async def _encode_run(self, run: list[_Work]) -> None:
@@ -498,7 +503,10 @@ class Worker:
                 and other.batch.context.context_id == batch.context.context_id
             )
 
-        return self._work.take_run(belongs, self.window.claims_wanted // 2, first.claims)
+        def barrier(work: _Work) -> bool:
+            return isinstance(work.order, LoadContext)
+
+        return self._work.take_run(belongs, barrier, self.window.claims_wanted // 2, first.claims)
 
     async def load(self, order: LoadContext) -> bool:
         """Make the context ready in this run's mode: files in the node cache (partial, full) and the

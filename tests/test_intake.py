@@ -14,17 +14,31 @@ def queue_of(*orders: tuple[str, int]) -> WorkQueue[tuple[str, int]]:
     return queue
 
 
+def is_a(order: tuple[str, int]) -> bool:
+    return order[0] == "a"
+
+
+def is_load(order: tuple[str, int]) -> bool:
+    return order[0] == "load"
+
+
 def test_a_run_takes_matching_orders_up_to_the_claim_limit() -> None:
     queue = queue_of(("a", 3), ("a", 3), ("a", 3), ("a", 3))
-    assert queue.take_run(lambda o: o[0] == "a", claims_limit=8, claims_so_far=1) == [("a", 3), ("a", 3)]
-    assert len(queue) == 2
+    assert queue.take_run(is_a, is_load, claims_limit=8, claims_so_far=1) == [("a", 3), ("a", 3)]
+    assert queue.drain() == [("a", 3), ("a", 3)]
 
 
-def test_a_run_stops_at_the_first_order_that_does_not_belong() -> None:
-    """A LoadContext (or another template) between batches is never overtaken."""
-    queue = queue_of(("a", 1), ("load", 0), ("a", 1))
-    assert queue.take_run(lambda o: o[0] == "a", claims_limit=100, claims_so_far=0) == [("a", 1)]
-    assert queue.drain() == [("load", 0), ("a", 1)]
+def test_a_run_skips_other_templates_which_keep_their_places() -> None:
+    """A producer interleaves its templates: a run of template a takes every a, and the b's stay in order."""
+    queue = queue_of(("a", 1), ("b", 1), ("a", 1), ("b", 2), ("a", 1))
+    assert queue.take_run(is_a, is_load, claims_limit=100, claims_so_far=0) == [("a", 1), ("a", 1), ("a", 1)]
+    assert queue.drain() == [("b", 1), ("b", 2)]
+
+
+def test_a_run_never_passes_a_load_order() -> None:
+    queue = queue_of(("b", 1), ("a", 1), ("load", 0), ("a", 1))
+    assert queue.take_run(is_a, is_load, claims_limit=100, claims_so_far=0) == [("a", 1)]
+    assert queue.drain() == [("b", 1), ("load", 0), ("a", 1)]
 
 
 async def test_get_waits_for_an_order_and_gives_up_after_the_timeout() -> None:
