@@ -23,7 +23,7 @@ MAX_WINDOW_BATCHES = 4096
 MAX_PULL_CREDIT = 1024
 #: Fewest claims a run aims at, however small the device's pass: a run costs some Python per call, and
 #: the engine cuts it into passes anyway.
-MIN_RUN_CLAIMS = 256
+MIN_RUN_CLAIMS = 512
 
 Item = TypeVar("Item")
 
