@@ -1,8 +1,8 @@
 """What a worker holds between the broker and the device: the queue of orders, and how much it asks for.
 
 The producer's batch size is the user's choice (1 claim or 512), the device's best batch is the hardware's.
-The worker bridges the two: it asks the broker for enough batches to hold about two device passes' worth of
-claims (``CreditWindow``), and the compute loop takes a run of queued batches of the same context and
+The worker bridges the two: it asks the broker for enough batches to hold a few runs' worth of claims
+(``CreditWindow``; a run is a device pass, or 512 claims if that is more), and the compute loop takes a run of queued batches of the same context and
 template at once (``WorkQueue.take_run``: a producer interleaves its templates, so the run skips batches of
 other templates, which keep their places) and scores them as one, cut into micro-batches for the device. One
 large batch is never held back, and many small ones never cost a forward pass each.
@@ -24,6 +24,9 @@ MAX_PULL_CREDIT = 1024
 #: Fewest claims a run aims at, however small the device's pass: a run costs some Python per call, and
 #: the engine cuts it into passes anyway.
 MIN_RUN_CLAIMS = 512
+#: Runs' worth of claims a worker holds: one computing, and enough behind it that the next run of each of
+#: the templates a producer interleaves is full (a run takes only its own template's batches).
+WINDOW_RUNS = 4
 
 Item = TypeVar("Item")
 
@@ -83,18 +86,26 @@ class WorkQueue(Generic[Item]):
 
 @dataclass
 class CreditWindow:
-    """How many batches to ask the broker for, so the worker holds about ``claims_wanted`` claims (two device
-    passes) whatever the producer's batch size, and never fewer than ``min_batches`` batches.
+    """How many batches to ask the broker for, so the worker holds about ``claims_wanted`` claims
+    (``WINDOW_RUNS`` runs) whatever the producer's batch size, and never fewer than ``min_batches`` batches.
 
     ``outstanding`` is credit granted and not yet used by an Assign; the broker forgets it when the worker
     reconnects (``reset``)."""
 
     min_batches: int
-    claims_wanted: int = 256
+    claims_wanted: int = WINDOW_RUNS * MIN_RUN_CLAIMS
     outstanding: int = 0
     #: Mean claims per batch seen so far (None until a batch arrives).
     claims_per_batch: float | None = None
     _seen: int = field(default=0, repr=False)
+
+    @property
+    def run_claims(self) -> int:
+        """Claims the compute loop puts in one run."""
+        return max(1, self.claims_wanted // WINDOW_RUNS)
+
+    def set_run_claims(self, claims: int) -> None:
+        self.claims_wanted = WINDOW_RUNS * claims
 
     def reset(self) -> None:
         self.outstanding = 0

@@ -94,9 +94,6 @@ from pervade.session import BrokerSession, Heartbeats
 
 log = structlog.get_logger("gpuworker")
 
-#: Claims a worker asks to hold before it knows its device's pass size (then: two passes' worth).
-DEFAULT_WINDOW_CLAIMS = 256
-
 #: Most claims tokenized in one call by the encode loop (the first pass of a run waits for it).
 ENCODE_RUN_CLAIMS = 1024
 
@@ -206,7 +203,7 @@ class Worker:
         self._work: WorkQueue[_Work] = WorkQueue(lambda w: w.claims)
         self._to_encode: deque[_Work] = deque()
         self._encode_wanted = asyncio.Event()
-        self.window = CreditWindow(min_batches=config.prefetch + 1, claims_wanted=DEFAULT_WINDOW_CLAIMS)
+        self.window = CreditWindow(min_batches=config.prefetch + 1)
         self._stopping = asyncio.Event()  # SIGTERM: take no more work
         self._finished = asyncio.Event()  # the goodbye is sent: the receive loop may end
         self._in_hand: list[_Work] = []
@@ -506,7 +503,7 @@ class Worker:
         def barrier(work: _Work) -> bool:
             return isinstance(work.order, LoadContext)
 
-        return self._work.take_run(belongs, barrier, self.window.claims_wanted // 2, first.claims)
+        return self._work.take_run(belongs, barrier, self.window.run_claims, first.claims)
 
     async def load(self, order: LoadContext) -> bool:
         """Make the context ready in this run's mode: files in the node cache (partial, full) and the
@@ -679,7 +676,7 @@ class Worker:
         ready = [e for e in encoded if isinstance(e, EncodedClaims)]
         if not ready:
             return list(encoded)
-        self.window.claims_wanted = 2 * max(MIN_RUN_CLAIMS, rows_per_pass(loaded, ready[0]))
+        self.window.set_run_claims(max(MIN_RUN_CLAIMS, rows_per_pass(loaded, ready[0])))
         try:
             scored = await loop.run_in_executor(self._executor, score_encoded, loaded, EncodedClaims.concat(ready))
             parts: list[Scored | Exception] = []

@@ -2,8 +2,8 @@
 for its device, and the verdicts are the reference ones.
 
 The batches are queued before the worker starts (as after a producer ran ahead of the workers), so what the
-worker does with a deep queue of one-claim batches is deterministic: it widens its credit window to about
-two device passes' worth of claims and takes runs of them per pass. The producer interleaves two templates,
+worker does with a deep queue of one-claim batches is deterministic: it widens its credit window to a few
+runs' worth of claims and takes a run of them per call. The producer interleaves two templates,
 as it always does, so a run must gather the batches of its template from between the others.
 """
 

@@ -26,6 +26,7 @@ from pervade.context import make_context
 from producer.claims import ClaimsSource, read_claims
 from producer.templates import load_templates
 from sinks.summary import read_verdicts
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -69,7 +70,10 @@ async def cluster(tmp_path_factory, tiny_model) -> AsyncIterator[Cluster]:
         for name in WORKERS:
             await procs.start(name, "worker", "--broker", endpoint, "--device", "cpu", "--threads", "1", "--worker-id", name,
                               "--cache-dir", str(base / f"cache-{name}"), "--file-host", "127.0.0.1", "--file-bind-host", "127.0.0.1")  # fmt: skip
-        yield Cluster(procs, endpoint, out_dir, tiny_model, templates_file)
+        cluster = Cluster(procs, endpoint, out_dir, tiny_model, templates_file)
+        # Both serving before the first job: a worker alone would take the whole small job into its window.
+        await wait_until(lambda: all(cluster.events(n, "worker_started") for n in WORKERS), 120, "workers serving")
+        yield cluster
     finally:
         await procs.stop(["sink", *WORKERS, "broker"])
 
