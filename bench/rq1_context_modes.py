@@ -73,14 +73,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 from benchkit import Report
-from chaos import RunReport, Workload, check_output, wait_for_serving
+from chaos import RunReport, Workload, check_output
 from runs import (
     add_workload_args,
     finish_runs,
     load_line,
     producer_args,
     settings_for,
-    worker_args,
+    start_serving,
     workload_from_args,
 )
 
@@ -166,19 +166,12 @@ async def run_pervade(
     mode: str, workload: Workload, base: Path, workers: int, threads: int, limit_s: float
 ) -> ModeResult:
     """The workload through a real broker, sink, workers and producer in one context mode."""
-    base.mkdir(parents=True, exist_ok=True)
-    templates_file = base / "templates.json"
-    templates_file.write_text(json.dumps(workload.templates))
     cluster = LocalCluster(base, log_level="debug")  # debug: the per-batch model builds are logged
     problems: list[str] = []
     run_s = None
     started = time.perf_counter()
     try:
-        await cluster.start_broker()
-        await cluster.start_sink("--until-done")
-        for _ in range(workers):
-            await cluster.start_worker(*worker_args(mode, threads))
-        await wait_for_serving(cluster, workers)
+        templates_file = await start_serving(cluster, workload, workers, threads, mode)
         t0 = time.perf_counter()
         await cluster.start_producer(*producer_args(workload, templates_file))
         try:

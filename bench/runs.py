@@ -56,16 +56,9 @@ async def run_pipeline(
     limit_s: float = 900.0,
 ) -> PipelineRun:
     """Run ``workload`` with ``workers`` CPU workers in context ``mode``; stop it after ``limit_s``."""
-    base.mkdir(parents=True, exist_ok=True)
-    templates_file = base / "templates.json"
-    templates_file.write_text(json.dumps(workload.templates))
     cluster = LocalCluster(base, log_level="debug" if mode != "full" else "info")  # debug logs per-batch builds
     try:
-        await cluster.start_broker()
-        await cluster.start_sink("--until-done")
-        for _ in range(workers):
-            await cluster.start_worker(*worker_args(mode, threads))
-        await wait_for_serving(cluster, workers)
+        templates_file = await start_serving(cluster, workload, workers, threads, mode)
         started = time.time()
         await cluster.start_producer(*producer_args(workload, templates_file))
         producer = cluster.procs.children["producer"]
@@ -81,6 +74,20 @@ async def run_pipeline(
     finally:
         await cluster.stop()
     return _summarize(cluster, workload, started, ended, complete=code == 0)
+
+
+async def start_serving(cluster: LocalCluster, workload: Workload, workers: int, threads: int, mode: str) -> Path:
+    """A broker, a sink (``--until-done``) and ``workers`` workers in context ``mode``, all serving; returns
+    the templates file the producer is to read."""
+    cluster.base.mkdir(parents=True, exist_ok=True)
+    templates_file = cluster.base / "templates.json"
+    templates_file.write_text(json.dumps(workload.templates))
+    await cluster.start_broker()
+    await cluster.start_sink("--until-done")
+    for _ in range(workers):
+        await cluster.start_worker(*worker_args(mode, threads))
+    await wait_for_serving(cluster, workers)
+    return templates_file
 
 
 def _summarize(cluster: LocalCluster, workload: Workload, started: float, ended: float, complete: bool) -> PipelineRun:

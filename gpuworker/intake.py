@@ -2,7 +2,7 @@
 
 The producer's batch size is the user's choice (1 claim or 512), the device's best batch is the hardware's.
 The worker bridges the two: it asks the broker for enough batches to hold a few runs' worth of claims
-(``CreditWindow``; a run is a device pass, or 512 claims if that is more), and the compute loop takes a run of queued batches of the same context and
+(``CreditWindow``; a run is a device pass, or 256 claims if that is more), and the compute loop takes a run of queued batches of the same context and
 template at once (``WorkQueue.take_run``: a producer interleaves its templates, so the run skips batches of
 other templates, which keep their places) and scores them as one, cut into micro-batches for the device. One
 large batch is never held back, and many small ones never cost a forward pass each.
@@ -23,10 +23,11 @@ MAX_WINDOW_BATCHES = 4096
 MAX_PULL_CREDIT = 1024
 #: Fewest claims a run aims at, however small the device's pass: a run costs some Python per call, and
 #: the engine cuts it into passes anyway.
-MIN_RUN_CLAIMS = 512
-#: Runs' worth of claims a worker holds: one computing, and enough behind it that the next run of each of
-#: the templates a producer interleaves is full (a run takes only its own template's batches).
-WINDOW_RUNS = 4
+MIN_RUN_CLAIMS = 256
+#: Runs' worth of claims a worker holds: one computing, one behind it. Four made the runs of interleaved
+#: templates fuller (RQ2, docs/benchmarks.md), but a worker holding that much starved late joiners: a new
+#: worker found the queue empty (test_slurm, test_chaos). There is no work stealing yet.
+WINDOW_RUNS = 2
 
 Item = TypeVar("Item")
 
