@@ -31,6 +31,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-layer, hidden-256 model: slow enough on a CPU that a run of a few thousand pairs lasts seconds."""
+    from pervade.tinymodel import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "small", "small")
+
+
+@pytest.fixture(scope="session")
 def fever_claims(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real FEVER claims when ../shared has them; else the shipped sample, repeated with fresh ids to 3,000
     (as many as the chaos test needs)."""
