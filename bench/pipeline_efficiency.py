@@ -91,8 +91,7 @@ def main() -> int:
         axes.legend()
 
     report.finish(draw, "Pipeline efficiency: the whole pipeline against a bare loop on the same device")
-    finish_runs(base, False, args.keep or args.base_dir is not None)
-    return 0
+    return finish_runs(base, {}, args.keep or args.base_dir is not None)
 
 
 if __name__ == "__main__":

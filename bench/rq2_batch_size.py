@@ -97,8 +97,7 @@ def main() -> int:
         axes.legend()
 
     report.finish(draw, "RQ2: total time vs batch size")
-    finish_runs(base, False, args.keep or args.base_dir is not None)
-    return 0
+    return finish_runs(base, {}, args.keep or args.base_dir is not None)
 
 
 if __name__ == "__main__":

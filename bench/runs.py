@@ -140,12 +140,17 @@ def workload_from_args(args: argparse.Namespace, prefix: str) -> tuple[Workload,
     return build_workload(claims_file, args.claims, args.templates, model, batch_size), model, base
 
 
-def finish_runs(base: Path, failed: bool, keep: bool) -> None:
-    """Keep the runs' directory when asked or when a run failed (its logs say why); else remove it."""
-    if failed or keep:
+def finish_runs(base: Path, failures: dict[str, list[str]], keep: bool) -> int:
+    """Report the runs that failed (label: problems), keep the runs' directory when asked or when one failed
+    (its logs say why), else remove it; returns the script's exit status."""
+    for label, problems in failures.items():
+        print(f"\n## {label}: FAILED (logs in {base})", file=sys.stderr)
+        print("\n".join(problems), file=sys.stderr)
+    if failures or keep:
         print(f"# runs kept in {base}")
     else:
         shutil.rmtree(base, ignore_errors=True)
+    return 1 if failures else 0
 
 
 def ensure_sized_model(size: str, cache_dir: Path | None = None) -> Path:

@@ -72,8 +72,6 @@ class LoadedContext:
     dtype: str
     #: Micro-batch budget on this device; shrinks if a micro-batch runs out of memory.
     plan: BatchPlan
-    #: Reuse each template's prefix KV cache (False: every claim on the plain path).
-    reuse_prefix: bool = True
     prefixes: PrefixStore = field(default_factory=PrefixStore)
     #: Each template's prefix tokens (tokenizer thread only).
     prefix_ids: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -211,7 +209,7 @@ def encode_claims(
     if context.max_positions is not None and longest > context.max_positions:
         raise ValueError(f"a prompt of {longest} tokens exceeds the model's {context.max_positions} positions")
     prefix: tuple[int, ...] = ()
-    if reuse_prefix and context.reuse_prefix:
+    if reuse_prefix:
         prefix = context.prefix_ids.get(template) or ()
         if not prefix:
             prefix = context.prefix_ids[template] = tuple(context.tokenizer(prefix_text(template))["input_ids"])
@@ -220,14 +218,21 @@ def encode_claims(
     return EncodedClaims(template=template, prefix_ids=prefix, token_ids=token_ids, reuses=reuses)
 
 
+def _row_lengths(context: LoadedContext, encoded: EncodedClaims) -> tuple[list[int], int]:
+    """Each claim's tokens through the model (without the prefix where it is reused), and what a reusing row
+    costs beyond them (the prefix's keys and values, ``prefix_overhead_tokens``)."""
+    width = len(encoded.prefix_ids)
+    lengths = [len(ids) - width if reuse else len(ids) for ids, reuse in zip(encoded.token_ids, encoded.reuses)]
+    return lengths, prefix_overhead_tokens(context.model.config, context.dtype_bytes, width)
+
+
 def rows_per_pass(context: LoadedContext, encoded: EncodedClaims) -> int:
     """How many claims like these one forward pass holds on this context's device (``BatchPlan``)."""
     if not len(encoded):
         return 1
-    width = len(encoded.prefix_ids)
-    overhead = prefix_overhead_tokens(context.model.config, context.dtype_bytes, width)
-    costs = [len(ids) - width + overhead if r else len(ids) for ids, r in zip(encoded.token_ids, encoded.reuses)]
-    return max(1, int(context.plan.max_tokens * len(costs) // max(1, sum(costs))))
+    lengths, overhead = _row_lengths(context, encoded)
+    costs = sum(length + (overhead if reuse else 0) for length, reuse in zip(lengths, encoded.reuses))
+    return max(1, int(context.plan.max_tokens * len(lengths) // max(1, costs)))
 
 
 def score_claims(context: LoadedContext, template: str, claims: Sequence[str], reuse_prefix: bool = True) -> Scored:
@@ -240,9 +245,8 @@ def score_encoded(context: LoadedContext, encoded: EncodedClaims) -> Scored:
     taken from the context's KV cache where it applies; a micro-batch that runs out of device memory is
     split and retried."""
     prefix = context.prefixes.get(encoded.prefix_ids, context.build_prefix) if any(encoded.reuses) else None
-    width = len(prefix) if prefix is not None else 0
-    overhead = prefix_overhead_tokens(context.model.config, context.dtype_bytes, width)
-    lengths = [len(ids) - width if reuse else len(ids) for ids, reuse in zip(encoded.token_ids, encoded.reuses)]
+    width = len(encoded.prefix_ids)
+    lengths, overhead = _row_lengths(context, encoded)
     pending: list[tuple[bool, list[int]]] = []
     for reuse in (False, True):
         rows = [i for i, r in enumerate(encoded.reuses) if r == reuse]

@@ -2,10 +2,11 @@
 
 The producer's batch size is the user's choice (1 claim or 512), the device's best batch is the hardware's.
 The worker bridges the two: it asks the broker for enough batches to hold a few runs' worth of claims
-(``CreditWindow``; a run is a device pass, or 256 claims if that is more), and the compute loop takes a run of queued batches of the same context and
-template at once (``WorkQueue.take_run``: a producer interleaves its templates, so the run skips batches of
-other templates, which keep their places) and scores them as one, cut into micro-batches for the device. One
-large batch is never held back, and many small ones never cost a forward pass each.
+(``CreditWindow``; a run is a device pass, or 256 claims if that is more), and the compute loop takes a run
+of queued batches of the same context and template at once (``WorkQueue.take_run``: a producer interleaves
+its templates, so the run skips batches of other templates, which keep their places) and scores them as
+one, cut into micro-batches for the device. One large batch is never held back, and many small ones never
+cost a forward pass each.
 """
 
 from __future__ import annotations
@@ -87,26 +88,23 @@ class WorkQueue(Generic[Item]):
 
 @dataclass
 class CreditWindow:
-    """How many batches to ask the broker for, so the worker holds about ``claims_wanted`` claims
-    (``WINDOW_RUNS`` runs) whatever the producer's batch size, and never fewer than ``min_batches`` batches.
+    """How many batches to ask the broker for, so the worker holds about ``WINDOW_RUNS`` runs of
+    ``run_claims`` claims whatever the producer's batch size, and never fewer than ``min_batches`` batches.
 
     ``outstanding`` is credit granted and not yet used by an Assign; the broker forgets it when the worker
     reconnects (``reset``)."""
 
     min_batches: int
-    claims_wanted: int = WINDOW_RUNS * MIN_RUN_CLAIMS
+    #: Claims the compute loop puts in one run (the worker sets it from its device's pass).
+    run_claims: int = MIN_RUN_CLAIMS
     outstanding: int = 0
     #: Mean claims per batch seen so far (None until a batch arrives).
     claims_per_batch: float | None = None
     _seen: int = field(default=0, repr=False)
 
     @property
-    def run_claims(self) -> int:
-        """Claims the compute loop puts in one run."""
-        return max(1, self.claims_wanted // WINDOW_RUNS)
-
-    def set_run_claims(self, claims: int) -> None:
-        self.claims_wanted = WINDOW_RUNS * claims
+    def claims_wanted(self) -> int:
+        return WINDOW_RUNS * self.run_claims
 
     def reset(self) -> None:
         self.outstanding = 0

@@ -54,10 +54,6 @@ class PrefixKV:
         layers = [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in self.layers]
         return DynamicCache(layers, config=config)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
-
 
 @torch.inference_mode()
 def run_prefix(model: torch.nn.Module, token_ids: tuple[int, ...], device: torch.device) -> PrefixKV:
@@ -88,6 +84,3 @@ class PrefixStore:
                 self._prefixes.popitem(last=False)
         self._prefixes.move_to_end(token_ids)
         return prefix
-
-    def __len__(self) -> int:
-        return len(self._prefixes)

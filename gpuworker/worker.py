@@ -482,23 +482,15 @@ class Worker:
             await self._top_up_credit()
 
     def _coalesce(self, first: _Work) -> list[_Work]:
-        """Queued batches to score with ``first``: same context, template and connection, up to two device
-        passes' worth of claims. Only for a resident context: partial and agnostic modes build the model
-        per batch, which is what those modes measure."""
+        """Queued batches to score with ``first``: same context, template and connection, up to a run's
+        worth of claims. Only for a resident context: partial and agnostic modes build the model per batch,
+        which is what those modes measure."""
         assert isinstance(first.order, Assign)
-        batch = first.order.batch
-        held = self.contexts.get(batch.context.context_id)
-        if held is None or held.loaded is None:
+        if self._resident(first.order) is None:
             return []
 
         def belongs(work: _Work) -> bool:
-            other = work.order
-            return (
-                isinstance(other, Assign)
-                and work.generation == first.generation
-                and other.batch.template == batch.template
-                and other.batch.context.context_id == batch.context.context_id
-            )
+            return work.generation == first.generation and _same_run(work, first)
 
         def barrier(work: _Work) -> bool:
             return isinstance(work.order, LoadContext)
@@ -676,7 +668,7 @@ class Worker:
         ready = [e for e in encoded if isinstance(e, EncodedClaims)]
         if not ready:
             return list(encoded)
-        self.window.set_run_claims(max(MIN_RUN_CLAIMS, rows_per_pass(loaded, ready[0])))
+        self.window.run_claims = max(MIN_RUN_CLAIMS, rows_per_pass(loaded, ready[0]))
         try:
             scored = await loop.run_in_executor(self._executor, score_encoded, loaded, EncodedClaims.concat(ready))
             parts: list[Scored | Exception] = []
@@ -746,7 +738,7 @@ def _retrieve_exception(future: asyncio.Future[object]) -> None:
 
 
 def _same_run(work: _Work, first: _Work) -> bool:
-    """Whether ``work`` may be tokenized in one call with ``first``: same context and template."""
+    """Whether ``work`` may be tokenized and scored in one call with ``first``: same context and template."""
     a, b = work.order, first.order
     return (
         isinstance(a, Assign)

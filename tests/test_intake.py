@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gpuworker.intake import MAX_PULL_CREDIT, MAX_WINDOW_BATCHES, CreditWindow, WorkQueue
+from gpuworker.intake import MAX_PULL_CREDIT, MAX_WINDOW_BATCHES, WINDOW_RUNS, CreditWindow, WorkQueue
 
 
 def queue_of(*orders: tuple[str, int]) -> WorkQueue[tuple[str, int]]:
@@ -51,13 +51,13 @@ async def test_get_waits_for_an_order_and_gives_up_after_the_timeout() -> None:
 
 
 def test_the_window_starts_at_the_prefetch_minimum() -> None:
-    window = CreditWindow(min_batches=2, claims_wanted=512)
+    window = CreditWindow(min_batches=2, run_claims=512 // WINDOW_RUNS)
     assert window.top_up(held=0) == 2
     assert window.top_up(held=0) == 0, "credit already granted is not granted twice"
 
 
 def test_small_batches_widen_the_window_to_the_claims_wanted() -> None:
-    window = CreditWindow(min_batches=2, claims_wanted=512)
+    window = CreditWindow(min_batches=2, run_claims=512 // WINDOW_RUNS)
     window.top_up(held=0)
     window.arrived(1)
     assert window.batches_wanted == 512
@@ -65,7 +65,7 @@ def test_small_batches_widen_the_window_to_the_claims_wanted() -> None:
 
 
 def test_large_batches_keep_the_prefetch_minimum() -> None:
-    window = CreditWindow(min_batches=2, claims_wanted=512)
+    window = CreditWindow(min_batches=2, run_claims=512 // WINDOW_RUNS)
     window.top_up(held=0)
     window.arrived(512)
     window.arrived(512)
@@ -74,7 +74,7 @@ def test_large_batches_keep_the_prefetch_minimum() -> None:
 
 
 def test_credit_is_asked_for_in_chunks_not_per_batch() -> None:
-    window = CreditWindow(min_batches=2, claims_wanted=800)
+    window = CreditWindow(min_batches=2, run_claims=800 // WINDOW_RUNS)
     window.arrived(1)
     assert window.top_up(held=0) == 800
     for _ in range(50):  # arrived and done
@@ -86,7 +86,7 @@ def test_credit_is_asked_for_in_chunks_not_per_batch() -> None:
 
 
 def test_the_window_and_each_pull_are_bounded() -> None:
-    window = CreditWindow(min_batches=2, claims_wanted=10**6)
+    window = CreditWindow(min_batches=2, run_claims=10**6)
     window.arrived(1)
     assert window.batches_wanted == MAX_WINDOW_BATCHES
     assert window.top_up(held=0) == MAX_PULL_CREDIT
