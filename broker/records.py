@@ -9,6 +9,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from pervade.protocol import DeviceInfo
+from pervade.rates import RateMeter
 
 
 @dataclass
@@ -37,6 +38,8 @@ class WorkerRecord(PeerRecord):
     #: is the one in hand.
     in_flight: dict[str, None] = field(default_factory=dict)
     batches_done: int = 0
+    #: Claims of the batches it completed: total and recent rate.
+    claims: RateMeter = field(default_factory=RateMeter)
     #: Said it is leaving (preempted): gets no more work.
     leaving: bool = False
     #: Where it serves model files to peers ("" if it does not).

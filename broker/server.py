@@ -27,9 +27,11 @@ import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
+from broker.metrics import METRICS_REFRESH_S, MetricsExporter
 from broker.policy import choose_context
 from broker.records import PeerRecord, ProducerRecord, SinkRecord, WorkerRecord
 from broker.sources import Answer, FileSources
+from broker.status import build_snapshot
 from broker.store import BatchStatus, BrokerStore, JobRecord, StoredBatch
 from pervade.constants import DEFAULT_BROKER_BIND, DEFAULT_MAX_MESSAGE_BYTES
 from pervade.context import ContextSpec
@@ -65,12 +67,16 @@ from pervade.protocol import (
     Release,
     SinkAck,
     SinkReady,
+    StatusReply,
+    StatusRequest,
+    StatusSnapshot,
     Submit,
     WorkerReady,
     decode,
     encode,
     kind_of,
 )
+from pervade.rates import RateMeter
 from pervade.session import Heartbeats
 from pervade.transport import is_loopback, router_socket
 
@@ -99,6 +105,10 @@ COUNTERS = (
     "origin_bytes",  # model-file bytes workers read from the origin (shared file system, hub)
     "peer_bytes",  # model-file bytes workers fetched from peers
     "cached_bytes",  # model-file bytes workers found in their node cache
+    "claims_completed",  # claims of the batches workers completed (each batch counted once)
+    "context_loads",  # contexts workers reported loaded
+    "context_load_failures",  # contexts workers reported they could not load
+    "status_requests",  # snapshots served (pervade status, sinks' progress bars)
 )
 
 
@@ -138,6 +148,11 @@ class BrokerConfig:
     #: Seconds the run must have been over (every job complete, no producer preparing one) before workers
     #: are told ``drained``; checked on each heartbeat.
     drain_grace_s: float = 10.0
+    #: Serve Prometheus metrics over HTTP on this port (0: a free one; None: no metrics). Plain HTTP: the
+    #: metrics hold counts, worker names and model names, never claims or verdicts (docs/monitoring.md).
+    metrics_port: int | None = None
+    #: Interface the metrics server listens on; loopback unless a scraper on another host needs it.
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -150,6 +165,8 @@ class BrokerConfig:
             raise ConfigError("checkpoint and stats intervals must be positive")
         if self.drain_grace_s < 0:
             raise ConfigError("drain_grace_s must be 0 or more")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be a TCP port (0-65535), got {self.metrics_port}")
         if self.keys_dir is None and not self.insecure and not is_loopback(self.bind):
             raise ConfigError(
                 f"refusing to listen on {self.bind} without keys: anyone who can reach it could submit claims, "
@@ -171,6 +188,7 @@ class Broker:
         self.sinks: dict[bytes, SinkRecord] = {}
         self.producers: dict[bytes, ProducerRecord] = {}
         self._auth: AsyncioAuthenticator | None = None
+        self.metrics: MetricsExporter | None = None
         #: When the run was first seen over, and whether workers were told (see send_drained_if_over).
         self._over_since: float | None = None
         self._drained_sent = False
@@ -184,6 +202,9 @@ class Broker:
         #: Workers that died loading a context since a batch of it last completed.
         self.load_deaths: dict[str, int] = {}
         self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
+        #: Claims completed per second, over the last half minute (pervade status, metrics).
+        self.throughput = RateMeter()
+        self.started_at = time.time()
         self._saved_counters: dict[str, int] = {}
         self._outbox: deque[tuple[bytes, Message, Callable[[], None] | None]] = deque()
         self._next_sink = 0
@@ -209,6 +230,7 @@ class Broker:
             SinkReady: self.on_sink_ready,
             SinkAck: self.on_sink_ack,
             Disconnect: self.on_disconnect,
+            StatusRequest: self.on_status_request,
             Heartbeat: self.on_heartbeat,
             Error: self.on_error,
         }
@@ -244,6 +266,12 @@ class Broker:
             tmp.write_text(self.endpoint)
             tmp.replace(self.config.endpoint_file)  # readers never see a half-written endpoint
         log.info("broker_listening", endpoint=self.endpoint, curve=keys is not None)
+        if self.config.metrics_port is not None:
+            try:
+                self.metrics = MetricsExporter(self.config.metrics_host, self.config.metrics_port)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: {exc}") from None
+            self.metrics.update(self.status())
         return self.endpoint
 
     def start_authenticator(self, keys_dir: Path) -> ServerKeys:
@@ -268,6 +296,7 @@ class Broker:
         now = time.monotonic()
         next_beat, next_stats = now + beat, now + self.config.stats_interval_s
         next_checkpoint = now + self.config.checkpoint_interval_s
+        next_metrics = now + METRICS_REFRESH_S
         checkpointing: asyncio.Future[bool] | None = None
         try:
             while not self._stopping.is_set():
@@ -301,6 +330,9 @@ class Broker:
                 if now >= next_stats:
                     self.log_stats()
                     next_stats = now + self.config.stats_interval_s
+                if self.metrics is not None and now >= next_metrics:
+                    self.metrics.update(self.status())
+                    next_metrics = now + METRICS_REFRESH_S
         finally:
             if checkpointing is not None:
                 await asyncio.gather(checkpointing, return_exceptions=True)
@@ -311,6 +343,9 @@ class Broker:
             if self._auth is not None:
                 self._auth.stop()
                 self._auth = None
+            if self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
             self.store.close()
             self.store = None
             self.closed.set()
@@ -577,6 +612,7 @@ class Broker:
     def on_context_loaded(self, identity: bytes, message: ContextLoaded) -> None:
         worker = self.workers[identity]
         worker.loaded.add(message.context_id)
+        self.counters["context_loads"] += 1
         log.info("context_loaded", worker_id=worker.name, context_id=message.context_id, seconds=round(message.seconds, 3))
 
     def on_context_failed(self, identity: bytes, message: ContextFailed) -> None:
@@ -586,6 +622,7 @@ class Broker:
         worker.contexts.pop(context_id, None)
         worker.loaded.discard(context_id)
         worker.refused.add(context_id)
+        self.counters["context_load_failures"] += 1
         log.error("context_failed", worker_id=worker.name, context_id=context_id, error=message.error)
         spec = self.specs.get(context_id)
         if spec is not None and spec.files is not None:
@@ -639,8 +676,12 @@ class Broker:
                     holder.in_flight.pop(row.batch_id, None)  # its own answer will be a duplicate
             self.store.complete(row, result)
             self.load_deaths.pop(row.context_id, None)  # the context works: earlier load deaths were bad luck
+            claims = len(result.verdicts)
+            self.throughput.add(claims)
+            self.counters["claims_completed"] += claims
             if worker is not None:
                 worker.batches_done += 1
+                worker.claims.add(claims)
             self.deliver(row.batch_id, result)
         if worker is None:
             self.send(identity, Disconnect(reason=REGISTER_AGAIN))
@@ -811,10 +852,12 @@ class Broker:
             job = self.jobs[row.job_id]
             if row.failed:
                 job.failed += 1
+                job.pairs_failed += row.pairs
                 if len(job.errors) < MAX_JOB_ERRORS:
                     job.errors.append(f"{batch_id}: {row.error}")
             else:
                 job.written += 1
+                job.pairs_written += row.pairs
             touched[job.job_id] = job
         for job in touched.values():
             self.store.save_job(job)
@@ -833,6 +876,28 @@ class Broker:
             self.drop_sink(self.sinks[identity], f"disconnected ({message.reason})")
         else:
             self.producers.pop(identity, None)
+
+    def on_status_request(self, identity: bytes, message: StatusRequest) -> None:
+        """Anyone past the socket's authentication may read the run's status; no registration needed."""
+        self.counters["status_requests"] += 1
+        self.send(identity, StatusReply(snapshot=self.status()))
+
+    def status(self) -> StatusSnapshot:
+        """The run as ``pervade status`` shows it (broker/status.py)."""
+        assert self.store is not None
+        return build_snapshot(
+            endpoint=self.endpoint,
+            started_at=self.started_at,
+            workers=list(self.workers.values()),
+            specs=self.specs,
+            queued=self.store.queued,
+            jobs=list(self.jobs.values()),
+            claims_per_s=self.throughput.rate(),
+            batches={status.value: n for status, n in self.store.status_counts.items()},
+            counters=self.counters,
+            sinks=len(self.sinks),
+            producers=len(self.producers),
+        )
 
     def on_heartbeat(self, identity: bytes, message: Heartbeat) -> None:
         pass  # ``admit`` noted the peer alive

@@ -73,7 +73,8 @@ CREATE TABLE IF NOT EXISTS batches (
     sink BLOB,
     payload BLOB,                       -- the Batch (msgpack), dropped once written
     result BLOB,                        -- the BatchResult (msgpack), until written
-    error TEXT
+    error TEXT,
+    pairs INTEGER NOT NULL DEFAULT 0    -- claims in the batch (kept after the payload is dropped)
 );
 CREATE INDEX IF NOT EXISTS batches_queued ON batches (context_id, queue_key) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS batches_done ON batches (seq) WHERE status = 'done';
@@ -105,6 +106,7 @@ class StoredBatch:
     worker: bytes | None
     sink: bytes | None
     error: str | None
+    pairs: int = 0
 
     @property
     def failed(self) -> bool:
@@ -124,13 +126,16 @@ class JobRecord:
     failed: int = 0
     errors: list[str] = field(default_factory=list)
     done_reported: bool = False
+    #: Pairs of the batches written, and of those recorded failed (what ``pervade status`` counts done).
+    pairs_written: int = 0
+    pairs_failed: int = 0
 
     @property
     def complete(self) -> bool:
         return self.ended and self.written + self.failed >= self.batches
 
 
-_ROW = "batch_id, job_id, context_id, status, attempts, deliveries, worker, sink, error"
+_ROW = "batch_id, job_id, context_id, status, attempts, deliveries, worker, sink, error, pairs"
 _encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(Batch)
 _result_decoder = msgspec.msgpack.Decoder(BatchResult)
@@ -151,6 +156,7 @@ class BrokerStore:
         self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")  # a restarted log is cut back to this
         self._db.execute("PRAGMA cache_size=-16384")  # 16 MiB of page cache, whatever the queue holds
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
         self._db.commit()
         self._checkpointer: sqlite3.Connection | None = None
         #: Batches per status, and queued batches per context, kept in step with every change.
@@ -195,6 +201,12 @@ class BrokerStore:
         but the last few commits."""
         self._db.commit()
         self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+
+    def _add_missing_columns(self) -> None:
+        """State written by an older broker lacks ``pairs``: added, as 0 for the batches already there."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(batches)")}
+        if "pairs" not in columns:
+            self._db.execute("ALTER TABLE batches ADD COLUMN pairs INTEGER NOT NULL DEFAULT 0")
 
     def _load_counts(self) -> None:
         for status, count in self._db.execute("SELECT status, count(*) FROM batches GROUP BY status"):
@@ -292,9 +304,9 @@ class BrokerStore:
     def add(self, batch: Batch) -> None:
         """Queue a new batch at the back of its context's queue."""
         cursor = self._db.execute(
-            "INSERT INTO batches (batch_id, job_id, context_id, status, queue_key, payload)"
-            " VALUES (?, ?, ?, 'queued', 0, ?)",
-            (batch.batch_id, batch.job_id, batch.context.context_id, _encoder.encode(batch)),
+            "INSERT INTO batches (batch_id, job_id, context_id, status, queue_key, payload, pairs)"
+            " VALUES (?, ?, ?, 'queued', 0, ?, ?)",
+            (batch.batch_id, batch.job_id, batch.context.context_id, _encoder.encode(batch), len(batch.claims)),
         )
         self._db.execute("UPDATE batches SET queue_key = seq WHERE seq = ?", (cursor.lastrowid,))
         self._count(None, BatchStatus.QUEUED, batch.context.context_id)

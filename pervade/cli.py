@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", type=Path, default=None, metavar="DIR", help="keep the broker's state (queued work, jobs, results) in DIR, so a restarted broker resumes where it stopped (default: a temporary directory, lost with the broker)")
     p.add_argument("--drain-grace", type=_non_negative_float, default=10.0, metavar="SECONDS", help="tell workers the run is over (batch jobs then end) once every job has been complete for this long and no producer is preparing one (default: 10)")
     p.add_argument("--fsync", action="store_true", help="fsync every commit of the state: survives a power failure of the node, not only a killed broker (slower)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port, logged as metrics_listening (default: none)")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST", help="interface the metrics server listens on; 0.0.0.0 for a scraper on another host (default: 127.0.0.1)")
     _add_heartbeats(p)
     _add_keys(p, server=True)
     _add_logging(p)
@@ -226,6 +228,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_logging(p)
     p.set_defaults(handler=_cmd_run)
 
+    p = sub.add_parser("status", help="show the run live: workers, queues, progress, ETA", description="Ask the broker for a snapshot of the run and show it, refreshed in place like top; once, as text, when stdout is not a terminal. Uses the monitor key (else the producer key) of --keys.")
+    _add_broker_endpoint(p)
+    p.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit (for scripts)")
+    p.add_argument("--once", action="store_true", help="print one snapshot and exit, even on a terminal")
+    p.add_argument("--interval", type=_positive_float, default=2.0, metavar="SECONDS", help="seconds between refreshes (default: 2)")
+    p.add_argument("--timeout", type=_positive_float, default=5.0, metavar="SECONDS", help="give up on a broker silent for this long (default: 5)")
+    _add_keys(p)
+    _add_logging(p)
+    p.set_defaults(handler=_cmd_status)
+
+    p = sub.add_parser("report", help="accuracy per template, confusion matrices, plots, from a run's Parquet output", description="Read the Parquet files in DIR and report, per context and template, accuracy against the gold labels, macro-F1, the confusion matrix and verdict counts, and the best template; write plots and summary.md to DIR.report/.")
+    p.add_argument("dir", type=Path, metavar="DIR", help="a sink's --out directory")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of Markdown")
+    p.add_argument("--report-dir", type=Path, default=None, metavar="DIR", help="where plots and summary.md go (default: DIR.report beside the output)")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="write summary.md only")
+    _add_logging(p)
+    p.set_defaults(handler=_cmd_report)
+
     p = sub.add_parser("submit", help="submit worker jobs to Slurm, HTCondor or Grid Engine", description="Render a worker job from a template (jobs/templates/) and submit it N times as one array with the scheduler's own command; prints the job ids. Options after -- are passed to every worker.")
     p.add_argument("--scheduler", required=True, choices=["slurm", "htcondor", "sge"], help="the batch system")
     p.add_argument("--broker", required=True, metavar="ENDPOINT", help="the broker's endpoint as compute nodes reach it, e.g. tcp://login1:5555")
@@ -259,9 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_logging(p)
     p.set_defaults(handler=_cmd_node, worker_args=[])
 
-    p = sub.add_parser("keys", help="create the CURVE keys of a run", description="CURVE keys: the broker's key pair, one per client role (worker, producer, sink), and the directory of client public keys the broker admits (docs/security.md).")
+    p = sub.add_parser("keys", help="create the CURVE keys of a run", description="CURVE keys: the broker's key pair, one per client role (worker, producer, sink, monitor), and the directory of client public keys the broker admits (docs/security.md).")
     keys_sub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    k = keys_sub.add_parser("init", help="create the broker's and the client roles' key pairs in DIR", description="Write DIR/broker.key(_secret) and DIR/ROLE.key(_secret) for ROLE in worker, producer, sink (secrets mode 0600), and authorise the roles in DIR/authorized/.")
+    k = keys_sub.add_parser("init", help="create the broker's and the client roles' key pairs in DIR", description="Write DIR/broker.key(_secret) and DIR/ROLE.key(_secret) for ROLE in worker, producer, sink, monitor (secrets mode 0600), and authorise the roles in DIR/authorized/.")
     k.add_argument("dir", type=Path, help="directory to create the keys in")
     k.add_argument("--force", action="store_true", help="replace keys already there (clients holding the old ones are refused)")
     _add_logging(k)
@@ -291,6 +311,8 @@ def _cmd_broker(args: argparse.Namespace) -> int:
         state_dir=args.state,
         fsync=args.fsync,
         drain_grace_s=args.drain_grace,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         keys_dir=keys_dir(args.keys),
         insecure=args.insecure,
         heartbeats=_heartbeats(args),
@@ -413,6 +435,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _monitor_keys(args: argparse.Namespace) -> ClientKeys | None:
+    """The monitor role's keys; a keys directory made before that role existed has the producer's."""
+    from pervade.keys import ClientKeys, keys_dir
+
+    directory = keys_dir(args.keys)
+    if directory is None:
+        return None
+    role = "monitor" if (directory / "monitor.key_secret").exists() else "producer"
+    return ClientKeys.load(directory, role)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pervade.monitor import WatchOptions, show_status
+
+    options = WatchOptions(interval_s=args.interval, timeout_s=args.timeout, once=args.once)
+    asyncio.run(show_status(args.broker, _monitor_keys(args), options, sys.stdout, as_json=args.json))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from sinks.report import build_report, report_dir_for, to_markdown, write_report
+
+    report = build_report(args.dir)
+    write_report(report, args.report_dir or report_dir_for(args.dir), plots=args.plots)
+    print(json.dumps(report.to_json(), indent=2) if args.json else to_markdown(report), end="" if not args.json else "\n")
+    return 0
+
+
 #: Worker options (their argparse dests) a batch job sets itself (``pervade node``): not to be passed after ``--``.
 NODE_SETS = ("broker", "worker_id", "exit_when_drained", "idle_timeout", "broker_deadline", "cache_dir")
 
@@ -494,7 +546,7 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
 
     for path in init_keys(args.dir, force=args.force):
         print(path)
-    print(f"each client needs {args.dir / 'broker.key'} and its role's ROLE.key_secret (worker, producer, sink); "
+    print(f"each client needs {args.dir / 'broker.key'} and its role's ROLE.key_secret (worker, producer, sink, monitor); "
           f"grant or revoke keys in {args.dir / 'authorized'}")  # fmt: skip
     return 0
 

@@ -7,6 +7,7 @@
     │   └── ClaimsError          a claims source that cannot be read, or a record without a usable claim
     ├── ProtocolError            a frame that is not a valid message of this protocol version
     ├── ContextLoadError         a model or tokenizer that cannot be loaded, or cannot score the labels
+    ├── BrokerUnreachable        a broker that did not answer in time (pervade status)
     └── JobFailed                a job that ended with batches rejected or failed
 """
 
@@ -39,6 +40,10 @@ class ProtocolError(PervadeError):
 
 class ContextLoadError(PervadeError):
     """A model or tokenizer that cannot be loaded, or whose vocabulary cannot score the labels."""
+
+
+class BrokerUnreachable(PervadeError):
+    """A broker that did not answer a request in time: not running, the wrong endpoint, or refused keys."""
 
 
 class JobFailed(PervadeError):

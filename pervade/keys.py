@@ -5,7 +5,7 @@ broker admits.
 
     DIR/broker.key              the broker's public key: every client needs it, to know it talks to the broker
     DIR/broker.key_secret       the broker's secret key (mode 0600): only on the broker's host
-    DIR/ROLE.key                a client role's public key (ROLE: worker, producer, sink)
+    DIR/ROLE.key                a client role's public key (ROLE: worker, producer, sink, monitor)
     DIR/ROLE.key_secret         that role's secret key (mode 0600): only where that role runs
     DIR/authorized/ROLE.key     the public keys the broker admits; add or remove files to grant or revoke
 
@@ -37,7 +37,7 @@ from pervade.errors import ConfigError
 KEYS_ENV = "PERVADE_KEYS"
 BROKER = "broker"
 #: The client roles, each with a key pair of its own.
-ROLES = ("worker", "producer", "sink")
+ROLES = ("worker", "producer", "sink", "monitor")
 AUTHORIZED = "authorized"
 #: Seconds an authorised-keys listing is trusted before the directory is read again (keys added or
 #: removed take effect within this time, without a restart).

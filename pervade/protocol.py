@@ -320,6 +320,88 @@ class SinkAck(Message, tag="sink_ack"):
     batch_ids: list[Id]
 
 
+# --- anyone (an authenticated client) <-> broker: the status view -----------------------------------
+
+
+class StatusRequest(Message, tag="status"):
+    """Any client asks for a snapshot of the run (``pervade status``, a sink's progress bar). Needs no
+    registration: whoever passed the socket's authentication may read it."""
+
+
+class WorkerStatus(_Part):
+    """One live worker as the broker sees it."""
+
+    worker_id: str
+    host: str
+    device: str
+    #: loading (a context not loaded yet), busy (batches in hand), idle, or leaving (preempted).
+    state: str
+    #: The contexts it holds or is loading, as ``model`` names.
+    contexts: list[str]
+    batches_done: int
+    claims_done: int
+    #: Claims per second over the last ``RATE_WINDOW_S`` seconds.
+    claims_per_s: float
+    #: Seconds since the broker last heard from it.
+    last_seen_s: float
+    in_flight: int
+    credit: int
+
+
+class ContextStatus(_Part):
+    """One context's queue."""
+
+    context_id: str
+    model: str
+    dtype: str
+    queued_batches: int
+    #: Workers holding it, and those of them that have finished loading it.
+    workers: int
+    loaded_workers: int
+
+
+class JobStatus(_Part):
+    """One job's progress; ``pairs_done`` are durably written or recorded failed."""
+
+    job_id: str
+    pairs: int
+    pairs_done: int
+    pairs_failed: int
+    batches: int
+    ended: bool
+    done: bool
+
+
+class StatusSnapshot(_Part):
+    """The whole run at one moment, in the order ``pervade status`` shows it."""
+
+    endpoint: str
+    taken_at: float
+    uptime_s: float
+    workers: list[WorkerStatus]
+    contexts: list[ContextStatus]
+    #: Open jobs, then the most recently finished ones (``STATUS_FINISHED_JOBS``).
+    jobs: list[JobStatus]
+    #: Over every job the broker knows.
+    pairs_total: int
+    pairs_done: int
+    claims_per_s: float
+    #: Seconds until the open jobs are done at the current rate; None when nothing is moving.
+    eta_s: float | None
+    #: Batches per status (queued, assigned, done, delivered, written).
+    batches: dict[str, int]
+    #: The broker's counters (requeues, batches_failed, peer_bytes, ...; docs/monitoring.md).
+    counters: dict[str, int]
+    sinks: int
+    producers: int
+
+
+class StatusReply(Message, tag="status_reply"):
+    """The broker's answer to StatusRequest."""
+
+    snapshot: StatusSnapshot
+
+
 # --- any -----------------------------------------------------------------------------------------
 
 
@@ -339,6 +421,7 @@ AnyMessage = Union[
     WorkerReady, Pull, LoadContext, ContextLoaded, ContextFailed, Assign, Completed, BatchFailed, Release,
     Drained, FindSources, Sources, FilesHeld, FilesDropped,
     Disconnect, SinkReady, Deliver, DeliverFailure, SinkAck,
+    StatusRequest, StatusReply,
     Heartbeat, Error,
 ]  # fmt: skip
 

@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import pyarrow.compute as pc
 import pytest
 import pytest_asyncio
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from gpuworker.engine import load_context, render_prompt
 from jobs.local import ProcessGroup, read_events, wait_for_endpoint
 from pervade.constants import LABELS
 from pervade.context import make_context
+from pervade.protocol import StatusSnapshot
 from producer.claims import ClaimsSource, read_claims
 from producer.templates import load_templates
 from sinks.summary import read_verdicts
@@ -64,7 +69,8 @@ async def cluster(tmp_path_factory, tiny_model) -> AsyncIterator[Cluster]:
     templates_file.write_text(json.dumps({k: templates[k] for k in ("direct", "fact_checker")}))
     procs = ProcessGroup(log_dir)
     try:
-        broker = await procs.start("broker", "broker", "--bind", "tcp://127.0.0.1:*", "--endpoint-file", str(base / "endpoint"))
+        broker = await procs.start("broker", "broker", "--bind", "tcp://127.0.0.1:*", "--endpoint-file", str(base / "endpoint"),
+                                   "--metrics-port", "0")  # fmt: skip
         endpoint = await wait_for_endpoint(base / "endpoint", broker)
         await procs.start("sink", "sink", "--broker", endpoint, "--out", str(out_dir))
         for name in WORKERS:
@@ -135,3 +141,55 @@ async def test_later_batches_go_to_the_workers_already_holding_the_model(cluster
         assert len(cluster.events(name, "context_loaded")) == 1, f"{name} loaded the model more than once"
     assert len(cluster.events("broker", "told_to_load")) == len(WORKERS)
 
+
+
+async def pervade_output(*args: str) -> str:
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "pervade", *args, stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.PIPE)  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    return out.decode()
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample a Prometheus scrape of ``url`` returns: (name, sorted labels) -> value."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+async def test_status_and_metrics_show_the_live_workers_and_agree_with_the_output(cluster: Cluster) -> None:
+    """After the jobs above: what `pervade status` and the Prometheus metrics say is what the output holds."""
+    rows = read_verdicts(cluster.out_dir).num_rows
+    snapshot = msgspec.json.decode(await pervade_output("status", "--broker", cluster.endpoint, "--json"), type=StatusSnapshot)
+    assert sorted(w.worker_id for w in snapshot.workers) == sorted(WORKERS)
+    for worker in snapshot.workers:
+        assert worker.state == "idle" and worker.device.startswith("cpu") and worker.host
+        assert worker.contexts == [str(cluster.model)] and worker.batches_done > 0 and worker.last_seen_s < 10
+    assert sum(w.claims_done for w in snapshot.workers) == rows == snapshot.counters["claims_completed"]
+    assert snapshot.pairs_total == snapshot.pairs_done == rows and snapshot.eta_s == 0.0
+    assert [j.done for j in snapshot.jobs] == [True, True] and sum(j.pairs for j in snapshot.jobs) == rows
+    assert [(c.model, c.queued_batches, c.workers, c.loaded_workers) for c in snapshot.contexts] == [(str(cluster.model), 0, 2, 2)]
+    manifest_bytes = make_context(str(cluster.model)).manifest.total_bytes
+    c = snapshot.counters
+    assert c["context_loads"] == 2 and c["origin_bytes"] > 0
+    assert c["origin_bytes"] + c["peer_bytes"] + c["cached_bytes"] == 2 * manifest_bytes
+
+    text = await pervade_output("status", "--broker", cluster.endpoint)  # not a terminal: one snapshot, as text
+    assert f"done {rows:,} of {rows:,} pairs (100.0%)" in text and all(name in text for name in WORKERS)
+
+    (listening,) = cluster.events("broker", "metrics_listening")
+    samples: dict[tuple[str, tuple], float] = {}
+
+    def metrics_caught_up() -> bool:  # the exporter's snapshot is refreshed once a second
+        samples.update(scrape(listening["url"]))
+        return samples.get(("pervade_claims_completed_total", ())) == rows
+
+    await wait_until(metrics_caught_up, 10, "the metrics to count every claim")
+    device = snapshot.workers[0].device
+    assert samples[("pervade_workers", (("device", device), ("state", "idle")))] == 2
+    assert samples[("pervade_context_loads_total", ())] == 2
+    for source, counter in (("peer", "peer_bytes"), ("origin", "origin_bytes"), ("cache", "cached_bytes")):
+        assert samples[("pervade_model_file_bytes_total", (("source", source),))] == c[counter]
+    context_id = snapshot.contexts[0].context_id
+    assert samples[("pervade_queue_depth_batches", (("context_id", context_id), ("model", str(cluster.model))))] == 0
+    assert samples[("pervade_pairs_done", ())] == rows and samples[("pervade_requeues_total", ())] == c["requeues"]

@@ -27,7 +27,7 @@ def test_init_writes_a_key_pair_per_role_and_authorises_the_roles(tmp_path: Path
     keys = tmp_path / "keys"
     done = subprocess.run([sys.executable, "-m", "pervade", "keys", "init", str(keys)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
-    roles = ("worker", "producer", "sink")
+    roles = ("worker", "producer", "sink", "monitor")
     assert sorted(p.relative_to(keys).as_posix() for p in keys.rglob("*")) == sorted(
         ["authorized", "broker.key", "broker.key_secret"]
         + [f"{role}{suffix}" for role in roles for suffix in (".key", ".key_secret")]
@@ -37,7 +37,7 @@ def test_init_writes_a_key_pair_per_role_and_authorises_the_roles(tmp_path: Path
     assert mode(keys) == 0o700
     clients, server = [ClientKeys.load(keys, role) for role in roles], ServerKeys.load(keys)
     assert all(c.server_public == server.public for c in clients)
-    assert len({server.public, *(c.public for c in clients)}) == 4  # four different key pairs
+    assert len({server.public, *(c.public for c in clients)}) == 5  # five different key pairs
     assert AuthorizedKeys(server.authorized).admitted() == {c.public for c in clients}
 
 

@@ -4,6 +4,7 @@ service, nobody else is."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ def strangers_keys(base: Path, run_keys: Path) -> Path:
 async def test_only_the_runs_key_holders_submit_work_and_get_verdicts(tmp_path: Path, tiny_model: Path) -> None:
     keys = tmp_path / "keys"
     init_keys(keys)
+    stranger = strangers_keys(tmp_path, keys)
     cluster = LocalCluster(tmp_path / "run")
     claims = ("--model", str(tiny_model), "--claims", str(sample_claims_path()), "--limit", "8", "--batch-size", "4")
     try:
@@ -43,7 +45,7 @@ async def test_only_the_runs_key_holders_submit_work_and_get_verdicts(tmp_path: 
             await cluster.start_worker("--keys", str(keys), "--device", "cpu", "--threads", "1")
         # no key, and a key the broker does not admit: the handshake fails, nothing reaches the broker
         await cluster.start_producer(*claims, "--wait", "--timeout", "8", name="no-key")
-        await cluster.start_producer(*claims, "--wait", "--timeout", "8", "--keys", str(strangers_keys(tmp_path, keys)), name="stranger")
+        await cluster.start_producer(*claims, "--wait", "--timeout", "8", "--keys", str(stranger), name="stranger")
         for name in ("no-key", "stranger"):
             assert await asyncio.wait_for(cluster.procs.children[name].wait(), 60) == 1, cluster.procs.tail(name)
         assert cluster.events("broker", "job_done") == [] and cluster.rows_written() == 0
@@ -51,6 +53,14 @@ async def test_only_the_runs_key_holders_submit_work_and_get_verdicts(tmp_path: 
 
         await cluster.start_producer(*claims, "--wait", "--timeout", "60", "--keys", str(keys), name="holder")
         assert await asyncio.wait_for(cluster.procs.children["holder"].wait(), 90) == 0, cluster.procs.tail("holder")
+
+        # the status view under the same authentication: the run's monitor key reads it, nobody else does
+        status = await asyncio.to_thread(pervade, "status", "--broker", cluster.endpoint, "--json", "--keys", str(keys))
+        assert status.returncode == 0, status.stderr
+        assert sorted(w["worker_id"] for w in json.loads(status.stdout)["workers"]) == ["worker-0", "worker-1"]
+        for who in ((), ("--keys", str(stranger))):
+            refused = await asyncio.to_thread(pervade, "status", "--broker", cluster.endpoint, "--json", "--timeout", "2", *who)
+            assert refused.returncode == 1 and "no answer from the broker" in refused.stderr and refused.stdout == ""
 
         # revoked while the broker runs: the same keys no longer get through (the directory's mtime changed,
         # so the broker reads it again at the next handshake)

@@ -1,0 +1,45 @@
+"""Throughput over a sliding window: what ``pervade status`` and the metrics call claims per second."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+#: Seconds of history a rate is computed over: long enough to smooth the bursts of a worker finishing a
+#: run of batches at once, short enough to show a slowdown within half a minute.
+RATE_WINDOW_S = 30
+
+
+class RateMeter:
+    """Events per second over the last ``window_s`` seconds, kept in one-second buckets: O(1) to record,
+    O(window) to read, whatever the event rate."""
+
+    def __init__(self, window_s: int = RATE_WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
+        if window_s < 1:
+            raise ValueError("window_s must be at least 1")
+        self.window_s = window_s
+        self._clock = clock
+        self._started = clock()
+        self._buckets: deque[list[int]] = deque()  # [second, count], oldest first
+        self.total = 0
+
+    def add(self, count: int) -> None:
+        second = int(self._clock())
+        if self._buckets and self._buckets[-1][0] == second:
+            self._buckets[-1][1] += count
+        else:
+            self._buckets.append([second, count])
+            self._forget_before(second - self.window_s)
+        self.total += count
+
+    def rate(self) -> float:
+        """Events per second over the window (over the meter's lifetime while it is younger than that)."""
+        now = self._clock()
+        self._forget_before(int(now) - self.window_s)
+        span = min(float(self.window_s), now - self._started)
+        return sum(count for _, count in self._buckets) / max(span, 1.0)
+
+    def _forget_before(self, second: int) -> None:
+        while self._buckets and self._buckets[0][0] <= second:
+            self._buckets.popleft()

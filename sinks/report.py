@@ -1,0 +1,307 @@
+"""``pervade report DIR``: what a sweep's Parquet output says. Per context and template: accuracy against
+the gold labels, macro-F1, the confusion matrix and the verdict counts, and the best template (the
+Prompt-for-Fact answer); over time, from the timing columns: throughput and the workers with a batch in
+hand. Computed with pyarrow from the files themselves; ``sinks/plots.py`` draws it, ``to_markdown`` writes
+it up (the same text ``pervade report`` prints)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pervade.constants import LABELS
+from pervade.errors import InputError
+from sinks.failures import read_failures
+from sinks.summary import read_verdicts
+
+#: Time bins a run's timeline is cut into, and the shortest bin (a tenth of a second).
+TIMELINE_BINS = 100
+MIN_BIN_S = 0.1
+_COLUMNS = ["claim_id", "template_id", "context_id", "model", "gold_label", "verdict", "worker_id", "batch_id",
+            "started_at", "finished_at"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TemplateResult:
+    """One (context, template): how its verdicts compare with the gold labels."""
+
+    context_id: str
+    model: str
+    template_id: str
+    pairs: int
+    #: Pairs whose claim has a gold label, and of those the ones whose verdict equals it.
+    labelled: int
+    correct: int
+    #: Verdict counts, in ``LABELS`` order.
+    verdicts: dict[str, int]
+    #: gold label -> verdict -> pairs (labelled pairs only).
+    confusion: dict[str, dict[str, int]]
+    #: Pairs recorded failed (OUT.failures/), not in the verdicts.
+    failed_pairs: int = 0
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
+
+    @property
+    def macro_f1(self) -> float | None:
+        """Mean F1 over the three labels (a label never predicted nor gold scores 0)."""
+        if not self.labelled:
+            return None
+        scores = []
+        for label in LABELS:
+            true_positive = self.confusion.get(label, {}).get(label, 0)
+            predicted = sum(row.get(label, 0) for row in self.confusion.values())
+            actual = sum(self.confusion.get(label, {}).values())
+            scores.append(2 * true_positive / (predicted + actual) if predicted + actual else 0.0)
+        return sum(scores) / len(scores)
+
+    def to_json(self) -> dict:
+        return {
+            "context_id": self.context_id, "model": self.model, "template_id": self.template_id,
+            "pairs": self.pairs, "labelled": self.labelled, "correct": self.correct, "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1, "verdicts": self.verdicts, "confusion": self.confusion,
+            "failed_pairs": self.failed_pairs,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The run over time, in equal bins from the first batch started to the last finished."""
+
+    start: datetime
+    #: Seconds from the first batch started to the last finished.
+    span_s: float
+    bin_s: float
+    #: Claims finished per second in each bin.
+    claims_per_s: list[float]
+    #: Distinct workers with a batch in hand during each bin.
+    workers: list[int]
+
+    def to_json(self) -> dict:
+        return {
+            "start": self.start.isoformat(),
+            "span_s": self.span_s,
+            "bin_s": self.bin_s,
+            "claims_per_s": self.claims_per_s,
+            "workers": self.workers,
+        }
+
+
+@dataclass
+class Report:
+    out_dir: Path
+    files: int
+    rows: int
+    claims: int
+    results: list[TemplateResult]
+    timeline: Timeline | None
+    #: Pairs written more than once (never, unless files were copied in by hand).
+    duplicate_pairs: int = 0
+    #: Written by ``write_report``: plots and the Markdown summary.
+    written: list[Path] = field(default_factory=list)
+
+    def best(self) -> list[TemplateResult]:
+        """Per context, the template with the highest accuracy (ties: the higher macro-F1, then the id)."""
+        by_context: dict[str, list[TemplateResult]] = {}
+        for result in self.results:
+            if result.accuracy is not None:
+                by_context.setdefault(result.context_id, []).append(result)
+        return [
+            min(results, key=lambda r: (-(r.accuracy or 0.0), -(r.macro_f1 or 0.0), r.template_id))
+            for _, results in sorted(by_context.items())
+        ]
+
+    def to_json(self) -> dict:
+        return {
+            "out_dir": str(self.out_dir), "files": self.files, "rows": self.rows, "claims": self.claims,
+            "duplicate_pairs": self.duplicate_pairs,
+            "results": [r.to_json() for r in self.results],
+            "best": [{"context_id": r.context_id, "model": r.model, "template_id": r.template_id, "accuracy": r.accuracy}
+                     for r in self.best()],
+            "timeline": self.timeline.to_json() if self.timeline else None,
+            "written": [str(p) for p in self.written],
+        }  # fmt: skip
+
+
+def build_report(out_dir: Path) -> Report:
+    """Read every Parquet file in ``out_dir`` (and its failures) into a Report."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise InputError(f"{out_dir} is not a directory (pass the --out directory of a run)")
+    files = sorted(out_dir.glob("*.parquet"))
+    if not files:
+        raise InputError(f"{out_dir} holds no Parquet files: no verdicts written there yet")
+    table = read_verdicts(out_dir, _COLUMNS)
+    failed = Counter((f["context_id"], f["template_id"]) for f in read_failures(out_dir))
+    keys = pc.binary_join_element_wise(table["claim_id"], table["template_id"], table["context_id"], "\x00")
+    return Report(
+        out_dir=out_dir,
+        files=len(files),
+        rows=table.num_rows,
+        claims=len(pc.unique(table["claim_id"])),
+        results=template_results(table, failed),
+        timeline=timeline(table),
+        duplicate_pairs=table.num_rows - len(pc.unique(keys)),
+    )
+
+
+def template_results(table: pa.Table, failed: Counter[tuple[str, str]] | None = None) -> list[TemplateResult]:
+    """Accuracy, confusion and verdict counts per (context, template), from one grouped count."""
+    failed = failed or Counter()
+    gold = pc.fill_null(table["gold_label"], "")  # "" marks an unlabelled claim
+    counts = (
+        pa.table({name: table[name] for name in ("context_id", "model", "template_id", "verdict")} | {"gold": gold})
+        .group_by(["context_id", "model", "template_id", "gold", "verdict"])
+        .aggregate([([], "count_all")])
+        .to_pylist()
+    )
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for row in counts:
+        groups.setdefault((row["context_id"], row["model"], row["template_id"]), []).append(row)
+    results = []
+    for (context_id, model, template_id), rows in sorted(groups.items()):
+        verdicts = dict.fromkeys(LABELS, 0)
+        confusion: dict[str, dict[str, int]] = {}
+        for row in rows:
+            verdicts[row["verdict"]] = verdicts.get(row["verdict"], 0) + row["count_all"]
+            if row["gold"]:
+                confusion.setdefault(row["gold"], dict.fromkeys(LABELS, 0))[row["verdict"]] = row["count_all"]
+        labelled = sum(sum(r.values()) for r in confusion.values())
+        correct = sum(confusion.get(label, {}).get(label, 0) for label in confusion)
+        ordered = {
+            g: confusion[g]
+            for g in sorted(confusion, key=lambda g: (g not in LABELS, LABELS.index(g) if g in LABELS else 0, g))
+        }
+        results.append(TemplateResult(
+            context_id=context_id, model=model, template_id=template_id, pairs=sum(verdicts.values()),
+            labelled=labelled, correct=correct, verdicts=verdicts, confusion=ordered,
+            failed_pairs=failed.get((context_id, template_id), 0),
+        ))  # fmt: skip
+    return results
+
+
+def timeline(table: pa.Table, bins: int = TIMELINE_BINS) -> Timeline | None:
+    """Throughput and busy workers over time, from each batch's start and finish."""
+    batches = table.group_by(["batch_id", "worker_id"]).aggregate(
+        [("started_at", "min"), ("finished_at", "max"), ([], "count_all")]
+    )
+    if batches.num_rows == 0:
+        return None
+    started = _seconds(batches["started_at_min"])
+    finished = _seconds(batches["finished_at_max"])
+    origin = float(started.min())
+    span = max(float(finished.max()) - origin, 1e-6)
+    bin_s = max(MIN_BIN_S, _round_up(span / bins))
+    count = max(1, math.ceil(span / bin_s))
+    last = count - 1
+    claims = np.zeros(count)
+    first_bin = np.minimum(((started - origin) // bin_s).astype(int), last)
+    last_bin = np.minimum(((finished - origin) // bin_s).astype(int), last)
+    np.add.at(claims, last_bin, batches["count_all"].to_numpy())
+    workers = sorted(set(batches["worker_id"].to_pylist()))
+    index = {w: i for i, w in enumerate(workers)}
+    busy = np.zeros((len(workers), count), dtype=bool)
+    for worker, lo, hi in zip(batches["worker_id"].to_pylist(), first_bin, last_bin, strict=True):
+        busy[index[worker], lo : hi + 1] = True
+    return Timeline(
+        start=datetime.fromtimestamp(origin, UTC),
+        span_s=round(span, 3),
+        bin_s=bin_s,
+        claims_per_s=[round(float(x), 3) for x in claims / bin_s],
+        workers=[int(x) for x in busy.sum(axis=0)],
+    )
+
+
+def _seconds(column: pa.ChunkedArray) -> np.ndarray:
+    """Unix seconds of a timestamp[us] column."""
+    return pc.cast(column, pa.int64()).to_numpy() / 1e6
+
+
+def _round_up(seconds: float) -> float:
+    """``seconds`` rounded up to 1, 2 or 5 times a power of ten (readable bin widths)."""
+    magnitude = 10 ** math.floor(math.log10(seconds))
+    return next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= seconds)
+
+
+# --- writing it up -------------------------------------------------------------------------------
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def to_markdown(report: Report) -> str:
+    """The report as Markdown: what ``pervade report`` prints and writes to summary.md."""
+    lines = [f"# Report: {report.out_dir}", ""]
+    lines.append(f"{report.rows:,} verdicts on {report.claims:,} claims in {report.files} Parquet files"
+                 + (f"; {report.duplicate_pairs:,} pairs written more than once" if report.duplicate_pairs else "") + ".")  # fmt: skip
+    best = report.best()
+    lines += ["", "## Best template", ""]
+    if not best:
+        lines.append("None: no claim has a gold label, so accuracy cannot be measured.")
+    for result in best:
+        lines.append(f"- **{result.template_id}** for {result.model} (`{result.context_id}`): accuracy "
+                     f"{_percent(result.accuracy)}, macro-F1 {_percent(result.macro_f1)} on {result.labelled:,} labelled pairs.")  # fmt: skip
+    lines += ["", "## Accuracy per context and template", ""]
+    lines.append(
+        "| model | context | template | pairs | labelled | accuracy | macro-F1 | " + " | ".join(LABELS) + " | failed |"
+    )
+    lines.append("|---|---|---|---:|---:|---:|---:|" + "---:|" * len(LABELS) + "---:|")
+    for r in report.results:
+        counts = " | ".join(f"{r.verdicts.get(label, 0):,}" for label in LABELS)
+        lines.append(f"| {r.model} | `{r.context_id}` | {r.template_id} | {r.pairs:,} | {r.labelled:,} | "
+                     f"{_percent(r.accuracy)} | {_percent(r.macro_f1)} | {counts} | {r.failed_pairs:,} |")  # fmt: skip
+    lines += ["", "## Confusion matrices (rows: gold label; columns: verdict)", ""]
+    for r in report.results:
+        if not r.confusion:
+            continue
+        lines += [f"**{r.template_id}** (`{r.context_id}`)", "", "| gold \\ verdict | " + " | ".join(LABELS) + " |",
+                  "|---|" + "---:|" * len(LABELS)]  # fmt: skip
+        lines += [
+            f"| {gold} | " + " | ".join(f"{row.get(v, 0):,}" for v in LABELS) + " |"
+            for gold, row in r.confusion.items()
+        ]
+        lines.append("")
+    if report.timeline is not None:
+        t = report.timeline
+        active = [rate for rate in t.claims_per_s if rate > 0]
+        over_time = (
+            f"From {t.start:%Y-%m-%d %H:%M:%S} UTC for {t.span_s:,.1f} s, in bins of {t.bin_s:g} s: "
+            f"{report.rows / t.span_s:,.1f} claims/s on average, {max(t.claims_per_s):,.1f} at the peak; "
+            f"up to {max(t.workers)} workers with a batch in hand ({len(active)} of {len(t.claims_per_s)} bins busy)."
+        )
+        lines += ["## Over time", "", over_time, ""]
+    images = [p for p in report.written if p.suffix == ".png"]
+    if images:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images] + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def report_dir_for(out_dir: Path) -> Path:
+    """Where the plots and summary go: beside the output, as ``OUT.report/`` (the output directory itself
+    holds only Parquet files, so every reader can be pointed at it)."""
+    out_dir = Path(out_dir).absolute()
+    return out_dir.with_name(out_dir.name + ".report")
+
+
+def write_report(report: Report, directory: Path, plots: bool = True) -> list[Path]:
+    """Write the plots (unless ``plots`` is False) and summary.md into ``directory``; the paths written."""
+    from sinks.plots import plot_accuracy, plot_timeline  # matplotlib: only when drawing
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    if plots:
+        written.append(plot_accuracy(report.results, report.best(), directory / "accuracy.png"))
+        if report.timeline is not None:
+            written.append(plot_timeline(report.timeline, directory / "timeline.png"))
+    report.written = [*written, directory / "summary.md"]
+    (directory / "summary.md").write_text(to_markdown(report), encoding="utf-8")
+    return report.written
