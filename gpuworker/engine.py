@@ -16,7 +16,7 @@ Work is split in two so the worker can overlap them: ``encode_claims`` (tokenize
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,16 +89,23 @@ class LoadedContext:
         return run_prefix(self.model, token_ids, self.device)
 
 
+#: The steps of ``load_context``, in order, as ``on_stage`` reports them (a progress bar's steps).
+LOAD_STAGES = ("tokenizer", "weights", "device", "ready")
+
+
 def load_context(
     spec: ContextSpec,
     device: torch.device,
     files: str | Path | None = None,
     hub_cache_dir: Path | None = None,
     device_info: DeviceInfo | None = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> LoadedContext:
     """Load model and tokenizer onto ``device`` from ``files`` (a local model directory, such as the node
     cache's), else from the spec's origin (hub id or directory; hub files go to ``hub_cache_dir`` if given),
-    in the dtype that fits the device (``fit_dtype``). Blocking: run it off the event loop."""
+    in the dtype that fits the device (``fit_dtype``). ``on_stage`` hears each of ``LOAD_STAGES`` as it
+    begins (from this thread). Blocking: run it off the event loop."""
+    stage = on_stage or (lambda _: None)
     started = time.perf_counter()
     info = device_info or describe_device(device)
     dtype_name = fit_dtype(spec.dtype, info)
@@ -106,10 +113,13 @@ def load_context(
     source = str(files) if files is not None else spec.model
     revision = None if files is not None else spec.revision
     try:
+        stage("tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, cache_dir=hub_cache_dir)
+        stage("weights")
         model = _from_pretrained(source, revision, dtype, hub_cache_dir)
     except (OSError, ValueError) as exc:
         raise ContextLoadError(f"cannot load {spec.model!r} from {source}: {exc}") from exc
+    stage("device")
     model.to(device).eval()
     free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     if tokenizer.pad_token_id is None:  # SmolLM2 has no pad token; padding is masked out anyway
@@ -123,6 +133,7 @@ def load_context(
     weight = head.weight.detach().index_select(0, index)
     bias = head.bias.detach().index_select(0, index) if head.bias is not None else None
     seconds = time.perf_counter() - started
+    stage("ready")
     return LoadedContext(
         spec=spec,
         model=model,

@@ -86,6 +86,12 @@ class FetchStats:
     peers_failed: int = 0
     seconds: float = 0.0
     by_peer: Counter[str] = field(default_factory=Counter)
+    #: Hears the bytes of each piece as it lands (from the event loop, or the origin reader's thread).
+    on_bytes: Callable[[int], None] | None = None
+
+    def landed(self, count: int) -> None:
+        if self.on_bytes is not None:
+            self.on_bytes(count)
 
 
 class Download:
@@ -190,12 +196,16 @@ class Fetcher:
         self.config = config
         self._find_sources = find_sources
 
-    async def fetch(self, spec: ContextSpec, manifest: Manifest) -> tuple[Path, FetchStats]:
-        """The local model directory of ``manifest`` (fetched if needed) and where its bytes came from."""
+    async def fetch(
+        self, spec: ContextSpec, manifest: Manifest, on_bytes: Callable[[int], None] | None = None
+    ) -> tuple[Path, FetchStats]:
+        """The local model directory of ``manifest`` (fetched if needed) and where its bytes came from;
+        ``on_bytes`` hears the bytes found cached, then those of each piece fetched (a progress bar)."""
         started = time.perf_counter()
-        stats = FetchStats()
+        stats = FetchStats(on_bytes=on_bytes)
         missing = await asyncio.to_thread(self.cache.missing, manifest)
         stats.cached_bytes = manifest.total_bytes - sum(e.size for e in missing)
+        stats.landed(stats.cached_bytes)
         if missing:
             download = await asyncio.to_thread(Download, self.cache, manifest, missing)
             try:
@@ -209,7 +219,9 @@ class Fetcher:
     async def _fill(self, spec: ContextSpec, download: Download, stats: FetchStats) -> None:
         failed: list[str] = []
         while not download.finished:
-            stats.cached_bytes += await asyncio.to_thread(download.adopt_cached)
+            adopted = await asyncio.to_thread(download.adopt_cached)
+            stats.cached_bytes += adopted
+            stats.landed(adopted)
             if download.finished:
                 break
             sources = await self._find_sources(download.manifest.digest, failed)
@@ -286,6 +298,7 @@ class Fetcher:
                 if await asyncio.to_thread(download.verify_and_write, key, buffer):
                     download.piece_done(key)
                     stats.peer_bytes += len(buffer)
+                    stats.landed(len(buffer))
                     stats.by_peer[endpoint] += len(buffer)
                     continue
                 stats.corrupt_pieces += 1
@@ -309,7 +322,7 @@ class Fetcher:
         download.todo.clear()
         cancelled = threading.Event()
         try:
-            done, read = await asyncio.to_thread(self._copy_from_origin, spec, download, keys, cancelled)
+            done, read = await asyncio.to_thread(self._copy_from_origin, spec, download, keys, cancelled, stats.landed)
         except BaseException:
             cancelled.set()
             for key in keys:
@@ -319,7 +332,14 @@ class Fetcher:
             download.piece_done(key)
         stats.origin_bytes += read
 
-    def _copy_from_origin(self, spec: ContextSpec, download: Download, keys: list[PieceKey], cancelled: threading.Event) -> tuple[list[PieceKey], int]:
+    def _copy_from_origin(
+        self,
+        spec: ContextSpec,
+        download: Download,
+        keys: list[PieceKey],
+        cancelled: threading.Event,
+        landed: Callable[[int], None],
+    ) -> tuple[list[PieceKey], int]:
         """Read the pieces from the origin, checking each. Runs on a thread."""
         staging = None
         done: list[PieceKey] = []
@@ -347,6 +367,7 @@ class Fetcher:
                                 f"{spec.model}: {entry.path} does not match the context's manifest (changed since it was hashed?)"
                             )
                         done.append((index, piece))
+                        landed(len(data))
         except OSError as exc:
             raise ContextLoadError(f"cannot read {spec.model}: {exc}") from exc
         finally:

@@ -53,6 +53,7 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 from gpuworker.cache import FileCache, default_cache_root
 from gpuworker.device import describe_device, fit_dtype, select_device
 from gpuworker.engine import (
+    LOAD_STAGES,
     EncodedClaims,
     LoadedContext,
     Scored,
@@ -70,6 +71,7 @@ from pervade.context import ContextMode, ContextSpec
 from pervade.errors import ConfigError
 from pervade.keys import ClientKeys, PeerAdmission
 from pervade.manifest import Manifest
+from pervade.progress import byte_bars, stage_bars
 from pervade.protocol import (
     Assign,
     BatchFailed,
@@ -144,6 +146,8 @@ class WorkerConfig:
     broker_deadline_s: float | None = None
     #: CURVE keys for the broker connection (None: plain TCP).
     keys: ClientKeys | None = None
+    #: Progress bars of model-file transfers and model loads on stderr; None: only when stderr is a terminal.
+    progress: bool | None = None
 
     def __post_init__(self) -> None:
         if self.prefetch < 0:
@@ -543,10 +547,18 @@ class Worker:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             loop = asyncio.get_running_loop()
-            loaded = await loop.run_in_executor(
-                self._executor,
-                functools.partial(load_context, spec, self.device, files_dir, device_info=self.device_info),
-            )
+            with stage_bars(self.config.progress) as bars:
+                task = bars.add_task(f"loading {spec.model}", total=len(LOAD_STAGES) - 1, stage="")
+
+                def on_stage(stage: str) -> None:  # on the executor's thread; rich's updates take a lock
+                    bars.update(task, completed=LOAD_STAGES.index(stage), stage=stage)
+
+                loaded = await loop.run_in_executor(
+                    self._executor,
+                    functools.partial(
+                        load_context, spec, self.device, files_dir, device_info=self.device_info, on_stage=on_stage
+                    ),
+                )
         return HeldContext(spec=spec, manifest=manifest, files_dir=files_dir, loaded=loaded)
 
     async def fetch_files(self, spec: ContextSpec, manifest: Manifest) -> Path:
@@ -560,7 +572,9 @@ class Worker:
             await self.session.send(FilesDropped(files=evicted))
         self.cache.pin(manifest)
         try:
-            files_dir, stats = await self.fetcher.fetch(spec, manifest)
+            with byte_bars(self.config.progress) as bars:
+                task = bars.add_task(f"model files of {spec.model}", total=manifest.total_bytes)
+                files_dir, stats = await self.fetcher.fetch(spec, manifest, lambda n: bars.advance(task, n))
         except BaseException:
             self._unpin_unless_used(digest)
             raise

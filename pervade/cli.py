@@ -57,6 +57,10 @@ def _add_logging(parser: argparse.ArgumentParser) -> None:
     fmt.add_argument("--log-console", dest="log_json", action="store_const", const=False, help="readable lines (default on a terminal)")
 
 
+def _add_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None, help="no progress bars, even on a terminal (default: bars on stderr when it is a terminal)")
+
+
 def _add_heartbeats(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("liveness (use the same values on the broker and every client)")
     group.add_argument("--heartbeat-interval", type=_positive_float, default=2.0, metavar="SECONDS", help="seconds between heartbeats (default: 2)")
@@ -183,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_context_files(p)
     p.add_argument("--grace-seconds", type=_positive_float, default=20.0, help="on SIGTERM, exit within this many seconds: queued batches are handed back at once, the one in hand is finished only if it fits (default: 20; Slurm sends SIGKILL 30 s after SIGTERM by default)")
     _add_ending(p)
+    _add_progress(p)
     _add_heartbeats(p)
     _add_keys(p)
     _add_logging(p)
@@ -196,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job-id", default=None, help="job id (default: a stable hash of claims, templates, model and batch size)")
     p.add_argument("--wait", action="store_true", help="return only when every pair is durably written by a sink or recorded as failed; exit 1 if any failed")
     p.add_argument("--timeout", type=_positive_float, default=None, help="give up (exit 1) if submitting, and waiting with --wait, takes longer than this many seconds")
+    _add_progress(p)
     _add_heartbeats(p)
     _add_keys(p)
     _add_logging(p)
@@ -210,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-roll-seconds", type=_positive_float, default=0.5, help="close the file once no result has come for this long (default: 0.5)")
     p.add_argument("--sink-id", default=None, help="name in file names and logs; a restarted sink with the same name takes over at once (default: random)")
     p.add_argument("--until-done", action="store_true", help="exit once the broker reports every job complete")
+    _add_progress(p)
     _add_heartbeats(p)
     _add_keys(p)
     _add_logging(p)
@@ -349,6 +356,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         idle_timeout_s=args.idle_timeout,
         broker_deadline_s=args.broker_deadline,
         keys=_client_keys(args, "worker"),
+        progress=args.progress,
     )
     return asyncio.run(run_worker(config))
 
@@ -376,6 +384,7 @@ def _cmd_produce(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         heartbeats=_heartbeats(args),
         keys=_client_keys(args, "producer"),
+        progress=args.progress,
     )
     outcome = asyncio.run(produce(request))
     print(outcome.describe())
@@ -396,6 +405,7 @@ def _cmd_sink(args: argparse.Namespace) -> int:
         until_done=args.until_done,
         heartbeats=_heartbeats(args),
         keys=_client_keys(args, "sink"),
+        progress=args.progress,
     )
     asyncio.run(run_sink(config))
     return 0

@@ -65,6 +65,8 @@ class SubmitReport:
     rejected: list[str] = field(default_factory=list)
     seconds: float = 0.0
     rejected_pairs: int = 0
+    #: Pairs of the batches the broker has answered (accepted or rejected) so far.
+    answered_pairs: int = 0
 
 
 def job_id_for(context: ContextSpec | ResolvedContext, templates: Mapping[str, str], source: str, batch_size: int) -> str:
@@ -170,6 +172,7 @@ class Producer:
             return  # an answer to a resend we no longer wait for
         job_id, pairs, _ = pending
         report = self._reports[job_id]
+        report.answered_pairs += pairs
         if isinstance(message, Accepted):
             report.accepted += 1
             report.duplicates += message.duplicate
@@ -240,6 +243,10 @@ class Producer:
             declaration = self._declared[spec.context_id] = DeclareContext(context=spec, manifest=context.manifest)
             await self.session.send(declaration)
         return spec
+
+    def report(self, job_id: str) -> SubmitReport | None:
+        """How far the submission of ``job_id`` has got (it grows while ``submit_sweep`` runs)."""
+        return self._reports.get(job_id)
 
     def _raise_if_refused(self) -> None:
         if self._refusal is not None:

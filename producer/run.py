@@ -15,15 +15,21 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.progress import Progress
+
 from pervade.constants import DEFAULT_BROKER_CONNECT
 from pervade.context import ContextSpec, ResolvedContext
 from pervade.errors import JobFailed
 from pervade.keys import ClientKeys
+from pervade.progress import count_bars
 from pervade.protocol import JobDone
 from pervade.session import Heartbeats
 from producer.claims import ClaimFields, ClaimsSource, read_claims
 from producer.client import Producer, SubmitReport, job_id_for
 from producer.templates import load_templates
+
+#: Seconds between redraws of the submission's progress bars.
+PROGRESS_REFRESH_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,8 @@ class ProduceRequest:
     heartbeats: Heartbeats | None = None
     #: CURVE keys for the broker connection (None: plain TCP).
     keys: ClientKeys | None = None
+    #: Progress bars of pairs sent and acknowledged on stderr; None: only when stderr is a terminal.
+    progress: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -86,13 +94,44 @@ async def produce(request: ProduceRequest) -> ProduceOutcome:
     origin = f"{request.claims}|{request.split}|{request.dataset_config}|{request.limit}|{source.fields}"
     job_id = request.job_id or job_id_for(request.context, templates, origin, request.batch_size)
     try:
-        async with asyncio.timeout(request.timeout_s), Producer(
-            request.broker, max_unacked=request.max_unacked, heartbeats=request.heartbeats, keys=request.keys
-        ) as producer:
-            report = await producer.submit_sweep(
-                read_claims(source), templates, request.context, batch_size=request.batch_size, job_id=job_id
-            )
+        async with (
+            asyncio.timeout(request.timeout_s),
+            Producer(
+                request.broker, max_unacked=request.max_unacked, heartbeats=request.heartbeats, keys=request.keys
+            ) as producer,
+        ):
+            with count_bars("pairs", request.progress) as bars:
+                follower = asyncio.create_task(_follow_submission(producer, job_id, bars))
+                try:
+                    report = await producer.submit_sweep(
+                        read_claims(source), templates, request.context, batch_size=request.batch_size, job_id=job_id
+                    )
+                finally:
+                    follower.cancel()
+                    await asyncio.gather(follower, return_exceptions=True)
+                _show_submission(bars, report)
             done = await producer.wait(job_id) if request.wait else None
     except TimeoutError:
-        raise JobFailed(f"job {job_id}: not finished within {request.timeout_s} s (is the broker at {request.broker} up?)") from None
+        raise JobFailed(
+            f"job {job_id}: not finished within {request.timeout_s} s (is the broker at {request.broker} up?)"
+        ) from None
     return ProduceOutcome(report=report, skipped_records=source.skipped, done=done)
+
+
+def _show_submission(bars: Progress, report: SubmitReport | None) -> None:
+    """Bars of pairs sent and acknowledged (created on the first call)."""
+    if report is None:
+        return
+    if not bars.task_ids:
+        bars.add_task("pairs sent", total=None)
+        bars.add_task("pairs acknowledged", total=None)
+    sent, acknowledged = bars.task_ids
+    bars.update(sent, completed=report.pairs)
+    bars.update(acknowledged, completed=report.answered_pairs, total=report.pairs or None)
+
+
+async def _follow_submission(producer: Producer, job_id: str, bars: Progress) -> None:
+    """Redraw the bars while the sweep is submitted (cancelled when it is)."""
+    while True:
+        _show_submission(bars, producer.report(job_id))
+        await asyncio.sleep(PROGRESS_REFRESH_S)

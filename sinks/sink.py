@@ -26,13 +26,29 @@ import zmq.asyncio
 from pervade.constants import DEFAULT_BROKER_CONNECT
 from pervade.errors import ConfigError
 from pervade.keys import ClientKeys
-from pervade.protocol import Deliver, DeliverFailure, Disconnect, Error, JobDone, SinkAck, SinkReady
+from pervade.monitor import format_duration
+from pervade.progress import reported_bars
+from pervade.protocol import (
+    Deliver,
+    DeliverFailure,
+    Disconnect,
+    Error,
+    JobDone,
+    SinkAck,
+    SinkReady,
+    StatusReply,
+    StatusRequest,
+    StatusSnapshot,
+)
 from pervade.session import BrokerSession, Heartbeats
 from sinks.failures import FailureLog
 from sinks.parquet import RollingParquetWriter
 from sinks.written import WrittenIndex
 
 log = structlog.get_logger("sinks")
+
+#: Seconds between the status requests that feed the progress bar (only while it is drawn).
+PROGRESS_POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,8 @@ class SinkConfig:
     heartbeats: Heartbeats = field(default_factory=Heartbeats)
     #: CURVE keys for the broker connection (None: plain TCP).
     keys: ClientKeys | None = None
+    #: A progress bar of the verdicts written on stderr; None: only when stderr is a terminal.
+    progress: bool | None = None
 
     def __post_init__(self) -> None:
         if self.row_group_rows < 1 or self.file_rows < 1:
@@ -78,13 +96,20 @@ class Sink:
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._stopping = asyncio.Event()
         self.session = BrokerSession(
-            self._ctx, config.broker, "sink", self._register, config.heartbeats, stopping=self._stopping, keys=config.keys
+            self._ctx,
+            config.broker,
+            "sink",
+            self._register,
+            config.heartbeats,
+            stopping=self._stopping,
+            keys=config.keys,
         )
         self._oldest_unacked: float | None = None
         self._last_delivery = 0.0
         self._all_jobs_done = False
         self.rows_written = 0
         self.duplicates_skipped = 0
+        self.progress = WrittenProgress(config.progress)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -97,13 +122,19 @@ class Sink:
         known = await asyncio.to_thread(self.index.refresh)
         await self.session.open()
         log.info("sink_started", broker=self.config.broker, out_dir=str(self.config.out_dir), batches_in_output=known)
+        next_poll = time.monotonic()
         try:
             while not self._stopping.is_set():
+                if self.progress.shown and time.monotonic() >= next_poll:
+                    await self.session.send(StatusRequest())
+                    next_poll = time.monotonic() + PROGRESS_POLL_S
                 message = await self.session.receive(timeout_s=0.1)
                 if isinstance(message, (Deliver, DeliverFailure)):
                     await self.accept(message)
                 elif isinstance(message, JobDone):
                     self.job_done(message)
+                elif isinstance(message, StatusReply):
+                    self.progress.show(message.snapshot)
                 elif isinstance(message, Error):
                     log.error("broker_error", reason=message.reason, detail=message.detail)
                 elif message is not None:
@@ -117,6 +148,7 @@ class Sink:
             await self.session.send_if_connected(Disconnect(reason="stopping"))
         finally:
             self.session.close()
+            self.progress.close()
             log.info(
                 "sink_stopped", rows_written=self.rows_written, files=len(self.writer.files_written),
                 duplicates_skipped=self.duplicates_skipped,
@@ -127,7 +159,13 @@ class Sink:
         return bool(self.writer.rows_in_file or self.failures.pending)
 
     def job_done(self, message: JobDone) -> None:
-        log.info("job_done", job_id=message.job_id, batches=message.batches, failed=message.failed_batches, open_jobs=message.open_jobs)
+        log.info(
+            "job_done",
+            job_id=message.job_id,
+            batches=message.batches,
+            failed=message.failed_batches,
+            open_jobs=message.open_jobs,
+        )
         if self.config.until_done and message.open_jobs == 0:
             self._all_jobs_done = True
 
@@ -175,6 +213,40 @@ class Sink:
         if durable or failed:
             self.index.add(durable + failed)
             await self.session.send(SinkAck(batch_ids=durable + failed))
+
+
+class WrittenProgress:
+    """The sink's bar: pairs written (by every sink of the run) of the jobs open since this sink started,
+    with the broker's rate and ETA, from its status snapshots."""
+
+    def __init__(self, enabled: bool | None) -> None:
+        self.bars = reported_bars("verdicts", enabled)
+        self.shown = not self.bars.disable
+        self._task = self.bars.add_task("verdicts written", total=None, rate=0.0, eta=format_duration(None))
+        #: job id -> (pairs, pairs done), for every job not already finished when the sink started.
+        self._jobs: dict[str, tuple[int, int]] = {}
+        #: Jobs finished before the sink's first snapshot: not this sink's business.
+        self._finished_before: set[str] | None = None
+        if self.shown:
+            self.bars.start()
+
+    def show(self, snapshot: StatusSnapshot) -> None:
+        if self._finished_before is None:
+            self._finished_before = {job.job_id for job in snapshot.jobs if job.done}
+        for job in snapshot.jobs:
+            if job.job_id not in self._finished_before:
+                self._jobs[job.job_id] = (job.pairs, job.pairs_done)
+        total = sum(pairs for pairs, _ in self._jobs.values())
+        self.bars.update(
+            self._task,
+            completed=sum(done for _, done in self._jobs.values()),
+            total=total or None,
+            rate=snapshot.claims_per_s,
+            eta=format_duration(snapshot.eta_s),
+        )
+
+    def close(self) -> None:
+        self.bars.stop()
 
 
 async def run_sink(config: SinkConfig) -> None:

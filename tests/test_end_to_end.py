@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pty
+import re
 import sys
 import urllib.request
 from collections import Counter
@@ -193,3 +196,77 @@ async def test_status_and_metrics_show_the_live_workers_and_agree_with_the_outpu
     context_id = snapshot.contexts[0].context_id
     assert samples[("pervade_queue_depth_batches", (("context_id", context_id), ("model", str(cluster.model))))] == 0
     assert samples[("pervade_pairs_done", ())] == rows and samples[("pervade_requeues_total", ())] == c["requeues"]
+
+
+class Terminal:
+    """A process whose stdout and stderr are a pseudo-terminal, as when a person runs it; its screen output
+    is collected until it exits. Use with ``async with``: a process still running at the end is killed."""
+
+    def __init__(self) -> None:
+        self.controller, self.terminal = pty.openpty()
+        self.output = bytearray()
+        self.process: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Future[None] | None = None
+
+    async def __aenter__(self) -> Terminal:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()  # the reader thread then sees the terminal close
+            await self.process.wait()
+        if self._reader is not None:
+            await asyncio.wait_for(self._reader, 10)
+        os.close(self.controller)
+
+    async def start(self, *args: str) -> None:
+        env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "160"}
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pervade", *args, stdin=asyncio.subprocess.DEVNULL, stdout=self.terminal,
+            stderr=self.terminal, env=env,
+        )  # fmt: skip
+        os.close(self.terminal)
+        self._reader = asyncio.ensure_future(asyncio.to_thread(self._read))
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.controller, 65536)
+            except OSError:  # EIO: every holder of the terminal has closed it
+                return
+            if not chunk:
+                return
+            self.output += chunk
+
+    async def finish(self, timeout_s: float = PROCESS_TIMEOUT_S) -> tuple[int, str]:
+        assert self.process is not None and self._reader is not None
+        code = await asyncio.wait_for(self.process.wait(), timeout_s)
+        await asyncio.wait_for(self._reader, 10)
+        return code, self.output.decode(errors="replace")
+
+
+async def test_progress_bars_on_a_terminal_and_none_in_logs(cluster: Cluster, fever_claims: Path) -> None:
+    """A producer and a second sink run on a terminal draw their bars; the same programs writing to log
+    files (every process above) draw none."""
+    async with Terminal() as sink, Terminal() as producer:
+        await sink.start("sink", "--broker", cluster.endpoint, "--out", str(cluster.out_dir), "--sink-id", "sink-on-a-terminal")
+        await wait_until(lambda: b"sink_started" in sink.output, 60, "the terminal's sink to start")
+        await producer.start("produce", "--broker", cluster.endpoint, "--model", str(cluster.model), "--wait", "--claims",
+                             str(fever_claims), "--limit", "120", "--templates", str(cluster.templates_file), "--batch-size", "4")  # fmt: skip
+        code, shown = await producer.finish()
+        assert code == 0, shown
+        assert "pairs sent" in shown and "pairs acknowledged" in shown and "240/240" in shown
+        # the sink asks the broker for the run's progress each second: it catches up with the job
+        await wait_until(lambda: b"240/240" in sink.output, 10, f"the sink's bar to show the job written: {sink.output[-2000:]!r}")
+        assert sink.process is not None
+        sink.process.terminate()
+        code, sink_shown = await sink.finish()
+        assert code == 0, sink_shown
+    rates = [float(r.replace(",", "")) for r in re.findall(r"([\d,.]+) verdicts/s", sink_shown)]
+    assert "verdicts written" in sink_shown and max(rates) > 0, sink_shown
+
+    logs = list(cluster.procs.log_dir.glob("*.log"))
+    assert {"sink.log", *(f"{w}.log" for w in WORKERS)} <= {p.name for p in logs}
+    for log in logs:
+        logged = log.read_text()
+        assert "pairs sent" not in logged and "verdicts written" not in logged and "\x1b[" not in logged, log.name
