@@ -45,10 +45,16 @@ class RateColumn(ProgressColumn):
         return Text("–" if speed is None else f"{speed:,.1f} {self.unit}/s", style="progress.data.speed")
 
 
+def _bars(*columns: ProgressColumn | str, enabled: bool | None) -> Progress:
+    """A set of bars on stderr; drawn only when ``enabled``, or (None) when stderr is a terminal."""
+    shown = on_terminal() if enabled is None else enabled
+    return Progress(*columns, console=Console(stderr=True), disable=not shown)
+
+
 def count_bars(unit: str, enabled: bool | None = None) -> Progress:
     """Bars counting ``unit`` (pairs, verdicts): done of total, percentage, rate, elapsed and ETA. A task
     without a total pulses and shows the count and rate."""
-    return Progress(
+    return _bars(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -57,15 +63,14 @@ def count_bars(unit: str, enabled: bool | None = None) -> Progress:
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not (on_terminal() if enabled is None else enabled),
+        enabled=enabled,
     )
 
 
 def reported_bars(unit: str, enabled: bool | None = None) -> Progress:
     """Bars whose rate and ETA someone else measures (the broker, for the sink's bar): each task carries
     ``rate`` (per second) and ``eta`` (text) fields, updated with its progress."""
-    return Progress(
+    return _bars(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -73,32 +78,29 @@ def reported_bars(unit: str, enabled: bool | None = None) -> Progress:
         TextColumn("{task.fields[rate]:,.1f} " + unit + "/s"),
         TimeElapsedColumn(),
         TextColumn("ETA {task.fields[eta]}"),
-        console=Console(stderr=True),
-        disable=not (on_terminal() if enabled is None else enabled),
+        enabled=enabled,
     )
 
 
 def byte_bars(enabled: bool | None = None) -> Progress:
     """Bars counting bytes (model files): size done of total, speed, ETA."""
-    return Progress(
+    return _bars(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not (on_terminal() if enabled is None else enabled),
+        enabled=enabled,
     )
 
 
 def stage_bars(enabled: bool | None = None) -> Progress:
     """Bars of named steps (loading a model: tokenizer, weights, device), with the current step shown."""
-    return Progress(
+    return _bars(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[stage]}"),
         TimeElapsedColumn(),
-        console=Console(stderr=True),
-        disable=not (on_terminal() if enabled is None else enabled),
+        enabled=enabled,
     )
