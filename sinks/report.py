@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -195,16 +195,18 @@ def timeline(table: pa.Table, bins: int = TIMELINE_BINS) -> Timeline | None:
     )
     if batches.num_rows == 0:
         return None
-    started = _seconds(batches["started_at_min"])
-    finished = _seconds(batches["finished_at_max"])
-    origin = float(started.min())
-    span = max(float(finished.max()) - origin, 1e-6)
+    started_us = _micros(batches["started_at_min"])
+    origin_us = int(started_us.min())
+    # Offsets from integer microseconds: exact before the one rounding division (as pandas computes them).
+    started = (started_us - origin_us) / 1e6
+    finished = (_micros(batches["finished_at_max"]) - origin_us) / 1e6
+    span = max(float(finished.max()), 1e-6)
     bin_s = max(MIN_BIN_S, _round_up(span / bins))
     count = max(1, math.ceil(span / bin_s))
     last = count - 1
     claims = np.zeros(count)
-    first_bin = np.minimum(((started - origin) // bin_s).astype(int), last)
-    last_bin = np.minimum(((finished - origin) // bin_s).astype(int), last)
+    first_bin = np.minimum((started // bin_s).astype(int), last)
+    last_bin = np.minimum((finished // bin_s).astype(int), last)
     np.add.at(claims, last_bin, batches["count_all"].to_numpy())
     workers = sorted(set(batches["worker_id"].to_pylist()))
     index = {w: i for i, w in enumerate(workers)}
@@ -212,7 +214,7 @@ def timeline(table: pa.Table, bins: int = TIMELINE_BINS) -> Timeline | None:
     for worker, lo, hi in zip(batches["worker_id"].to_pylist(), first_bin, last_bin, strict=True):
         busy[index[worker], lo : hi + 1] = True
     return Timeline(
-        start=datetime.fromtimestamp(origin, UTC),
+        start=datetime.fromtimestamp(origin_us // 1_000_000, UTC) + timedelta(microseconds=origin_us % 1_000_000),
         span_s=round(span, 3),
         bin_s=bin_s,
         claims_per_s=[round(float(x), 3) for x in claims / bin_s],
@@ -220,9 +222,9 @@ def timeline(table: pa.Table, bins: int = TIMELINE_BINS) -> Timeline | None:
     )
 
 
-def _seconds(column: pa.ChunkedArray) -> np.ndarray:
-    """Unix seconds of a timestamp[us] column."""
-    return pc.cast(column, pa.int64()).to_numpy() / 1e6
+def _micros(column: pa.ChunkedArray) -> np.ndarray:
+    """Unix microseconds of a timestamp[us] column."""
+    return pc.cast(column, pa.int64()).to_numpy()
 
 
 def _round_up(seconds: float) -> float:
