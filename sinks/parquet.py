@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pervade.protocol import BatchResult
@@ -167,3 +168,9 @@ class RollingParquetWriter:
         except OSError:
             pass  # another sink writing to the same directory still uses it
         return durable
+
+
+def read_verdicts(out_dir: Path, columns: list[str] | None = None) -> pa.Table:
+    """Every row written to ``out_dir`` (partial files are hidden and skipped)."""
+    dataset = ds.dataset(str(out_dir), format="parquet", schema=SCHEMA)
+    return dataset.to_table(columns=columns)

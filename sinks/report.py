@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from pervade.constants import LABELS
 from pervade.errors import InputError
 from sinks.failures import read_failures
-from sinks.summary import read_verdicts
+from sinks.parquet import read_verdicts
 
 #: Time bins a run's timeline is cut into, and the shortest bin (a tenth of a second).
 TIMELINE_BINS = 100
