@@ -101,14 +101,16 @@ async def produce(request: ProduceRequest) -> ProduceOutcome:
             ) as producer,
         ):
             with count_bars("pairs", request.progress) as bars:
-                follower = asyncio.create_task(_follow_submission(producer, job_id, bars))
+                # Off a terminal the bars are not drawn: nothing to follow.
+                follower = None if bars.disable else asyncio.create_task(_follow_submission(producer, job_id, bars))
                 try:
                     report = await producer.submit_sweep(
                         read_claims(source), templates, request.context, batch_size=request.batch_size, job_id=job_id
                     )
                 finally:
-                    follower.cancel()
-                    await asyncio.gather(follower, return_exceptions=True)
+                    if follower is not None:
+                        follower.cancel()
+                        await asyncio.gather(follower, return_exceptions=True)
                 _show_submission(bars, report)
             done = await producer.wait(job_id) if request.wait else None
     except TimeoutError:
