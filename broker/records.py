@@ -19,6 +19,9 @@ class PeerRecord:
     identity: bytes
     name: str
     last_seen: float = field(default_factory=time.monotonic)
+    #: The process's random token (``WorkerReady.instance``): tells its own reconnection from a second
+    #: process under the same name ("" from a peer that sends none).
+    instance: str = ""
 
 
 @dataclass
@@ -44,6 +47,8 @@ class WorkerRecord(PeerRecord):
     leaving: bool = False
     #: Where it serves model files to peers ("" if it does not).
     file_endpoint: str = ""
+    #: Its results came timed by a clock set wrong (noted once, corrected every time).
+    clock_skewed: bool = False
 
 
 @dataclass

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import structlog
 import zmq
 import zmq.asyncio
@@ -32,15 +34,17 @@ from broker.policy import choose_context
 from broker.records import PeerRecord, ProducerRecord, SinkRecord, WorkerRecord
 from broker.sources import Answer, FileSources
 from broker.status import build_snapshot
-from broker.store import BatchStatus, BrokerStore, JobRecord, StoredBatch
+from broker.store import STORE_FILE, BatchStatus, BrokerStore, JobRecord, StoredBatch, content_digest, damaged_state
 from pervade.constants import DEFAULT_BROKER_BIND, DEFAULT_MAX_MESSAGE_BYTES
 from pervade.context import ContextSpec
 from pervade.errors import ConfigError, ProtocolError
 from pervade.keys import AuthorizedKeys, ServerKeys
 from pervade.manifest import Manifest
 from pervade.protocol import (
+    AbortJob,
     Accepted,
     Assign,
+    Batch,
     BatchFailed,
     BatchFailure,
     BatchResult,
@@ -59,10 +63,12 @@ from pervade.protocol import (
     FindSources,
     Heartbeat,
     JobDone,
+    JobEnded,
     LoadContext,
     Message,
     ProducerReady,
     Pull,
+    Refused,
     Rejected,
     Release,
     SinkAck,
@@ -72,6 +78,7 @@ from pervade.protocol import (
     StatusSnapshot,
     Submit,
     WorkerReady,
+    completed_batch_id,
     decode,
     encode,
     kind_of,
@@ -88,6 +95,11 @@ REGISTER_AGAIN = "unknown peer: register again"
 MAX_JOB_ERRORS = 20
 #: Completed batches handed to sinks per turn of the loop.
 DELIVER_PER_TURN = 1000
+#: A peer's time this far ahead of the broker's, or a result finished this long ago, is a clock set wrong:
+#: the broker keeps the result and moves its times onto its own clock (a result can arrive late, after a
+#: reconnection, but not from the future, and not a day late).
+MAX_CLOCK_AHEAD_S = 60.0
+MAX_RESULT_AGE_S = 86_400.0
 
 COUNTERS = (
     "invalid_messages",  # frames that were not valid messages, or that a handler refused
@@ -109,6 +121,13 @@ COUNTERS = (
     "context_loads",  # contexts workers reported loaded
     "context_load_failures",  # contexts workers reported they could not load
     "status_requests",  # snapshots served (pervade status, sinks' progress bars)
+    "conflicting_submissions",  # batches refused: a known id with other content, or new to an ended job
+    "jobs_found_incomplete",  # end_job that named batches the broker does not hold (lost state): resubmitted
+    "jobs_aborted",  # jobs their producer abandoned midway (bad input): queued batches recorded failed
+    "results_refused",  # results that could not be taken; their batch is requeued and the worker told
+    "clock_skew_corrected",  # results and batches whose times came from a clock set wrong, moved to the broker's
+    "registrations_refused",  # workers or sinks refused: their name is held by another live process
+    "state_damage_detected",  # opens of a state whose write-ahead log had lost commits
 )
 
 
@@ -217,6 +236,7 @@ class Broker:
             Submit: self.on_submit,
             DeclareContext: self.on_declare_context,
             EndJob: self.on_end_job,
+            AbortJob: self.on_abort_job,
             WorkerReady: self.on_worker_ready,
             Pull: self.on_pull,
             ContextLoaded: self.on_context_loaded,
@@ -237,7 +257,7 @@ class Broker:
         #: Messages only a peer registered in that role may send; others may come from anyone (a
         #: registration, or a fact worth keeping from a peer the broker has forgotten: a result, an ack).
         self._role_of: dict[type[Message], dict[bytes, PeerRecord]] = {
-            Submit: self.producers, EndJob: self.producers, DeclareContext: self.producers,
+            Submit: self.producers, EndJob: self.producers, AbortJob: self.producers, DeclareContext: self.producers,
             Pull: self.workers, ContextLoaded: self.workers, ContextFailed: self.workers,
             BatchFailed: self.workers, Release: self.workers,
             FindSources: self.workers, FilesHeld: self.workers, FilesDropped: self.workers,
@@ -258,9 +278,18 @@ class Broker:
                 "broker_state_opened", path=str(self.store.path), jobs=len(self.jobs), queued=self.queued_total(),
                 requeued=requeued, to_redeliver=redeliver,
             )  # fmt: skip
-        keys = self.start_authenticator(self.config.keys_dir) if self.config.keys_dir is not None else None
-        self._sock = router_socket(self._ctx, self.config.bind, self.config.max_message_bytes, keys)
+        if self.store.damage is not None:
+            self.counters["state_damage_detected"] += 1
+            log.error("state_damaged", path=str(self.store.path), detail=self.store.damage)
+        try:
+            keys = self.start_authenticator(self.config.keys_dir) if self.config.keys_dir is not None else None
+            self._sock = router_socket(self._ctx, self.config.bind, self.config.max_message_bytes, keys)
+        except zmq.ZMQError as exc:
+            self.store.close()
+            self.store = None
+            raise ConfigError(f"cannot listen on {self.config.bind}: {exc}") from None
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.store.note_endpoint(self.endpoint)
         if self.config.endpoint_file:
             tmp = self.config.endpoint_file.with_suffix(".tmp")
             tmp.write_text(self.endpoint)
@@ -270,7 +299,9 @@ class Broker:
             try:
                 self.metrics = MetricsExporter(self.config.metrics_host, self.config.metrics_port)
             except OSError as exc:
-                raise ConfigError(f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: {exc}") from None
+                raise ConfigError(
+                    f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: {exc}"
+                ) from None
             self.metrics.update(self.status())
         return self.endpoint
 
@@ -388,7 +419,14 @@ class Broker:
             return
         identity, body = frames[0], frames[1:]
         try:
-            message = decode(body)
+            try:
+                message = decode(body)
+            except ProtocolError as exc:
+                batch_id = completed_batch_id(body)
+                if batch_id is None:
+                    raise
+                self.refuse_result(identity, batch_id, str(exc))
+                raise ProtocolError(f"the result of batch {batch_id!r} was refused: {exc}") from None
             handler = self._handlers.get(type(message))
             if handler is None:
                 raise ProtocolError(f"a broker does not accept {kind_of(message)!r} messages")
@@ -422,6 +460,24 @@ class Broker:
         self.send(identity, Disconnect(reason=REGISTER_AGAIN))
         return False
 
+    def refuse_if_name_taken(
+        self, identity: bytes, name: str, instance: str, peers: dict[bytes, PeerRecord], role: str
+    ) -> bool:
+        """Refuse a registration under a name a live peer of another process holds. A holder silent for
+        longer than the liveness is dying (its registration goes), and the same process on a new connection
+        (same ``instance``) replaces its own record."""
+        now = time.monotonic()
+        holder = next((p for p in peers.values() if p.name == name and p.identity != identity), None)
+        if holder is None or not instance or holder.instance in ("", instance):
+            return False
+        if now - holder.last_seen > self.config.heartbeats.dead_after_s:
+            return False
+        self.counters["registrations_refused"] += 1
+        log.error(f"{role}_name_in_use", name=name, holder=holder.identity.decode(errors="replace"))
+        self.send(identity, Refused(reason=f"{role} id {name!r} is in use by another live {role}; give this one "
+                                           f"another --{role}-id, or stop the other first"))  # fmt: skip
+        return True
+
     def peer(self, identity: bytes) -> PeerRecord | None:
         return self.workers.get(identity) or self.sinks.get(identity) or self.producers.get(identity)
 
@@ -441,13 +497,26 @@ class Broker:
         assert self.store is not None
         batch = message.batch
         job = self.job(batch.job_id, identity)
-        if job.done_reported or self.store.get(batch.batch_id) is not None:
+        known = self.store.get(batch.batch_id)
+        if known is not None:
+            if known.content is not None and known.content != content_digest(batch):
+                reason = (
+                    f"batch id {batch.batch_id} was submitted before with other claims or another template: "
+                    "a changed sweep needs a new job id"
+                )
+                self.refuse_submission(identity, batch, reason)
+                return
             # A resend (the producer restarted, or lost our answer): acknowledged, never queued twice.
             self.counters["duplicate_submissions"] += 1
             self.send(identity, Accepted(batch_id=batch.batch_id, duplicate=True))
             return
         if job.ended:
-            self.send(identity, Rejected(batch_id=batch.batch_id, reason=f"job {batch.job_id} has already ended"))
+            why = f"aborted ({job.aborted})" if job.aborted else "ended"
+            reason = (
+                f"job {batch.job_id} has {why} and does not hold this batch (a sweep that changed under the same "
+                "job id?)"
+            )
+            self.refuse_submission(identity, batch, reason)
             return
         if batch.context.files is not None and batch.context.files not in self.manifests:
             reason = f"the manifest of context {batch.context.context_id} was not declared (declare_context first)"
@@ -460,12 +529,28 @@ class Broker:
         if batch.context.context_id not in self.specs:
             self.specs[batch.context.context_id] = batch.context
             self.store.save_context(batch.context)
+        if not self.plausible_time(batch.submitted_at):
+            self.counters["clock_skew_corrected"] += 1
+            log.warning(
+                "producer_clock_skewed", batch_id=batch.batch_id, skew_s=round(time.time() - batch.submitted_at)
+            )
+            batch = msgspec.structs.replace(batch, submitted_at=time.time())
         self.store.add(batch)
         self._drained_sent = False  # new work: the run is not over
-        job.batches += 1
-        job.pairs += len(batch.claims)
+        job.add(batch.batch_id, len(batch.claims))
         self.store.save_job(job)
         self.send(identity, Accepted(batch_id=batch.batch_id))
+
+    def refuse_submission(self, identity: bytes, batch: Batch, reason: str) -> None:
+        self.counters["conflicting_submissions"] += 1
+        log.error("submission_refused", batch_id=batch.batch_id, reason=reason)
+        self.send(identity, Rejected(batch_id=batch.batch_id, reason=reason))
+
+    @staticmethod
+    def plausible_time(at: float) -> bool:
+        """Whether a peer's timestamp can be true on the broker's clock (see MAX_CLOCK_AHEAD_S)."""
+        now = time.time()
+        return now - MAX_RESULT_AGE_S <= at <= now + MAX_CLOCK_AHEAD_S
 
     def on_declare_context(self, identity: bytes, message: DeclareContext) -> None:
         """Keep a context's manifest, so workers told to load it know its files. Idempotent."""
@@ -481,17 +566,56 @@ class Broker:
             raise ProtocolError(f"declare_context: {exc}") from None
         self.manifests[manifest.digest] = manifest
         self.store.save_manifest(manifest)
-        log.info("context_declared", context_id=message.context.context_id, files=len(manifest.files), bytes=manifest.total_bytes)
+        log.info(
+            "context_declared",
+            context_id=message.context.context_id,
+            files=len(manifest.files),
+            bytes=manifest.total_bytes,
+        )
 
     def on_end_job(self, identity: bytes, message: EndJob) -> None:
+        """End the job if the broker holds exactly the batches the producer counted; otherwise say what it
+        holds (an error: state was lost or replaced, or a job id reused) and keep the job open for the
+        producer's resubmission. Every EndJob is answered: a re-run or a reconnected producer asks again."""
+        assert self.store is not None
+        job = self.job(message.job_id, identity)
+        held = job.holds()
+        agreed = (held.batches, held.pairs) == (message.batches, message.pairs) and (
+            not message.digest or job.digest is None or message.digest == held.digest
+        )
+        self.send(identity, JobEnded(job_id=job.job_id, batches=held.batches, pairs=held.pairs,
+                                     digest=held.digest, agreed=agreed))  # fmt: skip
+        if not agreed:
+            self.counters["jobs_found_incomplete"] += 1
+            log.error(
+                "end_job_count_differs", job_id=job.job_id, producer_batches=message.batches,
+                broker_batches=held.batches,
+                producer_pairs=message.pairs, broker_pairs=held.pairs, same_ids=message.digest == held.digest,
+                hint="the broker lost batches (damaged or replaced state), or the job id was reused: resubmitted",
+            )  # fmt: skip
+            return
+        if not job.ended:
+            job.ended = True
+            self.store.save_job(job)
+        self.report_if_complete(job, again=True)
+
+    def on_abort_job(self, identity: bytes, message: AbortJob) -> None:
+        """The producer cannot finish the job: end it with what is here, record its queued batches failed,
+        so it completes (with errors) and nobody waits for it."""
         assert self.store is not None
         job = self.job(message.job_id, identity)
         if not job.ended:
-            job.ended = True
-            if message.batches != job.batches:
-                log.warning("end_job_count_differs", job_id=job.job_id, producer_says=message.batches, broker_holds=job.batches)
+            job.ended, job.aborted = True, message.reason
+            self.counters["jobs_aborted"] += 1
+            log.error("job_aborted", job_id=job.job_id, reason=message.reason, batches=job.batches)
+            for batch_id in self.store.queued_ids_of_job(job.job_id):
+                row = self.store.get(batch_id)
+                assert row is not None
+                self.fail(row, f"job aborted by its producer: {message.reason}")
             self.store.save_job(job)
-        # A producer re-running a finished job, or reconnecting, waits for JobDone again: answer every EndJob.
+        held = job.holds()
+        self.send(identity, JobEnded(job_id=job.job_id, batches=held.batches, pairs=held.pairs,
+                                     digest=held.digest, agreed=True))  # fmt: skip
         self.report_if_complete(job, again=True)
 
     def report_if_complete(self, job: JobRecord, again: bool = False, to_producer: bool = True) -> None:
@@ -503,13 +627,17 @@ class Broker:
             job.done_reported = True
             self.store.save_job(job)
             log.info("job_done", job_id=job.job_id, written=job.written, failed=job.failed)
+        errors = ([f"job aborted by its producer: {job.aborted}"] if job.aborted else []) + job.errors
         done = JobDone(
             job_id=job.job_id,
             batches=job.batches,
             pairs=job.pairs,
             failed_batches=job.failed,
-            errors=job.errors[:MAX_JOB_ERRORS],
+            errors=errors[:MAX_JOB_ERRORS],
             open_jobs=sum(not j.done_reported for j in self.jobs.values()),
+            batches_written=job.written,
+            pairs_written=job.pairs_written,
+            pairs_failed=job.pairs_failed,
         )
         if to_producer:
             self.send(job.producer, done)
@@ -547,13 +675,17 @@ class Broker:
 
     def on_worker_ready(self, identity: bytes, message: WorkerReady) -> None:
         # The same worker on a new connection (it lost us, or we restarted): its old record goes, and
-        # what it held is requeued at once rather than after a heartbeat timeout.
+        # what it held is requeued at once rather than after a heartbeat timeout. Another live process
+        # under the same name is refused: two would replace each other's registration for ever.
+        if self.refuse_if_name_taken(identity, message.worker_id, message.instance, self.workers, "worker"):
+            return
         stale = [w for w in self.workers.values() if w.name == message.worker_id or w.identity == identity]
         for old in stale:
             self.drop_worker(old, "registered again", count_attempts=False)
         worker = WorkerRecord(
             identity=identity,
             name=message.worker_id,
+            instance=message.instance,
             host=message.host,
             device=message.device,
             max_contexts=message.max_contexts,
@@ -593,7 +725,9 @@ class Broker:
         if count_attempts and not worker.leaving:  # preempted while loading is not the model's fault
             for context_id in set(worker.contexts) - worker.loaded:
                 self.note_load_death(context_id, worker.name)
-        log.info("worker_left", worker_id=worker.name, reason=reason, requeued=requeued, batches_done=worker.batches_done)
+        log.info(
+            "worker_left", worker_id=worker.name, reason=reason, requeued=requeued, batches_done=worker.batches_done
+        )
 
     def note_load_death(self, context_id: str, worker_name: str) -> None:
         """A worker died while loading this context. After ``max_attempts`` such deaths with no batch of
@@ -613,7 +747,9 @@ class Broker:
         worker = self.workers[identity]
         worker.loaded.add(message.context_id)
         self.counters["context_loads"] += 1
-        log.info("context_loaded", worker_id=worker.name, context_id=message.context_id, seconds=round(message.seconds, 3))
+        log.info(
+            "context_loaded", worker_id=worker.name, context_id=message.context_id, seconds=round(message.seconds, 3)
+        )
 
     def on_context_failed(self, identity: bytes, message: ContextFailed) -> None:
         assert self.store is not None
@@ -665,10 +801,10 @@ class Broker:
             self.counters["duplicate_results"] += 1
             log.info("duplicate_result_suppressed", batch_id=result.batch_id, worker_id=result.worker_id)
         elif (problem := self.mismatch(row, result)) is not None:
-            if row.worker == identity:
-                self.retry_or_fail(row, problem)
+            self.refuse_result(identity, row.batch_id, problem)
             raise ProtocolError(problem)
         else:
+            result = self.on_broker_clock(result, worker)
             if row.worker != identity:
                 self.counters["late_results_accepted"] += 1
                 holder = self.workers.get(row.worker or b"")
@@ -685,6 +821,38 @@ class Broker:
             self.deliver(row.batch_id, result)
         if worker is None:
             self.send(identity, Disconnect(reason=REGISTER_AGAIN))
+
+    def refuse_result(self, identity: bytes, batch_id: str | None, reason: str) -> None:
+        """A result the broker cannot take: the batch must not stay assigned to a worker that believes it
+        answered. Requeued (or failed after its attempts); the caller tells the worker why."""
+        assert self.store is not None
+        row = self.store.get(batch_id) if batch_id is not None else None
+        if row is None or row.status is not BatchStatus.ASSIGNED or row.worker != identity:
+            return
+        self.counters["results_refused"] += 1
+        worker = self.workers.get(identity)
+        if worker is not None:
+            worker.in_flight.pop(row.batch_id, None)
+        log.error("result_refused", batch_id=row.batch_id, worker_id=worker.name if worker else None, reason=reason)
+        self.retry_or_fail(row, f"its result was refused: {reason}")
+
+    def on_broker_clock(self, result: BatchResult, worker: WorkerRecord | None) -> BatchResult:
+        """A result timed by a clock set wrong is kept, its times moved onto the broker's clock (its
+        duration kept), and the skew noted once per worker, so the output's timeline stays true."""
+        if self.plausible_time(result.finished_at) and result.started_at <= result.finished_at:
+            return result
+        now = time.time()
+        duration = result.finished_at - result.started_at
+        duration = duration if 0 <= duration <= MAX_RESULT_AGE_S else 0.0
+        self.counters["clock_skew_corrected"] += 1
+        if worker is None or not worker.clock_skewed:
+            log.warning(
+                "worker_clock_skewed", worker_id=result.worker_id, skew_s=round(now - result.finished_at, 1),
+                hint="the worker's clock is wrong: its results are kept, timed on the broker's clock",
+            )  # fmt: skip
+            if worker is not None:
+                worker.clock_skewed = True
+        return msgspec.structs.replace(result, started_at=now - duration, finished_at=now)
 
     def mismatch(self, row: StoredBatch, result: BatchResult) -> str | None:
         """Why ``result`` cannot be the answer to the stored batch, or None when it can."""
@@ -771,10 +939,12 @@ class Broker:
     # --- sinks -----------------------------------------------------------------------------------
 
     def on_sink_ready(self, identity: bytes, message: SinkReady) -> None:
+        if self.refuse_if_name_taken(identity, message.sink_id, message.instance, self.sinks, "sink"):
+            return
         stale = [s for s in self.sinks.values() if s.name == message.sink_id or s.identity == identity]
         for old in stale:
             self.drop_sink(old, "registered again")
-        self.sinks[identity] = SinkRecord(identity=identity, name=message.sink_id)
+        self.sinks[identity] = SinkRecord(identity=identity, name=message.sink_id, instance=message.instance)
         log.info("sink_joined", sink_id=message.sink_id)
         finished = [job for job in self.jobs.values() if job.done_reported]
         if finished and len(finished) == len(self.jobs):  # it may have missed the last job_done
@@ -1021,10 +1191,15 @@ class Broker:
 
 
 async def run_broker(config: BrokerConfig) -> None:
-    """Run a broker until SIGTERM or SIGINT."""
+    """Run a broker until SIGTERM or SIGINT. A state database that breaks under it is a StateError that
+    says what to do, not a traceback."""
     broker = Broker(config)
     broker.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, broker.stop)
-    await broker.serve()
+    path = broker.store.path if broker.store is not None else Path(STORE_FILE)
+    try:
+        await broker.serve()
+    except sqlite3.DatabaseError as exc:
+        raise damaged_state(path, exc) from None

@@ -22,23 +22,36 @@ A batch moves through these statuses (``BatchStatus``):
 
 ``done`` means the outcome is known: verdicts (``result``) or, after repeated failures, an ``error``. Either
 goes to a sink and is ``written`` once the sink acknowledges it durable; then the claims and verdicts are
-dropped from the store, and only the batch id stays, so a resubmission is recognised.
+dropped from the store, and only the batch id and a digest of its content stay, so a resubmission is
+recognised, and one under the same id with other content refused.
+
+The state directory belongs to one broker at a time (``broker/statelock.py``). A database that is not one,
+or is damaged, raises StateError saying what to do. A write-ahead log that lost commits (``broker/wal.py``)
+leaves a state that is older than what peers were told, and may mix old pages with checkpointed new ones:
+it is never trusted. The damaged files are moved into ``DIR/damaged-TIME/``, the broker starts from an empty
+state, and says so (``damage``); its producers resubmit their jobs, and sinks skip what is already written.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import shutil
 import sqlite3
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 
+from broker.statelock import StateLock
+from broker.wal import scan_log
+from pervade.batchset import BatchSet
 from pervade.context import ContextSpec
+from pervade.errors import StateError
 from pervade.manifest import Manifest
 from pervade.protocol import Batch, BatchResult
 
@@ -74,7 +87,8 @@ CREATE TABLE IF NOT EXISTS batches (
     payload BLOB,                       -- the Batch (msgpack), dropped once written
     result BLOB,                        -- the BatchResult (msgpack), until written
     error TEXT,
-    pairs INTEGER NOT NULL DEFAULT 0    -- claims in the batch (kept after the payload is dropped)
+    pairs INTEGER NOT NULL DEFAULT 0,   -- claims in the batch (kept after the payload is dropped)
+    content TEXT                        -- digest of what the batch computes (content_digest), kept too
 );
 CREATE INDEX IF NOT EXISTS batches_queued ON batches (context_id, queue_key) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS batches_done ON batches (seq) WHERE status = 'done';
@@ -107,10 +121,19 @@ class StoredBatch:
     sink: bytes | None
     error: str | None
     pairs: int = 0
+    #: ``content_digest`` of the batch (None for batches stored by an older broker).
+    content: str | None = None
 
     @property
     def failed(self) -> bool:
         return self.error is not None
+
+
+def content_digest(batch: Batch) -> str:
+    """What a batch computes (its job, context, template and claims; not when it was submitted), so the
+    same batch id sent with other content is told apart from a resend."""
+    key = _encoder.encode((batch.job_id, batch.context, batch.template_id, batch.template, batch.claims))
+    return hashlib.sha256(key).hexdigest()[:32]
 
 
 @dataclass
@@ -129,13 +152,28 @@ class JobRecord:
     #: Pairs of the batches written, and of those recorded failed (what ``pervade status`` counts done).
     pairs_written: int = 0
     pairs_failed: int = 0
+    #: ``pervade.batchset`` digest of the job's batch ids (None: stored by an older broker, not kept).
+    digest: str | None = BatchSet().digest
+    #: Why the producer aborted the job (its input turned out bad midway), if it did.
+    aborted: str | None = None
 
     @property
     def complete(self) -> bool:
         return self.ended and self.written + self.failed >= self.batches
 
+    def holds(self) -> BatchSet:
+        """The batches the broker holds for this job, as a producer counts them."""
+        return BatchSet(self.batches, self.pairs, self.digest or "")
 
-_ROW = "batch_id, job_id, context_id, status, attempts, deliveries, worker, sink, error, pairs"
+    def add(self, batch_id: str, pairs: int) -> None:
+        held = self.holds()
+        held.add(batch_id, pairs)
+        self.batches, self.pairs = held.batches, held.pairs
+        if self.digest is not None:
+            self.digest = held.digest
+
+
+_ROW = "batch_id, job_id, context_id, status, attempts, deliveries, worker, sink, error, pairs, content"
 _encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(Batch)
 _result_decoder = msgspec.msgpack.Decoder(BatchResult)
@@ -146,41 +184,95 @@ _manifest_decoder = msgspec.msgpack.Decoder(Manifest)
 class BrokerStore:
     """SQLite-backed state. Not thread-safe: only the broker's event loop calls it (``checkpoint`` aside)."""
 
-    def __init__(self, path: Path, fsync: bool = False, temporary_dir: Path | None = None) -> None:
+    def __init__(
+        self, path: Path, fsync: bool = False, temporary_dir: Path | None = None, lock: StateLock | None = None
+    ) -> None:
         self.path = path
         self._temporary_dir = temporary_dir
-        self._db = sqlite3.connect(path, isolation_level="DEFERRED")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
-        self._db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run on a thread: see checkpoint()
-        self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")  # a restarted log is cut back to this
-        self._db.execute("PRAGMA cache_size=-16384")  # 16 MiB of page cache, whatever the queue holds
-        self._db.executescript(_SCHEMA)
-        self._add_missing_columns()
-        self._db.commit()
-        self._checkpointer: sqlite3.Connection | None = None
-        #: Batches per status, and queued batches per context, kept in step with every change.
-        self.status_counts: Counter[BatchStatus] = Counter()
-        self.queued: Counter[str] = Counter()
-        self._min_key = 0
-        self._load_counts()
+        self._lock = lock
+        #: What was found wrong with the state when it was opened (commits a damaged log lost), or None.
+        self.damage: str | None = None
+        log_scan = scan_log(path.with_name(path.name + "-wal"))
+        try:
+            self._db = sqlite3.connect(path, isolation_level="DEFERRED")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # Before anything is written: how many log frames SQLite accepted (a checkpoint reports it).
+            _, replayed, _ = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            self._db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run on a thread: see checkpoint()
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")  # a restarted log is cut back to this
+            self._db.execute("PRAGMA cache_size=-16384")  # 16 MiB of page cache, whatever the queue holds
+            self._db.executescript(_SCHEMA)
+            self._add_missing_columns()
+            self._db.commit()
+            self._checkpointer: sqlite3.Connection | None = None
+            #: Batches per status, and queued batches per context, kept in step with every change.
+            self.status_counts: Counter[BatchStatus] = Counter()
+            self.queued: Counter[str] = Counter()
+            self._min_key = 0
+            self._load_counts()
+        except sqlite3.DatabaseError as exc:
+            self.release()
+            raise damaged_state(path, exc) from None
+        lost = log_scan.lost_commits(replayed) if log_scan is not None and replayed >= 0 else 0
+        if lost:
+            self.damage = (
+                f"the write-ahead log {path.name}-wal is damaged: {lost} commit(s) after frame {replayed} were lost"
+            )
 
     @classmethod
     def open(cls, state_dir: Path | None, fsync: bool = False) -> BrokerStore:
-        """The store in ``state_dir`` (created if missing), or in a temporary directory removed at close."""
+        """The store in ``state_dir`` (created if missing, locked for this broker), or in a temporary
+        directory removed at close."""
         if state_dir is None:
             temporary = Path(tempfile.mkdtemp(prefix="pervade-broker-"))
             return cls(temporary / STORE_FILE, fsync=fsync, temporary_dir=temporary)
-        state_dir.mkdir(parents=True, exist_ok=True)
-        return cls(state_dir / STORE_FILE, fsync=fsync)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot create the state directory {state_dir}: {exc.strerror or exc}") from None
+        lock = StateLock.acquire(state_dir)  # before the database is opened: a refused broker touches nothing
+        store = cls(state_dir / STORE_FILE, fsync=fsync, lock=lock)
+        if store.damage is None:
+            return store
+        aside = store._set_aside()
+        fresh = cls(state_dir / STORE_FILE, fsync=fsync, lock=lock)
+        fresh.damage = (
+            f"{store.damage}. The damaged state was moved to {aside} and the broker starts from an empty state: "
+            "producers resubmit their jobs (pervade produce --wait checks every pair), sinks skip what is written"
+        )
+        return fresh
+
+    def _set_aside(self) -> Path:
+        """Move the database and its log out of the way (keeping the lock); returns where they went."""
+        self._db.close()
+        aside = self.path.parent / time.strftime("damaged-%Y%m%dT%H%M%S")
+        aside.mkdir(exist_ok=True)
+        for suffix in ("", "-wal", "-shm"):
+            source = self.path.with_name(self.path.name + suffix)
+            if source.exists():
+                source.rename(aside / source.name)
+        return aside
+
+    def note_endpoint(self, endpoint: str) -> None:
+        """Record where this broker listens in its lock, for a second broker that is refused."""
+        if self._lock is not None:
+            self._lock.note(endpoint)
 
     def close(self) -> None:
         self._db.commit()
         self._db.close()
         if self._checkpointer is not None:
             self._checkpointer.close()
+        self.release()
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         if self._temporary_dir is not None:
             shutil.rmtree(self._temporary_dir, ignore_errors=True)
+            self._temporary_dir = None
 
     def commit(self) -> None:
         self._db.commit()
@@ -203,10 +295,13 @@ class BrokerStore:
         self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     def _add_missing_columns(self) -> None:
-        """State written by an older broker lacks ``pairs``: added, as 0 for the batches already there."""
+        """State written by an older broker lacks ``pairs`` and ``content``: added, as 0 and NULL for the
+        batches already there."""
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(batches)")}
         if "pairs" not in columns:
             self._db.execute("ALTER TABLE batches ADD COLUMN pairs INTEGER NOT NULL DEFAULT 0")
+        if "content" not in columns:
+            self._db.execute("ALTER TABLE batches ADD COLUMN content TEXT")
 
     def _load_counts(self) -> None:
         for status, count in self._db.execute("SELECT status, count(*) FROM batches GROUP BY status"):
@@ -227,7 +322,9 @@ class BrokerStore:
             " queue_key = ? + seq WHERE status = 'assigned'",
             (base,),
         ).rowcount
-        redeliver = self._db.execute("UPDATE batches SET status = 'done', sink = NULL WHERE status = 'delivered'").rowcount
+        redeliver = self._db.execute(
+            "UPDATE batches SET status = 'done', sink = NULL WHERE status = 'delivered'"
+        ).rowcount
         self._db.commit()
         self.status_counts.clear()
         self.queued.clear()
@@ -240,7 +337,9 @@ class BrokerStore:
         self._db.execute("INSERT OR IGNORE INTO contexts VALUES (?, ?)", (spec.context_id, _encoder.encode(spec)))
 
     def contexts(self) -> dict[str, ContextSpec]:
-        return {cid: _spec_decoder.decode(spec) for cid, spec in self._db.execute("SELECT context_id, spec FROM contexts")}
+        return {
+            cid: _spec_decoder.decode(spec) for cid, spec in self._db.execute("SELECT context_id, spec FROM contexts")
+        }
 
     def save_manifest(self, manifest: Manifest) -> None:
         self._db.execute("INSERT OR IGNORE INTO manifests VALUES (?, ?)", (manifest.digest, _encoder.encode(manifest)))
@@ -257,6 +356,7 @@ class BrokerStore:
         for job_id, text in self._db.execute("SELECT job_id, record FROM jobs"):
             record = json.loads(text)
             record["producer"] = bytes.fromhex(record["producer"])
+            record.setdefault("digest", None)  # an older broker kept no digest: counts are checked alone
             jobs[job_id] = JobRecord(**record)
         return jobs
 
@@ -294,6 +394,11 @@ class BrokerStore:
         query = "SELECT batch_id FROM batches WHERE status = 'queued' AND context_id = ? ORDER BY queue_key"
         return [r[0] for r in self._db.execute(query, (context_id,))]
 
+    def queued_ids_of_job(self, job_id: str) -> list[str]:
+        """A job's queued batches (a scan: only an aborted job asks)."""
+        query = "SELECT batch_id FROM batches WHERE status = 'queued' AND job_id = ? ORDER BY seq"
+        return [r[0] for r in self._db.execute(query, (job_id,))]
+
     def done_ids(self, limit: int) -> list[str]:
         """Batches with a known outcome not yet with a sink, oldest first."""
         query = "SELECT batch_id FROM batches WHERE status = 'done' ORDER BY seq LIMIT ?"
@@ -304,10 +409,13 @@ class BrokerStore:
     def add(self, batch: Batch) -> None:
         """Queue a new batch at the back of its context's queue."""
         cursor = self._db.execute(
-            "INSERT INTO batches (batch_id, job_id, context_id, status, queue_key, payload, pairs)"
-            " VALUES (?, ?, ?, 'queued', 0, ?, ?)",
-            (batch.batch_id, batch.job_id, batch.context.context_id, _encoder.encode(batch), len(batch.claims)),
-        )
+            "INSERT INTO batches (batch_id, job_id, context_id, status, queue_key, payload, pairs, content)"
+            " VALUES (?, ?, ?, 'queued', 0, ?, ?, ?)",
+            (
+                batch.batch_id, batch.job_id, batch.context.context_id, _encoder.encode(batch), len(batch.claims),
+                content_digest(batch),
+            ),
+        )  # fmt: skip
         self._db.execute("UPDATE batches SET queue_key = seq WHERE seq = ?", (cursor.lastrowid,))
         self._count(None, BatchStatus.QUEUED, batch.context.context_id)
 
@@ -353,3 +461,12 @@ class BrokerStore:
         self.status_counts[new] += 1
         if new is BatchStatus.QUEUED:
             self.queued[context_id] += 1
+
+
+def damaged_state(path: Path, error: sqlite3.DatabaseError) -> StateError:
+    """The error a broker reports for a state database SQLite cannot use, with what to do about it."""
+    return StateError(
+        f"the broker's state database {path} is damaged or not a pervade state ({error}). Move the state "
+        f"directory aside (mv {path.parent} {path.parent}.damaged) and start the broker with an empty --state: "
+        "running producers (pervade produce --wait) resubmit what it held, and sinks skip what is already written"
+    )

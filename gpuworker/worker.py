@@ -39,6 +39,7 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -198,6 +199,8 @@ class Worker:
     def __init__(self, config: WorkerConfig, ctx: zmq.asyncio.Context | None = None) -> None:
         self.config = config
         self.worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        #: Tells this process's reconnections from a second process started under the same worker id.
+        self.instance = uuid.uuid4().hex
         self.device = select_device(config.device)
         self.device_info = describe_device(self.device)
         self._ctx = ctx or zmq.asyncio.Context.instance()
@@ -273,6 +276,7 @@ class Worker:
                 max_contexts=self.config.max_contexts,
                 file_endpoint=self.file_server.endpoint if self.file_server else "",
                 files=held_files[:4096],
+                instance=self.instance,
             )
         )
         self.window.reset()  # a new connection: the broker knows of no credit

@@ -8,7 +8,10 @@
     ├── ProtocolError            a frame that is not a valid message of this protocol version
     ├── ContextLoadError         a model or tokenizer that cannot be loaded, or cannot score the labels
     ├── BrokerUnreachable        a broker that did not answer in time (pervade status)
-    └── JobFailed                a job that ended with batches rejected or failed
+    ├── StateError               a broker state directory in use by another broker, or damaged
+    ├── RegistrationRefused      a worker or sink whose name another live process holds
+    ├── OutputError              an output directory the sink cannot write (full, read-only): retried
+    └── JobFailed                a job that ended with batches rejected, failed or missing
 """
 
 from __future__ import annotations
@@ -44,6 +47,18 @@ class ContextLoadError(PervadeError):
 
 class BrokerUnreachable(PervadeError):
     """A broker that did not answer a request in time: not running, the wrong endpoint, or refused keys."""
+
+
+class StateError(PervadeError):
+    """A broker state directory that another broker holds, or whose database is damaged."""
+
+
+class RegistrationRefused(PervadeError):
+    """The broker refused this worker's or sink's registration: another live process holds its name."""
+
+
+class OutputError(PervadeError):
+    """The sink could not make its output durable (a full disk, a read-only or vanished directory)."""
 
 
 class JobFailed(PervadeError):

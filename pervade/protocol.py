@@ -22,9 +22,13 @@ from pervade.manifest import Manifest, RelativePath
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Label = Annotated[str, msgspec.Meta(max_length=64)]
-#: Unix seconds, up to the end of year 9999: what a Parquet microsecond timestamp holds (found by the fuzz
-#: test: an infinite time once crashed every sink it was delivered to).
-Timestamp = Annotated[float, msgspec.Meta(ge=0, le=253402300799.0)]
+#: Unix seconds from year 1 to the end of year 9999: what a Parquet microsecond timestamp (and a Python
+#: datetime) holds. An infinite time once crashed every sink it was delivered to (found by the fuzz test);
+#: a time before 1970 is only a clock set wrong, which the broker notes and corrects (docs/reliability.md).
+Timestamp = Annotated[float, msgspec.Meta(ge=-62135596800.0, le=253402300799.0)]
+#: A set of batch ids, as ``pervade.batchset.BatchSet`` digests it (32 hex digits), or "" when not given.
+SetDigest = Annotated[str, msgspec.Meta(max_length=32, pattern="^([0-9a-f]{32})?$")]
+Count = Annotated[int, msgspec.Meta(ge=0)]
 #: A manifest's digest (sha256, hex): names a set of model files.
 FilesDigest = Annotated[str, msgspec.Meta(min_length=64, max_length=64, pattern="^[0-9a-f]{64}$")]
 Endpoint = Annotated[str, msgspec.Meta(max_length=512)]
@@ -135,11 +139,35 @@ class Rejected(Message, tag="rejected"):
 
 
 class EndJob(Message, tag="end_job"):
-    """Producer has submitted every batch of the job: there are ``batches`` batches, ``pairs`` pairs."""
+    """Producer has submitted every batch of the job: the broker accepted ``batches`` batches of ``pairs``
+    pairs, whose ids digest to ``digest`` (``pervade.batchset``; "" leaves the ids unchecked). Answered by
+    JobEnded."""
 
     job_id: Id
-    batches: Annotated[int, msgspec.Meta(ge=0)]
-    pairs: Annotated[int, msgspec.Meta(ge=0)]
+    batches: Count
+    pairs: Count
+    digest: SetDigest = ""
+
+
+class JobEnded(Message, tag="job_ended"):
+    """Broker's answer to EndJob and AbortJob: what it holds of the job. ``agreed``: it holds exactly what
+    the producer counted, and the job is ended. Otherwise the job stays open and the producer submits its
+    batches again (the broker lost some: damaged or replaced state) or fails with the count missing."""
+
+    job_id: Id
+    batches: Count
+    pairs: Count
+    digest: SetDigest
+    agreed: bool
+
+
+class AbortJob(Message, tag="abort_job"):
+    """Producer cannot finish submitting the job (its input turned out bad midway): the broker ends it
+    with the batches it holds, records its queued batches as failed with ``reason``, and reports it done
+    with errors, so no producer or sink waits for it. Answered by JobEnded."""
+
+    job_id: Id
+    reason: str
 
 
 class ProducerReady(Message, tag="producer_ready"):
@@ -166,6 +194,11 @@ class JobDone(Message, tag="job_done"):
     failed_batches: int = 0
     errors: list[str] = []
     open_jobs: int = 0
+    #: Of ``batches`` and ``pairs``: written as verdicts, and (pairs) recorded failed. The producer checks
+    #: them against its own count before it reports success.
+    batches_written: Count = 0
+    pairs_written: Count = 0
+    pairs_failed: Count = 0
 
 
 # --- worker <-> broker ---------------------------------------------------------------------------
@@ -184,6 +217,9 @@ class WorkerReady(Message, tag="worker_ready"):
     file_endpoint: Endpoint = ""
     #: Manifests whose files are complete in the worker's node cache.
     files: Annotated[list[FilesDigest], msgspec.Meta(max_length=4096)] = []
+    #: A random token per process: the same worker on a new connection sends the same one, a second
+    #: process under the same ``worker_id`` another (refused while the first is alive).
+    instance: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 class Pull(Message, tag="pull"):
@@ -293,9 +329,10 @@ class Disconnect(Message, tag="disconnect"):
 
 
 class SinkReady(Message, tag="sink_ready"):
-    """A sink registers to receive results."""
+    """A sink registers to receive results. ``instance``: as in WorkerReady."""
 
     sink_id: Id
+    instance: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 class Deliver(Message, tag="deliver"):
@@ -416,13 +453,21 @@ class Error(Message, tag="error"):
     detail: str = ""
 
 
+class Refused(Message, tag="refused"):
+    """Broker to a client whose registration it refuses: its name is held by another live process (two
+    workers under one ``--worker-id``). The client tries again after a heartbeat liveness, in case the
+    holder was dying, and gives up with ``reason`` if it is still refused."""
+
+    reason: str
+
+
 AnyMessage = Union[
-    ProducerReady, Submit, Accepted, Rejected, EndJob, JobDone, DeclareContext,
+    ProducerReady, Submit, Accepted, Rejected, EndJob, JobEnded, AbortJob, JobDone, DeclareContext,
     WorkerReady, Pull, LoadContext, ContextLoaded, ContextFailed, Assign, Completed, BatchFailed, Release,
     Drained, FindSources, Sources, FilesHeld, FilesDropped,
     Disconnect, SinkReady, Deliver, DeliverFailure, SinkAck,
     StatusRequest, StatusReply,
-    Heartbeat, Error,
+    Heartbeat, Error, Refused,
 ]  # fmt: skip
 
 ALL_MESSAGES: tuple[type[Message], ...] = AnyMessage.__args__  # type: ignore[attr-defined]
@@ -448,6 +493,18 @@ def decode(frames: list[bytes]) -> Message:
         return _decoder.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError is a DecodeError; a string
         raise ProtocolError(f"invalid message: {exc}") from None  # of invalid UTF-8 raises the other
+
+
+def completed_batch_id(frames: list[bytes]) -> str | None:
+    """The batch a ``completed`` message that failed to decode answers, when its body still says: the broker
+    then requeues that batch and tells the worker why, instead of leaving it assigned for ever."""
+    try:
+        body = msgspec.msgpack.decode(frames[-1])
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    result = body.get("result") if isinstance(body, dict) and body.get("kind") == "completed" else None
+    batch_id = result.get("batch_id") if isinstance(result, dict) else None
+    return batch_id if isinstance(batch_id, str) else None
 
 
 # --- worker <-> worker: the peer file service -----------------------------------------------------

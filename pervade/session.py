@@ -7,6 +7,9 @@ Every client (worker, sink, producer) talks to the broker through a ``BrokerSess
   after a back-off that doubles from ``reconnect_min_s`` to ``reconnect_max_s``;
 - reconnects at once when the broker answers ``Disconnect`` (it does not know this peer: it restarted, or
   declared the peer dead);
+- when the broker answers ``Refused`` (another live process holds this peer's name), waits a liveness
+  period (the holder may be a dying predecessor) and registers again; refused ``MAX_REFUSALS`` times in a
+  row, it raises RegistrationRefused, which ends the role with the broker's reason;
 - reconnects on a NEW socket with a NEW identity every time (two peers with one identity lose messages,
   libzmq #4503), and then calls the role's ``register`` callback, which announces the role again (a worker
   lists the contexts it still holds, a producer resends what was not acknowledged).
@@ -26,12 +29,15 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from pervade.errors import ConfigError
+from pervade.errors import ConfigError, RegistrationRefused
 from pervade.keys import ClientKeys
-from pervade.protocol import Disconnect, Heartbeat, Message, encode, kind_of
+from pervade.protocol import Disconnect, Heartbeat, Message, Refused, encode, kind_of
 from pervade.transport import BrokerConnection
 
 log = structlog.get_logger("session")
+
+#: Registrations refused in a row (the name stays held by a live process) before a client gives up.
+MAX_REFUSALS = 3
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ class BrokerSession:
         #: Incremented on every new connection; work received on an older one is stale.
         self.generation = 0
         self.reconnects = 0
+        self._refusals = 0  # registrations refused in a row
 
     @property
     def identity(self) -> str:
@@ -175,19 +182,37 @@ class BrokerSession:
                     return None
                 continue
             self._last_heard = self._heard_at = time.monotonic()
+            if isinstance(message, Refused):
+                await self._refused(message.reason)
+                continue
             if isinstance(message, Disconnect):
                 await self.reconnect(f"the broker asked: {message.reason}", wait=not self._healthy)
                 continue
+            self._refusals = 0
             self._healthy = True
             self._backoff = self.heartbeats.reconnect_min_s
             if not isinstance(message, Heartbeat):
                 return message
         return None
 
-    async def reconnect(self, reason: str, wait: bool) -> None:
-        """Drop the socket, wait the back-off if asked, and connect afresh under a new identity."""
+    async def _refused(self, reason: str) -> None:
+        """The broker refused our registration: wait for a holder that may be dying, then try again, a
+        few times; then give up with the broker's reason."""
+        self._refusals += 1
+        log.error("registration_refused", role=self.role, reason=reason, attempt=self._refusals, of=MAX_REFUSALS)
+        if self._refusals >= MAX_REFUSALS:
+            self.close()
+            raise RegistrationRefused(f"the broker refused this {self.role}: {reason}")
+        await self.reconnect(
+            "registration refused", wait=True, delay=self.heartbeats.dead_after_s + self.heartbeats.interval_s
+        )
+
+    async def reconnect(self, reason: str, wait: bool, delay: float | None = None) -> None:
+        """Drop the socket, wait the back-off (or ``delay``) if asked, and connect afresh under a new
+        identity."""
         self.close()
-        delay = self._backoff if wait else 0.0
+        if delay is None:
+            delay = self._backoff if wait else 0.0
         log.warning("broker_reconnecting", role=self.role, reason=reason, after_s=round(delay, 2))
         if wait:
             self._backoff = min(self._backoff * 2, self.heartbeats.reconnect_max_s)

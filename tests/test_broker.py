@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import msgpack
 import pytest
 
 from broker.server import REGISTER_AGAIN
 from broker.store import BatchStatus
+from pervade.batchset import BatchSet
 from pervade.constants import PROTOCOL_HEADER
 from pervade.context import ContextSpec
 from pervade.protocol import (
@@ -27,6 +30,7 @@ from pervade.protocol import (
     Error,
     Heartbeat,
     JobDone,
+    JobEnded,
     LoadContext,
     Pull,
     Rejected,
@@ -37,6 +41,9 @@ from pervade.protocol import (
     WorkerReady,
 )
 
+#: When the test batches were "submitted": a true time, so the broker takes it as given (it moves times
+#: from a clock set wrong onto its own).
+T0 = time.time()
 CTX_A = ContextSpec(model="model-a")
 CTX_B = ContextSpec(model="model-b")
 CPU = DeviceInfo(kind="cpu", name="cpu")
@@ -50,16 +57,27 @@ def batch(job: str, n: int, context: ContextSpec = CTX_A) -> Batch:
         template_id="t",
         template="{claim} Answer:",
         claims=[Claim(claim_id=f"{n}-{i}", text=f"claim {i}") for i in range(2)],
-        submitted_at=0.0,
+        submitted_at=T0,
     )
 
 
 def result_for(b: Batch, worker_id: str = "w1") -> BatchResult:
     return BatchResult(
         batch_id=b.batch_id, job_id=b.job_id, context_id=b.context.context_id, model=b.context.model,
-        template_id=b.template_id, worker_id=worker_id, device="cpu", submitted_at=0, started_at=0, finished_at=0,
+        template_id=b.template_id, worker_id=worker_id, device="cpu", submitted_at=T0, started_at=T0, finished_at=T0,
         verdicts=[Verdict(claim_id=c.claim_id, verdict="SUPPORTS", scores=[1, 0, 0]) for c in b.claims],
     )  # fmt: skip
+
+
+async def end_job(producer, job_id: str, batches: int) -> None:
+    """End a job of ``batches`` batches made by ``batch(job_id, n)``, as a producer counts them; the broker
+    must agree that it holds exactly those."""
+    held = BatchSet()
+    for n in range(batches):
+        held.add(f"{job_id}/{n}", 2)
+    await producer.send(EndJob(job_id=job_id, batches=held.batches, pairs=held.pairs, digest=held.digest))
+    assert await producer.receive() == JobEnded(job_id=job_id, batches=held.batches, pairs=held.pairs,
+                                                digest=held.digest, agreed=True)  # fmt: skip
 
 
 async def register_worker(peer, worker_id: str, credit: int, contexts: list[str] = ()) -> None:
@@ -73,7 +91,7 @@ async def test_a_job_flows_from_producer_to_worker_to_sink_and_back(connect) -> 
     for n in range(2):
         await producer.send(Submit(batch=batch("j1", n)))
         assert await producer.receive() == Accepted(batch_id=f"j1/{n}")
-    await producer.send(EndJob(job_id="j1", batches=2, pairs=4))
+    await end_job(producer, "j1", 2)
 
     await register_worker(worker, "w1", credit=2)
     load = await worker.receive()
@@ -87,8 +105,9 @@ async def test_a_job_flows_from_producer_to_worker_to_sink_and_back(connect) -> 
     assert all(isinstance(d, Deliver) for d in delivered)
     await producer.expect_silence()  # not done until the sink says the rows are durable
     await sink.send(SinkAck(batch_ids=[d.result.batch_id for d in delivered]))
-    assert await producer.receive() == JobDone(job_id="j1", batches=2, pairs=4)
-    assert await sink.receive() == JobDone(job_id="j1", batches=2, pairs=4)  # for sinks run --until-done
+    done = JobDone(job_id="j1", batches=2, pairs=4, batches_written=2, pairs_written=4)
+    assert await producer.receive() == done
+    assert await sink.receive() == done  # for sinks run --until-done
 
 
 async def test_workers_hear_drained_only_when_the_last_open_job_completes(connect) -> None:
@@ -97,7 +116,7 @@ async def test_workers_hear_drained_only_when_the_last_open_job_completes(connec
     for job in ("j1", "j2"):
         await producer.send(Submit(batch=batch(job, 0)))
         assert await producer.receive() == Accepted(batch_id=f"{job}/0")
-    await producer.send(EndJob(job_id="j1", batches=1, pairs=2))
+    await end_job(producer, "j1", 1)
     await register_worker(worker, "w1", credit=1)
     assert isinstance(await worker.receive(), LoadContext)
 
@@ -113,7 +132,7 @@ async def test_workers_hear_drained_only_when_the_last_open_job_completes(connec
     assert (await sink.receive()).job_id == "j1"  # JobDone, for sinks run --until-done
     await run_one()
     await worker.expect_silence()  # j2 is still open: its producer has not ended it
-    await producer.send(EndJob(job_id="j2", batches=1, pairs=2))
+    await end_job(producer, "j2", 1)
     assert (await producer.receive()).job_id == "j2"
     assert await worker.receive() == Drained(completed_jobs=2)
 
@@ -124,7 +143,7 @@ async def test_drained_waits_for_a_producer_still_preparing_its_job(connect) -> 
     await sink.send(SinkReady(sink_id="s1"))
     await producer.send(Submit(batch=batch("j1", 0)))
     await producer.receive()
-    await producer.send(EndJob(job_id="j1", batches=1, pairs=2))
+    await end_job(producer, "j1", 1)
     late = await connect(b"p2", producer=True)
     await register_worker(worker, "w1", credit=1)
     assert isinstance(await worker.receive(), LoadContext)
@@ -184,10 +203,10 @@ async def test_resubmitted_batches_are_acknowledged_once_and_queued_once(connect
     replies = [await producer.receive() for _ in range(3)]
     assert [r.duplicate for r in replies] == [False, True, True]
     assert live_broker.queued_total() == 1
-    await producer.send(EndJob(job_id="j4", batches=1, pairs=2))
+    await end_job(producer, "j4", 1)
     await producer.send(Submit(batch=batch("j4", 1)))
     rejected = await producer.receive()
-    assert isinstance(rejected, Rejected) and "already ended" in rejected.reason
+    assert isinstance(rejected, Rejected) and "job j4 has ended and does not hold this batch" in rejected.reason
 
 
 async def test_affinity_sends_a_context_to_the_worker_that_holds_it(connect) -> None:
@@ -238,7 +257,7 @@ async def test_a_failing_batch_is_retried_then_recorded_as_failed(connect) -> No
     await sink.send(SinkReady(sink_id="s"))
     await producer.send(Submit(batch=batch("j6", 0)))
     await producer.receive()
-    await producer.send(EndJob(job_id="j6", batches=1, pairs=2))
+    await end_job(producer, "j6", 1)
     await register_worker(worker, "w", credit=1)
     assert isinstance(await worker.receive(), LoadContext)
     for attempt in range(2):  # the fixture's broker allows 2 attempts
@@ -261,7 +280,7 @@ async def test_a_context_no_worker_can_load_fails_its_batches(connect) -> None:
     for n in range(3):
         await producer.send(Submit(batch=batch("j7", n)))
         await producer.receive()
-    await producer.send(EndJob(job_id="j7", batches=3, pairs=6))
+    await end_job(producer, "j7", 3)
     await register_worker(worker, "w", credit=1)
     assert isinstance(await worker.receive(), LoadContext)
     assert isinstance(await worker.receive(), Assign)
@@ -294,7 +313,7 @@ async def test_a_finished_job_sent_again_is_answered_without_running_again(conne
     await register_worker(worker, "w", credit=1)
     await producer.send(Submit(batch=batch("j9", 0)))
     await producer.receive()
-    await producer.send(EndJob(job_id="j9", batches=1, pairs=2))
+    await end_job(producer, "j9", 1)
     assert isinstance(await worker.receive(), LoadContext)
     await worker.send(Completed(result=result_for((await worker.receive()).batch)))
     await sink.send(SinkAck(batch_ids=[(await sink.receive()).result.batch_id]))
@@ -305,8 +324,8 @@ async def test_a_finished_job_sent_again_is_answered_without_running_again(conne
     rerun = await connect(b"p2", producer=True)  # the producer, restarted
     await rerun.send(Submit(batch=batch("j9", 0)))
     assert await rerun.receive() == Accepted(batch_id="j9/0", duplicate=True)
-    await rerun.send(EndJob(job_id="j9", batches=1, pairs=2))
-    assert await rerun.receive() == JobDone(job_id="j9", batches=1, pairs=2)
+    await end_job(rerun, "j9", 1)
+    assert await rerun.receive() == JobDone(job_id="j9", batches=1, pairs=2, batches_written=1, pairs_written=2)
     await worker.expect_silence()  # nothing to run, and no second Drained: the job was done already
 
 

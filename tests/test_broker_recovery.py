@@ -29,7 +29,7 @@ from pervade.protocol import (
 )
 from producer.client import Producer
 from tests.conftest import FAST_HEARTBEATS
-from tests.test_broker import CTX_A, batch, register_worker, result_for
+from tests.test_broker import CTX_A, batch, end_job, register_worker, result_for
 
 
 async def test_a_silent_worker_is_declared_dead_and_its_batches_go_to_another(start_broker, connect) -> None:
@@ -105,7 +105,7 @@ async def test_a_restarted_broker_resumes_from_its_state(start_broker, connect, 
     for n in range(3):
         await producer.send(Submit(batch=batch("j4", n)))
         assert await producer.receive() == Accepted(batch_id=f"j4/{n}")
-    await producer.send(EndJob(job_id="j4", batches=3, pairs=6))
+    await end_job(producer, "j4", 3)
     await sink.send(SinkReady(sink_id="s"))
     await register_worker(worker, "w", credit=2)
     await worker.receive()
@@ -122,7 +122,7 @@ async def test_a_restarted_broker_resumes_from_its_state(start_broker, connect, 
     p2 = await connect(b"p2", producer=True, endpoint=second.endpoint)
     await p2.send(Submit(batch=batch("j4", 0)))  # the producer, reconnected, resends: a duplicate
     assert await p2.receive() == Accepted(batch_id="j4/0", duplicate=True)
-    await p2.send(EndJob(job_id="j4", batches=3, pairs=6))
+    await end_job(p2, "j4", 3)
     # the old worker's late answer reaches the new broker: taken (nobody else answered), then re-register
     w_old = await connect(b"w", endpoint=second.endpoint)
     await w_old.send(Completed(result=result_for(a1)))
@@ -143,7 +143,7 @@ async def test_a_restarted_broker_resumes_from_its_state(start_broker, connect, 
     assert isinstance(last, Assign) and last.batch.batch_id == "j4/2"
     await w2.send(Completed(result=result_for(last.batch)))
     await s2.send(SinkAck(batch_ids=[(await s2.receive()).result.batch_id]))
-    assert await p2.receive() == JobDone(job_id="j4", batches=3, pairs=6)
+    assert await p2.receive() == JobDone(job_id="j4", batches=3, pairs=6, batches_written=3, pairs_written=6)
 
 
 async def test_a_waiting_producer_reconnects_to_a_restarted_broker_and_gets_its_answer(start_broker, connect, tmp_path) -> None:
@@ -217,7 +217,7 @@ async def test_a_sink_joining_after_every_job_is_done_hears_so(connect) -> None:
     await sink.send(SinkReady(sink_id="s"))
     await producer.send(Submit(batch=batch("j8", 0)))
     await producer.receive()
-    await producer.send(EndJob(job_id="j8", batches=1, pairs=2))
+    await end_job(producer, "j8", 1)
     await register_worker(worker, "w", credit=1)
     await worker.receive()
     await worker.send(Completed(result=result_for((await worker.receive()).batch)))

@@ -27,7 +27,7 @@ from pervade.protocol import (
     WorkerReady,
 )
 from pervade.rates import RateMeter
-from tests.test_broker import CPU, CTX_A, batch, result_for
+from tests.test_broker import CPU, CTX_A, batch, end_job, result_for
 
 
 class FakeClock:
@@ -71,7 +71,7 @@ async def test_the_snapshot_follows_a_batch_from_queue_to_worker_to_done(live_br
         for n in range(3):
             await producer.send(Submit(batch=batch("j1", n)))
             assert await producer.receive() == Accepted(batch_id=f"j1/{n}")
-        await producer.send(EndJob(job_id="j1", batches=3, pairs=6))
+        await end_job(producer, "j1", 3)
         await worker.send(WorkerReady(worker_id="w1", host="h", pid=1, device=CPU))  # no credit yet
 
         # Messages on different connections reach the broker in no set order: wait for it to know the worker.
