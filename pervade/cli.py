@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch", type=_prefetch, default=1, help="batches held beyond the one computing (default: 1)")
     p.add_argument("--max-contexts", type=_positive_int, default=1, help="contexts kept resident at once (default: 1)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--worker-id", default=None, help="name in logs and output rows (default: HOST-PID)")
+    p.add_argument("--worker-id", default=None, help="name in logs and output rows; one live worker holds it, a second is refused (default: HOST-PID)")
     _add_context_files(p)
     p.add_argument("--grace-seconds", type=_positive_float, default=20.0, help="on SIGTERM, exit within this many seconds: queued batches are handed back at once, the one in hand is finished only if it fits (default: 20; Slurm sends SIGKILL 30 s after SIGTERM by default)")
     _add_ending(p)
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_claims(p, required=True)
     _add_model(p, required=True)
     p.add_argument("--max-unacked", type=_positive_int, default=16, help="batches in flight without the broker's acknowledgement (default: 16)")
-    p.add_argument("--job-id", default=None, help="job id (default: a stable hash of claims, templates, model and batch size)")
+    p.add_argument("--job-id", default=None, help="job id (default: a hash of what the sweep computes: the claims' content, the templates, the model and the batch size, so an unchanged re-run is recognised and a changed file is a new job)")
     p.add_argument("--wait", action="store_true", help="return only when every pair is durably written by a sink or recorded as failed; exit 1 if any failed")
     p.add_argument("--timeout", type=_positive_float, default=None, help="give up (exit 1) if submitting, and waiting with --wait, takes longer than this many seconds")
     _add_progress(p)
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file-rows", type=_positive_int, default=1_000_000, help="rows per file before it is closed (default: 1000000)")
     p.add_argument("--roll-seconds", type=_positive_float, default=2.0, help="longest a result waits before its file is closed and acknowledged (default: 2)")
     p.add_argument("--idle-roll-seconds", type=_positive_float, default=0.5, help="close the file once no result has come for this long (default: 0.5)")
-    p.add_argument("--sink-id", default=None, help="name in file names and logs; a restarted sink with the same name takes over at once (default: random)")
+    p.add_argument("--sink-id", default=None, help="name in file names and logs; one live sink holds it: a restarted sink with the same name takes over once the old one is silent for a heartbeat liveness (default: random)")
     p.add_argument("--until-done", action="store_true", help="exit once the broker reports every job complete")
     _add_progress(p)
     _add_heartbeats(p)
@@ -599,5 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pervade {args.command}: job failed: {exc}", file=sys.stderr)
         return 1
     except PervadeError as exc:
+        print(f"pervade {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a file or directory the command needs: say which, without a traceback
         print(f"pervade {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -4,15 +4,24 @@ Local ``.jsonl``/``.json``/``.csv``/``.parquet`` files and hub datasets go throu
 so a 145k-claim set never has to sit in memory or in a cache first. Field names are mapped by
 ``ClaimFields`` (the defaults fit FEVER). Every record is checked: a record without an id or a non-empty
 string claim raises ClaimsError naming the record, or is skipped and counted when the caller asks for that.
+
+``scan_claims`` reads a source whole before anything is sent: it validates every record and digests the
+claims chunk by chunk (``chunk_digest``). The digest names the job (a changed file is a new job), and the
+chunk digests let the producer check, as it reads the claims again to send them or to resubmit what a
+broker lost, that they are still the claims it scanned.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from importlib import resources
+from itertools import islice
 from pathlib import Path
 
+import msgspec
 import structlog
 
 from pervade.errors import ClaimsError
@@ -104,6 +113,7 @@ def read_claims(source: ClaimsSource) -> Iterator[Claim]:
     except Exception as exc:  # datasets raises many kinds: not found, auth, format
         raise ClaimsError(f"cannot open claims {source.location!r}: {exc}") from None
     label_names = _label_names(dataset, source.fields.label)
+    source.skipped = 0
     count = 0
     records = iter(dataset)
     index = 0
@@ -115,7 +125,7 @@ def read_claims(source: ClaimsSource) -> Iterator[Claim]:
         except StopIteration:
             break
         except Exception as exc:
-            raise ClaimsError(f"{source.location}: cannot read record {index + 1}: {exc}") from None
+            raise ClaimsError(_unreadable(source, index, exc)) from None
         index += 1
         try:
             claim = _to_claim(record, source.fields, label_names)
@@ -132,3 +142,88 @@ def read_claims(source: ClaimsSource) -> Iterator[Claim]:
         yield claim
     if count == 0:
         raise ClaimsError(f"{source.location}: no valid claims found")
+
+
+def _unreadable(source: ClaimsSource, records_read: int, error: Exception) -> str:
+    """Why reading failed, naming the record. The JSON reader parses a file in blocks, so its error comes
+    before the records of the block before it are handed out: in a JSON-lines file the bad line is found
+    here; in other formats the message says how far reading got."""
+    path = Path(source.location)
+    if path.suffix.lower() == ".jsonl" and path.is_file():
+        line = _first_bad_json_line(path)
+        if line is not None:
+            number, problem = line
+            return f"{source.location}: record {number} (line {number}) is not valid JSON: {problem}"
+    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"{source.location}: cannot read the records after record {records_read}: {first_line}"
+
+
+def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
+    """The first line of a JSON-lines file that is not a JSON object, and why (blank lines are allowed)."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.rstrip(b"\r\n"))
+            except UnicodeDecodeError as exc:
+                return number, f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+            except json.JSONDecodeError as exc:
+                return number, exc.msg + f" at column {exc.colno}"
+            if not isinstance(record, dict):
+                return number, f"expected a JSON object, got {type(record).__name__}"
+    return None
+
+
+_claims_encoder = msgspec.msgpack.Encoder()
+
+
+def chunk_digest(claims: list[Claim]) -> bytes:
+    """A digest of one chunk of claims (ids, texts, gold labels, in order): what one batch per template
+    computes on."""
+    return hashlib.sha256(_claims_encoder.encode(claims)).digest()[:16]
+
+
+def chunks(claims: Iterable[Claim], size: int) -> Iterator[list[Claim]]:
+    """``claims`` in lists of ``size`` (the last one shorter): the producer's batches, one per template."""
+    iterator = iter(claims)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+@dataclass(frozen=True)
+class ClaimsScan:
+    """A claims source read whole: every record valid, and what it holds."""
+
+    claims: int
+    skipped: int
+    #: One ``chunk_digest`` per chunk of ``chunk_size`` claims.
+    chunk_digests: tuple[bytes, ...]
+    chunk_size: int
+
+    @property
+    def digest(self) -> str:
+        """The whole content, as hex: it names the job (with the templates, the model and the batch size)."""
+        return hashlib.sha256(b"".join(self.chunk_digests)).hexdigest()
+
+
+def scan_claims(source: ClaimsSource, chunk_size: int) -> ClaimsScan:
+    """Read every claim of ``source`` once, validating all of it (ClaimsError names the first bad record)
+    before anything is sent. Blocking: an asyncio caller runs it on a thread."""
+    scanned = replace(source)
+    digests, count = [], 0
+    for chunk in chunks(read_claims(scanned), chunk_size):
+        digests.append(chunk_digest(chunk))
+        count += len(chunk)
+    return ClaimsScan(claims=count, skipped=scanned.skipped, chunk_digests=tuple(digests), chunk_size=chunk_size)
+
+
+@dataclass(frozen=True)
+class ClaimsReader:
+    """The claims of a source, read afresh on each iteration: the producer reads them again to resubmit
+    what a broker lost."""
+
+    source: ClaimsSource
+
+    def __iter__(self) -> Iterator[Claim]:
+        return read_claims(replace(self.source))

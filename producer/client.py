@@ -12,6 +12,16 @@ never floods a broker that is slower than the claims source.
 Nothing is lost if the broker restarts or the network fails: the session reconnects (``pervade.session``),
 then every batch not yet acknowledged is sent again, and so is the EndJob of every job still awaited. Batch
 ids are deterministic, so the broker recognises a resend as a duplicate and queues it once.
+
+Nor does the producer take the broker's word for it. It keeps its own count of what the broker accepted
+(``pervade.batchset.BatchSet``: batches, pairs, a digest of their ids), ends a job only once the broker
+holds exactly that, and returns from ``wait`` only when the broker reports that many pairs written or
+recorded failed. A broker whose state was damaged or replaced holds less: the producer reads the claims
+again (when they can be iterated again: a list, a ``ClaimsReader``) and resubmits the whole sweep, of which
+the broker queues only what it lost; or fails with the count of pairs missing. Each chunk of claims read
+again must digest as it did the first time (or as a scan said), so a file changed meanwhile is refused,
+never computed under the old job's name. A sweep whose claims turn out bad midway is aborted: the broker
+closes the job, so no sink or producer waits for it.
 """
 
 from __future__ import annotations
@@ -20,19 +30,20 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from itertools import islice
 
 import msgspec
 import structlog
 import zmq.asyncio
 
+from pervade.batchset import BatchSet
 from pervade.constants import DEFAULT_BROKER_CONNECT
 from pervade.context import ContextSpec, ResolvedContext
-from pervade.errors import ConfigError, InputError, JobFailed, ProtocolError
+from pervade.errors import ClaimsError, ConfigError, InputError, JobFailed, ProtocolError
 from pervade.keys import ClientKeys
 from pervade.protocol import (
+    AbortJob,
     Accepted,
     Batch,
     Claim,
@@ -41,6 +52,7 @@ from pervade.protocol import (
     EndJob,
     Error,
     JobDone,
+    JobEnded,
     ProducerReady,
     Rejected,
     Submit,
@@ -48,9 +60,15 @@ from pervade.protocol import (
     encode,
 )
 from pervade.session import BrokerSession, Heartbeats
+from producer.claims import chunk_digest, chunks
 from producer.templates import validate_templates
 
 log = structlog.get_logger("producer")
+
+#: Times a producer submits a sweep again to a broker that lost part of it, before it gives up.
+MAX_RESUBMISSIONS = 3
+#: Seconds a producer waits for the broker to confirm an aborted job before it exits anyway.
+ABORT_CONFIRM_S = 5.0
 
 
 @dataclass
@@ -67,19 +85,52 @@ class SubmitReport:
     rejected_pairs: int = 0
     #: Pairs of the batches the broker has answered (accepted or rejected) so far.
     answered_pairs: int = 0
+    #: Times the sweep was submitted again because the broker had lost part of it, and the batches it took
+    #: again then.
+    resubmissions: int = 0
+    recovered_batches: int = 0
 
 
-def job_id_for(context: ContextSpec | ResolvedContext, templates: Mapping[str, str], source: str, batch_size: int) -> str:
-    """A job id that is the same whenever the same sweep is submitted again, so a restarted producer's
-    batches are recognised by the broker instead of being run twice."""
-    key = msgspec.msgpack.encode((context.context_id, sorted(templates.items()), source, batch_size))
+def job_id_for(
+    context: ContextSpec | ResolvedContext, templates: Mapping[str, str], claims_digest: str, batch_size: int
+) -> str:
+    """A job id that names what the sweep computes: the claims' content (``ClaimsScan.digest``), the
+    templates, the context and the batch size. The same sweep submitted again gets the same id (its
+    batches are recognised, not redone); a changed claims file, template or model is a new job."""
+    key = msgspec.msgpack.encode((context.context_id, sorted(templates.items()), claims_digest, batch_size))
     return "job-" + hashlib.sha256(key).hexdigest()[:16]
 
 
-def _chunks(claims: Iterable[Claim], size: int) -> Iterator[list[Claim]]:
-    iterator = iter(claims)
-    while chunk := list(islice(iterator, size)):
-        yield chunk
+@dataclass
+class _Sweep:
+    """One job as this producer submits it: its own count of what the broker accepted, and what it needs
+    to submit it again."""
+
+    job_id: str
+    claims: Iterable[Claim]
+    templates: dict[str, str]
+    context: ContextSpec
+    batch_size: int
+    report: SubmitReport
+    done: asyncio.Future[JobDone]
+    #: What the broker accepted in the first pass (each batch counted once).
+    accepted: BatchSet = field(default_factory=BatchSet)
+    #: ``chunk_digest`` of each chunk: given by a scan, or recorded in the first pass.
+    chunk_digests: list[bytes] | None = None
+    #: The broker's answer to the EndJob (or AbortJob) in flight.
+    ended: asyncio.Future[JobEnded] | None = None
+    #: The broker said, unasked (after a reconnection), that it no longer holds the job: resubmit.
+    lost: JobEnded | None = None
+    lost_signal: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def rereadable(self) -> bool:
+        """Whether the claims can be read again (a list, a ClaimsReader), not a one-shot iterator."""
+        return iter(self.claims) is not self.claims
+
+    def end_message(self) -> EndJob:
+        held = self.accepted
+        return EndJob(job_id=self.job_id, batches=held.batches, pairs=held.pairs, digest=held.digest)
 
 
 class Producer:
@@ -105,13 +156,14 @@ class Producer:
         )
         self._receiver: asyncio.Task[None] | None = None
         self._window = asyncio.Semaphore(max_unacked)
-        self._reports: dict[str, SubmitReport] = {}
-        #: Batches sent and not yet answered: batch id -> (job id, pairs, frames to send again).
-        self._unanswered: dict[str, tuple[str, int, list[bytes]]] = {}
-        #: Jobs ended and not yet reported done: their EndJob is sent again after a reconnection.
-        self._awaiting: dict[str, EndJob] = {}
+        self._sweeps: dict[str, _Sweep] = {}
+        #: Batches sent and not yet answered: batch id -> (job id, pairs, frames to send again, first pass).
+        self._unanswered: dict[str, tuple[str, int, list[bytes], bool]] = {}
+        #: Jobs ended (or aborted) and not yet reported done: sent again after a reconnection.
+        self._awaiting: dict[str, EndJob | AbortJob] = {}
         #: Manifests declared to the broker: declared again on every new connection, before any resend.
         self._declared: dict[str, DeclareContext] = {}
+        #: JobDone of jobs this producer did not submit (``wait`` on another producer's job id).
         self._done: dict[str, asyncio.Future[JobDone]] = {}
         self._all_acked = asyncio.Event()
         self._all_acked.set()
@@ -134,7 +186,7 @@ class Producer:
         await session.send_registration(ProducerReady(producer_id=self.producer_id))
         for declaration in list(self._declared.values()):
             await session.send_registration(declaration)
-        for _, _, frames in list(self._unanswered.values()):
+        for _, _, frames, _ in list(self._unanswered.values()):
             await session.send_frames_registration(frames)
         for end in list(self._awaiting.values()):
             await session.send_registration(end)
@@ -142,6 +194,9 @@ class Producer:
             log.info("resent_after_reconnect", batches=len(self._unanswered), jobs=len(self._awaiting))
 
     def _done_future(self, job_id: str) -> asyncio.Future[JobDone]:
+        sweep = self._sweeps.get(job_id)
+        if sweep is not None:
+            return sweep.done
         return self._done.setdefault(job_id, asyncio.get_running_loop().create_future())
 
     async def _receive_loop(self) -> None:
@@ -149,6 +204,8 @@ class Producer:
             message = await self.session.receive(timeout_s=0.5)
             if isinstance(message, (Accepted, Rejected)):
                 self._acknowledge(message)
+            elif isinstance(message, JobEnded):
+                self._job_ended(message)
             elif isinstance(message, JobDone):
                 self._awaiting.pop(message.job_id, None)
                 future = self._done_future(message.job_id)
@@ -157,6 +214,18 @@ class Producer:
             elif isinstance(message, Error):
                 log.error("broker_error", reason=message.reason, detail=message.detail)
                 self._fail_pending(message.reason)
+
+    def _job_ended(self, message: JobEnded) -> None:
+        sweep = self._sweeps.get(message.job_id)
+        if sweep is None:
+            return
+        if sweep.ended is not None and not sweep.ended.done():
+            sweep.ended.set_result(message)
+        elif not message.agreed and not sweep.done.done():
+            # Our EndJob, resent after a reconnection, found a broker that lost the job (it restarted on
+            # damaged or new state): whoever waits for the job resubmits it.
+            sweep.lost = message
+            sweep.lost_signal.set()
 
     def _fail_pending(self, reason: str) -> None:
         """The broker refused something it could not name: whatever waits on an answer stops waiting."""
@@ -170,16 +239,21 @@ class Producer:
         pending = self._unanswered.pop(message.batch_id, None)
         if pending is None:
             return  # an answer to a resend we no longer wait for
-        job_id, pairs, _ = pending
-        report = self._reports[job_id]
-        report.answered_pairs += pairs
-        if isinstance(message, Accepted):
-            report.accepted += 1
-            report.duplicates += message.duplicate
-        else:
+        job_id, pairs, _, first_pass = pending
+        sweep = self._sweeps[job_id]
+        report = sweep.report
+        if isinstance(message, Rejected):
             report.rejected.append(f"{message.batch_id}: {message.reason}")
             report.rejected_pairs += pairs
             log.error("batch_rejected", batch_id=message.batch_id, reason=message.reason)
+        elif first_pass:
+            sweep.accepted.add(message.batch_id, pairs)
+            report.accepted += 1
+            report.duplicates += message.duplicate
+        elif not message.duplicate:
+            report.recovered_batches += 1  # the broker had lost it and took it again
+        if first_pass:
+            report.answered_pairs += pairs
         self._window.release()
         if not self._unanswered:
             self._all_acked.set()
@@ -191,46 +265,135 @@ class Producer:
         context: ResolvedContext | ContextSpec,
         batch_size: int = 32,
         job_id: str | None = None,
+        chunk_digests: Iterable[bytes] | None = None,
     ) -> SubmitReport:
-        """Send every (claim, template) pair for ``context`` and end the job; returns once the broker
-        has acknowledged every batch. ``job_id`` defaults to a fresh random id; pass a stable one (such as
-        ``job_id_for(...)`` over the claims' source) to let a re-run be recognised instead of redone."""
+        """Send every (claim, template) pair for ``context`` and end the job; returns once the broker holds
+        exactly the batches it accepted (resubmitting what it lost, when ``claims`` can be iterated again).
+
+        ``job_id`` defaults to a fresh random id; pass a stable one (``job_id_for`` over a ``scan_claims``)
+        to let a re-run be recognised instead of redone. ``chunk_digests`` (from that scan) makes every
+        chunk read be checked against what was scanned. A ClaimsError while reading aborts the job."""
         if self._receiver is None:
             raise ConfigError("use the Producer as 'async with Producer(...) as producer'")
         if batch_size < 1:
             raise ConfigError("batch_size must be at least 1")
         templates = validate_templates(dict(templates))
-        context = await self.declare(context)
+        spec = await self.declare(context)
         job_id = job_id or f"job-{uuid.uuid4().hex[:16]}"
-        report = self._reports[job_id] = SubmitReport(job_id=job_id)
-        self._done[job_id] = asyncio.get_running_loop().create_future()  # never an earlier run's answer
+        report = SubmitReport(job_id=job_id)
+        sweep = self._sweeps[job_id] = _Sweep(
+            job_id=job_id, claims=claims, templates=templates, context=spec, batch_size=batch_size, report=report,
+            done=asyncio.get_running_loop().create_future(),  # never an earlier run's answer
+            chunk_digests=list(chunk_digests) if chunk_digests is not None else None,
+        )  # fmt: skip
         started = time.perf_counter()
-        chunks = _chunks(claims, batch_size)
+        try:
+            await self._send_pass(sweep, first=True)
+        except InputError as exc:
+            await self._abort(sweep, str(exc))
+            raise
+        await self._end(sweep)
+        report.seconds = time.perf_counter() - started
+        log.info("job_submitted", job_id=job_id, batches=report.batches, pairs=report.pairs, accepted=report.accepted)
+        return report
+
+    async def _send_pass(self, sweep: _Sweep, first: bool) -> None:
+        """Read the claims and send every batch: the first submission, or a resubmission after the broker
+        lost part of the job (each chunk checked against the first pass, or the scan)."""
+        expected = sweep.chunk_digests
+        recorded: list[bytes] = []
+        claims = chunks(sweep.claims, sweep.batch_size)
         index = 0
         # Reading claims (files, the hub) blocks: take each chunk on a thread so acknowledgements
         # keep flowing while the next chunk is read.
-        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
-            for template_id, template in templates.items():
+        while (chunk := await asyncio.to_thread(next, claims, None)) is not None:
+            digest = chunk_digest(chunk)
+            if expected is not None and (index >= len(expected) or expected[index] != digest):
+                first_claim = index * sweep.batch_size + 1
+                raise ClaimsError(
+                    f"the claims changed while job {sweep.job_id} was submitted: claims {first_claim}-"
+                    f"{first_claim + len(chunk) - 1} are not the ones read before"
+                )
+            recorded.append(digest)
+            for template_id, template in sweep.templates.items():
                 batch = Batch(
-                    batch_id=f"{job_id}/{index:07d}/{template_id}",
-                    job_id=job_id,
-                    context=context,
+                    batch_id=f"{sweep.job_id}/{index:07d}/{template_id}",
+                    job_id=sweep.job_id,
+                    context=sweep.context,
                     template_id=template_id,
                     template=template,
                     claims=chunk,
                     submitted_at=time.time(),
                 )
-                await self._send_batch(batch, report)
+                await self._send_batch(batch, sweep.report, first)
             index += 1
+        if expected is not None and index != len(expected):
+            raise ClaimsError(f"the claims changed while job {sweep.job_id} was submitted: {index * sweep.batch_size} "
+                              f"or fewer claims now, {len(expected) * sweep.batch_size} or fewer before")  # fmt: skip
+        if expected is None:
+            sweep.chunk_digests = recorded
         await self._all_acked.wait()
         self._raise_if_refused()
-        # Only what the broker took counts: a rejected batch would never complete.
-        accepted_pairs = report.pairs - report.rejected_pairs
-        end = self._awaiting[job_id] = EndJob(job_id=job_id, batches=report.accepted, pairs=accepted_pairs)
-        await self.session.send(end)
-        report.seconds = time.perf_counter() - started
-        log.info("job_submitted", job_id=job_id, batches=report.batches, pairs=report.pairs, accepted=report.accepted)
-        return report
+
+    async def _end(self, sweep: _Sweep) -> None:
+        """End the job once the broker holds exactly what it accepted; resubmit while it holds less."""
+        while True:
+            reply = await self._ask(sweep, sweep.end_message())
+            if reply.agreed:
+                return
+            await self._recover(sweep, reply)
+
+    async def _ask(self, sweep: _Sweep, message: EndJob | AbortJob) -> JobEnded:
+        """Send an EndJob or AbortJob (sent again after a reconnection) and wait for the broker's JobEnded."""
+        sweep.ended = asyncio.get_running_loop().create_future()
+        self._awaiting[sweep.job_id] = message
+        await self.session.send(message)
+        return await sweep.ended
+
+    async def _recover(self, sweep: _Sweep, held: JobEnded) -> None:
+        """The broker holds less of the job than it accepted (its state was damaged or replaced): submit the
+        sweep again, or fail with what is missing when that cannot help."""
+        ours, report = sweep.accepted, sweep.report
+        missing = f"{ours.batches - held.batches} batches ({ours.pairs - held.pairs} pairs)"
+        if held.batches > ours.batches or (held.batches == ours.batches and held.digest != ours.digest):
+            raise JobFailed(
+                f"job {sweep.job_id}: the broker holds {held.batches} batches ({held.pairs} pairs) under this job id, "
+                f"this producer submitted {ours.batches} ({ours.pairs} pairs): another sweep used the same job id"
+            )
+        if not sweep.rereadable:
+            raise JobFailed(
+                f"job {sweep.job_id}: the broker lost {missing} of {ours.batches} batches (its state was damaged or "
+                "replaced), and these claims cannot be read again to resubmit them: submit the same sweep again"
+            )
+        if report.resubmissions >= MAX_RESUBMISSIONS:
+            raise JobFailed(
+                f"job {sweep.job_id}: the broker still lacks {missing} after {report.resubmissions} resubmissions"
+            )
+        report.resubmissions += 1
+        log.error(
+            "broker_lost_batches", job_id=sweep.job_id, broker_batches=held.batches, our_batches=ours.batches,
+            missing_pairs=ours.pairs - held.pairs, resubmission=report.resubmissions,
+        )  # fmt: skip
+        try:
+            await self._send_pass(sweep, first=False)
+        except InputError as exc:
+            await self._abort(sweep, str(exc))
+            raise
+
+    async def _abort(self, sweep: _Sweep, reason: str) -> None:
+        """The sweep cannot be finished: have the broker close the job, so nobody waits for it."""
+        for batch_id in [b for b, pending in self._unanswered.items() if pending[0] == sweep.job_id]:
+            del self._unanswered[batch_id]  # answers to these no longer matter
+            self._window.release()
+        if not self._unanswered:
+            self._all_acked.set()
+        try:
+            async with asyncio.timeout(ABORT_CONFIRM_S):
+                await self._ask(sweep, AbortJob(job_id=sweep.job_id, reason=reason[:2000]))
+            log.error("job_aborted", job_id=sweep.job_id, reason=reason)
+        except TimeoutError:
+            log.error("job_abort_unconfirmed", job_id=sweep.job_id, reason=reason,
+                      hint="the broker keeps the job open until this producer reaches it again")  # fmt: skip
 
     async def declare(self, context: ResolvedContext | ContextSpec) -> ContextSpec:
         """Give the broker the context's manifest (once per connection); returns the spec batches carry."""
@@ -246,13 +409,14 @@ class Producer:
 
     def report(self, job_id: str) -> SubmitReport | None:
         """How far the submission of ``job_id`` has got (it grows while ``submit_sweep`` runs)."""
-        return self._reports.get(job_id)
+        sweep = self._sweeps.get(job_id)
+        return sweep.report if sweep is not None else None
 
     def _raise_if_refused(self) -> None:
         if self._refusal is not None:
             raise JobFailed(f"the broker refused a message: {self._refusal}")
 
-    async def _send_batch(self, batch: Batch, report: SubmitReport) -> None:
+    async def _send_batch(self, batch: Batch, report: SubmitReport, first_pass: bool) -> None:
         frames = encode(Submit(batch=batch))
         try:
             decode(frames)  # what the broker would refuse, refused here, with the field named
@@ -260,18 +424,56 @@ class Producer:
             raise InputError(f"batch {batch.batch_id} cannot be sent: {exc}") from None
         await self._window.acquire()
         self._raise_if_refused()
-        self._unanswered[batch.batch_id] = (batch.job_id, len(batch.claims), frames)
+        self._unanswered[batch.batch_id] = (batch.job_id, len(batch.claims), frames, first_pass)
         self._all_acked.clear()
         await self.session.send_frames(frames)
-        report.batches += 1
-        report.pairs += len(batch.claims)
+        if first_pass:
+            report.batches += 1
+            report.pairs += len(batch.claims)
 
     async def wait(self, job_id: str, timeout_s: float | None = None) -> JobDone:
-        """Until every batch of the job is durably written by a sink or has failed. Raises JobFailed if
-        any batch failed or was rejected."""
-        done = await asyncio.wait_for(asyncio.shield(self._done_future(job_id)), timeout_s)
-        report = self._reports.get(job_id)
-        problems = list(done.errors) + (report.rejected if report else [])
-        if done.failed_batches or problems:
-            raise JobFailed(f"job {job_id}: {done.failed_batches} of {done.batches} batches failed; " + "; ".join(problems[:5]))
+        """Until every batch of the job is durably written by a sink or recorded failed, as counted against
+        this producer's own record; resubmits what a restarted broker lost meanwhile. Raises JobFailed if
+        any batch failed or was rejected, or the broker's count is not this producer's."""
+        sweep = self._sweeps.get(job_id)
+        if sweep is None:  # another producer's job: the broker's word is all there is
+            done = await asyncio.wait_for(asyncio.shield(self._done_future(job_id)), timeout_s)
+            if done.failed_batches or done.errors:
+                raise JobFailed(f"job {job_id}: {done.failed_batches} of {done.batches} batches failed; "
+                                + "; ".join(done.errors[:5]))  # fmt: skip
+            return done
+        async with asyncio.timeout(timeout_s):
+            while not sweep.done.done():
+                lost = asyncio.ensure_future(sweep.lost_signal.wait())
+                await asyncio.wait([sweep.done, lost], return_when=asyncio.FIRST_COMPLETED)
+                lost.cancel()
+                if sweep.lost is not None and not sweep.done.done():
+                    held, sweep.lost = sweep.lost, None
+                    sweep.lost_signal.clear()
+                    await self._recover(sweep, held)
+                    await self._end(sweep)
+        done = sweep.done.result()
+        self._verify(sweep, done)
         return done
+
+    @staticmethod
+    def _verify(sweep: _Sweep, done: JobDone) -> None:
+        ours, report = sweep.accepted, sweep.report
+        counted = (done.batches, done.pairs) == (ours.batches, ours.pairs)
+        settled = (
+            done.batches_written + done.failed_batches == done.batches
+            and done.pairs_written + done.pairs_failed == done.pairs
+        )
+        if not counted or not settled:
+            raise JobFailed(
+                f"job {sweep.job_id}: the broker reports {done.pairs_written} pairs written and {done.pairs_failed} "
+                f"failed of {done.pairs} in {done.batches} batches, but this producer had {ours.pairs} pairs in "
+                f"{ours.batches} batches accepted: "
+                f"{ours.pairs - done.pairs_written - done.pairs_failed} unaccounted for"
+            )
+        problems = list(done.errors) + report.rejected
+        if done.failed_batches or problems:
+            raise JobFailed(
+                f"job {sweep.job_id}: {done.failed_batches} of {done.batches} batches failed "
+                f"({done.pairs_failed} pairs recorded failed); " + "; ".join(problems[:5])
+            )

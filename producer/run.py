@@ -24,7 +24,7 @@ from pervade.keys import ClientKeys
 from pervade.progress import count_bars
 from pervade.protocol import JobDone
 from pervade.session import Heartbeats
-from producer.claims import ClaimFields, ClaimsSource, read_claims
+from producer.claims import ClaimFields, ClaimsReader, ClaimsSource, scan_claims
 from producer.client import Producer, SubmitReport, job_id_for
 from producer.templates import load_templates
 
@@ -74,14 +74,18 @@ class ProduceOutcome:
         text = f"job {r.job_id}: {r.pairs} pairs in {r.batches} batches accepted by the broker"
         if r.duplicates:
             text += f" ({r.duplicates} batches were already there)"
+        if r.resubmissions:
+            text += f"; resubmitted {r.resubmissions} time(s): the broker had lost {r.recovered_batches} batches"
         if self.skipped_records:
             text += f"; {self.skipped_records} invalid records skipped"
         if self.done is not None:
-            text += f"; all {self.done.pairs} pairs written"
+            text += f"; all {self.done.pairs} pairs written, as counted by this producer"
         return text
 
 
 async def produce(request: ProduceRequest) -> ProduceOutcome:
+    """Validate the templates and every claim, then submit the sweep (and wait, if asked). The job is named
+    by what it computes, so an unchanged re-run is recognised and a changed file is a new job."""
     templates = load_templates(request.templates)  # validated before anything is read or sent
     source = ClaimsSource(
         location=request.claims,
@@ -91,22 +95,22 @@ async def produce(request: ProduceRequest) -> ProduceOutcome:
         limit=request.limit,
         skip_invalid=request.skip_invalid,
     )
-    origin = f"{request.claims}|{request.split}|{request.dataset_config}|{request.limit}|{source.fields}"
-    job_id = request.job_id or job_id_for(request.context, templates, origin, request.batch_size)
+    # Read whole before anything is sent: a bad record at the end fails the run before its first batch.
+    scan = await asyncio.to_thread(scan_claims, source, request.batch_size)
+    job_id = request.job_id or job_id_for(request.context, templates, scan.digest, request.batch_size)
+    producer = Producer(
+        request.broker, max_unacked=request.max_unacked, heartbeats=request.heartbeats, keys=request.keys
+    )
     try:
-        async with (
-            asyncio.timeout(request.timeout_s),
-            Producer(
-                request.broker, max_unacked=request.max_unacked, heartbeats=request.heartbeats, keys=request.keys
-            ) as producer,
-        ):
+        async with asyncio.timeout(request.timeout_s), producer:
             with count_bars("pairs", request.progress) as bars:
                 # Off a terminal the bars are not drawn: nothing to follow.
                 follower = None if bars.disable else asyncio.create_task(_follow_submission(producer, job_id, bars))
                 try:
                     report = await producer.submit_sweep(
-                        read_claims(source), templates, request.context, batch_size=request.batch_size, job_id=job_id
-                    )
+                        ClaimsReader(source), templates, request.context, batch_size=request.batch_size, job_id=job_id,
+                        chunk_digests=scan.chunk_digests,
+                    )  # fmt: skip
                 finally:
                     if follower is not None:
                         follower.cancel()
@@ -114,10 +118,14 @@ async def produce(request: ProduceRequest) -> ProduceOutcome:
                 _show_submission(bars, report)
             done = await producer.wait(job_id) if request.wait else None
     except TimeoutError:
-        raise JobFailed(
-            f"job {job_id}: not finished within {request.timeout_s} s (is the broker at {request.broker} up?)"
-        ) from None
-    return ProduceOutcome(report=report, skipped_records=source.skipped, done=done)
+        submitted = producer.report(job_id)
+        if submitted is None or not submitted.answered_pairs:
+            where = f"the broker at {request.broker} acknowledged nothing (is it up, and are our keys admitted?)"
+        else:
+            where = (f"{submitted.answered_pairs} of {submitted.pairs} pairs acknowledged; `pervade status --broker "
+                     f"{request.broker}` shows its workers, queues and sinks")  # fmt: skip
+        raise JobFailed(f"job {job_id}: not finished within {request.timeout_s} s: {where}") from None
+    return ProduceOutcome(report=report, skipped_records=scan.skipped, done=done)
 
 
 def _show_submission(bars: Progress, report: SubmitReport | None) -> None:

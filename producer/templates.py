@@ -31,7 +31,9 @@ def validate_templates(templates: object, source: str = "templates") -> dict[str
         if not isinstance(template_id, str) or not template_id.strip():
             raise TemplateError(f"{source}: template ids must be non-empty strings, got {template_id!r}")
         if len(template_id) > MAX_TEMPLATE_ID_LENGTH:
-            raise TemplateError(f"{source}: template id {template_id[:20]!r}... is longer than {MAX_TEMPLATE_ID_LENGTH}")
+            raise TemplateError(
+                f"{source}: template id {template_id[:20]!r}... is longer than {MAX_TEMPLATE_ID_LENGTH}"
+            )
         if not isinstance(text, str):
             raise TemplateError(f"{source}: template {template_id!r} must be a string, got {type(text).__name__}")
         count = text.count(CLAIM_PLACEHOLDER)
@@ -43,14 +45,38 @@ def validate_templates(templates: object, source: str = "templates") -> dict[str
 
 
 def load_templates(path: str | Path | None = None) -> dict[str, str]:
-    """Read and validate a templates file; ``None`` loads the shipped default set."""
+    """Read and validate a templates file; ``None`` loads the shipped default set. The file must be UTF-8
+    JSON with each template id once: a repeated id is refused (JSON parsers keep the last one silently)."""
     path = Path(path) if path is not None else default_templates_path()
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise TemplateError(f"cannot read templates file {str(path)!r}: {exc.strerror or exc}") from None
     try:
-        parsed = json.loads(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise TemplateError(
+            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); save the file as UTF-8"
+        ) from None
+    try:
+        parsed = json.loads(text, object_pairs_hook=_refuse_repeated_keys)
     except json.JSONDecodeError as exc:
         raise TemplateError(f"{path}: not valid JSON: {exc}") from None
+    except _RepeatedKey as exc:
+        raise TemplateError(f"{path}: template id {exc.key!r} appears more than once") from None
     return validate_templates(parsed, source=str(path))
+
+
+class _RepeatedKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _RepeatedKey(key)
+        result[key] = value
+    return result

@@ -8,8 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pervade.context import ContextSpec
 from pervade.errors import ClaimsError, TemplateError
-from producer.claims import ClaimFields, ClaimsSource, read_claims, sample_claims_path
+from producer.claims import ClaimFields, ClaimsSource, read_claims, sample_claims_path, scan_claims
+from producer.client import job_id_for
 from producer.templates import load_templates, validate_templates
 from tests.conftest import FEVER_DEV
 
@@ -102,7 +104,7 @@ def test_a_repeated_claim_id_is_refused(tmp_path) -> None:
     [
         ("empty.jsonl", "", "the file is empty"),
         ("notes.txt", "hello", "expected a .jsonl, .json, .csv or .parquet file"),
-        ("broken.jsonl", '{"id": 1, "claim": "ok"}\n{"id": 2, "claim": \n', "cannot"),
+        ("broken.jsonl", '{"id": 1, "claim": "ok"}\n{"id": 2, "claim": \n', r"record 2 \(line 2\) is not valid JSON: Expecting value at column 20"),
         ("nothing.jsonl", json.dumps({"id": 1, "other": "x"}) + "\n", "field 'claim'"),
         ("numbers.jsonl", json.dumps({"id": 1, "claim": 12345}) + "\n", "field 'claim' must be a non-empty string"),
         ("binary.parquet", "PAR1 this is not parquet", "cannot"),
@@ -117,3 +119,52 @@ def test_unreadable_claims_files(tmp_path, name: str, content: str, reason: str)
 def test_missing_file_is_not_mistaken_for_a_hub_name(tmp_path) -> None:
     with pytest.raises(ClaimsError, match="no such file"):
         list(read_claims(ClaimsSource(str(tmp_path / "absent.jsonl"))))
+
+
+def test_a_templates_file_not_in_utf8_or_with_a_repeated_id_is_refused(tmp_path) -> None:
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('{\n"fr": "Vérifiez : {claim}"\n}'.encode("latin-1"))
+    with pytest.raises(TemplateError, match=r"latin.json: not UTF-8 text \(byte 0xe9 on line 2\); save the file as UTF-8"):
+        load_templates(latin)
+    repeated = tmp_path / "repeated.json"
+    repeated.write_text('{"a": "{claim} one", "b": "{claim} two", "a": "{claim} three"}')
+    with pytest.raises(TemplateError, match="repeated.json: template id 'a' appears more than once"):
+        load_templates(repeated)
+
+
+def test_a_bad_line_deep_in_a_file_is_named_by_its_number(tmp_path) -> None:
+    lines = [json.dumps({"id": i, "claim": f"claim {i}"}) for i in range(1, 2001)]
+    lines[1499] = '{"id": 1500, "claim": "cut short'
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ClaimsError, match=r"c.jsonl: record 1500 \(line 1500\) is not valid JSON"):
+        list(read_claims(ClaimsSource(str(tmp_path / "c.jsonl"))))
+
+
+def test_a_scan_reads_the_whole_file_before_anything_is_sent(tmp_path) -> None:
+    """A repeated id at record 1,801 fails the scan, which runs before the first batch is sent."""
+    records = [{"id": i, "claim": f"claim {i}"} for i in range(1, 2001)]
+    records[1800]["id"] = 17
+    path = write_jsonl(tmp_path / "c.jsonl", records)
+    with pytest.raises(ClaimsError, match="record 1801: id '17' was already used"):
+        scan_claims(ClaimsSource(path), chunk_size=32)
+    scan = scan_claims(ClaimsSource(path, skip_invalid=True), chunk_size=32)
+    assert (scan.claims, scan.skipped, len(scan.chunk_digests)) == (1999, 1, 63)
+
+
+def test_the_job_id_names_what_the_sweep_computes(tmp_path) -> None:
+    """The same content is the same job wherever the file is; another claim, label, template, model or
+    batch size is another job (an edited file used to keep its old job id, and its new claims were lost)."""
+    records = [{"id": i, "claim": f"claim {i}", "label": "SUPPORTS"} for i in range(100)]
+    context, templates = ContextSpec(model="m"), {"t": "{claim} Answer:"}
+
+    def job_id(recs, name="c.jsonl", templates=templates, context=context, batch_size=32) -> str:
+        scan = scan_claims(ClaimsSource(write_jsonl(tmp_path / name, recs)), batch_size)
+        return job_id_for(context, templates, scan.digest, batch_size)
+
+    first = job_id(records)
+    assert job_id(records, name="elsewhere.jsonl") == first
+    assert job_id(records + [{"id": 100, "claim": "appended"}]) != first
+    assert job_id([{**records[0], "label": "REFUTES"}, *records[1:]]) != first
+    assert job_id(records, templates={"t": "{claim} Verdict:"}) != first
+    assert job_id(records, context=ContextSpec(model="other")) != first
+    assert job_id(records, batch_size=16) != first
