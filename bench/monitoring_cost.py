@@ -37,6 +37,7 @@ from broker.store import JobRecord
 from pervade.constants import LABELS
 from pervade.context import ContextSpec
 from pervade.protocol import BatchResult, DeviceInfo, StatusReply, Verdict, encode
+from sinks.commit import OutputDirectory
 from sinks.parquet import RollingParquetWriter
 from sinks.report import build_report, write_report
 
@@ -83,7 +84,7 @@ def time_snapshot(workers: int, repeats: int) -> dict:
 
 def write_rows(out: Path, rows: int) -> None:
     rng = random.Random(0)
-    writer = RollingParquetWriter(out, "verdicts-bench", row_group_rows=100_000)
+    writer = RollingParquetWriter(OutputDirectory(out), "verdicts-bench", row_group_rows=100_000)
     start, batch, done = 1_795_000_000.0, 0, 0
     while done < rows:
         size = min(32, rows - done)
@@ -97,7 +98,7 @@ def write_rows(out: Path, rows: int) -> None:
             device="cuda:NVIDIA H200", submitted_at=began, started_at=began, finished_at=began + 0.4, verdicts=verdicts,
         ))  # fmt: skip
         done, batch = done + size, batch + 1
-    writer.close()
+    writer.roll()
 
 
 def main() -> None:

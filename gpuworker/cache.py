@@ -36,6 +36,7 @@ import structlog
 
 from pervade.errors import ConfigError
 from pervade.manifest import FileEntry, Manifest, manifest_from_json, manifest_to_json
+from pervade.procs import process_alive
 
 log = structlog.get_logger(__name__)
 
@@ -262,22 +263,12 @@ class FileCache:
         for part in (self.root / "partial").iterdir():
             fields = part.name.split(".")
             pid = next((int(f) for f in fields[1:2] if f.isdigit()), None)
-            if pid is not None and pid != os.getpid() and _alive(pid):
+            if pid is not None and pid != os.getpid() and process_alive(pid):
                 continue
             if part.is_dir():
                 shutil.rmtree(part, ignore_errors=True)
             else:
                 part.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
 
 
 def _mtime(path: Path) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Container
 from pathlib import Path
 
 from pervade.protocol import BatchFailure
@@ -35,11 +36,15 @@ class FailureLog:
     def add(self, failure: BatchFailure) -> None:
         self.pending[failure.batch_id] = failure
 
-    def flush(self) -> list[str]:
+    def flush(self, recorded: Container[str] = ()) -> list[str]:
+        """Append the pending failures durably, except those of batches already ``recorded`` (by another
+        sink); returns every pending batch id, all of them durable now."""
         if not self.pending:
             return []
         lines = []
         for f in self.pending.values():
+            if f.batch_id in recorded:
+                continue
             for claim_id in f.claim_ids:
                 record = {
                     "claim_id": claim_id, "template_id": f.template_id, "context_id": f.context_id, "model": f.model,
@@ -49,6 +54,9 @@ class FailureLog:
             # A batch counts as recorded only with this line after all of its pairs: a write cut short by
             # a crash leaves a batch without it, which readers ignore (it is delivered and written again).
             lines.append(json.dumps({"recorded_batch": f.batch_id, "pairs": len(f.claim_ids)}) + "\n")
+        if not lines:
+            durable, self.pending = list(self.pending), {}
+            return durable
         created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+b") as handle:
@@ -59,14 +67,19 @@ class FailureLog:
             handle.write("".join(lines).encode("utf-8"))
             handle.flush()
             os.fsync(handle.fileno())
-        _fsync_directory(self.path.parent)  # the file's name must survive a crash too
+        fsync_directory(self.path.parent)  # the file's name must survive a crash too
         if created:
-            _fsync_directory(self.path.parent.parent)
+            fsync_directory(self.path.parent.parent)
         durable, self.pending = list(self.pending), {}
         return durable
 
+    def discard(self) -> None:
+        """Forget the pending failures (a write failed: the broker delivers them again)."""
+        self.pending = {}
 
-def _fsync_directory(path: Path) -> None:
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename or a new file in ``path`` survive a crash."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)

@@ -1,23 +1,29 @@
-"""Writing verdicts to Parquet: one row per (claim, template, context), files rolled and renamed atomically.
+"""Writing verdicts to Parquet: one row per (claim, template, context), files staged, then published whole.
 
 A file is written in a staging directory beside the output directory (``.OUT.partial/``, on the same file
-system) and moved into the output directory only once closed and fsynced. The output directory therefore
-only ever holds complete Parquet files, which matters because some readers (polars) read every file under a
-directory, hidden or not. The batches in a moved file are durable: that is the moment the sink acknowledges
-them to the broker. Row groups are written as they fill.
+system), row groups as they fill, and ``seal`` closes and fsyncs it there. ``sinks/commit.py`` then moves it
+into the output directory, under the directory's commit lock. The output directory therefore only ever holds
+complete Parquet files, which matters because some readers (polars) read every file under a directory,
+hidden or not: nothing else may be put there, not even a hidden folder.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from pervade.errors import ConfigError
 from pervade.protocol import BatchResult
+
+if TYPE_CHECKING:
+    from sinks.commit import OutputDirectory, Published
 
 _TIME = pa.timestamp("us", tz="UTC")
 
@@ -81,8 +87,10 @@ class _Columns:
 
 
 def staging_dir_for(out_dir: Path) -> Path:
-    """Where files are written before they are complete: ``.NAME.partial`` beside ``out_dir``, or, when
-    ``out_dir`` is a mount point (a rename across file systems would not be atomic), a hidden folder in it."""
+    """Where files are written before they are complete: ``.NAME.partial`` beside ``out_dir``, on the same file
+    system, so that publishing a file is one atomic rename. Raises ConfigError when that is impossible (the
+    output directory is the root of a file system, or its parent is not writable): any folder inside the
+    output directory would be read as output by polars."""
     out_dir = out_dir.resolve()
     staging = out_dir.parent / f".{out_dir.name}.partial"
     try:
@@ -90,23 +98,49 @@ def staging_dir_for(out_dir: Path) -> Path:
         if staging.stat().st_dev == out_dir.stat().st_dev:
             return staging
         staging.rmdir()
-    except OSError:
-        pass
-    staging = out_dir / ".partial"
-    staging.mkdir(exist_ok=True)
-    return staging
+        problem = f"{out_dir} is the root of a file system"
+    except OSError as exc:
+        problem = f"cannot create {staging}: {exc.strerror or exc}"
+    raise ConfigError(
+        f"{problem}. A sink stages each file beside the output directory, on the same file system, so that "
+        f"readers only ever see whole files: use a directory inside it, e.g. --out {out_dir / 'verdicts'}"
+    )
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A closed, fsynced Parquet file in the staging directory, to be published under ``final``."""
+
+    path: Path
+    final: Path
+    batch_ids: list[str]
+    rows: int
+
+
+def staged_name(final_name: str) -> str:
+    """The staging name of a file: its writer's pid and host, so leftovers of a dead sink can be told."""
+    return f"{final_name}~{os.getpid()}@{socket.gethostname()}.partial"
+
+
+def staged_owner(name: str) -> tuple[int, str] | None:
+    """(pid, host) of a staging file's writer, from its name; None for a name not made by ``staged_name``."""
+    if not name.endswith(".partial"):
+        return None
+    pid, _, host = name.removesuffix(".partial").rpartition("~")[2].partition("@")
+    return (int(pid), host) if pid.isdigit() and host else None
 
 
 class RollingParquetWriter:
-    """Appends batch results; writes row groups as they fill; ``roll`` makes the current file final.
+    """Appends batch results; writes row groups as they fill; ``roll`` finishes the current file in the
+    staging directory (``seal``) and publishes it into the output directory.
 
-    Blocking I/O: an asyncio caller runs ``flush`` and ``roll`` on a thread.
+    Blocking I/O: an asyncio caller runs ``flush``, ``roll``, ``seal`` and ``discard`` on a thread.
     """
 
-    def __init__(self, out_dir: Path, name_prefix: str, row_group_rows: int = 10_000) -> None:
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.staging_dir = staging_dir_for(self.out_dir)
+    def __init__(self, output: OutputDirectory, name_prefix: str, row_group_rows: int = 10_000) -> None:
+        self.output = output
+        self.out_dir = output.out_dir
+        self.staging_dir = output.staging_dir
         self.name_prefix = name_prefix
         self.row_group_rows = row_group_rows
         self._buffer = _Columns()
@@ -116,7 +150,6 @@ class RollingParquetWriter:
         #: Batches in the current file, in arrival order (a dict: membership is checked per delivery).
         self.batches_in_file: dict[str, None] = {}
         self.rows_in_file = 0
-        self.files_written: list[Path] = []
 
     @property
     def buffered_rows(self) -> int:
@@ -127,47 +160,58 @@ class RollingParquetWriter:
         self.batches_in_file[result.batch_id] = None
         self.rows_in_file += len(result.verdicts)
 
+    def _final_path(self) -> Path:
+        return self.out_dir / f"{self.name_prefix}-{self._sequence:05d}.parquet"
+
     def flush(self) -> None:
         """Write the buffered rows as a row group of the current (still partial) file."""
         if not self._buffer.rows:
             return
         if self._writer is None:
-            self._partial = self.staging_dir / f"{self.name_prefix}-{self._sequence:05d}.parquet.partial"
+            self._partial = self.staging_dir / staged_name(self._final_path().name)
             self._writer = pq.ParquetWriter(self._partial, SCHEMA, compression="zstd")
         self._writer.write_table(self._buffer.to_table(), row_group_size=self.row_group_rows)
         self._buffer = _Columns()
 
-    def roll(self) -> list[str]:
-        """Close the current file and give it its final name; returns the batch ids now durable."""
+    def seal(self) -> StagedFile | None:
+        """Close the current file and fsync it in the staging directory; None when it holds nothing."""
         self.flush()
         if self._writer is None:
-            return []
+            return None
         assert self._partial is not None
         self._writer.close()
-        final = self.out_dir / f"{self.name_prefix}-{self._sequence:05d}.parquet"
         with open(self._partial, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(self._partial, final)
-        directory = os.open(self.out_dir, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename itself must survive a crash
-        finally:
-            os.close(directory)
-        durable, self.batches_in_file = list(self.batches_in_file), {}
+        staged = StagedFile(self._partial, self._final_path(), list(self.batches_in_file), self.rows_in_file)
         self._writer, self._partial = None, None
+        self.batches_in_file, self.rows_in_file = {}, 0
         self._sequence += 1
-        self.rows_in_file = 0
-        self.files_written.append(final)
-        return durable
+        return staged
 
-    def close(self) -> list[str]:
-        """Roll what is left, and remove the staging directory if nothing else uses it."""
-        durable = self.roll()
+    def roll(self) -> Published | None:
+        """Seal the current file and publish it (``OutputDirectory.publish``); None when it held nothing.
+        If publishing fails, the sealed file is removed: its batches were never acknowledged."""
+        staged = self.seal()
+        if staged is None:
+            return None
         try:
-            self.staging_dir.rmdir()
-        except OSError:
-            pass  # another sink writing to the same directory still uses it
-        return durable
+            return self.output.publish(staged)
+        except BaseException:
+            staged.path.unlink(missing_ok=True)
+            raise
+
+    def discard(self) -> None:
+        """Drop the current file and every buffered row (a write failed: the broker delivers them again)."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except OSError:
+                pass  # the write that failed may fail again on close: the file goes either way
+        if self._partial is not None:
+            self._partial.unlink(missing_ok=True)
+        self._writer, self._partial, self._buffer = None, None, _Columns()
+        self.batches_in_file, self.rows_in_file = {}, 0
+        self._sequence += 1  # never reuse a name a half-written file may have had
 
 
 def read_verdicts(out_dir: Path, columns: list[str] | None = None) -> pa.Table:

@@ -4,7 +4,13 @@ Verdicts go to Parquet (``sinks/parquet.py``), failed batches to the failures lo
 (``sinks/failures.py``). A batch is acknowledged only after the file holding it has its final name (or is
 fsynced), so the broker knows exactly which outcomes could still be lost and delivers those again. A
 delivery of a batch already durable in the output (``sinks/written.py``) is acknowledged, not written
-again: every (claim, template, context) gets exactly one row.
+again, and a file is published under the output directory's commit lock, without the batches another sink
+published meanwhile (``sinks/commit.py``): every (claim, template, context) gets exactly one row, however
+many sinks share the directory and however long one of them stalls.
+
+A write that fails (a full disk, a directory gone read-only) costs nothing but time: the sink drops what
+it had not made durable, steps away from the broker (which delivers those batches again, to another sink
+or to this one when it returns), and registers again after a back-off that doubles up to a minute.
 
 Files roll when they reach ``file_rows`` rows, when the oldest unacknowledged outcome is ``roll_seconds``
 old, when nothing has arrived for ``idle_roll_seconds``, and on shutdown. With ``until_done`` the sink
@@ -41,14 +47,17 @@ from pervade.protocol import (
     StatusSnapshot,
 )
 from pervade.session import BrokerSession, Heartbeats
+from sinks.commit import OutputDirectory, Published
 from sinks.failures import FailureLog
 from sinks.parquet import RollingParquetWriter
-from sinks.written import WrittenIndex
 
 log = structlog.get_logger("sinks")
 
 #: Seconds between the status requests that feed the progress bar (only while it is drawn).
 PROGRESS_POLL_S = 1.0
+#: Back-off after a failed write, doubling from the first to the last while writes keep failing.
+WRITE_RETRY_MIN_S = 1.0
+WRITE_RETRY_MAX_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -66,8 +75,9 @@ class SinkConfig:
     roll_seconds: float = 2.0
     #: Close the file early once no result has arrived for this long (the end of a job, a lull).
     idle_roll_seconds: float = 0.5
-    #: A name for the files and logs; defaults to a fresh random id. A restarted sink given the same name
-    #: replaces its old registration at once instead of after a heartbeat timeout.
+    #: A name for the files and logs; defaults to a fresh random id. One live sink holds a name: a restarted
+    #: sink given it takes over once the old one is silent for a heartbeat liveness (a second live one is
+    #: refused).
     sink_id: str | None = None
     #: Exit once the broker reports every job complete.
     until_done: bool = False
@@ -88,11 +98,14 @@ class Sink:
     def __init__(self, config: SinkConfig, ctx: zmq.asyncio.Context | None = None) -> None:
         self.config = config
         self.sink_id = config.sink_id or f"sink-{uuid.uuid4().hex[:8]}"
+        #: Tells this process's reconnections from a second process started under the same sink id.
+        self.instance = uuid.uuid4().hex
         # A restarted sink of the same name must never reuse (and so replace) a file already acknowledged.
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{uuid.uuid4().hex[:6]}"
-        self.writer = RollingParquetWriter(config.out_dir, f"verdicts-{stamp}-{self.sink_id}", config.row_group_rows)
+        self.output = OutputDirectory(config.out_dir)
+        self.writer = RollingParquetWriter(self.output, f"verdicts-{stamp}-{self.sink_id}", config.row_group_rows)
         self.failures = FailureLog(config.out_dir, f"{stamp}-{self.sink_id}")
-        self.index = WrittenIndex(config.out_dir)
+        self.index = self.output.index
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._stopping = asyncio.Event()
         self.session = BrokerSession(
@@ -108,20 +121,25 @@ class Sink:
         self._last_delivery = 0.0
         self._all_jobs_done = False
         self.rows_written = 0
+        self.files_written = 0
         self.duplicates_skipped = 0
+        self.write_failures = 0
+        self._retry_s = WRITE_RETRY_MIN_S
         self.progress = WrittenProgress(config.progress)
 
     def stop(self) -> None:
         self._stopping.set()
 
     async def _register(self, session: BrokerSession) -> None:
-        await session.send_registration(SinkReady(sink_id=self.sink_id))
+        await session.send_registration(SinkReady(sink_id=self.sink_id, instance=self.instance))
 
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(sink_id=self.sink_id)
+        cleaned = await asyncio.to_thread(self.output.clean_staging)
         known = await asyncio.to_thread(self.index.refresh)
         await self.session.open()
-        log.info("sink_started", broker=self.config.broker, out_dir=str(self.config.out_dir), batches_in_output=known)
+        log.info("sink_started", broker=self.config.broker, out_dir=str(self.config.out_dir), batches_in_output=known,
+                 leftovers_removed=cleaned)  # fmt: skip
         next_poll = time.monotonic()
         try:
             while not self._stopping.is_set():
@@ -144,14 +162,14 @@ class Sink:
                 if self._all_jobs_done and not self.holding():
                     log.info("all_jobs_done")
                     break
-            await self.roll(final=True)
+            await self.roll()
             await self.session.send_if_connected(Disconnect(reason="stopping"))
         finally:
             self.session.close()
             self.progress.close()
             log.info(
-                "sink_stopped", rows_written=self.rows_written, files=len(self.writer.files_written),
-                duplicates_skipped=self.duplicates_skipped,
+                "sink_stopped", rows_written=self.rows_written, files=self.files_written,
+                duplicates_skipped=self.duplicates_skipped, write_failures=self.write_failures,
             )  # fmt: skip
 
     def holding(self) -> bool:
@@ -198,21 +216,62 @@ class Sink:
         if self.writer.rows_in_file >= self.config.file_rows:
             await self.roll()
         elif self.writer.buffered_rows >= self.config.row_group_rows:
-            await asyncio.to_thread(self.writer.flush)
+            try:
+                await asyncio.to_thread(self.writer.flush)
+            except OSError as exc:
+                await self.step_away(exc)
 
-    async def roll(self, final: bool = False) -> None:
-        rows = self.writer.rows_in_file
-        durable = await asyncio.to_thread(self.writer.close if final else self.writer.roll)
-        if durable:
-            self.rows_written += rows
-            log.info("file_written", batches=len(durable), rows=rows, path=str(self.writer.files_written[-1]))
-        failed = await asyncio.to_thread(self.failures.flush)
+    async def roll(self) -> None:
+        """Make what is held durable and acknowledge it; on a failed write, step away (nothing is lost)."""
+        try:
+            published, failed = await asyncio.to_thread(self._commit)
+        except OSError as exc:
+            await self.step_away(exc)
+            return
+        self._oldest_unacked = None
+        self._retry_s = WRITE_RETRY_MIN_S
+        durable = list(failed)
+        if published is not None:
+            durable += published.batch_ids
+            self.duplicates_skipped += published.skipped
+            if published.path is not None:
+                self.rows_written += published.rows
+                self.files_written += 1
+                log.info("file_written", batches=len(published.batch_ids) - published.skipped, rows=published.rows,
+                         path=str(published.path))  # fmt: skip
         if failed:
             log.info("failures_recorded", batches=len(failed), path=str(self.failures.path))
+        if durable:
+            await self.session.send(SinkAck(batch_ids=durable))
+
+    def _commit(self) -> tuple[Published | None, list[str]]:
+        """Publish the current file and record the pending failures (on a thread)."""
+        published = self.writer.roll()
+        return published, self.output.record_failures(self.failures)
+
+    async def step_away(self, error: OSError) -> None:
+        """A write failed: drop what is not durable, leave the broker (which delivers it again, elsewhere
+        or to us later), wait, and come back. A full disk is waited out, never fatal."""
+        self.write_failures += 1
+        log.error(
+            "output_write_failed", out_dir=str(self.config.out_dir), error=str(error), retry_in_s=self._retry_s,
+            hint="nothing is lost: the broker keeps these results and delivers them again once a sink can write",
+        )  # fmt: skip
+        try:
+            await asyncio.to_thread(self.writer.discard)
+        except OSError as exc:
+            log.warning("discard_failed", error=str(exc))
+        self.failures.discard()
         self._oldest_unacked = None
-        if durable or failed:
-            self.index.add(durable + failed)
-            await self.session.send(SinkAck(batch_ids=durable + failed))
+        await self.session.send_if_connected(Disconnect(reason=f"cannot write its output: {error.strerror or error}"))
+        self.session.close()
+        try:
+            await asyncio.wait_for(self._stopping.wait(), self._retry_s)
+        except TimeoutError:
+            pass
+        self._retry_s = min(self._retry_s * 2, WRITE_RETRY_MAX_S)
+        if not self._stopping.is_set():
+            await self.session.open()
 
 
 class WrittenProgress:

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import structlog
 
 from sinks.failures import failures_dir_for, parse_failures
+
+log = structlog.get_logger("sinks")
 
 
 class WrittenIndex:
@@ -40,8 +44,12 @@ class WrittenIndex:
         before = len(self.batch_ids)
         for path in sorted(self.out_dir.glob("*.parquet")) if self.out_dir.exists() else []:
             if path not in self._read_files:
-                column = pq.read_table(path, columns=["batch_id"])["batch_id"]
-                self.batch_ids.update(pc.unique(column).to_pylist())
+                try:
+                    column = pq.read_table(path, columns=["batch_id"])["batch_id"]
+                except (OSError, KeyError, pa.ArrowException) as exc:  # not a file of ours: it holds no batch
+                    log.warning("unreadable_output_file", path=str(path), error=str(exc))
+                else:
+                    self.batch_ids.update(pc.unique(column).to_pylist())
                 self._read_files.add(path)
         directory = failures_dir_for(self.out_dir)
         for path in sorted(directory.glob("*.jsonl")) if directory.exists() else []:

@@ -7,6 +7,7 @@ import pandas as pd
 import polars as pl
 
 from pervade.protocol import BatchResult, Verdict
+from sinks.commit import OutputDirectory
 from sinks.parquet import SCHEMA, RollingParquetWriter
 from sinks.summary import summarize
 
@@ -22,24 +23,25 @@ def result(batch: int, n: int = 3, template: str = "t1") -> BatchResult:
 
 def test_the_output_directory_only_ever_holds_complete_files(tmp_path) -> None:
     out = tmp_path / "out"
-    writer = RollingParquetWriter(out, "verdicts-test", row_group_rows=4)
+    writer = RollingParquetWriter(OutputDirectory(out), "verdicts-test", row_group_rows=4)
     writer.add(result(0))
     writer.add(result(1))
     writer.flush()
     assert list(out.iterdir()) == []
-    assert [p.name for p in (tmp_path / ".out.partial").iterdir()] == ["verdicts-test-00000.parquet.partial"]
-    assert writer.roll() == ["b0", "b1"]
+    staged = [p.name for p in (tmp_path / ".out.partial").iterdir() if p.name.startswith("verdicts")]
+    assert len(staged) == 1 and staged[0].startswith("verdicts-test-00000.parquet~")
+    assert writer.roll().batch_ids == ["b0", "b1"]
     assert [p.name for p in out.iterdir()] == ["verdicts-test-00000.parquet"]
     writer.add(result(2))
     writer.flush()  # a second file is under way: directory readers must not see it
     assert pl.read_parquet(out).height == 6 and len(pd.read_parquet(out)) == 6
-    assert writer.roll() == ["b2"]
-    assert writer.roll() == []  # nothing new: no empty file
+    assert writer.roll().batch_ids == ["b2"]
+    assert writer.roll() is None  # nothing new: no empty file
     assert pl.read_parquet(out).height == 9
 
 
 def test_rows_columns_and_readers(tmp_path) -> None:
-    writer = RollingParquetWriter(tmp_path, "v", row_group_rows=2)
+    writer = RollingParquetWriter(OutputDirectory(tmp_path), "v", row_group_rows=2)
     for b in range(3):
         writer.add(result(b, template=f"t{b % 2}"))
         writer.flush()
@@ -61,7 +63,7 @@ def test_rows_columns_and_readers(tmp_path) -> None:
 
 
 def test_summary_counts_accuracy_on_labelled_rows_only(tmp_path) -> None:
-    writer = RollingParquetWriter(tmp_path, "v")
+    writer = RollingParquetWriter(OutputDirectory(tmp_path), "v")
     writer.add(result(0, n=4, template="a"))  # gold: S S - -   verdicts: R S R S  -> 1 of 2 labelled right
     writer.roll()
     summary = summarize(tmp_path)

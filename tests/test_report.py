@@ -17,6 +17,7 @@ import pytest
 from pervade.constants import LABELS
 from pervade.protocol import BatchFailure, BatchResult, Verdict
 from sinks.failures import FailureLog
+from sinks.commit import OutputDirectory
 from sinks.parquet import RollingParquetWriter
 from sinks.plots import ACCURACY_SIZE, TIMELINE_SIZE
 from sinks.report import report_dir_for
@@ -138,7 +139,7 @@ def result(
 def test_two_contexts_unlabelled_claims_and_failures(tmp_path: Path) -> None:
     """Accuracy over the labelled claims only, per context; failed pairs counted beside the verdicts."""
     out = tmp_path / "out"
-    writer = RollingParquetWriter(out, "verdicts-test")
+    writer = RollingParquetWriter(OutputDirectory(out), "verdicts-test")
     rows = [
         ("1", "SUPPORTS", "SUPPORTS"),
         ("2", "REFUTES", "SUPPORTS"),
@@ -149,7 +150,7 @@ def test_two_contexts_unlabelled_claims_and_failures(tmp_path: Path) -> None:
     writer.add(result("ctx-a", "t2", 1, [(c, g, "SUPPORTS") for c, g, _ in rows], 1001.0))
     writer.add(result("ctx-b", "t1", 2, [(c, g, "REFUTES") for c, g, _ in rows], 1002.0))
     writer.add(result("ctx-b", "t2", 3, [(c, None, "REFUTES") for c, _, _ in rows], 1003.0))  # no gold at all
-    writer.close()
+    writer.roll()
     failures = FailureLog(out, "test")
     failures.add(BatchFailure(batch_id="job/9/t2/ctx-a", job_id="job", context_id="ctx-a", model="model-ctx-a",
                               template_id="t2", claim_ids=["5", "6"], error="boom", attempts=3))  # fmt: skip

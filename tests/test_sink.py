@@ -4,17 +4,23 @@ what it acknowledges, and that a batch delivered again is never written twice, w
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 import pytest_asyncio
 import zmq
 import zmq.asyncio
 
+from pervade.errors import ConfigError
 from pervade.protocol import (
     BatchFailure,
     Deliver,
     DeliverFailure,
+    Disconnect,
     JobDone,
     Message,
     SinkAck,
@@ -22,6 +28,7 @@ from pervade.protocol import (
     decode,
     encode,
 )
+from sinks.commit import OutputDirectory
 from sinks.failures import read_failures
 from sinks.sink import Sink, SinkConfig
 from sinks.summary import read_verdicts
@@ -63,7 +70,8 @@ async def broker_side() -> AsyncIterator[BrokerSide]:
 
 
 async def start_sink(side: BrokerSide, out: Path, name: str, **config: object) -> tuple[Sink, asyncio.Task, bytes]:
-    sink = Sink(SinkConfig(out_dir=out, broker=side.endpoint, sink_id=name, idle_roll_seconds=0.05, **config))  # type: ignore[arg-type]
+    config = {"idle_roll_seconds": 0.05, **config}
+    sink = Sink(SinkConfig(out_dir=out, broker=side.endpoint, sink_id=name, **config))  # type: ignore[arg-type]
     task = asyncio.create_task(sink.run())
     while True:
         identity, ready = await side.receive(SinkReady)
@@ -146,3 +154,70 @@ def test_a_failures_write_cut_short_leaves_no_half_recorded_batch(tmp_path) -> N
     index = WrittenIndex(out)
     index.refresh()
     assert "j3/0" in index and "j3/1" not in index
+
+
+async def test_a_stalled_sink_that_wakes_up_does_not_write_what_another_sink_wrote(broker_side, tmp_path) -> None:
+    """The broker declared a stalled sink dead and redelivered its unacknowledged batches to another; the
+    stalled one wakes and rolls its file: under the directory's commit lock it finds those batches already
+    published and leaves them out. Exactly one row per pair."""
+    out = tmp_path / "out"
+    stalled, stalled_task, stalled_id = await start_sink(broker_side, out, "stalled", roll_seconds=600, idle_roll_seconds=600)
+    other, other_task, other_id = await start_sink(broker_side, out, "other")
+    results = [result_for(batch("j4", n)) for n in range(3)]
+    for result in results:
+        await broker_side.send(stalled_id, Deliver(result=result))
+    await broker_side.send(other_id, Deliver(result=results[0], redelivery=True))  # its first two, redelivered
+    await broker_side.send(other_id, Deliver(result=results[1], redelivery=True))
+    acked: set[str] = set()
+    while acked != {"j4/0", "j4/1"}:
+        acked.update((await broker_side.receive(SinkAck))[1].batch_ids)
+    stalled.stop()  # wakes and rolls what it holds: j4/0, j4/1 (written meanwhile) and j4/2
+    identity, ack = await broker_side.receive(SinkAck)
+    assert identity == stalled_id and sorted(ack.batch_ids) == ["j4/0", "j4/1", "j4/2"]  # durable, all three
+    other.stop()
+    await asyncio.gather(stalled_task, other_task)
+    rows = read_verdicts(out).to_pylist()
+    assert sorted((r["batch_id"], r["claim_id"]) for r in rows) == sorted(
+        (r.batch_id, v.claim_id) for r in results for v in r.verdicts
+    )
+    assert stalled.duplicates_skipped == 2 and stalled.rows_written == 2
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small file system needs root (CI runs as root)")
+async def test_a_full_disk_is_waited_out_and_nothing_but_parquet_is_left_in_the_output(broker_side, tmp_path) -> None:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], check=True)
+    try:
+        out = mount / "out"
+        sink, task, identity = await start_sink(broker_side, out, "s")
+        filler = mount / "filler"
+        with open(filler, "wb") as handle, contextlib.suppress(OSError):
+            while True:  # take every block
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        result = result_for(batch("j5", 0))
+        await broker_side.send(identity, Deliver(result=result))
+        await broker_side.receive(Disconnect)  # it could not write: it steps away; the broker redelivers
+        assert [p.name for p in out.iterdir()] == [] and not list((mount / ".out.partial").glob("*.partial"))
+        assert sink.write_failures == 1 and not task.done()
+        filler.unlink()  # space comes back
+        identity, _ = await broker_side.receive(SinkReady)  # after its back-off, it registers again
+        await broker_side.send(identity, Deliver(result=result, redelivery=True))
+        assert (await broker_side.receive(SinkAck))[1].batch_ids == ["j5/0"]
+        sink.stop()
+        await task
+        assert [p.suffix for p in out.iterdir()] == [".parquet"]
+        assert read_verdicts(out).num_rows == len(result.verdicts)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_an_output_directory_that_is_a_mount_point_is_refused(tmp_path) -> None:
+    """Files are staged beside the output directory, on its file system: at the root of one there is no
+    beside, and a staging folder inside it would be read as output (polars reads every file in it)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / ".out.partial").write_text("a file where the staging directory would go")
+    with pytest.raises(ConfigError, match=r"use a directory inside it, e\.g\. --out .*out/verdicts"):
+        OutputDirectory(out)
