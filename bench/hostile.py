@@ -28,7 +28,7 @@ The cases (the numbers of the hostile test), and when each ``holds``:
    started again on the same state and port. Holds if produce exits 0 with no pair missing or doubled, or
    non-zero with the number of missing pairs in its message.
 3. As 2, but the broker is started again on a new empty ``--state`` (same port). Same judgement.
-4. Two sinks on one output directory (``--roll-seconds 5``), 2,000 claims x 2 templates; one sink is
+4. Two sinks on one output directory (``--roll-seconds 5``), 4,000 claims x 2 templates; one sink is
    SIGSTOPped for 8 s while both workers are SIGKILLed in turn and replaced. Holds if produce exits 0 with
    exactly one row per pair.
 5. 500 claims x 2 templates with one good worker and one whose ``time.time()`` is 2e9 s behind. Holds if
@@ -705,7 +705,9 @@ def case4(env: Env, row: Row, run: Run) -> None:
     """Two sinks on one directory, one SIGSTOPped for 8 s, while workers are SIGKILLed and replaced."""
     claims, templates = run.base / "claims.jsonl", run.base / "templates.json"
     tids = write_templates(templates, 2)
-    records = write_claims(claims, fever()[:2000])
+    # Long enough (8,000 pairs on the small model) that results still flow when the sink is stopped, on an
+    # idle machine too.
+    records = write_claims(claims, fever()[:4000])
     expected = expected_pairs(records, tids)
     run.broker()
     # A longer roll interval than the default keeps the stalled sink's unfinished file open wider.
@@ -715,7 +717,7 @@ def case4(env: Env, row: Row, run: Run) -> None:
     run.start_worker("worker-0")
     run.start_worker("worker-1")
     started = time.monotonic()
-    run.start_producer("producer", claims, templates, 8, 90)
+    run.start_producer("producer", claims, templates, 8, 150)
     run.wait_rows(400, 60, watch="producer")
     # Stop sink-b 1 s after one of its files is closed, while results flow: its next file is open then,
     # holding deliveries it has not acknowledged (the broker's sink_left says how many).
@@ -743,7 +745,7 @@ def case4(env: Env, row: Row, run: Run) -> None:
     row.note(f"broker: sink-b left with {left} unacknowledged deliveries")
     row.note("worker-0 (1.5 s after) and worker-1 (4.5 s after) SIGKILLed, worker-2 and worker-3 started; "
              "sink-b SIGCONTed after 8 s")  # fmt: skip
-    rc = run.finish_producer("producer", 90)
+    rc = run.finish_producer("producer", 150)
     message = first_error(run.procs.stderr("producer"))
     time.sleep(3.0)  # the stalled sink's late file
     sinks = {name: run.procs.status(name) for name in ("sink-a", "sink-b")}
@@ -756,6 +758,9 @@ def case4(env: Env, row: Row, run: Run) -> None:
     row.note(f"produce exit {rc}; rows by sink-a {a}, sink-b {b}; {t.extra_rows} rows beyond one per pair, "
              f"missing {t.missing}, failed {t.failed}")  # fmt: skip
     row.verdict = "holds" if t.exact and rc == "0" else "BROKEN"
+    if row.verdict == "holds" and not any(left):
+        row.verdict = "error"
+        row.note("not exercised: the stopped sink held no unacknowledged delivery (the run was too quick)")
 
 
 def case5(env: Env, row: Row, run: Run) -> None:

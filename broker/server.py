@@ -34,7 +34,7 @@ from broker.policy import choose_context
 from broker.records import PeerRecord, ProducerRecord, SinkRecord, WorkerRecord
 from broker.sources import Answer, FileSources
 from broker.status import build_snapshot
-from broker.store import STORE_FILE, BatchStatus, BrokerStore, JobRecord, StoredBatch, content_digest, damaged_state
+from broker.store import STORE_FILE, BatchStatus, BrokerStore, JobRecord, StoredBatch, content_digest, state_error
 from pervade.constants import DEFAULT_BROKER_BIND, DEFAULT_MAX_MESSAGE_BYTES
 from pervade.context import ContextSpec
 from pervade.errors import ConfigError, ProtocolError
@@ -474,8 +474,12 @@ class Broker:
             return False
         self.counters["registrations_refused"] += 1
         log.error(f"{role}_name_in_use", name=name, holder=holder.identity.decode(errors="replace"))
-        self.send(identity, Refused(reason=f"{role} id {name!r} is in use by another live {role}; give this one "
-                                           f"another --{role}-id, or stop the other first"))  # fmt: skip
+        beats = self.config.heartbeats
+        retry_after = max(0.0, holder.last_seen + beats.dead_after_s - now) + beats.interval_s
+        reason = (
+            f"{role} id {name!r} is in use by another live {role}; give this one another --{role}-id, or stop the other"
+        )
+        self.send(identity, Refused(reason=reason, retry_after_s=min(retry_after, 3600.0)))
         return True
 
     def peer(self, identity: bytes) -> PeerRecord | None:
@@ -490,7 +494,9 @@ class Broker:
         job = self.jobs.get(job_id)
         if job is None:
             job = self.jobs[job_id] = JobRecord(job_id=job_id)
-        job.producer = producer  # the latest connection of the producer hears JobDone
+        # Every producer of the job hears JobDone: the same sweep run twice at once is one job (its id names
+        # its content), and each of its producers waits for it.
+        job.producers.add(producer)
         return job
 
     def on_submit(self, identity: bytes, message: Submit) -> None:
@@ -640,7 +646,8 @@ class Broker:
             pairs_failed=job.pairs_failed,
         )
         if to_producer:
-            self.send(job.producer, done)
+            for producer in sorted(job.producers & self.producers.keys()):
+                self.send(producer, done)
         if first or not to_producer:
             for sink in self.sinks.values():  # sinks run with --until-done wait for this
                 self.send(sink.identity, done)
@@ -650,7 +657,7 @@ class Broker:
         model, reading claims) that has not submitted yet."""
         if not self.jobs or self.queued_total() or any(not job.done_reported for job in self.jobs.values()):
             return False
-        finished = {job.producer for job in self.jobs.values()}
+        finished = set().union(*(job.producers for job in self.jobs.values()))
         return all(identity in finished for identity in self.producers)
 
     def send_drained_if_over(self, now: float) -> None:
@@ -1201,5 +1208,5 @@ async def run_broker(config: BrokerConfig) -> None:
     path = broker.store.path if broker.store is not None else Path(STORE_FILE)
     try:
         await broker.serve()
-    except sqlite3.DatabaseError as exc:
-        raise damaged_state(path, exc) from None
+    except sqlite3.Error as exc:
+        raise state_error(path, exc) from None

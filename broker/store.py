@@ -34,6 +34,7 @@ state, and says so (``damage``); its producers resubmit their jobs, and sinks sk
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import json
@@ -141,7 +142,9 @@ class JobRecord:
     """A job (one sweep from one producer). Small, so every job is also kept in memory."""
 
     job_id: str
-    producer: bytes = b""
+    #: The producers' connections that submitted or ended it: each hears JobDone (in memory only; after a
+    #: broker restart every producer connects anew and sends its EndJob again).
+    producers: set[bytes] = field(default_factory=set)
     batches: int = 0
     pairs: int = 0
     ended: bool = False
@@ -192,12 +195,22 @@ class BrokerStore:
         self._lock = lock
         #: What was found wrong with the state when it was opened (commits a damaged log lost), or None.
         self.damage: str | None = None
-        log_scan = scan_log(path.with_name(path.name + "-wal"))
+        wal = path.with_name(path.name + "-wal")
+        log_scan = scan_log(wal)
         try:
             self._db = sqlite3.connect(path, isolation_level="DEFERRED")
             self._db.execute("PRAGMA journal_mode=WAL")
             # Before anything is written: how many log frames SQLite accepted (a checkpoint reports it).
             _, replayed, _ = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            lost = log_scan.lost_commits(replayed) if log_scan is not None and replayed >= 0 else 0
+            if lost:
+                # Never trusted (``open`` sets it aside): keep the log as found for a post-mortem, before a
+                # write could reuse it or closing the database deletes it, and read or write nothing more.
+                shutil.copyfile(wal, self._evidence)
+                self.damage = (
+                    f"the write-ahead log {wal.name} is damaged: {lost} commit(s) after frame {replayed} were lost"
+                )
+                return
             self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
             self._db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run on a thread: see checkpoint()
             self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")  # a restarted log is cut back to this
@@ -211,14 +224,11 @@ class BrokerStore:
             self.queued: Counter[str] = Counter()
             self._min_key = 0
             self._load_counts()
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
+            with contextlib.suppress(Exception):
+                self._db.close()
             self.release()
-            raise damaged_state(path, exc) from None
-        lost = log_scan.lost_commits(replayed) if log_scan is not None and replayed >= 0 else 0
-        if lost:
-            self.damage = (
-                f"the write-ahead log {path.name}-wal is damaged: {lost} commit(s) after frame {replayed} were lost"
-            )
+            raise state_error(path, exc) from None
 
     @classmethod
     def open(cls, state_dir: Path | None, fsync: bool = False) -> BrokerStore:
@@ -243,15 +253,20 @@ class BrokerStore:
         )
         return fresh
 
+    @property
+    def _evidence(self) -> Path:
+        return self.path.with_name(self.path.name + "-wal.damaged")
+
     def _set_aside(self) -> Path:
-        """Move the database and its log out of the way (keeping the lock); returns where they went."""
+        """Move the database and its log (as found at open) out of the way, keeping the lock; returns where
+        they went."""
         self._db.close()
         aside = self.path.parent / time.strftime("damaged-%Y%m%dT%H%M%S")
         aside.mkdir(exist_ok=True)
-        for suffix in ("", "-wal", "-shm"):
-            source = self.path.with_name(self.path.name + suffix)
-            if source.exists():
-                source.rename(aside / source.name)
+        self.path.rename(aside / self.path.name)
+        self._evidence.rename(aside / (self.path.name + "-wal"))
+        for leftover in (self.path.with_name(self.path.name + suffix) for suffix in ("-wal", "-shm")):
+            leftover.unlink(missing_ok=True)
         return aside
 
     def note_endpoint(self, endpoint: str) -> None:
@@ -348,14 +363,14 @@ class BrokerStore:
         return {d: _manifest_decoder.decode(m) for d, m in self._db.execute("SELECT digest, manifest FROM manifests")}
 
     def save_job(self, job: JobRecord) -> None:
-        record = {**job.__dict__, "producer": job.producer.hex()}
+        record = {k: v for k, v in job.__dict__.items() if k != "producers"}
         self._db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?)", (job.job_id, json.dumps(record)))
 
     def jobs(self) -> dict[str, JobRecord]:
         jobs = {}
         for job_id, text in self._db.execute("SELECT job_id, record FROM jobs"):
             record = json.loads(text)
-            record["producer"] = bytes.fromhex(record["producer"])
+            record.pop("producer", None)  # an older broker kept the last producer's connection
             record.setdefault("digest", None)  # an older broker kept no digest: counts are checked alone
             jobs[job_id] = JobRecord(**record)
         return jobs
@@ -463,10 +478,23 @@ class BrokerStore:
             self.queued[context_id] += 1
 
 
-def damaged_state(path: Path, error: sqlite3.DatabaseError) -> StateError:
-    """The error a broker reports for a state database SQLite cannot use, with what to do about it."""
+#: SQLite's primary result codes that mean the file itself is bad (https://www.sqlite.org/rescode.html).
+SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26
+
+
+def state_error(path: Path, error: sqlite3.Error) -> StateError:
+    """The error a broker reports for a state database SQLite cannot use, with what to do about it: a
+    damaged file is set aside, anything else (a full disk, permissions) fixed, keeping the state."""
+    code = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
+    if code in (SQLITE_CORRUPT, SQLITE_NOTADB):
+        return StateError(
+            f"the broker's state database {path} is damaged or not a pervade state ({error}). Move the state "
+            f"directory aside (mv {path.parent} {path.parent}.damaged) and start the broker with an empty "
+            "--state: running producers (pervade produce --wait) resubmit what it held, and sinks skip what is "
+            "already written"
+        )
+    name = getattr(error, "sqlite_errorname", None) or type(error).__name__
     return StateError(
-        f"the broker's state database {path} is damaged or not a pervade state ({error}). Move the state "
-        f"directory aside (mv {path.parent} {path.parent}.damaged) and start the broker with an empty --state: "
-        "running producers (pervade produce --wait) resubmit what it held, and sinks skip what is already written"
+        f"the broker's state database {path} cannot be written or read ({error}, {name}): fix the cause (free "
+        "disk space, permissions) and start the broker again on the same --state; nothing it holds is lost"
     )

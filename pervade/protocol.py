@@ -455,10 +455,12 @@ class Error(Message, tag="error"):
 
 class Refused(Message, tag="refused"):
     """Broker to a client whose registration it refuses: its name is held by another live process (two
-    workers under one ``--worker-id``). The client tries again after a heartbeat liveness, in case the
-    holder was dying, and gives up with ``reason`` if it is still refused."""
+    workers under one ``--worker-id``). The client tries again after ``retry_after_s`` (when the broker
+    would declare a silent holder dead: it may be a predecessor that just died), and gives up with
+    ``reason`` if it is still refused."""
 
     reason: str
+    retry_after_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 0.0
 
 
 AnyMessage = Union[

@@ -135,6 +135,12 @@ class BrokerSession:
         await self._send_now(frames)
         return True
 
+    async def keep_alive(self) -> None:
+        """Send a heartbeat if one is due (``receive`` does; a role busy in a long operation between its
+        receives calls this, so the broker does not declare it dead)."""
+        if self._registered.is_set() and time.monotonic() - self._last_sent >= self.heartbeats.interval_s:
+            await self._send_now(encode(Heartbeat()))
+
     async def send_if_connected(self, message: Message) -> bool:
         """Send now if registered, else drop it (a goodbye is not worth waiting for a reconnection)."""
         if not self._registered.is_set():
@@ -164,12 +170,8 @@ class BrokerSession:
         heartbeats are sent when due, and a silent or forgetful broker is reconnected to."""
         deadline = time.monotonic() + timeout_s
         while not self._stopping.is_set():
+            await self.keep_alive()
             now = time.monotonic()
-            if self._registered.is_set() and now - self._last_sent >= self.heartbeats.interval_s:
-                await self._send_now(encode(Heartbeat()))
-            if now - self._last_heard >= self.heartbeats.dead_after_s:
-                await self.reconnect(f"no word from the broker for {now - self._last_heard:.1f} s", wait=True)
-                continue
             wait = min(
                 deadline - now,
                 self._last_sent + self.heartbeats.interval_s - now,
@@ -178,12 +180,18 @@ class BrokerSession:
             assert self._conn is not None
             message = await self._conn.receive(timeout_s=max(wait, 0.0))
             if message is None:
+                # Only once nothing is waiting to be read: a role busy for a while (a sink publishing a
+                # large file) finds the broker's messages queued, not a dead broker.
+                silent = time.monotonic() - self._last_heard
+                if silent >= self.heartbeats.dead_after_s:
+                    await self.reconnect(f"no word from the broker for {silent:.1f} s", wait=True)
+                    continue
                 if time.monotonic() >= deadline:
                     return None
                 continue
             self._last_heard = self._heard_at = time.monotonic()
             if isinstance(message, Refused):
-                await self._refused(message.reason)
+                await self._refused(message)
                 continue
             if isinstance(message, Disconnect):
                 await self.reconnect(f"the broker asked: {message.reason}", wait=not self._healthy)
@@ -195,17 +203,16 @@ class BrokerSession:
                 return message
         return None
 
-    async def _refused(self, reason: str) -> None:
-        """The broker refused our registration: wait for a holder that may be dying, then try again, a
-        few times; then give up with the broker's reason."""
+    async def _refused(self, refusal: Refused) -> None:
+        """The broker refused our registration: wait until it would declare a silent holder dead (it may
+        be our own predecessor, just killed), then try again, a few times; then give up with its reason."""
         self._refusals += 1
-        log.error("registration_refused", role=self.role, reason=reason, attempt=self._refusals, of=MAX_REFUSALS)
+        log.error("registration_refused", role=self.role, reason=refusal.reason, attempt=self._refusals)
         if self._refusals >= MAX_REFUSALS:
             self.close()
-            raise RegistrationRefused(f"the broker refused this {self.role}: {reason}")
-        await self.reconnect(
-            "registration refused", wait=True, delay=self.heartbeats.dead_after_s + self.heartbeats.interval_s
-        )
+            raise RegistrationRefused(f"the broker refused this {self.role}: {refusal.reason}")
+        delay = max(refusal.retry_after_s, self.heartbeats.dead_after_s + self.heartbeats.interval_s)
+        await self.reconnect("registration refused", wait=True, delay=delay)
 
     async def reconnect(self, reason: str, wait: bool, delay: float | None = None) -> None:
         """Drop the socket, wait the back-off (or ``delay``) if asked, and connect afresh under a new

@@ -101,6 +101,14 @@ def job_id_for(
     return "job-" + hashlib.sha256(key).hexdigest()[:16]
 
 
+def batch_id_for(job_id: str, chunk: int, template_id: str, claims: bytes, template: str, context: ContextSpec) -> str:
+    """``JOB/CHUNK/TEMPLATE/CONTENT``: deterministic, so a resend is recognised, and naming what the batch
+    computes (its claims' ``chunk_digest``, the template's text, the context), so a batch id seen before
+    means the same work even where nobody remembers the job (a sink's output, a broker on new state)."""
+    content = hashlib.sha256(claims + template.encode() + context.context_id.encode()).hexdigest()[:8]
+    return f"{job_id}/{chunk:07d}/{template_id}/{content}"
+
+
 @dataclass
 class _Sweep:
     """One job as this producer submits it: its own count of what the broker accepted, and what it needs
@@ -317,7 +325,7 @@ class Producer:
             recorded.append(digest)
             for template_id, template in sweep.templates.items():
                 batch = Batch(
-                    batch_id=f"{sweep.job_id}/{index:07d}/{template_id}",
+                    batch_id=batch_id_for(sweep.job_id, index, template_id, digest, template, sweep.context),
                     job_id=sweep.job_id,
                     context=sweep.context,
                     template_id=template_id,
@@ -340,6 +348,8 @@ class Producer:
         while True:
             reply = await self._ask(sweep, sweep.end_message())
             if reply.agreed:
+                sweep.lost = None  # an answer to an older EndJob, resent mid-resubmission, is stale now
+                sweep.lost_signal.clear()
                 return
             await self._recover(sweep, reply)
 
@@ -374,6 +384,9 @@ class Producer:
             "broker_lost_batches", job_id=sweep.job_id, broker_batches=held.batches, our_batches=ours.batches,
             missing_pairs=ours.pairs - held.pairs, resubmission=report.resubmissions,
         )  # fmt: skip
+        # No EndJob is resent mid-pass after a reconnection: the broker's answer would only count a pass
+        # not yet finished as another loss. ``_end`` sends it again once the pass is done.
+        self._awaiting.pop(sweep.job_id, None)
         try:
             await self._send_pass(sweep, first=False)
         except InputError as exc:

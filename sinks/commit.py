@@ -4,11 +4,16 @@ A batch can reach two sinks: the broker redelivers what a sink had not acknowled
 declared dead (stalled, say, by a swapping node or SIGSTOP) or when the broker lost its state, and the first
 sink may still wake up and write it. So a sink publishes a file only under the directory's commit lock
 (``flock`` on ``.OUT.partial/commit.lock``; the kernel, or the NFS lock manager, releases it if the sink
-dies): it rereads what other sinks published (``sinks/written.py``), drops from its file the batches
-already there (rewriting the file, a rare path), and renames the file into place before it lets go. Failure
+dies): it rereads what other sinks published, drops from its file the batches already there (rewriting
+the file, a rare path), renames the file into place, and notes its batches before it lets go. Failure
 records are appended under the same lock with the same check. Whoever publishes a batch second finds it and
 skips it, whatever the timing, so no batch is written twice; and both may acknowledge it, since it is
 durable either way.
+
+What other sinks published is read from two places: the output directory itself (``sinks/written.py``),
+and the lock file, to which every publication appends its batch ids. On a network file system a directory
+listing may be cached for a while, but taking a lock revalidates the locked file's contents: the lock file
+is the record every sink is sure to see.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,20 +70,58 @@ class OutputDirectory:
         self.staging_dir = staging_dir_for(self.out_dir)
         self.index = WrittenIndex(self.out_dir)
         self._lock_path = self.staging_dir / LOCK_FILE
+        #: Bytes of the lock file's ledger already read, and who published last (named when we must wait).
+        self._ledger_read = 0
+        self._last_publisher = ""
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> Iterator[int]:
+        """Hold the commit lock, with what every sink published read in; yields the lock file's descriptor."""
+        self.staging_dir.mkdir(exist_ok=True)  # an operator may have removed it as a leftover
         descriptor = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-            yield
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                started = time.monotonic()
+                log.warning("waiting_for_commit_lock", lock=str(self._lock_path), last_publisher=self._last_publisher)
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+                log.info("commit_lock_taken", waited_s=round(time.monotonic() - started, 3))
+            self._read_ledger(descriptor)
+            self.index.refresh()
+            yield descriptor
         finally:
             os.close(descriptor)  # releases the lock
 
+    def _read_ledger(self, descriptor: int) -> None:
+        """Batch ids other sinks appended to the lock file since we last read it (complete lines only)."""
+        size = os.fstat(descriptor).st_size
+        if size <= self._ledger_read:
+            return
+        data = os.pread(descriptor, size - self._ledger_read, self._ledger_read)
+        complete = data[: data.rfind(b"\n") + 1]
+        lines = complete.decode("utf-8", "replace").splitlines()
+        publishers = [line for line in lines if line.startswith("# ")]
+        if publishers:
+            self._last_publisher = publishers[-1][2:]
+        self.index.add([line for line in lines if line and not line.startswith("# ")])
+        self._ledger_read += len(complete)
+
+    def _note_published(self, descriptor: int, batch_ids: list[str]) -> None:
+        """Append batch ids to the lock file (after what they name is durable), for every sink to read."""
+        if not batch_ids:
+            return
+        end = os.fstat(descriptor).st_size
+        torn = end > 0 and os.pread(descriptor, 1, end - 1) != b"\n"  # a sink killed mid-append
+        who = f"# {os.getpid()}@{socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')}"
+        text = ("\n" if torn else "") + "\n".join([who, *batch_ids]) + "\n"
+        os.pwrite(descriptor, text.encode(), end)
+        os.fsync(descriptor)
+        self._ledger_read = end + len(text.encode())  # ours: no need to read it back
+
     def publish(self, staged: StagedFile) -> Published:
         """Move a staged file into the output directory, minus any batch another sink published first."""
-        with self._locked():
-            self.index.refresh()
+        with self._locked() as ledger:
             already = {b for b in staged.batch_ids if b in self.index}
             rows, path = staged.rows, staged.final
             if len(already) == len(staged.batch_ids):
@@ -89,6 +133,7 @@ class OutputDirectory:
                 os.replace(staged.path, staged.final)
                 fsync_directory(self.out_dir)  # the rename itself must survive a crash
                 self.index.add(staged.batch_ids)
+                self._note_published(ledger, [b for b in staged.batch_ids if b not in already])
         if already:
             log.warning(
                 "batches_written_by_another_sink", skipped=len(already), kept=len(staged.batch_ids) - len(already)
@@ -99,10 +144,11 @@ class OutputDirectory:
         """Append the pending failures, except batches already recorded or written by any sink."""
         if not failures.pending:
             return []
-        with self._locked():
-            self.index.refresh()
+        with self._locked() as ledger:
+            fresh = [b for b in failures.pending if b not in self.index]
             recorded = failures.flush(self.index)
             self.index.add(recorded)
+            self._note_published(ledger, fresh)
         return recorded
 
     def clean_staging(self) -> int:

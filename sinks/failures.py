@@ -9,6 +9,7 @@ acknowledged, so it is delivered again and recorded whole.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Container
@@ -60,13 +61,19 @@ class FailureLog:
         created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+b") as handle:
-            if handle.tell() > 0:
+            start = handle.seek(0, os.SEEK_END)
+            if start > 0:
                 handle.seek(-1, os.SEEK_END)
                 if handle.read(1) != b"\n":  # a torn line left by a killed sink of the same name
                     lines.insert(0, "\n")
-            handle.write("".join(lines).encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
+            try:
+                handle.write("".join(lines).encode("utf-8"))
+                handle.flush()
+                os.fsync(handle.fileno())
+            except OSError:
+                with contextlib.suppress(OSError):  # leave no half batch behind for the retry to double
+                    handle.truncate(start)
+                raise
         fsync_directory(self.path.parent)  # the file's name must survive a crash too
         if created:
             fsync_directory(self.path.parent.parent)
@@ -88,9 +95,12 @@ def fsync_directory(path: Path) -> None:
 
 
 def parse_failures(text: str) -> tuple[list[dict], set[str]]:
-    """The failure records of complete batches in one failures file, and those batches' ids. Lines of a
-    batch whose write was cut short (no ``recorded_batch`` line), and torn lines, are left out."""
-    records, recorded = [], set()
+    """The failure records of complete batches in one failures file, and those batches' ids. A batch's
+    records are the lines of it just before its ``recorded_batch`` line (since the previous one), each pair
+    once: lines of a write cut short (a sink killed mid-append; the batch is recorded again whole later) and
+    torn lines are left out."""
+    records, recorded, segment = [], set(), []
+    seen: set[tuple[str, str]] = set()
     for line in text.splitlines():
         try:
             record = json.loads(line)
@@ -99,10 +109,17 @@ def parse_failures(text: str) -> tuple[list[dict], set[str]]:
         if not isinstance(record, dict):
             continue
         if "recorded_batch" in record:
-            recorded.add(record["recorded_batch"])
+            batch_id = record["recorded_batch"]
+            recorded.add(batch_id)
+            for r in segment:
+                pair = (batch_id, r.get("claim_id"))
+                if r["batch_id"] == batch_id and pair not in seen:
+                    seen.add(pair)
+                    records.append(r)
+            segment = []
         elif "batch_id" in record:
-            records.append(record)
-    return [r for r in records if r["batch_id"] in recorded], recorded
+            segment.append(record)
+    return records, recorded
 
 
 def read_failures(out_dir: Path) -> list[dict]:

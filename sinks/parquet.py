@@ -168,6 +168,7 @@ class RollingParquetWriter:
         if not self._buffer.rows:
             return
         if self._writer is None:
+            self.staging_dir.mkdir(exist_ok=True)  # an operator may have removed it as a leftover
             self._partial = self.staging_dir / staged_name(self._final_path().name)
             self._writer = pq.ParquetWriter(self._partial, SCHEMA, compression="zstd")
         self._writer.write_table(self._buffer.to_table(), row_group_size=self.row_group_rows)

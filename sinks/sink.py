@@ -23,8 +23,10 @@ import asyncio
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 import zmq.asyncio
@@ -52,6 +54,7 @@ from sinks.failures import FailureLog
 from sinks.parquet import RollingParquetWriter
 
 log = structlog.get_logger("sinks")
+T = TypeVar("T")
 
 #: Seconds between the status requests that feed the progress bar (only while it is drawn).
 PROGRESS_POLL_S = 1.0
@@ -217,14 +220,14 @@ class Sink:
             await self.roll()
         elif self.writer.buffered_rows >= self.config.row_group_rows:
             try:
-                await asyncio.to_thread(self.writer.flush)
+                await self.while_alive(self.writer.flush)
             except OSError as exc:
                 await self.step_away(exc)
 
     async def roll(self) -> None:
         """Make what is held durable and acknowledge it; on a failed write, step away (nothing is lost)."""
         try:
-            published, failed = await asyncio.to_thread(self._commit)
+            published, failed = await self.while_alive(self._commit)
         except OSError as exc:
             await self.step_away(exc)
             return
@@ -243,6 +246,15 @@ class Sink:
             log.info("failures_recorded", batches=len(failed), path=str(self.failures.path))
         if durable:
             await self.session.send(SinkAck(batch_ids=durable))
+
+    async def while_alive(self, work: Callable[[], T]) -> T:
+        """Run blocking output work on a thread, heartbeating meanwhile: a sink waiting for another's commit
+        lock, or fsyncing a large file, is busy, not dead, and its batches must not be redelivered."""
+        task = asyncio.ensure_future(asyncio.to_thread(work))
+        while not task.done():
+            await asyncio.wait([task], timeout=self.config.heartbeats.interval_s / 2)
+            await self.session.keep_alive()
+        return task.result()
 
     def _commit(self) -> tuple[Published | None, list[str]]:
         """Publish the current file and record the pending failures (on a thread)."""

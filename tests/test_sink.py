@@ -21,6 +21,7 @@ from pervade.protocol import (
     Deliver,
     DeliverFailure,
     Disconnect,
+    Heartbeat,
     JobDone,
     Message,
     SinkAck,
@@ -28,8 +29,10 @@ from pervade.protocol import (
     decode,
     encode,
 )
+from pervade.session import Heartbeats
 from sinks.commit import OutputDirectory
 from sinks.failures import read_failures
+from sinks.parquet import RollingParquetWriter
 from sinks.sink import Sink, SinkConfig
 from sinks.summary import read_verdicts
 from tests.test_broker import batch, result_for
@@ -154,6 +157,14 @@ def test_a_failures_write_cut_short_leaves_no_half_recorded_batch(tmp_path) -> N
     index = WrittenIndex(out)
     index.refresh()
     assert "j3/0" in index and "j3/1" not in index
+    # delivered again, it is recorded whole: the orphaned line of the cut-short write does not count twice
+    again = FailureLog(out, "s")
+    failed = batch("j3", 1)
+    again.add(BatchFailure(batch_id=failed.batch_id, job_id="j3", context_id="c", model="m", template_id="t",
+                           claim_ids=[c.claim_id for c in failed.claims], error="boom", attempts=3))  # fmt: skip
+    assert again.flush() == ["j3/1"]
+    pairs = [(f["batch_id"], f["claim_id"]) for f in read_failures(out)]
+    assert sorted(pairs) == [("j3/0", "0-0"), ("j3/0", "0-1"), ("j3/1", "1-0"), ("j3/1", "1-1")]
 
 
 async def test_a_stalled_sink_that_wakes_up_does_not_write_what_another_sink_wrote(broker_side, tmp_path) -> None:
@@ -161,7 +172,9 @@ async def test_a_stalled_sink_that_wakes_up_does_not_write_what_another_sink_wro
     stalled one wakes and rolls its file: under the directory's commit lock it finds those batches already
     published and leaves them out. Exactly one row per pair."""
     out = tmp_path / "out"
-    stalled, stalled_task, stalled_id = await start_sink(broker_side, out, "stalled", roll_seconds=600, idle_roll_seconds=600)
+    stalled, stalled_task, stalled_id = await start_sink(
+        broker_side, out, "stalled", roll_seconds=600, idle_roll_seconds=600
+    )
     other, other_task, other_id = await start_sink(broker_side, out, "other")
     results = [result_for(batch("j4", n)) for n in range(3)]
     for result in results:
@@ -221,3 +234,42 @@ def test_an_output_directory_that_is_a_mount_point_is_refused(tmp_path) -> None:
     (tmp_path / ".out.partial").write_text("a file where the staging directory would go")
     with pytest.raises(ConfigError, match=r"use a directory inside it, e\.g\. --out .*out/verdicts"):
         OutputDirectory(out)
+
+
+def test_a_removed_staging_directory_comes_back(tmp_path) -> None:
+    """An operator removes the hidden staging folder as a leftover while a sink runs: its next file is
+    staged and published all the same."""
+    import shutil
+
+    output = OutputDirectory(tmp_path / "out")
+    writer = RollingParquetWriter(output, "v")
+    shutil.rmtree(output.staging_dir)
+    writer.add(result_for(batch("j6", 0)))
+    assert writer.roll().batch_ids == ["j6/0"] and read_verdicts(tmp_path / "out").num_rows == 2
+
+
+async def test_a_sink_waiting_for_the_commit_lock_stays_alive(broker_side, tmp_path) -> None:
+    """Another sink holds the directory's commit lock (stalled while publishing): this one waits for it
+    without going silent (the broker would declare it dead and deliver its batches elsewhere), then
+    publishes."""
+    import fcntl
+
+    out = tmp_path / "out"
+    beats = Heartbeats(interval_s=0.1, liveness=3)
+    sink, task, identity = await start_sink(broker_side, out, "waiting", heartbeats=beats)
+    holder = os.open(sink.output.staging_dir / "commit.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        await broker_side.send(identity, Deliver(result=result_for(batch("j7", 0))))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        beats_heard = 0
+        while loop.time() - started < 1.0:  # ten heartbeat intervals with the lock held by another
+            sender, _ = await broker_side.receive(Heartbeat, timeout_s=beats.dead_after_s)
+            beats_heard += sender == identity
+        assert beats_heard >= 5 and not list(out.glob("*.parquet"))
+    finally:
+        os.close(holder)  # the other sink's publication ends
+    assert (await broker_side.receive(SinkAck))[1].batch_ids == ["j7/0"]
+    sink.stop()
+    await task

@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
 import zmq.asyncio
 
 from broker.server import Broker, BrokerConfig
-from broker.store import STORE_FILE, BrokerStore
+from broker.store import STORE_FILE, BrokerStore, state_error
 from broker.wal import scan_log
 from pervade.errors import ConfigError, StateError
 from tests.test_broker import batch
@@ -102,10 +103,28 @@ def test_a_log_that_lost_commits_is_detected_and_an_intact_one_is_not(tmp_path) 
     with open(wal, "r+b") as handle:  # random bytes in the middle of the log
         handle.seek(handle.seek(0, 2) // 2)
         handle.write(os.urandom(4096))
+    damaged_log = wal.read_bytes()
     store = BrokerStore.open(crashed)
     # never trusted: set aside whole, and the broker starts afresh (its producers resubmit), saying so
     assert store.damage is not None and "commit(s) after frame" in store.damage and "producers resubmit" in store.damage
     assert sum(store.queued.values()) == 0 and store.jobs() == {}
     (aside,) = crashed.glob("damaged-*")
-    assert (aside / STORE_FILE).exists() and str(aside) in store.damage  # kept for a post-mortem
+    assert (aside / STORE_FILE).exists() and str(aside) in store.damage  # kept for a post-mortem...
+    assert (aside / (STORE_FILE + "-wal")).read_bytes() == damaged_log  # ...the log as it was found
     store.close()
+
+
+def test_a_full_disk_under_the_state_is_not_taken_for_damage(tmp_path) -> None:
+    """SQLite's own "database or disk is full" (SQLITE_FULL): keep the state, fix the cause; only a file
+    that is not, or no longer, a database is to be set aside."""
+    path = tmp_path / STORE_FILE
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA max_page_count = 2")  # a database that cannot grow: as full as a full disk
+    with pytest.raises(sqlite3.Error) as full:
+        for n in range(100):
+            db.execute(f"CREATE TABLE t{n} (x)")
+    message = str(state_error(path, full.value))
+    assert (
+        "SQLITE_FULL" in message and "start the broker again on the same --state; nothing it holds is lost" in message
+    )
+    assert "damaged" not in message

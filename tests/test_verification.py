@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import msgpack
 import msgspec
@@ -27,6 +28,7 @@ from pervade.protocol import (
     Completed,
     Deliver,
     DeliverFailure,
+    Disconnect,
     EndJob,
     Error,
     Heartbeat,
@@ -43,6 +45,7 @@ from pervade.protocol import (
     encode,
 )
 from producer.client import Producer
+from sinks.parquet import read_verdicts
 from sinks.sink import Sink, SinkConfig
 from tests.conftest import FAST_HEARTBEATS
 from tests.test_broker import CPU, CTX_A, T0, batch, end_job, register_worker, result_for
@@ -55,9 +58,9 @@ def claims(n: int) -> list[Claim]:
 
 
 @contextlib.asynccontextmanager
-async def serving(worker, sink) -> AsyncIterator[None]:
-    """A worker peer that answers every batch it is given and a sink peer that acknowledges every outcome,
-    until the block ends."""
+async def serving(worker, sink=None) -> AsyncIterator[None]:
+    """A worker peer that answers every batch it is given and (unless a real sink writes) a sink peer that
+    acknowledges every outcome, until the block ends."""
 
     async def work() -> None:
         while True:
@@ -74,7 +77,7 @@ async def serving(worker, sink) -> AsyncIterator[None]:
             elif isinstance(message, DeliverFailure):
                 await sink.send(SinkAck(batch_ids=[message.failure.batch_id]))
 
-    tasks = [asyncio.create_task(work()), asyncio.create_task(write())]
+    tasks = [asyncio.create_task(work())] + ([asyncio.create_task(write())] if sink is not None else [])
     try:
         yield
     finally:
@@ -253,3 +256,80 @@ async def test_a_sink_refused_its_name_gives_up_with_the_reason(start_broker, co
     finally:
         beating.cancel()
     assert broker.counters["registrations_refused"] == 3  # tried again after each liveness period
+
+
+async def test_the_same_sweep_run_twice_at_once_tells_both_producers(start_broker, connect) -> None:
+    """A job id names its content, so two producers of one sweep share the job: both hear it is done."""
+    broker = await start_broker()
+    worker, sink = await connect(b"w", endpoint=broker.endpoint), await connect(b"s", endpoint=broker.endpoint)
+    async with Producer(broker.endpoint) as first, Producer(broker.endpoint) as second:
+        await first.submit_sweep(claims(4), TEMPLATES, CTX_A, batch_size=2, job_id="jt")
+        await second.submit_sweep(claims(4), TEMPLATES, CTX_A, batch_size=2, job_id="jt")  # all duplicates
+        await sink.send(SinkReady(sink_id="s"))
+        await register_worker(worker, "w", credit=2)
+        async with serving(worker, sink):
+            done = await asyncio.gather(first.wait("jt", timeout_s=10), second.wait("jt", timeout_s=10))
+    assert [d.pairs_written for d in done] == [4, 4]
+
+
+async def run_sweep_to_a_real_sink(start_broker, connect, out: Path, state: Path, sweep: list[Claim]) -> JobDone:
+    """One broker on ``state``, a worker peer, a real sink writing to ``out``; a producer of ``sweep``
+    under the job id "myrun", waiting."""
+    broker = await start_broker(state_dir=state, heartbeats=FAST_HEARTBEATS)
+    worker = await connect(state.name.encode(), endpoint=broker.endpoint)
+    await register_worker(worker, "w", credit=4)
+    sink = Sink(SinkConfig(out_dir=out, broker=broker.endpoint, heartbeats=FAST_HEARTBEATS, idle_roll_seconds=0.05))
+    writing = asyncio.create_task(sink.run())
+    try:
+        async with serving(worker), Producer(broker.endpoint, heartbeats=FAST_HEARTBEATS) as producer:
+            await producer.submit_sweep(sweep, TEMPLATES, CTX_A, batch_size=2, job_id="myrun")
+            return await producer.wait("myrun", timeout_s=20)
+    finally:
+        sink.stop()
+        await writing
+        broker.stop()
+        await broker.closed.wait()
+
+
+async def test_a_job_id_reused_for_other_claims_where_nobody_remembers_it_is_written(
+    start_broker, connect, tmp_path
+) -> None:
+    """A batch id names its content, so a sink never mistakes another sweep's batch, reusing a job id on a
+    broker with new state, for one it already wrote."""
+    first = [Claim(claim_id=f"c{i}", text=f"old {i}") for i in range(4)]
+    second = [Claim(claim_id=f"d{i}", text=f"new {i}") for i in range(4)]
+    await run_sweep_to_a_real_sink(start_broker, connect, tmp_path / "out", tmp_path / "s1", first)
+    done = await run_sweep_to_a_real_sink(start_broker, connect, tmp_path / "out", tmp_path / "s2", second)
+    rows = read_verdicts(tmp_path / "out", ["claim_id"])["claim_id"].to_pylist()
+    assert done.pairs_written == 4 and sorted(rows) == [c.claim_id for c in first + second]
+
+
+async def test_a_reconnection_during_a_resubmission_does_not_count_as_another_loss(
+    start_broker, connect, tmp_path
+) -> None:
+    first = await start_broker(state_dir=tmp_path / "state")
+    async with Producer(first.endpoint, max_unacked=2) as producer:
+        report = await producer.submit_sweep(claims(20), TEMPLATES, CTX_A, batch_size=2, job_id="jb")
+        first.stop()
+        await first.closed.wait()
+        second = await start_broker(state_dir=tmp_path / "new-state", bind=first.endpoint)
+        resent = 0
+        send_batch = producer._send_batch
+
+        async def blip_midway(batch, report, first_pass) -> None:  # the network drops once, mid-resubmission
+            nonlocal resent
+            await send_batch(batch, report, first_pass)
+            resent += 1
+            if resent == 3:
+                for identity in list(second.producers):
+                    second.producers.pop(identity)
+                    second.send(identity, Disconnect(reason="blip"))
+
+        producer._send_batch = blip_midway
+        worker, sink = await connect(b"w", endpoint=second.endpoint), await connect(b"s", endpoint=second.endpoint)
+        await sink.send(SinkReady(sink_id="s"))
+        await register_worker(worker, "w", credit=3)
+        async with serving(worker, sink):
+            done = await producer.wait("jb", timeout_s=30)
+    assert done.pairs_written == 20 and report.resubmissions == 1
+    assert second.counters["jobs_found_incomplete"] == 1  # the EndJob resent mid-pass was not another loss
