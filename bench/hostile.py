@@ -464,6 +464,13 @@ def expected_pairs(records: list[dict], template_ids: list[str]) -> set[tuple[st
     return {(str(r["id"]), t) for r in records for t in template_ids}
 
 
+def write_sweep(run: Run, count: int) -> tuple[Path, Path, set[tuple[str, str]]]:
+    """The first ``count`` FEVER claims and 2 templates as files in the case's directory: their paths, and
+    every (claim, template) pair they make."""
+    claims, templates = run.base / "claims.jsonl", run.base / "templates.json"
+    return claims, templates, expected_pairs(write_claims(claims, fever()[:count]), write_templates(templates, 2))
+
+
 def read_output(out: Path, job_id: str | None = None) -> Counter:
     """Rows per (claim_id, template_id) in the final Parquet files of ``out`` (pandas, file by file, so
     stray non-Parquet entries do not stop the count); only the rows of ``job_id`` when given."""
@@ -630,10 +637,7 @@ def damage_wal(wal: Path, seed: int = 2) -> str:
 
 def restart_run(env: Env, row: Row, run: Run, new_state: bool) -> None:
     """Cases 2 and 3: a broker killed mid-run and started again on a damaged or an empty state."""
-    claims, templates = run.base / "claims.jsonl", run.base / "templates.json"
-    tids = write_templates(templates, 2)
-    records = write_claims(claims, fever()[:1000])
-    expected = expected_pairs(records, tids)
+    claims, templates, expected = write_sweep(run, 1000)
     endpoint = run.broker()
     run.start_sink("sink", None, "--roll-seconds", "0.5", "--idle-roll-seconds", "0.2")
     run.start_worker("worker-0")
@@ -703,12 +707,9 @@ def case3(env: Env, row: Row, run: Run) -> None:
 
 def case4(env: Env, row: Row, run: Run) -> None:
     """Two sinks on one directory, one SIGSTOPped for 8 s, while workers are SIGKILLed and replaced."""
-    claims, templates = run.base / "claims.jsonl", run.base / "templates.json"
-    tids = write_templates(templates, 2)
     # Long enough (8,000 pairs on the small model) that results still flow when the sink is stopped, on an
     # idle machine too.
-    records = write_claims(claims, fever()[:4000])
-    expected = expected_pairs(records, tids)
+    claims, templates, expected = write_sweep(run, 4000)
     run.broker()
     # A longer roll interval than the default keeps the stalled sink's unfinished file open wider.
     roll = ("--roll-seconds", "5")
@@ -765,10 +766,7 @@ def case4(env: Env, row: Row, run: Run) -> None:
 
 def case5(env: Env, row: Row, run: Run) -> None:
     """A worker whose clock is 2e9 s behind."""
-    claims, templates = run.base / "claims.jsonl", run.base / "templates.json"
-    tids = write_templates(templates, 2)
-    records = write_claims(claims, fever()[:500])
-    expected = expected_pairs(records, tids)
+    claims, templates, expected = write_sweep(run, 500)
     run.broker()
     run.start_sink()
     run.start_worker("worker-skewed", code=SKEWED_CLOCK)
@@ -804,10 +802,7 @@ def read_output_by_worker(out: Path) -> Counter:
 
 def case6(env: Env, row: Row, run: Run) -> None:
     """A second broker on a live --state directory."""
-    claims, templates = run.base / "claims.jsonl", run.base / "templates.json"
-    tids = write_templates(templates, 2)
-    records = write_claims(claims, fever()[:1000])
-    expected = expected_pairs(records, tids)
+    claims, templates, expected = write_sweep(run, 1000)
     run.broker()
     run.start_sink()
     run.start_worker("worker-0")
@@ -896,10 +891,7 @@ def case8(env: Env, row: Row, run: Run) -> None:
     file is written, so its next writes hit ENOSPC."""
     if os.geteuid() != 0:
         raise RuntimeError("needs root to mount a tmpfs")
-    claims, templates = run.base / "claims.jsonl", run.base / "templates.json"
-    tids = write_templates(templates, 2)
-    records = write_claims(claims, fever()[:1500])
-    expected = expected_pairs(records, tids)
+    claims, templates, expected = write_sweep(run, 1500)
     mnt = run.base / "mnt"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True, capture_output=True)
@@ -1099,10 +1091,7 @@ def case9(env: Env, rows: dict[str, Row], run: Run) -> None:
 
 def case10(env: Env, row: Row, run: Run) -> None:
     """Two live workers with one --worker-id."""
-    claims, templates = run.base / "claims.jsonl", run.base / "templates.json"
-    tids = write_templates(templates, 2)
-    records = write_claims(claims, fever()[:1000])
-    expected = expected_pairs(records, tids)
+    claims, templates, expected = write_sweep(run, 1000)
     run.broker()
     run.start_sink()
     run.start_worker("worker-a", worker_id="twin")

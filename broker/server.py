@@ -34,7 +34,7 @@ from broker.policy import choose_context
 from broker.records import PeerRecord, ProducerRecord, SinkRecord, WorkerRecord
 from broker.sources import Answer, FileSources
 from broker.status import build_snapshot
-from broker.store import STORE_FILE, BatchStatus, BrokerStore, JobRecord, StoredBatch, content_digest, state_error
+from broker.store import BatchStatus, BrokerStore, JobRecord, StoredBatch, content_digest, state_error
 from pervade.constants import DEFAULT_BROKER_BIND, DEFAULT_MAX_MESSAGE_BYTES
 from pervade.context import ContextSpec
 from pervade.errors import ConfigError, ProtocolError
@@ -589,8 +589,7 @@ class Broker:
         agreed = (held.batches, held.pairs) == (message.batches, message.pairs) and (
             not message.digest or job.digest is None or message.digest == held.digest
         )
-        self.send(identity, JobEnded(job_id=job.job_id, batches=held.batches, pairs=held.pairs,
-                                     digest=held.digest, agreed=agreed))  # fmt: skip
+        self.send(identity, job_ended(job, agreed))
         if not agreed:
             self.counters["jobs_found_incomplete"] += 1
             log.error(
@@ -619,9 +618,7 @@ class Broker:
                 assert row is not None
                 self.fail(row, f"job aborted by its producer: {message.reason}")
             self.store.save_job(job)
-        held = job.holds()
-        self.send(identity, JobEnded(job_id=job.job_id, batches=held.batches, pairs=held.pairs,
-                                     digest=held.digest, agreed=True))  # fmt: skip
+        self.send(identity, job_ended(job, agreed=True))
         self.report_if_complete(job, again=True)
 
     def report_if_complete(self, job: JobRecord, again: bool = False, to_producer: bool = True) -> None:
@@ -1197,6 +1194,12 @@ class Broker:
         )
 
 
+def job_ended(job: JobRecord, agreed: bool) -> JobEnded:
+    """The answer to an EndJob or AbortJob: what the broker holds of the job."""
+    held = job.holds()
+    return JobEnded(job_id=job.job_id, batches=held.batches, pairs=held.pairs, digest=held.digest, agreed=agreed)
+
+
 async def run_broker(config: BrokerConfig) -> None:
     """Run a broker until SIGTERM or SIGINT. A state database that breaks under it is a StateError that
     says what to do, not a traceback."""
@@ -1205,7 +1208,8 @@ async def run_broker(config: BrokerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, broker.stop)
-    path = broker.store.path if broker.store is not None else Path(STORE_FILE)
+    assert broker.store is not None  # open from start() until serve() ends
+    path = broker.store.path
     try:
         await broker.serve()
     except sqlite3.Error as exc:

@@ -85,6 +85,18 @@ async def register_worker(peer, worker_id: str, credit: int, contexts: list[str]
     await peer.send(Pull(credit=credit))
 
 
+async def assign_one(producer, worker, job: str) -> Batch:
+    """Submit ``batch(job, 0)`` and register ``worker`` with one credit: the batch it is then assigned,
+    after the LoadContext for its model."""
+    await producer.send(Submit(batch=batch(job, 0)))
+    await producer.receive()
+    await register_worker(worker, "w", credit=1)
+    assert isinstance(await worker.receive(), LoadContext)
+    assigned = await worker.receive()
+    assert isinstance(assigned, Assign)
+    return assigned.batch
+
+
 async def test_a_job_flows_from_producer_to_worker_to_sink_and_back(connect) -> None:
     producer, worker, sink = await connect(b"p", producer=True), await connect(b"w"), await connect(b"s")
     await sink.send(SinkReady(sink_id="s1"))

@@ -15,7 +15,6 @@ from pervade.protocol import (
     Completed,
     Deliver,
     Disconnect,
-    EndJob,
     Error,
     Heartbeat,
     JobDone,
@@ -29,7 +28,7 @@ from pervade.protocol import (
 )
 from producer.client import Producer
 from tests.conftest import FAST_HEARTBEATS
-from tests.test_broker import CTX_A, batch, end_job, register_worker, result_for
+from tests.test_broker import CTX_A, assign_one, batch, end_job, register_worker, result_for
 
 
 async def test_a_silent_worker_is_declared_dead_and_its_batches_go_to_another(start_broker, connect) -> None:
@@ -85,16 +84,12 @@ async def test_released_batches_are_requeued_at_once_without_counting_an_attempt
 
 async def test_a_result_that_does_not_answer_the_batch_is_refused(connect, live_broker) -> None:
     producer, worker = await connect(b"p", producer=True), await connect(b"w")
-    await producer.send(Submit(batch=batch("j3", 0)))
-    await producer.receive()
-    await register_worker(worker, "w", credit=1)
-    await worker.receive()
-    assigned = await worker.receive()
+    assigned = await assign_one(producer, worker, "j3")
     wrong = result_for(batch("j3", 1))  # another batch's claims under this batch's id
     await worker.send(Completed(result=msgspec.structs.replace(wrong, batch_id="j3/0")))
     reply = await worker.receive()
     assert isinstance(reply, Error) and "does not answer exactly the batch's claims" in reply.reason
-    assert live_broker.store.get(assigned.batch.batch_id).status is BatchStatus.QUEUED  # retried, not taken
+    assert live_broker.store.get(assigned.batch_id).status is BatchStatus.QUEUED  # retried, not taken
 
 
 async def test_a_restarted_broker_resumes_from_its_state(start_broker, connect, tmp_path) -> None:

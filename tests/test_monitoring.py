@@ -16,7 +16,6 @@ from pervade.protocol import (
     Assign,
     Completed,
     Deliver,
-    EndJob,
     LoadContext,
     Pull,
     SinkReady,

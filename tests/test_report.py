@@ -16,8 +16,8 @@ import pytest
 
 from pervade.constants import LABELS
 from pervade.protocol import BatchFailure, BatchResult, Verdict
-from sinks.failures import FailureLog
 from sinks.commit import OutputDirectory
+from sinks.failures import FailureLog
 from sinks.parquet import RollingParquetWriter
 from sinks.plots import ACCURACY_SIZE, TIMELINE_SIZE
 from sinks.report import report_dir_for

@@ -34,7 +34,6 @@ from pervade.protocol import (
     Heartbeat,
     JobDone,
     JobEnded,
-    LoadContext,
     Pull,
     Refused,
     Rejected,
@@ -48,7 +47,7 @@ from producer.client import Producer
 from sinks.parquet import read_verdicts
 from sinks.sink import Sink, SinkConfig
 from tests.conftest import FAST_HEARTBEATS
-from tests.test_broker import CPU, CTX_A, T0, batch, end_job, register_worker, result_for
+from tests.test_broker import CPU, CTX_A, T0, assign_one, batch, end_job, register_worker, result_for
 
 TEMPLATES = {"t": "{claim} Answer:"}
 
@@ -180,11 +179,7 @@ async def test_an_abort_after_the_job_ended_changes_nothing(connect, live_broker
 async def test_a_result_timed_by_a_wrong_clock_is_kept_and_timed_on_the_brokers(connect, live_broker) -> None:
     producer, worker, sink = await connect(b"p", producer=True), await connect(b"w"), await connect(b"s")
     await sink.send(SinkReady(sink_id="s"))
-    await producer.send(Submit(batch=batch("j4", 0)))
-    await producer.receive()
-    await register_worker(worker, "w", credit=1)
-    assert isinstance(await worker.receive(), LoadContext)
-    assigned = (await worker.receive()).batch
+    assigned = await assign_one(producer, worker, "j4")
     skewed = msgspec.structs.replace(result_for(assigned), started_at=T0 - 2e9 - 1.5, finished_at=T0 - 2e9)
     await worker.send(Completed(result=skewed))  # a clock 2e9 s behind: before 1970
     delivered = (await sink.receive()).result
@@ -194,11 +189,7 @@ async def test_a_result_timed_by_a_wrong_clock_is_kept_and_timed_on_the_brokers(
 
 async def test_a_refused_result_is_requeued_and_its_worker_told(connect, live_broker) -> None:
     producer, worker = await connect(b"p", producer=True), await connect(b"w")
-    await producer.send(Submit(batch=batch("j5", 0)))
-    await producer.receive()
-    await register_worker(worker, "w", credit=1)
-    await worker.receive()
-    assigned = (await worker.receive()).batch
+    assigned = await assign_one(producer, worker, "j5")
     body = msgpack.unpackb(encode(Completed(result=result_for(assigned)))[1])
     body["result"]["verdicts"][0]["verdict"] = "X" * 100  # longer than any label: fails validation
     await worker.send_raw([PROTOCOL_HEADER, msgpack.packb(body)])
