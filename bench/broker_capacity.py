@@ -598,7 +598,7 @@ def print_profile(path: Path, lines: int) -> None:
 async def run_row(
     args: argparse.Namespace, setup: Setup, workers: int, batch_size: int, with_sink: bool
 ) -> dict[str, Any]:
-    from jobs.local import wait_for_endpoint
+    from pervade.jobs.local import wait_for_endpoint
 
     row_dir = setup.root / f"w{workers}-b{batch_size}-{'sink' if with_sink else 'nosink'}"
     (row_dir / "logs").mkdir(parents=True)
@@ -667,7 +667,7 @@ async def submit_job(
 ) -> JobTiming:
     """Submit the claims as one job and wait until it is done: written (the producer hears ``JobDone``), or
     without a sink (``fleet`` given) until the simulators have completed every batch."""
-    from producer.client import Producer
+    from pervade.producer.client import Producer
 
     job_id = f"capacity-b{batch_size}-{uuid.uuid4().hex[:8]}"
     async with Producer(endpoint, max_unacked=args.max_unacked) as producer:
@@ -822,8 +822,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def prepare(args: argparse.Namespace, root: Path) -> Setup:
     """The context (the tiny model's files hashed, as the produce command does), the template, the claims."""
-    from jobs.local import ensure_tiny_model
-    from producer.templates import load_templates
+    from pervade.jobs.local import ensure_tiny_model
+    from pervade.producer.templates import load_templates
 
     context = make_context(str(ensure_tiny_model()))
     template_id, template = next(iter(load_templates().items()))

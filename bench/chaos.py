@@ -88,12 +88,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.cluster import LocalCluster
-from jobs.local import ensure_tiny_model
-from producer.claims import ClaimsSource, read_claims, sample_claims_path
-from producer.templates import load_templates
-from sinks.failures import read_failures
-from sinks.summary import read_verdicts
+from pervade.jobs.cluster import LocalCluster
+from pervade.jobs.local import ensure_tiny_model
+from pervade.producer.claims import ClaimsSource, read_claims, sample_claims_path
+from pervade.producer.templates import load_templates
+from pervade.sinks.failures import read_failures
+from pervade.sinks.summary import read_verdicts
 
 FEVER_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fever" / "paper_dev.jsonl"
 #: Seconds to wait for the first workers to serve, and for the sink to exit once the job is done.

@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobs.local import LocalRunConfig, run_local
-from producer.claims import sample_claims_path
+from pervade.jobs.local import LocalRunConfig, run_local
+from pervade.producer.claims import sample_claims_path
 
 
 def main() -> int:

@@ -30,16 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchkit import Report
 from prometheus_client import generate_latest
 
-from broker.metrics import SnapshotCollector
-from broker.records import WorkerRecord
-from broker.server import Broker, BrokerConfig
-from broker.store import JobRecord
+from pervade.broker.metrics import SnapshotCollector
+from pervade.broker.records import WorkerRecord
+from pervade.broker.server import Broker, BrokerConfig
+from pervade.broker.store import JobRecord
 from pervade.constants import LABELS
 from pervade.context import ContextSpec
 from pervade.protocol import BatchResult, DeviceInfo, StatusReply, Verdict, encode
-from sinks.commit import OutputDirectory
-from sinks.parquet import RollingParquetWriter
-from sinks.report import build_report, write_report
+from pervade.sinks.commit import OutputDirectory
+from pervade.sinks.parquet import RollingParquetWriter
+from pervade.sinks.report import build_report, write_report
 
 GPU = DeviceInfo(kind="cuda", name="NVIDIA H200", memory_bytes=141 << 30)
 

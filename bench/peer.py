@@ -61,9 +61,9 @@ from typing import Any
 
 from benchkit import DEFAULT_OUT_DIR, Report
 
-from jobs.local import LocalRunConfig, ensure_tiny_model, run_local
-from producer.claims import ClaimsSource, read_claims, sample_claims_path
-from producer.templates import load_templates
+from pervade.jobs.local import LocalRunConfig, ensure_tiny_model, run_local
+from pervade.producer.claims import ClaimsSource, read_claims, sample_claims_path
+from pervade.producer.templates import load_templates
 
 #: FEVER's paper_dev split, beside the repository (shared/data/), when this checkout has it.
 FEVER_DEV = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "fever" / "paper_dev.jsonl"
@@ -116,7 +116,7 @@ class Measurement:
 
 def measure_pervade(work: Workload, scratch: Path) -> Measurement:
     """``run_local`` on the workload; times from its Parquet output (worker clocks are this machine's)."""
-    from sinks.summary import read_verdicts
+    from pervade.sinks.summary import read_verdicts
 
     templates_file = scratch / "templates.json"
     templates_file.write_text(json.dumps(work.templates), encoding="utf-8")
@@ -159,8 +159,8 @@ class RayScorer:
     def __init__(self, model: str, dtype: str, device: str, threads: int, templates: dict[str, str]) -> None:
         import torch
 
-        from gpuworker.device import select_device
-        from gpuworker.engine import load_context
+        from pervade.gpuworker.device import select_device
+        from pervade.gpuworker.engine import load_context
         from pervade.context import ContextSpec
 
         torch.set_num_threads(threads)
@@ -170,7 +170,7 @@ class RayScorer:
         self.templates = templates
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from gpuworker.engine import score_claims
+        from pervade.gpuworker.engine import score_claims
 
         started = time.time()
         ids, template_ids, texts = list(batch["claim_id"]), list(batch["template_id"]), list(batch["text"])

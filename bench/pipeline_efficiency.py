@@ -36,9 +36,9 @@ from benchkit import Report
 from chaos import Workload
 from runs import add_workload_args, finish_runs, run_pipeline, workload_from_args
 
-from gpuworker.engine import load_context, score_claims
+from pervade.gpuworker.engine import load_context, score_claims
 from pervade.context import make_context
-from producer.claims import ClaimsSource, read_claims
+from pervade.producer.claims import ClaimsSource, read_claims
 
 
 def bare_loop(workload: Workload, threads: int) -> float:

@@ -84,9 +84,9 @@ from runs import (
     workload_from_args,
 )
 
-from jobs.cluster import LocalCluster
-from producer.claims import ClaimsSource, read_claims
-from sinks.summary import read_verdicts
+from pervade.jobs.cluster import LocalCluster
+from pervade.producer.claims import ClaimsSource, read_claims
+from pervade.sinks.summary import read_verdicts
 
 MODES = ("naive", "agnostic", "partial", "full")
 SINK_EXIT_TIMEOUT_S = 60.0

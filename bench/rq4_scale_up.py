@@ -63,8 +63,8 @@ from runs import (
     workload_from_args,
 )
 
-from jobs.cluster import LocalCluster
-from sinks.summary import read_verdicts
+from pervade.jobs.cluster import LocalCluster
+from pervade.sinks.summary import read_verdicts
 
 SAMPLE_EVERY_S = 0.25
 SINK_EXIT_TIMEOUT_S = 60.0

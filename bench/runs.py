@@ -23,11 +23,11 @@ import pyarrow.compute as pc
 from benchkit import DEFAULT_OUT_DIR
 from chaos import FEVER_DEV, RunSettings, Workload, load_workload, wait_for_serving
 
-from jobs.cluster import LocalCluster
-from jobs.local import default_cache_dir
+from pervade.jobs.cluster import LocalCluster
+from pervade.jobs.local import default_cache_dir
 from pervade.tinymodel import SHAPES, build_tiny_model
-from producer.claims import sample_claims_path
-from sinks.summary import read_verdicts
+from pervade.producer.claims import sample_claims_path
+from pervade.sinks.summary import read_verdicts
 
 CLAIMS_FILE_HELP = "claims (default: ../shared/data/fever/paper_dev.jsonl, else the shipped sample)"
 

@@ -40,9 +40,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from transformers.utils import logging as hf_logging
 
-from jobs.cluster import LocalCluster
-from jobs.lab.slurm import SlurmLab
-from producer.claims import sample_claims_path
+from pervade.jobs.cluster import LocalCluster
+from pervade.jobs.lab.slurm import SlurmLab
+from pervade.producer.claims import sample_claims_path
 
 FEVER_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fever" / "paper_dev.jsonl"
 WORKER_ARGS = ("--threads", "1", "--grace-seconds", "5", "--heartbeat-interval", "0.5", "--heartbeat-liveness", "3",

@@ -56,9 +56,9 @@ import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
-from gpuworker.cache import FileCache
-from gpuworker.fetch import Fetcher, TransferConfig
-from gpuworker.fileserver import FileServer, FileServiceConfig
+from pervade.gpuworker.cache import FileCache
+from pervade.gpuworker.fetch import Fetcher, TransferConfig
+from pervade.gpuworker.fileserver import FileServer, FileServiceConfig
 from pervade.context import ContextSpec
 from pervade.errors import ContextLoadError
 from pervade.keys import ClientKeys, PeerAdmission, init_keys

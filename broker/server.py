@@ -29,12 +29,12 @@ import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
-from broker.metrics import METRICS_REFRESH_S, MetricsExporter
-from broker.policy import choose_context
-from broker.records import PeerRecord, ProducerRecord, SinkRecord, WorkerRecord
-from broker.sources import Answer, FileSources
-from broker.status import build_snapshot
-from broker.store import BatchStatus, BrokerStore, JobRecord, StoredBatch, content_digest, state_error
+from pervade.broker.metrics import METRICS_REFRESH_S, MetricsExporter
+from pervade.broker.policy import choose_context
+from pervade.broker.records import PeerRecord, ProducerRecord, SinkRecord, WorkerRecord
+from pervade.broker.sources import Answer, FileSources
+from pervade.broker.status import build_snapshot
+from pervade.broker.store import BatchStatus, BrokerStore, JobRecord, StoredBatch, content_digest, state_error
 from pervade.constants import DEFAULT_BROKER_BIND, DEFAULT_MAX_MESSAGE_BYTES
 from pervade.context import ContextSpec
 from pervade.errors import ConfigError, ProtocolError

@@ -8,8 +8,8 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 
-from broker.records import WorkerRecord
-from broker.store import JobRecord
+from pervade.broker.records import WorkerRecord
+from pervade.broker.store import JobRecord
 from pervade.context import ContextSpec
 from pervade.protocol import ContextStatus, JobStatus, StatusSnapshot, WorkerStatus
 

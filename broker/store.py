@@ -48,8 +48,8 @@ from pathlib import Path
 
 import msgspec
 
-from broker.statelock import StateLock
-from broker.wal import scan_log
+from pervade.broker.statelock import StateLock
+from pervade.broker.wal import scan_log
 from pervade.batchset import BatchSet
 from pervade.context import ContextSpec
 from pervade.errors import StateError

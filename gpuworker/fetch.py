@@ -32,8 +32,8 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from gpuworker.cache import FileCache
-from gpuworker.fileserver import MAX_CHUNK_BYTES
+from pervade.gpuworker.cache import FileCache
+from pervade.gpuworker.fileserver import MAX_CHUNK_BYTES
 from pervade.context import ContextSpec
 from pervade.errors import ConfigError, ContextLoadError, ProtocolError
 from pervade.keys import ClientKeys

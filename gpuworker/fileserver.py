@@ -25,7 +25,7 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from gpuworker.cache import FileCache
+from pervade.gpuworker.cache import FileCache
 from pervade.constants import SOCKET_LINGER_MS
 from pervade.errors import ConfigError, ProtocolError
 from pervade.keys import ClientKeys

@@ -51,9 +51,9 @@ import torch
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
-from gpuworker.cache import FileCache, default_cache_root
-from gpuworker.device import describe_device, fit_dtype, select_device
-from gpuworker.engine import (
+from pervade.gpuworker.cache import FileCache, default_cache_root
+from pervade.gpuworker.device import describe_device, fit_dtype, select_device
+from pervade.gpuworker.engine import (
     LOAD_STAGES,
     EncodedClaims,
     LoadedContext,
@@ -64,9 +64,9 @@ from gpuworker.engine import (
     score_claims,
     score_encoded,
 )
-from gpuworker.fetch import Fetcher, FetchStats, TransferConfig
-from gpuworker.fileserver import FileServer, FileServiceConfig
-from gpuworker.intake import MIN_RUN_CLAIMS, CreditWindow, WorkQueue
+from pervade.gpuworker.fetch import Fetcher, FetchStats, TransferConfig
+from pervade.gpuworker.fileserver import FileServer, FileServiceConfig
+from pervade.gpuworker.intake import MIN_RUN_CLAIMS, CreditWindow, WorkQueue
 from pervade.constants import DEFAULT_BROKER_CONNECT, EXIT_BROKER_UNREACHABLE, LEAVE_SIGNALS
 from pervade.context import ContextMode, ContextSpec
 from pervade.errors import ConfigError

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from jobs.local import ProcessGroup, read_events, wait_for_endpoint
+from pervade.jobs.local import ProcessGroup, read_events, wait_for_endpoint
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pervade.errors import ConfigError, PervadeError
 from pervade.keys import init_keys
-from sinks.summary import OutputSummary, summarize
+from pervade.sinks.summary import OutputSummary, summarize
 
 STOP_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 60.0
@@ -187,7 +187,7 @@ async def wait_for_endpoint(path: Path, process: asyncio.subprocess.Process, tim
 
 async def run_local(config: LocalRunConfig) -> RunResult:
     """Run the pipeline to completion on this machine and summarise the output."""
-    from producer.claims import sample_claims_path
+    from pervade.producer.claims import sample_claims_path
 
     started = time.perf_counter()
     out_dir = _prepare_out_dir(config)

@@ -35,7 +35,7 @@ import structlog
 from pervade.constants import EXIT_BROKER_UNREACHABLE, LEAVE_SIGNALS
 from pervade.errors import ConfigError
 
-log = structlog.get_logger("jobs.node")
+log = structlog.get_logger("pervade.jobs.node")
 
 #: Defaults of a batch job's workers: leave after 10 minutes without work; give up on a broker not heard for
 #: 15 minutes (long enough for a broker to be restarted, short enough not to burn a job's allocation).

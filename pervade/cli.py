@@ -100,7 +100,7 @@ def _add_ending(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_node_options(parser: argparse.ArgumentParser) -> None:
-    from jobs.node import DEFAULT_BROKER_DEADLINE_S, DEFAULT_IDLE_TIMEOUT_S
+    from pervade.jobs.node import DEFAULT_BROKER_DEADLINE_S, DEFAULT_IDLE_TIMEOUT_S
 
     group = parser.add_argument_group("the job's workers")
     group.add_argument("--idle-timeout", type=_positive_float, default=DEFAULT_IDLE_TIMEOUT_S, metavar="SECONDS", help=f"workers leave after this long without work (default: {DEFAULT_IDLE_TIMEOUT_S:g})")
@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
-    from broker.server import BrokerConfig, run_broker
+    from pervade.broker.server import BrokerConfig, run_broker
     from pervade.keys import keys_dir
 
     config = BrokerConfig(
@@ -331,9 +331,9 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
-    from gpuworker.fetch import TransferConfig
-    from gpuworker.fileserver import FileServiceConfig
-    from gpuworker.worker import WorkerConfig, run_worker
+    from pervade.gpuworker.fetch import TransferConfig
+    from pervade.gpuworker.fileserver import FileServiceConfig
+    from pervade.gpuworker.worker import WorkerConfig, run_worker
     from pervade.context import ContextMode
 
     hf_logging.disable_progress_bar()  # progress bars would flood batch-system logs
@@ -363,7 +363,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 def _cmd_produce(args: argparse.Namespace) -> int:
     from pervade.context import make_context
-    from producer.run import ProduceRequest, produce
+    from pervade.producer.run import ProduceRequest, produce
 
     request = ProduceRequest(
         broker=args.broker,
@@ -392,7 +392,7 @@ def _cmd_produce(args: argparse.Namespace) -> int:
 
 
 def _cmd_sink(args: argparse.Namespace) -> int:
-    from sinks.sink import SinkConfig, run_sink
+    from pervade.sinks.sink import SinkConfig, run_sink
 
     config = SinkConfig(
         out_dir=args.out,
@@ -412,7 +412,7 @@ def _cmd_sink(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from jobs.local import LocalRunConfig, format_result, run_local
+    from pervade.jobs.local import LocalRunConfig, format_result, run_local
 
     extra: list[str] = ["--id-field", args.id_field, "--claim-field", args.claim_field, "--label-field", args.label_field, "--split", args.split]
     if args.dataset_config:
@@ -438,7 +438,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         extra_produce_args=tuple(extra),
     )
     if config.templates is not None:  # fail before any process starts
-        from producer.templates import load_templates
+        from pervade.producer.templates import load_templates
 
         load_templates(config.templates)
     print(format_result(asyncio.run(run_local(config))))
@@ -467,7 +467,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     import json
 
-    from sinks.report import build_report, report_dir_for, to_markdown, write_report
+    from pervade.sinks.report import build_report, report_dir_for, to_markdown, write_report
 
     report = build_report(args.dir)
     write_report(report, args.report_dir or report_dir_for(args.dir), plots=args.plots)
@@ -493,7 +493,7 @@ def _check_worker_args(worker_args: Sequence[str]) -> None:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from jobs.submit import JobSpec, Scheduler, parse_duration, render, submit
+    from pervade.jobs.submit import JobSpec, Scheduler, parse_duration, render, submit
 
     _check_worker_args(args.worker_args)
     setup = list(args.setup)
@@ -533,7 +533,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
-    from jobs.node import NodeConfig, run_node
+    from pervade.jobs.node import NodeConfig, run_node
 
     _check_worker_args(args.worker_args)
     config = NodeConfig(

@@ -44,8 +44,8 @@ _SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 def _training_corpus() -> list[str]:
     """Text the tokenizer learns from: the shipped claims and templates, and the label words, so that
     each label's first token is a word of its own, as in a real vocabulary."""
-    from producer.claims import sample_claims_path
-    from producer.templates import load_templates
+    from pervade.producer.claims import sample_claims_path
+    from pervade.producer.templates import load_templates
 
     lines = [json.loads(line)["claim"] for line in sample_claims_path().read_text().splitlines() if line.strip()]
     lines += list(load_templates().values())

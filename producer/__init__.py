@@ -1,9 +1,9 @@
 """Streams claims x templates into the broker: ``pervade produce``, and a Python API for scripts."""
 
-from producer.claims import ClaimFields, ClaimsSource, read_claims
-from producer.client import Producer, SubmitReport
-from producer.run import ProduceOutcome, ProduceRequest, produce
-from producer.templates import load_templates, validate_templates
+from pervade.producer.claims import ClaimFields, ClaimsSource, read_claims
+from pervade.producer.client import Producer, SubmitReport
+from pervade.producer.run import ProduceOutcome, ProduceRequest, produce
+from pervade.producer.templates import load_templates, validate_templates
 
 __all__ = [
     "ClaimFields",

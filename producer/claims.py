@@ -27,7 +27,7 @@ import structlog
 from pervade.errors import ClaimsError
 from pervade.protocol import Claim
 
-log = structlog.get_logger("producer.claims")
+log = structlog.get_logger("pervade.producer.claims")
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 

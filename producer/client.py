@@ -60,8 +60,8 @@ from pervade.protocol import (
     encode,
 )
 from pervade.session import BrokerSession, Heartbeats
-from producer.claims import chunk_digest, chunks
-from producer.templates import validate_templates
+from pervade.producer.claims import chunk_digest, chunks
+from pervade.producer.templates import validate_templates
 
 log = structlog.get_logger("producer")
 

@@ -2,7 +2,7 @@
 and what a user's script awaits:
 
     from pervade.context import make_context
-    from producer import ProduceRequest, produce
+    from pervade.producer import ProduceRequest, produce
 
     outcome = await produce(ProduceRequest(
         broker="tcp://login1:5555", claims="fever_dev.jsonl",
@@ -24,9 +24,9 @@ from pervade.keys import ClientKeys
 from pervade.progress import count_bars
 from pervade.protocol import JobDone
 from pervade.session import Heartbeats
-from producer.claims import ClaimFields, ClaimsReader, ClaimsSource, scan_claims
-from producer.client import Producer, SubmitReport, job_id_for
-from producer.templates import load_templates
+from pervade.producer.claims import ClaimFields, ClaimsReader, ClaimsSource, scan_claims
+from pervade.producer.client import Producer, SubmitReport, job_id_for
+from pervade.producer.templates import load_templates
 
 #: Seconds between redraws of the submission's progress bars.
 PROGRESS_REFRESH_S = 0.2

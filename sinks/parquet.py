@@ -23,7 +23,7 @@ from pervade.errors import ConfigError
 from pervade.protocol import BatchResult
 
 if TYPE_CHECKING:
-    from sinks.commit import OutputDirectory, Published
+    from pervade.sinks.commit import OutputDirectory, Published
 
 _TIME = pa.timestamp("us", tz="UTC")
 

@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 
 from pervade.constants import LABELS
 from pervade.errors import InputError
-from sinks.failures import read_failures
-from sinks.parquet import read_verdicts
+from pervade.sinks.failures import read_failures
+from pervade.sinks.parquet import read_verdicts
 
 #: Time bins a run's timeline is cut into, and the shortest bin (a tenth of a second).
 TIMELINE_BINS = 100
@@ -296,7 +296,7 @@ def report_dir_for(out_dir: Path) -> Path:
 
 def write_report(report: Report, directory: Path, plots: bool = True) -> list[Path]:
     """Write the plots (unless ``plots`` is False) and summary.md into ``directory``; the paths written."""
-    from sinks.plots import plot_accuracy, plot_timeline  # matplotlib: only when drawing
+    from pervade.sinks.plots import plot_accuracy, plot_timeline  # matplotlib: only when drawing
 
     directory.mkdir(parents=True, exist_ok=True)
     written = []

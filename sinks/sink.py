@@ -49,9 +49,9 @@ from pervade.protocol import (
     StatusSnapshot,
 )
 from pervade.session import BrokerSession, Heartbeats
-from sinks.commit import OutputDirectory, Published
-from sinks.failures import FailureLog
-from sinks.parquet import RollingParquetWriter
+from pervade.sinks.commit import OutputDirectory, Published
+from pervade.sinks.failures import FailureLog
+from pervade.sinks.parquet import RollingParquetWriter
 
 log = structlog.get_logger("sinks")
 T = TypeVar("T")

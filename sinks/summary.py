@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from sinks.parquet import read_verdicts
-from sinks.report import template_results
+from pervade.sinks.parquet import read_verdicts
+from pervade.sinks.report import template_results
 
 __all__ = ["OutputSummary", "TemplateScore", "read_verdicts", "summarize"]  # read_verdicts: readers import it here
 

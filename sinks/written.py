@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import structlog
 
-from sinks.failures import failures_dir_for, parse_failures
+from pervade.sinks.failures import failures_dir_for, parse_failures
 
 log = structlog.get_logger("sinks")
 

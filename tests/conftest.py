@@ -12,10 +12,10 @@ import pytest_asyncio
 import zmq
 import zmq.asyncio
 
-from broker.server import Broker, BrokerConfig
+from pervade.broker.server import Broker, BrokerConfig
 from pervade.protocol import Heartbeat, Message, ProducerReady, decode, encode
 from pervade.session import Heartbeats
-from producer.claims import sample_claims_path
+from pervade.producer.claims import sample_claims_path
 
 FEVER_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fever" / "paper_dev.jsonl"
 

@@ -21,7 +21,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from jobs.cluster import LocalCluster
+from pervade.jobs.cluster import LocalCluster
 from pervade.context import make_context
 from pervade.manifest import Manifest
 from pervade.protocol import ChunkData, FetchChunk, FetchRefused, decode_peer, encode

@@ -7,8 +7,8 @@ import time
 import msgpack
 import pytest
 
-from broker.server import REGISTER_AGAIN
-from broker.store import BatchStatus
+from pervade.broker.server import REGISTER_AGAIN
+from pervade.broker.store import BatchStatus
 from pervade.batchset import BatchSet
 from pervade.constants import PROTOCOL_HEADER
 from pervade.context import ContextSpec
@@ -358,7 +358,7 @@ async def test_a_leaving_sink_has_its_unwritten_results_delivered_to_another(con
 
 async def test_the_producer_api_refuses_a_claim_the_broker_would_refuse(live_broker) -> None:
     from pervade.errors import InputError
-    from producer.client import Producer
+    from pervade.producer.client import Producer
 
     async with Producer(live_broker.endpoint) as producer:
         claims = [Claim(claim_id="1", text="fine", gold_label="X" * 65)]  # labels are at most 64 characters

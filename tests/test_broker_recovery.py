@@ -6,8 +6,8 @@ import asyncio
 
 import msgspec
 
-from broker.server import REGISTER_AGAIN
-from broker.store import BatchStatus
+from pervade.broker.server import REGISTER_AGAIN
+from pervade.broker.store import BatchStatus
 from pervade.protocol import (
     Accepted,
     Assign,
@@ -26,7 +26,7 @@ from pervade.protocol import (
     Submit,
     decode,
 )
-from producer.client import Producer
+from pervade.producer.client import Producer
 from tests.conftest import FAST_HEARTBEATS
 from tests.test_broker import CTX_A, assign_one, batch, end_job, register_worker, result_for
 

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from jobs.cluster import LocalCluster
-from producer.claims import ClaimsSource, read_claims
-from producer.templates import load_templates
-from sinks.failures import read_failures
-from sinks.summary import read_verdicts
+from pervade.jobs.cluster import LocalCluster
+from pervade.producer.claims import ClaimsSource, read_claims
+from pervade.producer.templates import load_templates
+from pervade.sinks.failures import read_failures
+from pervade.sinks.summary import read_verdicts
 from tests.test_end_to_end import reference_verdicts
 
 CLAIMS = 3000

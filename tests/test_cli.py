@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sinks.summary import read_verdicts
+from pervade.sinks.summary import read_verdicts
 
 SUBCOMMANDS = ["broker", "worker", "produce", "sink", "run", "tiny-model"]
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cluster import LocalCluster
-from producer.claims import ClaimsSource, read_claims
-from producer.templates import load_templates
-from sinks.summary import read_verdicts
+from pervade.jobs.cluster import LocalCluster
+from pervade.producer.claims import ClaimsSource, read_claims
+from pervade.producer.templates import load_templates
+from pervade.sinks.summary import read_verdicts
 from tests.test_end_to_end import reference_verdicts
 from tests.waiting import wait_until
 

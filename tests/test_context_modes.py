@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs.local import LocalRunConfig, read_events, run_local
-from producer.claims import ClaimsSource, read_claims
-from producer.templates import load_templates
-from sinks.summary import read_verdicts
+from pervade.jobs.local import LocalRunConfig, read_events, run_local
+from pervade.producer.claims import ClaimsSource, read_claims
+from pervade.producer.templates import load_templates
+from pervade.sinks.summary import read_verdicts
 from tests.test_end_to_end import reference_verdicts
 
 CLAIMS = 40

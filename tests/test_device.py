@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from gpuworker.device import (
+from pervade.gpuworker.device import (
     MAX_BATCH_TOKENS,
     MIN_BATCH_TOKENS,
     BatchPlan,

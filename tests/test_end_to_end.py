@@ -26,14 +26,14 @@ import pytest_asyncio
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpuworker.engine import load_context, render_prompt
-from jobs.local import ProcessGroup, read_events, wait_for_endpoint
+from pervade.gpuworker.engine import load_context, render_prompt
+from pervade.jobs.local import ProcessGroup, read_events, wait_for_endpoint
 from pervade.constants import LABELS
 from pervade.context import make_context
 from pervade.protocol import StatusSnapshot
-from producer.claims import ClaimsSource, read_claims
-from producer.templates import load_templates
-from sinks.summary import read_verdicts
+from pervade.producer.claims import ClaimsSource, read_claims
+from pervade.producer.templates import load_templates
+from pervade.sinks.summary import read_verdicts
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from gpuworker.device import CPU_BATCH_TOKENS
-from gpuworker.engine import (
+from pervade.gpuworker.device import CPU_BATCH_TOKENS
+from pervade.gpuworker.engine import (
     EncodedClaims,
     encode_claims,
     label_token_ids,
@@ -21,8 +21,8 @@ from gpuworker.engine import (
 from pervade.constants import LABELS
 from pervade.context import ContextSpec, make_context
 from pervade.errors import ContextLoadError
-from producer.claims import sample_claims_path
-from producer.templates import load_templates
+from pervade.producer.claims import sample_claims_path
+from pervade.producer.templates import load_templates
 
 
 @pytest.fixture(scope="module")

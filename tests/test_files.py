@@ -15,10 +15,10 @@ import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
-from broker.sources import FileSources
-from gpuworker.cache import FileCache, default_cache_root
-from gpuworker.fetch import Fetcher, TransferConfig
-from gpuworker.fileserver import FileServer, FileServiceConfig
+from pervade.broker.sources import FileSources
+from pervade.gpuworker.cache import FileCache, default_cache_root
+from pervade.gpuworker.fetch import Fetcher, TransferConfig
+from pervade.gpuworker.fileserver import FileServer, FileServiceConfig
 from pervade.context import ContextSpec
 from pervade.errors import ConfigError
 from pervade.keys import ClientKeys, PeerAdmission, init_keys

@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 from zmq.utils.monitor import recv_monitor_message
 
-from jobs.local import ProcessGroup, read_events, wait_for_endpoint
+from pervade.jobs.local import ProcessGroup, read_events, wait_for_endpoint
 from pervade.constants import LABELS, PROTOCOL_HEADER
 from pervade.context import DTYPES, ContextSpec
 from pervade.errors import ProtocolError
@@ -77,10 +77,10 @@ from pervade.protocol import (
     decode,
     encode,
 )
-from producer.claims import ClaimsSource, read_claims
-from producer.templates import load_templates
-from sinks.failures import read_failures
-from sinks.summary import read_verdicts
+from pervade.producer.claims import ClaimsSource, read_claims
+from pervade.producer.templates import load_templates
+from pervade.sinks.failures import read_failures
+from pervade.sinks.summary import read_verdicts
 from tests.test_end_to_end import reference_verdicts
 
 #: The broker's frame limit: small, so that oversized frames are cheap to send.

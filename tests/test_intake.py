@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gpuworker.intake import MAX_PULL_CREDIT, MAX_WINDOW_BATCHES, WINDOW_RUNS, CreditWindow, WorkQueue
+from pervade.gpuworker.intake import MAX_PULL_CREDIT, MAX_WINDOW_BATCHES, WINDOW_RUNS, CreditWindow, WorkQueue
 
 
 def queue_of(*orders: tuple[str, int]) -> WorkQueue[tuple[str, int]]:

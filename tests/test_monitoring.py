@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from broker.store import STORE_FILE, BrokerStore
+from pervade.broker.store import STORE_FILE, BrokerStore
 from pervade.monitor import StatusClient
 from pervade.protocol import (
     Accepted,

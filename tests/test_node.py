@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cluster import LocalCluster
-from jobs.lab.slurm import free_port
-from jobs.node import visible_gpus
+from pervade.jobs.cluster import LocalCluster
+from pervade.jobs.lab.slurm import free_port
+from pervade.jobs.node import visible_gpus
 from pervade.constants import EXIT_BROKER_UNREACHABLE
-from producer.claims import sample_claims_path
+from pervade.producer.claims import sample_claims_path
 from tests.waiting import wait_until
 
 HEARTBEATS = ("--heartbeat-interval", "0.5", "--heartbeat-liveness", "3")

@@ -7,9 +7,9 @@ import pandas as pd
 import polars as pl
 
 from pervade.protocol import BatchResult, Verdict
-from sinks.commit import OutputDirectory
-from sinks.parquet import SCHEMA, RollingParquetWriter
-from sinks.summary import summarize
+from pervade.sinks.commit import OutputDirectory
+from pervade.sinks.parquet import SCHEMA, RollingParquetWriter
+from pervade.sinks.summary import summarize
 
 
 def result(batch: int, n: int = 3, template: str = "t1") -> BatchResult:

@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from jobs.cluster import LocalCluster
-from producer.claims import sample_claims_path
-from sinks.failures import read_failures
-from sinks.summary import read_verdicts
+from pervade.jobs.cluster import LocalCluster
+from pervade.producer.claims import sample_claims_path
+from pervade.sinks.failures import read_failures
+from pervade.sinks.summary import read_verdicts
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

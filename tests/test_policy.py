@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.policy import Choice, choose_context
+from pervade.broker.policy import Choice, choose_context
 
 
 def test_held_context_with_work_wins_even_if_others_have_more() -> None:

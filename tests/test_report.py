@@ -16,11 +16,11 @@ import pytest
 
 from pervade.constants import LABELS
 from pervade.protocol import BatchFailure, BatchResult, Verdict
-from sinks.commit import OutputDirectory
-from sinks.failures import FailureLog
-from sinks.parquet import RollingParquetWriter
-from sinks.plots import ACCURACY_SIZE, TIMELINE_SIZE
-from sinks.report import report_dir_for
+from pervade.sinks.commit import OutputDirectory
+from pervade.sinks.failures import FailureLog
+from pervade.sinks.parquet import RollingParquetWriter
+from pervade.sinks.plots import ACCURACY_SIZE, TIMELINE_SIZE
+from pervade.sinks.report import report_dir_for
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jobs.cluster import LocalCluster
+from pervade.jobs.cluster import LocalCluster
 from pervade.keys import init_keys
-from producer.claims import sample_claims_path
+from pervade.producer.claims import sample_claims_path
 
 
 def pervade(*args: str) -> subprocess.CompletedProcess[str]:

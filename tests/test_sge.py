@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cluster import LocalCluster
+from pervade.jobs.cluster import LocalCluster
 from tests.test_slurm import WORKER_ARGS
 from tests.waiting import wait_until
 
@@ -116,7 +116,7 @@ async def test_worker_jobs_under_grid_engine_leave_on_its_warning_and_end_with_t
 
     rows = cluster.rows_written()
     assert rows == CLAIMS * 4
-    from sinks.summary import read_verdicts
+    from pervade.sinks.summary import read_verdicts
 
     table = read_verdicts(cluster.out_dir).to_pylist()
     pairs = Counter((r["claim_id"], r["template_id"]) for r in table)

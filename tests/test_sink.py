@@ -30,11 +30,11 @@ from pervade.protocol import (
     encode,
 )
 from pervade.session import Heartbeats
-from sinks.commit import OutputDirectory
-from sinks.failures import read_failures
-from sinks.parquet import RollingParquetWriter
-from sinks.sink import Sink, SinkConfig
-from sinks.summary import read_verdicts
+from pervade.sinks.commit import OutputDirectory
+from pervade.sinks.failures import read_failures
+from pervade.sinks.parquet import RollingParquetWriter
+from pervade.sinks.sink import Sink, SinkConfig
+from pervade.sinks.summary import read_verdicts
 from tests.test_broker import batch, result_for
 
 
@@ -140,8 +140,8 @@ async def test_failures_are_recorded_beside_the_output_and_until_done_exits(brok
 def test_a_failures_write_cut_short_leaves_no_half_recorded_batch(tmp_path) -> None:
     """A sink killed mid-append: the batch without its closing line does not count as recorded (it was
     never acknowledged and will be recorded again whole), and the torn line is skipped."""
-    from sinks.failures import FailureLog, failures_dir_for
-    from sinks.written import WrittenIndex
+    from pervade.sinks.failures import FailureLog, failures_dir_for
+    from pervade.sinks.written import WrittenIndex
 
     out = tmp_path / "out"
     log = FailureLog(out, "s")

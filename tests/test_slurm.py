@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cluster import LocalCluster
-from jobs.lab.slurm import SlurmLab, free_port
-from producer.claims import ClaimsSource, read_claims
-from sinks.failures import read_failures
-from sinks.summary import read_verdicts
+from pervade.jobs.cluster import LocalCluster
+from pervade.jobs.lab.slurm import SlurmLab, free_port
+from pervade.producer.claims import ClaimsSource, read_claims
+from pervade.sinks.failures import read_failures
+from pervade.sinks.summary import read_verdicts
+from tests.shadowing import write_shadowing_files
 from tests.waiting import wait_until
 
 #: Long enough that the late job, whose worker takes about 7 s to start, still finds work: at 1,200 claims
@@ -57,12 +58,14 @@ def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def submit(slurm: SlurmLab, broker: str, base: Path, workers: int) -> list[str]:
-    """``pervade submit --scheduler slurm``, run as a user would; the job ids it prints."""
+    """``pervade submit --scheduler slurm``, run as a user would, from a directory of their own that holds a
+    ``jobs.py``, ``broker.py``, ... (the jobs start there too); the job ids it prints."""
+    write_shadowing_files(base)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pervade", "submit", "--scheduler", "slurm", "--broker", broker, "--workers", str(workers),
         "--cpus-per-job", "1", "--memory", "", "--time", "15", "--log-dir", str(base / "jobs"),
         "--cache-dir", str(base / "node-cache"), "--idle-timeout", "120", "--broker-deadline", "60", "--", *WORKER_ARGS,
-        env=slurm.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=slurm.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=base,
     )  # fmt: skip
     out, err = await process.communicate()
     assert process.returncode == 0, err.decode()

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import zmq.asyncio
 
-from broker.server import Broker, BrokerConfig
-from broker.store import STORE_FILE, BrokerStore, state_error
-from broker.wal import scan_log
+from pervade.broker.server import Broker, BrokerConfig
+from pervade.broker.store import STORE_FILE, BrokerStore, state_error
+from pervade.broker.wal import scan_log
 from pervade.errors import ConfigError, StateError
 from tests.test_broker import batch
 

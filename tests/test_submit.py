@@ -11,7 +11,7 @@ import sys
 import htcondor2
 import pytest
 
-from jobs.submit import JobSpec, Scheduler, SubmitError, job_ids, parse_duration, render, submit
+from pervade.jobs.submit import JobSpec, Scheduler, SubmitError, job_ids, parse_duration, render, submit
 
 BROKER = "tcp://login1.cluster:5555"
 
@@ -120,7 +120,7 @@ def test_a_venv_is_activated_and_its_python_used(tmp_path) -> None:
 
 
 def test_a_users_edited_copy_of_a_template_is_rendered(tmp_path) -> None:
-    from jobs.submit import TEMPLATES_DIR
+    from pervade.jobs.submit import TEMPLATES_DIR
 
     mine = tmp_path / "my.sbatch"
     mine.write_text((TEMPLATES_DIR / "slurm.sbatch").read_text().replace("#SBATCH --nodes=1", "#SBATCH --nodes=1\n#SBATCH --qos=low"))

@@ -17,7 +17,7 @@ import msgpack
 import msgspec
 import pytest
 
-from broker.store import BatchStatus
+from pervade.broker.store import BatchStatus
 from pervade.constants import PROTOCOL_HEADER
 from pervade.errors import ClaimsError, JobFailed, RegistrationRefused
 from pervade.protocol import (
@@ -43,9 +43,9 @@ from pervade.protocol import (
     WorkerReady,
     encode,
 )
-from producer.client import Producer
-from sinks.parquet import read_verdicts
-from sinks.sink import Sink, SinkConfig
+from pervade.producer.client import Producer
+from pervade.sinks.parquet import read_verdicts
+from pervade.sinks.sink import Sink, SinkConfig
 from tests.conftest import FAST_HEARTBEATS
 from tests.test_broker import CPU, CTX_A, T0, assign_one, batch, end_job, register_worker, result_for
 
