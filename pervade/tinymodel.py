@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pervade.constants import LABELS
 from pervade.errors import ConfigError
+from pervade.samples import default_templates_path, sample_claims_path
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,8 @@ _SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 def _training_corpus() -> list[str]:
     """Text the tokenizer learns from: the shipped claims and templates, and the label words, so that
     each label's first token is a word of its own, as in a real vocabulary."""
-    from pervade.producer.claims import sample_claims_path
-    from pervade.producer.templates import load_templates
-
     lines = [json.loads(line)["claim"] for line in sample_claims_path().read_text().splitlines() if line.strip()]
-    lines += list(load_templates().values())
+    lines += list(json.loads(default_templates_path().read_text(encoding="utf-8")).values())
     lines += [f"Answer: {label}" for label in LABELS] * 50
     return lines
 

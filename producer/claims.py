@@ -17,7 +17,6 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from itertools import islice
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import structlog
 
 from pervade.errors import ClaimsError
 from pervade.protocol import Claim
+from pervade.samples import sample_claims_path  # noqa: F401 (the producer's API offers the sample claims)
 
 log = structlog.get_logger("pervade.producer.claims")
 
@@ -58,11 +58,6 @@ class ClaimsSource:
     skip_invalid: bool = False
     #: Filled while reading: how many invalid records were skipped.
     skipped: int = 0
-
-
-def sample_claims_path() -> Path:
-    """The small claims file shipped with pervade, for offline runs."""
-    return Path(str(resources.files("pervade") / "data" / "sample_claims.jsonl"))
 
 
 def _open_dataset(source: ClaimsSource):  # -> datasets.IterableDataset

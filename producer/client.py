@@ -27,21 +27,20 @@ closes the job, so no sink or producer waits for it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 
-import msgspec
 import structlog
 import zmq.asyncio
 
-from pervade.batchset import BatchSet
 from pervade.constants import DEFAULT_BROKER_CONNECT
 from pervade.context import ContextSpec, ResolvedContext
 from pervade.errors import ClaimsError, ConfigError, InputError, JobFailed, ProtocolError
 from pervade.keys import ClientKeys
+from pervade.producer.claims import chunk_digest, chunks
+from pervade.producer.sweep import SubmitReport, Sweep, batch_id_for, job_id_for  # noqa: F401 (job_id_for: the API)
+from pervade.producer.templates import validate_templates
 from pervade.protocol import (
     AbortJob,
     Accepted,
@@ -60,8 +59,6 @@ from pervade.protocol import (
     encode,
 )
 from pervade.session import BrokerSession, Heartbeats
-from pervade.producer.claims import chunk_digest, chunks
-from pervade.producer.templates import validate_templates
 
 log = structlog.get_logger("producer")
 
@@ -69,76 +66,6 @@ log = structlog.get_logger("producer")
 MAX_RESUBMISSIONS = 3
 #: Seconds a producer waits for the broker to confirm an aborted job before it exits anyway.
 ABORT_CONFIRM_S = 5.0
-
-
-@dataclass
-class SubmitReport:
-    """What a sweep submission came to."""
-
-    job_id: str
-    batches: int = 0
-    pairs: int = 0
-    accepted: int = 0
-    duplicates: int = 0
-    rejected: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    rejected_pairs: int = 0
-    #: Pairs of the batches the broker has answered (accepted or rejected) so far.
-    answered_pairs: int = 0
-    #: Times the sweep was submitted again because the broker had lost part of it, and the batches it took
-    #: again then.
-    resubmissions: int = 0
-    recovered_batches: int = 0
-
-
-def job_id_for(
-    context: ContextSpec | ResolvedContext, templates: Mapping[str, str], claims_digest: str, batch_size: int
-) -> str:
-    """A job id that names what the sweep computes: the claims' content (``ClaimsScan.digest``), the
-    templates, the context and the batch size. The same sweep submitted again gets the same id (its
-    batches are recognised, not redone); a changed claims file, template or model is a new job."""
-    key = msgspec.msgpack.encode((context.context_id, sorted(templates.items()), claims_digest, batch_size))
-    return "job-" + hashlib.sha256(key).hexdigest()[:16]
-
-
-def batch_id_for(job_id: str, chunk: int, template_id: str, claims: bytes, template: str, context: ContextSpec) -> str:
-    """``JOB/CHUNK/TEMPLATE/CONTENT``: deterministic, so a resend is recognised, and naming what the batch
-    computes (its claims' ``chunk_digest``, the template's text, the context), so a batch id seen before
-    means the same work even where nobody remembers the job (a sink's output, a broker on new state)."""
-    content = hashlib.sha256(claims + template.encode() + context.context_id.encode()).hexdigest()[:8]
-    return f"{job_id}/{chunk:07d}/{template_id}/{content}"
-
-
-@dataclass
-class _Sweep:
-    """One job as this producer submits it: its own count of what the broker accepted, and what it needs
-    to submit it again."""
-
-    job_id: str
-    claims: Iterable[Claim]
-    templates: dict[str, str]
-    context: ContextSpec
-    batch_size: int
-    report: SubmitReport
-    done: asyncio.Future[JobDone]
-    #: What the broker accepted in the first pass (each batch counted once).
-    accepted: BatchSet = field(default_factory=BatchSet)
-    #: ``chunk_digest`` of each chunk: given by a scan, or recorded in the first pass.
-    chunk_digests: list[bytes] | None = None
-    #: The broker's answer to the EndJob (or AbortJob) in flight.
-    ended: asyncio.Future[JobEnded] | None = None
-    #: The broker said, unasked (after a reconnection), that it no longer holds the job: resubmit.
-    lost: JobEnded | None = None
-    lost_signal: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def rereadable(self) -> bool:
-        """Whether the claims can be read again (a list, a ClaimsReader), not a one-shot iterator."""
-        return iter(self.claims) is not self.claims
-
-    def end_message(self) -> EndJob:
-        held = self.accepted
-        return EndJob(job_id=self.job_id, batches=held.batches, pairs=held.pairs, digest=held.digest)
 
 
 class Producer:
@@ -164,7 +91,7 @@ class Producer:
         )
         self._receiver: asyncio.Task[None] | None = None
         self._window = asyncio.Semaphore(max_unacked)
-        self._sweeps: dict[str, _Sweep] = {}
+        self._sweeps: dict[str, Sweep] = {}
         #: Batches sent and not yet answered: batch id -> (job id, pairs, frames to send again, first pass).
         self._unanswered: dict[str, tuple[str, int, list[bytes], bool]] = {}
         #: Jobs ended (or aborted) and not yet reported done: sent again after a reconnection.
@@ -289,7 +216,7 @@ class Producer:
         spec = await self.declare(context)
         job_id = job_id or f"job-{uuid.uuid4().hex[:16]}"
         report = SubmitReport(job_id=job_id)
-        sweep = self._sweeps[job_id] = _Sweep(
+        sweep = self._sweeps[job_id] = Sweep(
             job_id=job_id, claims=claims, templates=templates, context=spec, batch_size=batch_size, report=report,
             done=asyncio.get_running_loop().create_future(),  # never an earlier run's answer
             chunk_digests=list(chunk_digests) if chunk_digests is not None else None,
@@ -305,7 +232,7 @@ class Producer:
         log.info("job_submitted", job_id=job_id, batches=report.batches, pairs=report.pairs, accepted=report.accepted)
         return report
 
-    async def _send_pass(self, sweep: _Sweep, first: bool) -> None:
+    async def _send_pass(self, sweep: Sweep, first: bool) -> None:
         """Read the claims and send every batch: the first submission, or a resubmission after the broker
         lost part of the job (each chunk checked against the first pass, or the scan)."""
         expected = sweep.chunk_digests
@@ -343,7 +270,7 @@ class Producer:
         await self._all_acked.wait()
         self._raise_if_refused()
 
-    async def _end(self, sweep: _Sweep) -> None:
+    async def _end(self, sweep: Sweep) -> None:
         """End the job once the broker holds exactly what it accepted; resubmit while it holds less."""
         while True:
             reply = await self._ask(sweep, sweep.end_message())
@@ -353,14 +280,14 @@ class Producer:
                 return
             await self._recover(sweep, reply)
 
-    async def _ask(self, sweep: _Sweep, message: EndJob | AbortJob) -> JobEnded:
+    async def _ask(self, sweep: Sweep, message: EndJob | AbortJob) -> JobEnded:
         """Send an EndJob or AbortJob (sent again after a reconnection) and wait for the broker's JobEnded."""
         sweep.ended = asyncio.get_running_loop().create_future()
         self._awaiting[sweep.job_id] = message
         await self.session.send(message)
         return await sweep.ended
 
-    async def _recover(self, sweep: _Sweep, held: JobEnded) -> None:
+    async def _recover(self, sweep: Sweep, held: JobEnded) -> None:
         """The broker holds less of the job than it accepted (its state was damaged or replaced): submit the
         sweep again, or fail with what is missing when that cannot help."""
         ours, report = sweep.accepted, sweep.report
@@ -393,7 +320,7 @@ class Producer:
             await self._abort(sweep, str(exc))
             raise
 
-    async def _abort(self, sweep: _Sweep, reason: str) -> None:
+    async def _abort(self, sweep: Sweep, reason: str) -> None:
         """The sweep cannot be finished: have the broker close the job, so nobody waits for it."""
         for batch_id in [b for b, pending in self._unanswered.items() if pending[0] == sweep.job_id]:
             del self._unanswered[batch_id]  # answers to these no longer matter
@@ -470,7 +397,7 @@ class Producer:
         return done
 
     @staticmethod
-    def _verify(sweep: _Sweep, done: JobDone) -> None:
+    def _verify(sweep: Sweep, done: JobDone) -> None:
         ours, report = sweep.accepted, sweep.report
         counted = (done.batches, done.pairs) == (ours.batches, ours.pairs)
         settled = (

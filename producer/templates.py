@@ -8,17 +8,13 @@ next token is the verdict the model is asked for.
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 
 from pervade.constants import CLAIM_PLACEHOLDER
 from pervade.errors import TemplateError
+from pervade.samples import default_templates_path
 
 MAX_TEMPLATE_ID_LENGTH = 64
-
-
-def default_templates_path() -> Path:
-    return Path(str(resources.files("pervade") / "data" / "templates.json"))
 
 
 def validate_templates(templates: object, source: str = "templates") -> dict[str, str]:

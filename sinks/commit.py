@@ -35,7 +35,7 @@ import structlog
 from pervade.errors import ConfigError
 from pervade.procs import process_alive
 from pervade.sinks.failures import FailureLog, fsync_directory
-from pervade.sinks.parquet import StagedFile, staged_owner, staging_dir_for
+from pervade.sinks.staging import StagedFile, staged_owner, staging_dir_for
 from pervade.sinks.written import WrittenIndex
 
 log = structlog.get_logger("sinks")

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # before pyplot: batch nodes and CI have no display
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-from pervade.sinks.report import TemplateResult, Timeline
+from pervade.sinks.scores import TemplateResult, Timeline
 
 #: Pixel sizes (width, height) of the plots: figure inches times DPI, never cropped.
 DPI = 100

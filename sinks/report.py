@@ -2,7 +2,8 @@
 the gold labels, macro-F1, the confusion matrix and the verdict counts, and the best template (the
 Prompt-for-Fact answer); over time, from the timing columns: throughput and the workers with a batch in
 hand. Computed with pyarrow from the files themselves; ``sinks/plots.py`` draws it, ``to_markdown`` writes
-it up (the same text ``pervade report`` prints)."""
+it up (the same text ``pervade report`` prints). What one template scored, and the timeline, are
+``sinks/scores.py``'s records, shared with the plots."""
 
 from __future__ import annotations
 
@@ -20,79 +21,13 @@ from pervade.constants import LABELS
 from pervade.errors import InputError
 from pervade.sinks.failures import read_failures
 from pervade.sinks.parquet import read_verdicts
+from pervade.sinks.scores import TemplateResult, Timeline
 
 #: Time bins a run's timeline is cut into, and the shortest bin (a tenth of a second).
 TIMELINE_BINS = 100
 MIN_BIN_S = 0.1
 _COLUMNS = ["claim_id", "template_id", "context_id", "model", "gold_label", "verdict", "worker_id", "batch_id",
             "started_at", "finished_at"]  # fmt: skip
-
-
-@dataclass(frozen=True)
-class TemplateResult:
-    """One (context, template): how its verdicts compare with the gold labels."""
-
-    context_id: str
-    model: str
-    template_id: str
-    pairs: int
-    #: Pairs whose claim has a gold label, and of those the ones whose verdict equals it.
-    labelled: int
-    correct: int
-    #: Verdict counts, in ``LABELS`` order.
-    verdicts: dict[str, int]
-    #: gold label -> verdict -> pairs (labelled pairs only).
-    confusion: dict[str, dict[str, int]]
-    #: Pairs recorded failed (OUT.failures/), not in the verdicts.
-    failed_pairs: int = 0
-
-    @property
-    def accuracy(self) -> float | None:
-        return self.correct / self.labelled if self.labelled else None
-
-    @property
-    def macro_f1(self) -> float | None:
-        """Mean F1 over the three labels (a label never predicted nor gold scores 0)."""
-        if not self.labelled:
-            return None
-        scores = []
-        for label in LABELS:
-            true_positive = self.confusion.get(label, {}).get(label, 0)
-            predicted = sum(row.get(label, 0) for row in self.confusion.values())
-            actual = sum(self.confusion.get(label, {}).values())
-            scores.append(2 * true_positive / (predicted + actual) if predicted + actual else 0.0)
-        return sum(scores) / len(scores)
-
-    def to_json(self) -> dict:
-        return {
-            "context_id": self.context_id, "model": self.model, "template_id": self.template_id,
-            "pairs": self.pairs, "labelled": self.labelled, "correct": self.correct, "accuracy": self.accuracy,
-            "macro_f1": self.macro_f1, "verdicts": self.verdicts, "confusion": self.confusion,
-            "failed_pairs": self.failed_pairs,
-        }  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Timeline:
-    """The run over time, in equal bins from the first batch started to the last finished."""
-
-    start: datetime
-    #: Seconds from the first batch started to the last finished.
-    span_s: float
-    bin_s: float
-    #: Claims finished per second in each bin.
-    claims_per_s: list[float]
-    #: Distinct workers with a batch in hand during each bin.
-    workers: list[int]
-
-    def to_json(self) -> dict:
-        return {
-            "start": self.start.isoformat(),
-            "span_s": self.span_s,
-            "bin_s": self.bin_s,
-            "claims_per_s": self.claims_per_s,
-            "workers": self.workers,
-        }
 
 
 @dataclass

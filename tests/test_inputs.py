@@ -11,7 +11,7 @@ import pytest
 from pervade.context import ContextSpec
 from pervade.errors import ClaimsError, TemplateError
 from pervade.producer.claims import ClaimFields, ClaimsSource, read_claims, sample_claims_path, scan_claims
-from pervade.producer.client import job_id_for
+from pervade.producer.sweep import job_id_for
 from pervade.producer.templates import load_templates, validate_templates
 from tests.conftest import FEVER_DEV
 
