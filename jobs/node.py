@@ -10,10 +10,11 @@ system sends it:
   SIGUSR2 (Grid Engine's ``-notify`` warnings before suspend and kill) are passed on to every worker as
   SIGTERM: each hands its queued batches back at once and leaves within its grace time. Slurm also signals
   the workers itself; a worker takes a second SIGTERM as the first.
-- **Ending.** Workers run with ``--exit-when-drained`` (unless ``exit_when_drained`` is off) and an idle timeout, so the job ends when the broker
-  says every job is done or when no work came for a while: no GPU is held idle. Workers started before the
-  broker keep retrying until ``--broker-deadline``. The job's exit status is 0 when every worker ended
-  well, 3 when a worker gave up on an unreachable broker, otherwise the first failure's status.
+- **Ending.** Workers run with ``--exit-when-drained`` (unless ``exit_when_drained`` is off) and an idle
+  timeout, so the job ends when the broker says every job is done or when no work came for a while: no GPU
+  is held idle. Workers started before the broker keep retrying until ``--broker-deadline``. The job's exit
+  status is 0 when every worker ended well, 3 when a worker gave up on an unreachable broker, otherwise the
+  first failure's status.
 - **Model cache.** Workers keep model files in the node's scratch directory (``$SLURM_TMPDIR``,
   ``$_CONDOR_SCRATCH_DIR`` or ``$TMPDIR``) unless ``--cache-dir`` names another; the workers of one node share
   it, so a node fetches a model once.
@@ -34,6 +35,7 @@ import structlog
 
 from pervade.constants import EXIT_BROKER_UNREACHABLE, LEAVE_SIGNALS
 from pervade.errors import ConfigError
+from pervade.options import NON_NEGATIVE, POSITIVE, broker_option, check_options, option
 
 log = structlog.get_logger("pervade.jobs.node")
 
@@ -44,6 +46,10 @@ DEFAULT_BROKER_DEADLINE_S = 900.0
 #: Seconds after passing SIGTERM on before a worker that has not left is killed (it should leave within its
 #: own grace time; the batch system's SIGKILL would come soon after anyway).
 FORWARD_KILL_AFTER_S = 60.0
+#: The help section of the options a job passes on to its workers.
+JOB_WORKERS_SECTION = "the job's workers"
+#: The options of a job's node that ``pervade submit`` takes too and renders into the job.
+JOB_OPTIONS = ("idle_timeout_s", "broker_deadline_s", "exit_when_drained", "cache_dir")
 
 
 def visible_gpus(environ: dict[str, str] | os._Environ[str]) -> list[str]:
@@ -59,32 +65,62 @@ def visible_gpus(environ: dict[str, str] | os._Environ[str]) -> list[str]:
 class NodeConfig:
     """One batch job's workers."""
 
-    broker: str
+    broker: str = broker_option()
     #: The batch system's id of this job (names the workers: ``JOB-gpuK``).
-    job_id: str = ""
+    job_id: str = option(
+        "", "the batch system's job id, to name the workers JOB-gpuK (default: HOST-PID)", flag="--job-id"
+    )
     #: Extra ``pervade worker`` arguments, passed to every worker.
     worker_args: tuple[str, ...] = ()
     #: Node cache of model files, shared by this node's workers (None: the worker's default, the scratch dir).
-    cache_dir: Path | None = None
-    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
-    broker_deadline_s: float = DEFAULT_BROKER_DEADLINE_S
+    cache_dir: Path | None = option(
+        None,
+        "node cache of model files, shared by the node's workers (default: the job's scratch dir)",
+        flag="--cache-dir",
+        group=JOB_WORKERS_SECTION,
+    )
+    idle_timeout_s: float = option(
+        DEFAULT_IDLE_TIMEOUT_S,
+        "workers leave after this long without work",
+        flag="--idle-timeout",
+        metavar="SECONDS",
+        check=POSITIVE,
+        group=JOB_WORKERS_SECTION,
+    )
+    broker_deadline_s: float = option(
+        DEFAULT_BROKER_DEADLINE_S,
+        "workers give up on a broker not heard for this long, e.g. not up yet",
+        flag="--broker-deadline",
+        metavar="SECONDS",
+        check=POSITIVE,
+        group=JOB_WORKERS_SECTION,
+    )
     #: Write each worker's log to DIR/WORKER.log instead of the job's output.
-    log_dir: Path | None = None
+    log_dir: Path | None = option(
+        None, "write each worker's log to DIR/WORKER.log (default: the job's output)", flag="--worker-log-dir"
+    )
     #: Override CUDA_VISIBLE_DEVICES (comma-separated GPU indices or UUIDs, or "" for one CPU worker).
-    gpus: str | None = None
+    gpus: str | None = option(
+        None, "GPUs to use, overriding CUDA_VISIBLE_DEVICES; '' for one CPU worker", flag="--gpus"
+    )
     #: GPUs the job asked for: fewer visible is logged as a warning (the batch system did not set them).
-    expect_gpus: int = 0
+    expect_gpus: int = option(
+        0, "GPUs the job asked for; fewer visible is logged as a warning", flag="--expect-gpus", check=NON_NEGATIVE
+    )
     #: Leave when the broker says every job is done (off: only the idle timeout ends the workers).
-    exit_when_drained: bool = True
+    exit_when_drained: bool = option(
+        True,
+        "do not leave when the broker says every job is done (runs of several sweeps with gaps); only "
+        "--idle-timeout ends the workers",
+        flag="--stay-after-drained",
+        group=JOB_WORKERS_SECTION,
+    )
     environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
 
     def __post_init__(self) -> None:
         if not self.broker:
             raise ConfigError("a node needs the broker's endpoint (--broker)")
-        if self.idle_timeout_s <= 0 or self.broker_deadline_s <= 0:
-            raise ConfigError("--idle-timeout and --broker-deadline must be positive")
-        if self.expect_gpus < 0:
-            raise ConfigError("--expect-gpus must be 0 or more")
+        check_options(self)
 
     @property
     def devices(self) -> list[str | None]:
@@ -109,7 +145,8 @@ class Node:
     def worker_command(self, index: int) -> list[str]:
         config = self.config
         command = [
-            sys.executable, "-m", "pervade", "worker", "--broker", config.broker, "--worker-id", config.worker_id(index),
+            sys.executable, "-m", "pervade", "worker", "--broker", config.broker,
+            "--worker-id", config.worker_id(index),
             "--idle-timeout", str(config.idle_timeout_s), "--broker-deadline", str(config.broker_deadline_s),
         ]  # fmt: skip
         if config.exit_when_drained:
@@ -196,7 +233,8 @@ async def run_node(config: NodeConfig) -> int:
     log.info("node_started", job_id=config.job_id, broker=config.broker, gpus=gpus)
     if len(gpus) < config.expect_gpus:
         log.warning("node_fewer_gpus", asked=config.expect_gpus, visible=len(gpus),
-                    hint="CUDA_VISIBLE_DEVICES is not set by this batch system; set it in the job (--setup) or pass --gpus")  # fmt: skip
+                    hint="CUDA_VISIBLE_DEVICES is not set by this batch system; set it in the job (--setup) "
+                    "or pass --gpus")  # fmt: skip
     await node.start_workers()
     if node.forwarded is not None:  # a signal came while starting: the early workers missed it
         node.forward(node.forwarded)

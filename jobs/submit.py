@@ -23,6 +23,7 @@ from pathlib import Path
 import jinja2
 
 from pervade.errors import ConfigError, PervadeError
+from pervade.options import NON_NEGATIVE, at_least, check_options, option
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 #: Seconds a scheduler's submit command may take before it counts as failed.
@@ -66,6 +67,11 @@ def parse_duration(text: str) -> int:
     return seconds
 
 
+def time_limit(text: str) -> int:
+    """``--time``: a duration (see ``parse_duration``); "" for none (0: the site's default)."""
+    return parse_duration(text) if text else 0
+
+
 def slurm_time(seconds: int) -> str:
     days, rest = divmod(seconds, 86400)
     return f"{days}-{hms(rest)}" if days else hms(rest)
@@ -80,41 +86,72 @@ def hms(seconds: int) -> str:
 class JobSpec:
     """What a worker job asks of the batch system, and what it runs. Templates see every field."""
 
-    scheduler: Scheduler
+    scheduler: Scheduler = option(
+        help="the batch system",
+        flag="--scheduler",
+        parse=Scheduler,
+        choices=[scheduler.value for scheduler in Scheduler],
+    )
     #: The broker's endpoint, as the compute nodes reach it (not 127.0.0.1 on a real cluster).
-    broker: str
+    broker: str = option(
+        help="the broker's endpoint as compute nodes reach it, e.g. tcp://login1:5555",
+        flag="--broker",
+        metavar="ENDPOINT",
+    )
     #: Jobs to submit (as one array).
-    workers: int = 1
-    gpus_per_job: int = 1
-    cpus_per_job: int = 4
+    workers: int = option(1, "jobs to submit", flag="--workers", check=at_least(1))
+    gpus_per_job: int = option(1, "GPUs per job, one worker each; 0 for a CPU job", flag="--gpus-per-job",
+                               check=NON_NEGATIVE)  # fmt: skip
+    cpus_per_job: int = option(4, "CPU cores per job", flag="--cpus-per-job", check=at_least(1))
     #: Memory per job in the scheduler's syntax (``16G``); "" leaves it to the site's default.
-    memory: str = "16G"
+    memory: str = option("16G", "memory per job, in the scheduler's syntax; '' for the site default", flag="--memory")
     #: Wall-clock limit in seconds; 0 leaves it to the site's default.
-    time_limit_s: int = 4 * 3600
+    time_limit_s: int = option(
+        4 * 3600,
+        "wall-clock limit: minutes, HH:MM:SS or D-HH:MM:SS; '' for the site default",
+        flag="--time",
+        parse=time_limit,
+        show=slurm_time,
+    )
     #: Slurm partition or Grid Engine queue ("" for the default; HTCondor has none).
-    partition: str = ""
+    partition: str = option("", "Slurm partition or Grid Engine queue", flag="--partition")
     #: Slurm account, Grid Engine project, HTCondor accounting group.
-    account: str = ""
-    job_name: str = "pervade-worker"
+    account: str = option("", "Slurm account, Grid Engine project or HTCondor accounting group", flag="--account")
+    job_name: str = option("pervade-worker", "job name", flag="--job-name")
     #: Where the batch system writes the jobs' output (and the workers their logs).
-    log_dir: Path = Path("pervade-jobs")
+    log_dir: Path = option(Path("pervade-jobs"), "where the jobs' output and rendered scripts go", flag="--log-dir")
     #: The Python that runs ``pervade`` on the compute nodes (default: this one, with its environment).
-    python: str = sys.executable
+    python: str = option(
+        sys.executable,
+        "the Python on the compute nodes (with --venv: the venv's python)",
+        flag="--python",
+        show=lambda _: "this one",
+    )
     #: Shell lines run before the worker starts (``module load cuda``, ``source venv/bin/activate``).
-    setup_lines: tuple[str, ...] = ()
+    setup_lines: tuple[str, ...] = option(
+        (),
+        "a shell line run before the worker, e.g. 'module load cuda' (repeatable)",
+        flag="--setup",
+        metavar="LINE",
+        repeat=True,
+    )
     #: Scheduler lines added verbatim (``--constraint=a100`` becomes ``#SBATCH --constraint=a100``).
-    extra_lines: tuple[str, ...] = ()
+    extra_lines: tuple[str, ...] = option(
+        (),
+        "a scheduler line added verbatim; one starting with - gets the directive prefix, written with = as in "
+        "--extra=--constraint=a100 (repeatable)",
+        flag="--extra",
+        metavar="LINE",
+        repeat=True,
+    )
     #: Let the batch system put a preempted job back in the queue.
-    requeue: bool = False
+    requeue: bool = option(False, "let the scheduler requeue a preempted job", flag="--requeue")
     #: Options of ``pervade node`` (idle timeout, deadline, cache dir) and ``-- worker options``.
     node_options: tuple[str, ...] = ()
     worker_args: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ConfigError("--workers must be at least 1")
-        if self.gpus_per_job < 0 or self.cpus_per_job < 1:
-            raise ConfigError("--gpus-per-job must be 0 or more and --cpus-per-job at least 1")
+        check_options(self)
         if not re.fullmatch(r"[A-Za-z][\w.+-]*://\S+", self.broker):
             raise ConfigError(f"--broker {self.broker!r} is not a ZeroMQ endpoint such as tcp://login1:5555")
         if not re.fullmatch(r"[\w.+-]+", self.job_name):
@@ -126,9 +163,9 @@ class JobSpec:
                 raise ConfigError(f"one line per --setup/--extra, got {line!r}")
         # These land inside scheduler directives, unquoted: a newline or a space would end the directive
         # block or split the value, silently dropping the lines after it.
-        for option, value in (("--partition", self.partition), ("--account", self.account), ("--memory", self.memory)):
+        for flag, value in (("--partition", self.partition), ("--account", self.account), ("--memory", self.memory)):
             if not re.fullmatch(r"[\w.,:+=/@-]*", value):
-                raise ConfigError(f"{option} {value!r}: use letters, digits and .,:+=/@-")
+                raise ConfigError(f"{flag} {value!r}: use letters, digits and .,:+=/@-")
         if re.search(r"[\s%]", str(self.log_dir)):
             raise ConfigError(f"--log-dir {str(self.log_dir)!r}: no spaces or % (schedulers read it unquoted)")
 

@@ -19,6 +19,7 @@ from rich.text import Text
 
 from pervade.errors import BrokerUnreachable
 from pervade.keys import ClientKeys
+from pervade.options import POSITIVE, check_options, option
 from pervade.protocol import StatusReply, StatusRequest, StatusSnapshot
 from pervade.transport import BrokerConnection
 
@@ -177,12 +178,13 @@ def render(snapshot: StatusSnapshot, problem: str | None = None) -> Group:
 class WatchOptions:
     """How ``pervade status`` shows the run."""
 
-    #: Seconds between refreshes of the live view.
-    interval_s: float = 2.0
-    #: Seconds to wait for each answer.
-    timeout_s: float = DEFAULT_STATUS_TIMEOUT_S
-    #: Print one snapshot and return, even on a terminal.
-    once: bool = False
+    interval_s: float = option(2.0, "seconds between refreshes", flag="--interval", metavar="SECONDS", check=POSITIVE)
+    timeout_s: float = option(DEFAULT_STATUS_TIMEOUT_S, "give up on a broker silent for this long",
+                              flag="--timeout", metavar="SECONDS", check=POSITIVE)  # fmt: skip
+    once: bool = option(False, "print one snapshot and exit, even on a terminal", flag="--once")
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 async def show_status(

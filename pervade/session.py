@@ -31,6 +31,7 @@ import zmq.asyncio
 
 from pervade.errors import ConfigError, RegistrationRefused
 from pervade.keys import ClientKeys
+from pervade.options import LIVENESS_SECTION, POSITIVE, at_least, check_options, option
 from pervade.protocol import Disconnect, Heartbeat, Message, Refused, encode, kind_of
 from pervade.transport import BrokerConnection
 
@@ -45,19 +46,30 @@ class Heartbeats:
     """Liveness settings. The broker and its clients should use the same values (the defaults match)."""
 
     #: Seconds between heartbeats; any message counts as one.
-    interval_s: float = 2.0
+    interval_s: float = option(
+        2.0,
+        "seconds between heartbeats",
+        flag="--heartbeat-interval",
+        metavar="SECONDS",
+        check=POSITIVE,
+        group=LIVENESS_SECTION,
+    )
     #: Missed intervals after which the other side is declared dead.
-    liveness: int = 3
+    liveness: int = option(
+        3,
+        "missed heartbeats after which the other side is declared dead",
+        flag="--heartbeat-liveness",
+        metavar="N",
+        check=at_least(1),
+        group=LIVENESS_SECTION,
+    )
     #: First wait before reconnecting to a silent broker; doubled on each failed attempt...
     reconnect_min_s: float = 1.0
     #: ...up to this.
     reconnect_max_s: float = 32.0
 
     def __post_init__(self) -> None:
-        if self.interval_s <= 0:
-            raise ConfigError("the heartbeat interval must be positive")
-        if self.liveness < 1:
-            raise ConfigError("heartbeat liveness must be at least 1")
+        check_options(self)
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
             raise ConfigError("reconnect back-off must satisfy 0 < min <= max")
 

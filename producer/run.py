@@ -17,50 +17,138 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from pervade.constants import DEFAULT_BROKER_CONNECT
-from pervade.context import ContextSpec, ResolvedContext
+from pervade.context import DTYPES, ContextSpec, ResolvedContext, make_context
 from pervade.errors import JobFailed
 from pervade.keys import ClientKeys
-from pervade.progress import count_bars
-from pervade.protocol import JobDone
-from pervade.session import Heartbeats
+from pervade.options import POSITIVE, at_least, broker_option, check_options, nested, option, progress_option
 from pervade.producer.claims import ClaimFields, ClaimsReader, ClaimsSource, scan_claims
 from pervade.producer.client import Producer, SubmitReport, job_id_for
 from pervade.producer.templates import load_templates
+from pervade.progress import count_bars
+from pervade.protocol import JobDone
+from pervade.session import Heartbeats
 
+#: Help sections of a sweep's options.
+CLAIMS_SECTION = "claims"
+MODEL_SECTION = "model (the context)"
 #: Seconds between redraws of the submission's progress bars.
 PROGRESS_REFRESH_S = 0.2
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model a sweep runs, as the command line names it; ``resolve`` makes it the sweep's context."""
+
+    model: str = option(
+        help="a Hugging Face hub id (e.g. HuggingFaceTB/SmolLM2-1.7B-Instruct) or a local model directory",
+        flag="--model",
+        metavar="ID_OR_DIR",
+        group=MODEL_SECTION,
+    )
+    revision: str | None = option(
+        None, "hub revision (branch, tag or commit) of the model", flag="--revision", group=MODEL_SECTION
+    )
+    dtype: str = option(
+        "auto",
+        "weights dtype; auto: what each worker's device does best, bf16 on recent GPUs, fp16 on older ones, "
+        "fp32 on a CPU",
+        flag="--dtype",
+        choices=DTYPES,
+        group=MODEL_SECTION,
+    )
+
+    def spec(self) -> ContextSpec:
+        """The context without its files' manifest: validated, and at once."""
+        return ContextSpec(model=self.model, revision=self.revision, dtype=self.dtype).validate()
+
+    def resolve(self) -> ResolvedContext:
+        """The context with its files' manifest: hashes the model's files (or downloads them), so it blocks:
+        call it before the event loop starts, or with ``asyncio.to_thread``."""
+        return make_context(self.model, self.revision, self.dtype)
 
 
 @dataclass(frozen=True)
 class ProduceRequest:
     """One sweep: every claim of ``claims`` under every template, for one context."""
 
-    claims: str
+    claims: str = option(
+        help="a local .jsonl/.json/.csv/.parquet file or a hub dataset name",
+        flag="--claims",
+        metavar="PATH_OR_HUB_NAME",
+        group=CLAIMS_SECTION,
+    )
     #: From ``make_context`` (with the files' manifest), or a bare spec for a context without one.
     context: ResolvedContext | ContextSpec
-    broker: str = DEFAULT_BROKER_CONNECT
+    broker: str = broker_option()
     #: Templates file; None: the shipped default set.
-    templates: Path | None = None
-    batch_size: int = 32
-    limit: int | None = None
-    id_field: str = "id"
-    claim_field: str = "claim"
-    label_field: str | None = "label"
-    split: str = "train"
-    dataset_config: str | None = None
-    skip_invalid: bool = False
-    max_unacked: int = 16
-    job_id: str | None = None
+    templates: Path | None = option(
+        None,
+        "JSON object of template id -> text with one {claim} (default: the shipped set)",
+        flag="--templates",
+        metavar="FILE",
+        group=CLAIMS_SECTION,
+    )
+    batch_size: int = option(
+        32,
+        "claims per batch; each batch has one template",
+        flag="--batch-size",
+        check=at_least(1),
+        group=CLAIMS_SECTION,
+    )
+    limit: int | None = option(
+        None, "read at most this many claims", flag="--limit", check=at_least(1), group=CLAIMS_SECTION
+    )
+    id_field: str = option("id", "record field holding the claim id", flag="--id-field", group=CLAIMS_SECTION)
+    claim_field: str = option(
+        "claim", "record field holding the claim text", flag="--claim-field", group=CLAIMS_SECTION
+    )
+    #: None or "": the claims have no gold label.
+    label_field: str | None = option(
+        "label", "record field holding the gold label; '' for none", flag="--label-field", group=CLAIMS_SECTION
+    )
+    split: str = option("train", "split of a hub dataset", flag="--split", group=CLAIMS_SECTION)
+    dataset_config: str | None = option(
+        None, "configuration (subset) of a hub dataset", flag="--dataset-config", group=CLAIMS_SECTION
+    )
+    skip_invalid: bool = option(
+        False,
+        "skip and count records without a usable id or claim, instead of failing",
+        flag="--skip-invalid",
+        group=CLAIMS_SECTION,
+    )
+    max_unacked: int = option(16, "batches in flight without the broker's acknowledgement", flag="--max-unacked",
+                              check=at_least(1))  # fmt: skip
+    job_id: str | None = option(
+        None,
+        "job id (default: a hash of what the sweep computes: the claims' content, the templates, the model "
+        "and the batch size, so an unchanged re-run is recognised and a changed file is a new job)",
+        flag="--job-id",
+    )
     #: Wait until every pair is durably written (raises JobFailed if any failed).
-    wait: bool = False
+    wait: bool = option(
+        False,
+        "return only when every pair is durably written by a sink or recorded as failed; exit 1 if any failed",
+        flag="--wait",
+    )
     #: Give up (JobFailed) if submitting, and waiting when asked, takes longer than this.
-    timeout_s: float | None = None
-    heartbeats: Heartbeats | None = None
+    timeout_s: float | None = option(
+        None,
+        "give up (exit 1) if submitting, and waiting with --wait, takes longer than this many seconds",
+        flag="--timeout",
+        check=POSITIVE,
+    )
+    heartbeats: Heartbeats = nested(Heartbeats)
     #: CURVE keys for the broker connection (None: plain TCP).
     keys: ClientKeys | None = None
     #: Progress bars of pairs sent and acknowledged on stderr; None: only when stderr is a terminal.
-    progress: bool | None = None
+    progress: bool | None = progress_option()
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+#: The request's options that say how the claims are read (``pervade run`` passes them on to its producer).
+READING_OPTIONS = ("id_field", "claim_field", "label_field", "split", "dataset_config", "skip_invalid")
 
 
 @dataclass(frozen=True)
@@ -89,7 +177,7 @@ async def produce(request: ProduceRequest) -> ProduceOutcome:
     templates = load_templates(request.templates)  # validated before anything is read or sent
     source = ClaimsSource(
         location=request.claims,
-        fields=ClaimFields(id=request.id_field, claim=request.claim_field, label=request.label_field),
+        fields=ClaimFields(id=request.id_field, claim=request.claim_field, label=request.label_field or None),
         split=request.split,
         config=request.dataset_config,
         limit=request.limit,

@@ -24,17 +24,16 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import structlog
 import zmq.asyncio
 
-from pervade.constants import DEFAULT_BROKER_CONNECT
-from pervade.errors import ConfigError
 from pervade.keys import ClientKeys
 from pervade.monitor import format_duration
+from pervade.options import POSITIVE, at_least, broker_option, check_options, nested, option, progress_option
 from pervade.progress import reported_bars
 from pervade.protocol import (
     Deliver,
@@ -68,33 +67,39 @@ class SinkConfig:
     """How a sink writes."""
 
     #: Directory for the Parquet files (created if missing). Sinks of one run share it.
-    out_dir: Path
-    broker: str = DEFAULT_BROKER_CONNECT
+    out_dir: Path = option(help="output directory (created if missing)", flag="--out", metavar="DIR")
+    broker: str = broker_option()
     #: Rows per Parquet row group; a full group is written out at once.
-    row_group_rows: int = 10_000
+    row_group_rows: int = option(10_000, "rows per Parquet row group", flag="--row-group-rows", check=at_least(1))
     #: Rows per file; a full file is closed, renamed and acknowledged.
-    file_rows: int = 1_000_000
+    file_rows: int = option(1_000_000, "rows per file before it is closed", flag="--file-rows", check=at_least(1))
     #: Longest a received result waits before its file is closed and it is acknowledged.
-    roll_seconds: float = 2.0
+    roll_seconds: float = option(
+        2.0, "longest a result waits before its file is closed and acknowledged", flag="--roll-seconds", check=POSITIVE
+    )
     #: Close the file early once no result has arrived for this long (the end of a job, a lull).
-    idle_roll_seconds: float = 0.5
+    idle_roll_seconds: float = option(
+        0.5, "close the file once no result has come for this long", flag="--idle-roll-seconds", check=POSITIVE
+    )
     #: A name for the files and logs; defaults to a fresh random id. One live sink holds a name: a restarted
     #: sink given it takes over once the old one is silent for a heartbeat liveness (a second live one is
     #: refused).
-    sink_id: str | None = None
+    sink_id: str | None = option(
+        None,
+        "name in file names and logs; one live sink holds it: a restarted sink with the same name takes over "
+        "once the old one is silent for a heartbeat liveness (default: random)",
+        flag="--sink-id",
+    )
     #: Exit once the broker reports every job complete.
-    until_done: bool = False
-    heartbeats: Heartbeats = field(default_factory=Heartbeats)
+    until_done: bool = option(False, "exit once the broker reports every job complete", flag="--until-done")
+    heartbeats: Heartbeats = nested(Heartbeats)
     #: CURVE keys for the broker connection (None: plain TCP).
     keys: ClientKeys | None = None
     #: A progress bar of the verdicts written on stderr; None: only when stderr is a terminal.
-    progress: bool | None = None
+    progress: bool | None = progress_option()
 
     def __post_init__(self) -> None:
-        if self.row_group_rows < 1 or self.file_rows < 1:
-            raise ConfigError("row_group_rows and file_rows must be at least 1")
-        if self.roll_seconds <= 0 or self.idle_roll_seconds <= 0:
-            raise ConfigError("roll_seconds and idle_roll_seconds must be positive")
+        check_options(self)
 
 
 class Sink:

@@ -10,7 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from pervade.broker.config import BrokerConfig
+from pervade.cli import build_parser, main
+from pervade.gpuworker.config import WorkerConfig
+from pervade.jobs.local import LocalRunConfig
+from pervade.jobs.node import NodeConfig
+from pervade.jobs.submit import JobSpec
+from pervade.monitor import WatchOptions
+from pervade.options import build_config, to_argv
+from pervade.producer.run import ModelChoice, ProduceRequest
+from pervade.sinks.sink import SinkConfig
 from pervade.sinks.summary import read_verdicts
+from tests.shadowing import write_shadowing_files
 
 SUBCOMMANDS = ["broker", "worker", "produce", "sink", "run", "tiny-model"]
 
@@ -37,7 +48,9 @@ def test_help_lists_every_role_and_every_subcommand_explains_its_options() -> No
 
 
 def test_run_with_no_flags_works_offline(tmp_path: Path) -> None:
-    """The README's quick start: shipped claims, default templates, the tiny model built on first use."""
+    """The README's quick start: shipped claims, default templates, the tiny model built on first use; run
+    from a directory of the user's that holds a jobs.py, broker.py, ... (every process starts there)."""
+    write_shadowing_files(tmp_path)
     result = pervade("run", cwd=tmp_path, env={"XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr + result.stdout
     assert "240 verdicts for 60 claims x 4 templates, 2 workers" in result.stdout
@@ -91,3 +104,141 @@ def test_produce_gives_up_after_its_timeout_when_no_broker_answers(tmp_path: Pat
 def test_worker_prefetch_is_bounded_by_what_the_protocol_allows() -> None:
     result = pervade("worker", "--prefetch", "5000", timeout=60)
     assert result.returncode == 2 and "must be between 0 and 1023" in result.stderr
+
+
+# --- one source: options, defaults and checks come from the config dataclasses (no subprocess) -------------
+
+
+#: Each subcommand, the configs it fills, and the arguments it cannot do without.
+CONFIGS = [
+    ("broker", [BrokerConfig], [], {}),
+    ("worker", [WorkerConfig], [], {}),
+    ("produce", [ProduceRequest, ModelChoice], ["--claims", "c.jsonl", "--model", "m"],
+     {"claims": "c.jsonl", "model": "m"}),
+    ("sink", [SinkConfig], ["--out", "out"], {"out_dir": Path("out")}),
+    ("run", [LocalRunConfig], [], {}),
+    ("node", [NodeConfig], [], {}),
+    ("submit", [JobSpec], ["--scheduler", "slurm", "--broker", "tcp://a:1"],
+     {"scheduler": "slurm", "broker": "tcp://a:1"}),
+]  # fmt: skip
+
+
+def flagged_fields(cls: type, declared: dict | None = None, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dest, option, default) of every field of ``cls`` with a flag, nested configs' included."""
+    import dataclasses
+
+    from pervade.options import NESTED, OPTION
+
+    found = []
+    for field in dataclasses.fields(cls):
+        inner = field.metadata.get(NESTED)
+        if inner is not None:
+            found += flagged_fields(inner.cls, dict(inner.declared), f"{prefix}{field.name}.")
+            continue
+        opt = (declared or {}).get(field.name) or field.metadata.get(OPTION)
+        if opt is not None and opt.flag is not None:
+            default = field.default if field.default is not dataclasses.MISSING else dataclasses.MISSING
+            if field.default_factory is not dataclasses.MISSING:
+                default = field.default_factory()
+            found.append((prefix + field.name, opt, default))
+    return found
+
+
+def help_of(command: str, capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare words
+
+
+@pytest.mark.parametrize(("command", "classes", "required", "_"), CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_every_config_option_is_in_help_with_the_fields_default(command, classes, required, _, capsys) -> None:
+    from pervade.options import MISSING, _text
+
+    shown = help_of(command, capsys)
+    options = [entry for cls in classes for entry in flagged_fields(cls)]
+    assert options
+    # Each option's entry in the listing (after the usage line): from its flag to the next option's flag.
+    listing = shown.index(" options: ")
+    starts = sorted((shown.index(f" {opt.flag} ", listing), opt, default) for _, opt, default in options)
+    for (start, opt, default), following in zip(starts, [*starts[1:], (len(shown), None, None)], strict=True):
+        entry = shown[start : following[0]]
+        if default not in (MISSING, None, "", ()) and not isinstance(default, bool):  # None: its help says what
+            expected = opt.show(default) if opt.show else _text(default, opt)
+            assert f"(default: {expected})" in entry, f"{command} {opt.flag}: {entry}"
+
+
+def test_the_defaults_are_those_users_and_job_templates_know() -> None:
+    """The defaults live on the fields alone; these are the values users' scripts rely on."""
+    broker, worker, node = BrokerConfig(bind="tcp://127.0.0.1:*"), WorkerConfig(), NodeConfig()
+    assert (broker.max_attempts, broker.max_message_bytes, broker.drain_grace_s) == (3, 64 * 1024 * 1024, 10.0)
+    assert (worker.grace_s, worker.prefetch, worker.transfer.chunk_bytes) == (20.0, 1, 1 << 20)
+    assert (worker.heartbeats.interval_s, worker.heartbeats.liveness) == (2.0, 3)
+    assert (node.idle_timeout_s, node.broker_deadline_s, node.exit_when_drained) == (600.0, 900.0, True)
+    assert (ProduceRequest(claims="c", context=ModelChoice("m").spec()).batch_size, LocalRunConfig().workers) == (32, 2)
+    assert (JobSpec(scheduler="slurm", broker="tcp://a:1").time_limit_s, WatchOptions().timeout_s) == (4 * 3600, 5.0)
+
+
+@pytest.mark.parametrize(("command", "classes", "required", "given"), CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_with_no_flags_the_config_is_the_dataclass_default(command, classes, required, given) -> None:
+    """Nothing restated: a flag not given leaves the field's own default."""
+    import dataclasses
+
+    args = build_parser(command).parse_args([command, *required])
+    extra = {ProduceRequest: {"context": ModelChoice("m").spec()}, BrokerConfig: {"bind": "tcp://127.0.0.1:*"}}
+    for cls in classes:
+        own = {k: v for k, v in given.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        assert build_config(cls, args, **extra.get(cls, {})) == cls(**own, **extra.get(cls, {}))
+    status = build_parser("status").parse_args(["status"])
+    assert build_config(WatchOptions, status) == WatchOptions()
+
+
+@pytest.mark.parametrize(("command", "classes", "required", "_"), CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_every_flag_reaches_its_field(command, classes, required, _) -> None:
+    """Each flag given a value other than its default sets exactly its own field (through nested configs too)."""
+    import dataclasses
+
+    for cls in classes:
+        for dest, opt, default in flagged_fields(cls):
+            if default is dataclasses.MISSING or opt.choices or opt.parse is not None:
+                continue
+            if isinstance(default, bool) or opt.const is not None:
+                argv = [opt.flag]
+            else:
+                value = {int: "7", float: "7.5", str: "x", tuple: "x"}.get(type(default), "7")
+                argv = [opt.flag, value]
+            args = build_parser(command).parse_args([command, *required, *argv])
+            assert dest in vars(args), (command, opt.flag)
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["broker", "--max-attempts", "0"], "--max-attempts must be at least 1"),
+        (["broker", "--drain-grace", "-1"], "--drain-grace must be 0 or more"),
+        (["broker", "--heartbeat-liveness", "0"], "--heartbeat-liveness must be at least 1"),
+        (["worker", "--grace-seconds", "-1"], "--grace-seconds must be positive"),
+        (["worker", "--heartbeat-interval", "0"], "--heartbeat-interval must be positive"),
+        (["worker", "--cache-size-gb", "0"], "--cache-size-gb must be positive"),
+        (["worker", "--credit", "0"], "--credit must be at least 1"),
+        (["sink", "--out", "o", "--roll-seconds", "0"], "--roll-seconds must be positive"),
+        (["produce", "--claims", "c", "--model", "m", "--max-unacked", "0"], "--max-unacked must be at least 1"),
+        (["run", "--workers", "0"], "--workers must be at least 1"),
+        (["status", "--timeout", "0"], "--timeout must be positive"),
+        (["node", "--expect-gpus", "-1"], "--expect-gpus must be 0 or more"),
+        (["node", "--", "--prefetch", "2000"], "--prefetch must be between 0 and 1023"),
+        (["submit", "--scheduler", "slurm", "--broker", "tcp://a:1", "--broker-deadline", "0"],
+         "--broker-deadline must be positive"),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_the_flag(argv: list[str], flag: str, capsys) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pervade {argv[0]}: error: ") and flag in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_run_passes_the_claims_reading_options_on_to_its_producer() -> None:
+    args = build_parser("run").parse_args(["run", "--label-field", "", "--split", "dev", "--skip-invalid"])
+    reading = {name: getattr(args, name) for name in ("label_field", "split", "skip_invalid")}
+    assert to_argv(ProduceRequest, reading) == ["--label-field", "", "--split", "dev", "--skip-invalid"]
