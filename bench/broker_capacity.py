@@ -20,7 +20,7 @@ What runs, for every row (one row per workers x batch size x sink mode; every ro
   protocol through ``pervade.protocol``: ``worker_ready`` and ``pull`` with credit ``--prefetch + 1`` (the
   real worker's window), ``context_loaded`` at once for every ``load_context``, and for every ``assign`` a
   ``completed`` whose verdicts are a fixed label for every claim, then ``pull`` for one more batch, exactly
-  as ``gpuworker/worker.py`` does, minus the model. A socket silent for a heartbeat interval sends a
+  as ``gpuworker/link.py`` does, minus the model. A socket silent for a heartbeat interval sends a
   heartbeat. One process drives its sockets with one ``zmq.Poller`` loop rather than a ``BrokerSession``
   each: 1,000 asyncio sessions, each polling with a timeout, would measure the simulator, not the broker;
 - a producer in this process (``producer.client.Producer.submit_sweep``, the ``produce`` command's API,

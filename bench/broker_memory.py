@@ -56,13 +56,13 @@ from pathlib import Path
 
 import psutil
 
-from pervade.jobs.local import ProcessGroup, wait_for_endpoint
 from pervade.context import make_context
 from pervade.errors import PervadeError
+from pervade.jobs.local import ProcessGroup, wait_for_endpoint
 from pervade.logs import configure_logging
-from pervade.protocol import Claim
 from pervade.producer.client import Producer
 from pervade.producer.templates import load_templates
+from pervade.protocol import Claim
 
 #: The FEVER claims sampled for texts, relative to the repository root, when present.
 DEFAULT_FEVER = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "fever" / "paper_dev.jsonl"

@@ -47,7 +47,7 @@ After each run every process is stopped, and the output is checked: exactly one 
 - ``failed``: batches the broker gave up after ``max_attempts`` (3) deaths or failures of their holders;
   their pairs are recorded in ``out.failures/``, not written, so any makes ``exact`` no. The broker charges
   a SIGKILLed worker's death to the oldest batch it held once its model had loaded, not to the prefetched
-  ones behind it (broker/server.py, ``drop_worker``).
+  ones behind it (broker/workers.py, ``drop_worker``).
 - ``time lost s``: with ``--compare-baseline``, this run's wall time minus the baseline's (same workload,
   no kills), measured. Without it, an estimate marked ``est.``: (requeues + released) x the mean compute
   time of one batch (``finished_at - started_at`` in the output). The estimate counts recomputation only,
@@ -101,7 +101,7 @@ START_TIMEOUT_S = 180.0
 SINK_EXIT_TIMEOUT_S = 60.0
 PROGRESS_EVERY_S = 15.0
 SIGNALS = {"kill": (signal.SIGKILL,), "term": (signal.SIGTERM,), "mix": (signal.SIGKILL, signal.SIGTERM)}
-#: Broker counters reported per run (broker/server.py, COUNTERS).
+#: Broker counters reported per run (broker/constants.py, COUNTERS).
 REPORTED_COUNTERS = (
     "requeues", "released", "duplicate_results", "late_results_accepted", "redeliveries",
     "workers_declared_dead", "batches_failed", "duplicate_submissions",

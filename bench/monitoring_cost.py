@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchkit import Report
 from prometheus_client import generate_latest
 
+from pervade.broker.config import BrokerConfig
 from pervade.broker.metrics import SnapshotCollector
 from pervade.broker.records import WorkerRecord
-from pervade.broker.server import Broker, BrokerConfig
+from pervade.broker.server import Broker
 from pervade.broker.store import JobRecord
 from pervade.constants import LABELS
 from pervade.context import ContextSpec

@@ -3,7 +3,7 @@
 Queued work lives here, not in the broker's memory, so a broker holding millions of queued claims stays
 small: RAM holds only peers, jobs, and counters. The broker changes state through the methods below, which
 never commit; the broker commits once per turn of its loop, *before* it sends the replies that turn made
-(``Broker.flush``). So anything a peer was told (Accepted, a delivery, JobDone) is already on disk, and
+(``broker/outbox.py``). So anything a peer was told (Accepted, a delivery, JobDone) is already on disk, and
 a broker killed at any moment restarts from a state its peers never saw contradicted.
 
 Durability: ``synchronous=NORMAL`` (the default) survives the broker process being killed at any point,
@@ -48,9 +48,9 @@ from pathlib import Path
 
 import msgspec
 
+from pervade.batchset import BatchSet
 from pervade.broker.statelock import StateLock
 from pervade.broker.wal import scan_log
-from pervade.batchset import BatchSet
 from pervade.context import ContextSpec
 from pervade.errors import StateError
 from pervade.manifest import Manifest

@@ -6,6 +6,9 @@ Pitfalls this module exists to handle once (see docs/architecture.md):
 - cancelling a pending async ``recv`` can lose a message (pyzmq #1925): ``receive`` polls with a timeout
   and only then reads without blocking, so nothing is ever cancelled mid-read;
 - two peers with one routing id silently lose messages (libzmq #4503): every DEALER gets a fresh identity.
+
+Every socket of the project is built here: the broker's ROUTER and its clients' DEALERs, and a worker's file
+service (a ROUTER) and the DEALERs its peers download through. CURVE authentication starts here too.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 import structlog
 import zmq
 import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
 
 from pervade.constants import DEFAULT_MAX_MESSAGE_BYTES, SEND_TIMEOUT_MS, SOCKET_LINGER_MS
 from pervade.errors import ProtocolError
@@ -59,7 +63,9 @@ def router_socket(
     return sock
 
 
-def dealer_socket(ctx: zmq.asyncio.Context, connect: str, identity: str, keys: ClientKeys | None = None) -> zmq.asyncio.Socket:
+def dealer_socket(
+    ctx: zmq.asyncio.Context, connect: str, identity: str, keys: ClientKeys | None = None
+) -> zmq.asyncio.Socket:
     """A DEALER connected to the broker under ``identity``; a CURVE client of it when ``keys`` are given."""
     sock = ctx.socket(zmq.DEALER)
     if keys is not None:
@@ -73,6 +79,49 @@ def dealer_socket(ctx: zmq.asyncio.Context, connect: str, identity: str, keys: C
     return sock
 
 
+#: Bytes a file-service request may take: requests are small, anything bigger is not ours.
+MAX_FILE_REQUEST_BYTES = 64 * 1024
+
+
+def start_authenticator(ctx: zmq.asyncio.Context, credentials_provider: object) -> AsyncioAuthenticator:
+    """Start CURVE authentication on ``ctx``: every CURVE server socket of the context then admits exactly the
+    clients ``credentials_provider`` (``callback(domain, key) -> bool``) accepts. Stop it when the context ends."""
+    auth = AsyncioAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve_callback("*", credentials_provider=credentials_provider)
+    return auth
+
+
+def file_server_socket(
+    ctx: zmq.asyncio.Context, bind_host: str, keys: ClientKeys | None, max_pending: int
+) -> tuple[zmq.asyncio.Socket, int]:
+    """A worker's file service: a ROUTER on a free port of ``bind_host`` (returned with the port), a CURVE
+    server with the worker's own key pair when ``keys`` are given. ``max_pending`` bounds the replies a slow
+    reader can leave queued."""
+    sock = ctx.socket(zmq.ROUTER)
+    if keys is not None:
+        keys.apply_server(sock)
+    sock.setsockopt(zmq.LINGER, SOCKET_LINGER_MS)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FILE_REQUEST_BYTES)
+    sock.setsockopt(zmq.SNDHWM, max_pending)
+    port = sock.bind_to_random_port(f"tcp://{bind_host}")
+    return sock, port
+
+
+def peer_socket(ctx: zmq.asyncio.Context, endpoint: str, keys: ClientKeys | None) -> zmq.asyncio.Socket:
+    """A DEALER to a peer's file service, under a fresh identity; a CURVE client of it when ``keys`` are given.
+    No linger: a download given up on must not hold the process at exit. Raises ``zmq.ZMQError`` for an
+    endpoint libzmq cannot parse (a peer announced a bad one): the caller treats that as a failed peer."""
+    sock = ctx.socket(zmq.DEALER)
+    if keys is not None:
+        keys.apply(sock)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, new_identity("fetch").encode())
+    sock.connect(endpoint)
+    return sock
+
+
 @dataclass
 class BrokerConnection:
     """A DEALER's conversation with the broker: send messages, receive validated messages."""
@@ -81,7 +130,9 @@ class BrokerConnection:
     identity: str
 
     @classmethod
-    def open(cls, ctx: zmq.asyncio.Context, endpoint: str, role: str, keys: ClientKeys | None = None) -> BrokerConnection:
+    def open(
+        cls, ctx: zmq.asyncio.Context, endpoint: str, role: str, keys: ClientKeys | None = None
+    ) -> BrokerConnection:
         identity = new_identity(role)
         return cls(dealer_socket(ctx, endpoint, identity, keys), identity)
 

@@ -12,10 +12,11 @@ import pytest_asyncio
 import zmq
 import zmq.asyncio
 
-from pervade.broker.server import Broker, BrokerConfig
+from pervade.broker.config import BrokerConfig
+from pervade.broker.server import Broker
+from pervade.producer.claims import sample_claims_path
 from pervade.protocol import Heartbeat, Message, ProducerReady, decode, encode
 from pervade.session import Heartbeats
-from pervade.producer.claims import sample_claims_path
 
 FEVER_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fever" / "paper_dev.jsonl"
 

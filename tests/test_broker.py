@@ -7,9 +7,9 @@ import time
 import msgpack
 import pytest
 
-from pervade.broker.server import REGISTER_AGAIN
-from pervade.broker.store import BatchStatus
 from pervade.batchset import BatchSet
+from pervade.broker.constants import REGISTER_AGAIN
+from pervade.broker.store import BatchStatus
 from pervade.constants import PROTOCOL_HEADER
 from pervade.context import ContextSpec
 from pervade.protocol import (

@@ -6,8 +6,9 @@ import asyncio
 
 import msgspec
 
-from pervade.broker.server import REGISTER_AGAIN
+from pervade.broker.constants import REGISTER_AGAIN
 from pervade.broker.store import BatchStatus
+from pervade.producer.client import Producer
 from pervade.protocol import (
     Accepted,
     Assign,
@@ -26,7 +27,6 @@ from pervade.protocol import (
     Submit,
     decode,
 )
-from pervade.producer.client import Producer
 from tests.conftest import FAST_HEARTBEATS
 from tests.test_broker import CTX_A, assign_one, batch, end_job, register_worker, result_for
 

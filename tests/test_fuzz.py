@@ -39,11 +39,13 @@ from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 from zmq.utils.monitor import recv_monitor_message
 
-from pervade.jobs.local import ProcessGroup, read_events, wait_for_endpoint
 from pervade.constants import LABELS, PROTOCOL_HEADER
 from pervade.context import DTYPES, ContextSpec
 from pervade.errors import ProtocolError
+from pervade.jobs.local import ProcessGroup, read_events, wait_for_endpoint
 from pervade.keys import ClientKeys, init_keys
+from pervade.producer.claims import ClaimsSource, read_claims
+from pervade.producer.templates import load_templates
 from pervade.protocol import (
     ALL_MESSAGES,
     Accepted,
@@ -77,8 +79,6 @@ from pervade.protocol import (
     decode,
     encode,
 )
-from pervade.producer.claims import ClaimsSource, read_claims
-from pervade.producer.templates import load_templates
 from pervade.sinks.failures import read_failures
 from pervade.sinks.summary import read_verdicts
 from tests.test_end_to_end import reference_verdicts

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import zmq.asyncio
 
-from pervade.broker.server import Broker, BrokerConfig
+from pervade.broker.config import BrokerConfig
+from pervade.broker.server import Broker
 from pervade.broker.store import STORE_FILE, BrokerStore, state_error
 from pervade.broker.wal import scan_log
 from pervade.errors import ConfigError, StateError

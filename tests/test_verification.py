@@ -20,6 +20,7 @@ import pytest
 from pervade.broker.store import BatchStatus
 from pervade.constants import PROTOCOL_HEADER
 from pervade.errors import ClaimsError, JobFailed, RegistrationRefused
+from pervade.producer.client import Producer
 from pervade.protocol import (
     AbortJob,
     Accepted,
@@ -43,7 +44,6 @@ from pervade.protocol import (
     WorkerReady,
     encode,
 )
-from pervade.producer.client import Producer
 from pervade.sinks.parquet import read_verdicts
 from pervade.sinks.sink import Sink, SinkConfig
 from tests.conftest import FAST_HEARTBEATS

@@ -1,0 +1,75 @@
+"""The outbox: every message the broker sends goes through here, and none leaves before the state it
+describes is committed.
+
+Verbs ``post`` messages during a turn of the loop; ``flush``, once per turn, commits the store and only
+then sends them. So every reply a peer sees (Accepted, Assign, Deliver, JobDone) describes state already
+on disk, and a broker killed at any moment restarts without contradicting what its peers were told.
+
+The outbox does not know the socket: it sends through a ``Send`` callable (``socket_sender`` on the
+broker's ROUTER socket, the one place that builds envelopes; a list in tests).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import structlog
+import zmq
+import zmq.asyncio
+
+from pervade.broker.state import BrokerState
+from pervade.protocol import Message, encode, kind_of
+
+log = structlog.get_logger("broker")
+
+#: Sends one message to one peer now; False when the peer is gone or not keeping up.
+Send = Callable[[bytes, Message], bool]
+
+
+class Outbox:
+    """Messages queued during a turn, sent after the commit."""
+
+    def __init__(self, state: BrokerState, send: Send) -> None:
+        self._state = state
+        self._send = send
+        self._queued: deque[tuple[bytes, Message, Callable[[], None] | None]] = deque()
+        self._saved_counters: dict[str, int] = {}
+
+    def post(self, identity: bytes, message: Message, on_fail: Callable[[], None] | None = None) -> None:
+        """Queue a message; ``flush`` sends it once the state it describes is committed. ``on_fail`` runs
+        if the peer turns out to be gone or not keeping up."""
+        self._queued.append((identity, message, on_fail))
+
+    @property
+    def queued(self) -> list[tuple[bytes, Message]]:
+        """What the next ``flush`` will send, in order."""
+        return [(identity, message) for identity, message, _ in self._queued]
+
+    def flush(self) -> None:
+        """Commit the store, then send what this turn queued (so no peer hears of uncommitted state)."""
+        store, counters = self._state.store, self._state.counters
+        if counters != self._saved_counters:
+            store.save_meta("counters", counters)
+            self._saved_counters = dict(counters)
+        store.commit()
+        while self._queued:
+            identity, message, on_fail = self._queued.popleft()
+            if not self._send(identity, message) and on_fail is not None:
+                on_fail()
+        store.commit()  # what failed sends undid
+
+
+def socket_sender(sock: zmq.asyncio.Socket) -> Send:
+    """Send on the broker's ROUTER socket without blocking; a peer gone or not keeping up is logged and
+    reported (False), never raised."""
+
+    def send(identity: bytes, message: Message) -> bool:
+        future = sock.send_multipart([identity, *encode(message)], flags=zmq.NOBLOCK)
+        error = future.exception() if future.done() else None
+        if error is not None:
+            log.warning("send_failed", peer=identity.decode(errors="replace"), kind=kind_of(message), error=str(error))
+            return False
+        return True
+
+    return send

@@ -1,0 +1,138 @@
+"""A sink's verbs, and the delivery of batch outcomes to sinks: register, take a batch's verdicts or
+failure (``Deliver``, ``DeliverFailure``), acknowledge it durably written (``SinkAck``).
+
+A batch with an outcome goes to a sink round robin; until the sink acknowledges it the broker keeps it and
+delivers it again if the sink leaves. Acknowledged batches count towards their job, which is reported done
+(``broker/job_reports.py``) once every batch is written.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from pervade.broker.constants import DELIVER_PER_TURN, MAX_JOB_ERRORS, REGISTER_AGAIN
+from pervade.broker.job_reports import JobReports
+from pervade.broker.outbox import Outbox
+from pervade.broker.records import SinkRecord
+from pervade.broker.state import BrokerState
+from pervade.broker.store import BatchStatus, JobRecord, StoredBatch
+from pervade.protocol import (
+    BatchFailure,
+    BatchResult,
+    Deliver,
+    DeliverFailure,
+    Disconnect,
+    SinkAck,
+    SinkReady,
+)
+
+log = structlog.get_logger("broker")
+
+
+class Sinks:
+    def __init__(self, state: BrokerState, outbox: Outbox, reports: JobReports) -> None:
+        self.state = state
+        self.outbox = outbox
+        self.reports = reports
+        self._next_sink = 0
+
+    def on_sink_ready(self, identity: bytes, message: SinkReady) -> None:
+        sinks = self.state.sinks
+        stale = [s for s in sinks.values() if s.name == message.sink_id or s.identity == identity]
+        for old in stale:
+            self.drop_sink(old, "registered again")
+        sinks[identity] = SinkRecord(identity=identity, name=message.sink_id, instance=message.instance)
+        log.info("sink_joined", sink_id=message.sink_id)
+        jobs = self.state.jobs
+        finished = [job for job in jobs.values() if job.done_reported]
+        if finished and len(finished) == len(jobs):  # it may have missed the last job_done
+            self.reports.report_if_complete(finished[-1], again=True, to_producer=False)
+
+    def drop_sink(self, sink: SinkRecord, reason: str) -> None:
+        """Forget a sink; what it had not acknowledged is delivered again (to it or another sink)."""
+        store = self.state.store
+        self.state.sinks.pop(sink.identity, None)
+        for batch_id in sorted(sink.unacked):
+            row = store.get(batch_id)
+            if row is not None and row.status is BatchStatus.DELIVERED and row.sink == sink.identity:
+                store.undeliver(row)
+                self.state.counters["redeliveries"] += 1
+        log.info("sink_left", sink_id=sink.name, reason=reason, unacked=len(sink.unacked))
+        sink.unacked.clear()
+
+    def deliver_held(self) -> None:
+        """Deliver outcomes held back (no sink, a failed send, a sink that left)."""
+        for batch_id in self.state.store.done_ids(DELIVER_PER_TURN):
+            self.deliver(batch_id)
+
+    def deliver(self, batch_id: str, result: BatchResult | None = None) -> None:
+        """Hand a done batch (verdicts or failure) to a sink, round robin; without sinks it waits.
+        ``result``: the verdicts just stored, if at hand (saves reading them back)."""
+        if not self.state.sinks:
+            return
+        row = self.state.store.get(batch_id)
+        if row is None or row.status is not BatchStatus.DONE:  # only an outcome not yet with a sink
+            return
+        sinks = list(self.state.sinks.values())
+        sink = sinks[self._next_sink % len(sinks)]
+        self._next_sink += 1
+        message = self.delivery_for(row, result)
+        self.state.store.deliver(row, sink.identity)
+        sink.unacked.add(batch_id)
+        self.outbox.post(sink.identity, message, on_fail=lambda: self.undeliver(batch_id, sink))
+
+    def delivery_for(self, row: StoredBatch, result: BatchResult | None = None) -> Deliver | DeliverFailure:
+        store = self.state.store
+        redelivery = row.deliveries > 0
+        if row.error is None:
+            return Deliver(result=result or store.result(row.batch_id), redelivery=redelivery)
+        batch = store.batch(row.batch_id)
+        failure = BatchFailure(
+            batch_id=row.batch_id, job_id=row.job_id, context_id=row.context_id, model=batch.context.model,
+            template_id=batch.template_id, claim_ids=[c.claim_id for c in batch.claims], error=row.error,
+            attempts=row.attempts,
+        )  # fmt: skip
+        return DeliverFailure(failure=failure, redelivery=redelivery)
+
+    def undeliver(self, batch_id: str, sink: SinkRecord) -> None:
+        store = self.state.store
+        row = store.get(batch_id)
+        if row is not None and row.status is BatchStatus.DELIVERED and row.sink == sink.identity:
+            store.undeliver(row)
+            sink.unacked.discard(batch_id)
+
+    def on_sink_ack(self, identity: bytes, message: SinkAck) -> None:
+        """Durable in a sink's output. Accepted from any sink, even one the broker has since forgotten:
+        the rows are on disk either way."""
+        store = self.state.store
+        touched: dict[str, JobRecord] = {}
+        for batch_id in message.batch_ids:
+            row = store.get(batch_id)
+            if row is None or row.status not in (BatchStatus.DELIVERED, BatchStatus.DONE):
+                if row is None or row.status is not BatchStatus.WRITTEN:
+                    log.warning("unexpected_sink_ack", batch_id=batch_id, status=row and row.status.value)
+                continue
+            holder = self.state.sinks.get(row.sink or b"")
+            if holder is not None:
+                holder.unacked.discard(batch_id)
+            store.written(row)
+            job = self.state.jobs[row.job_id]
+            count_written(job, row)
+            touched[job.job_id] = job
+        for job in touched.values():
+            store.save_job(job)
+            self.reports.report_if_complete(job)
+        if identity not in self.state.sinks:
+            self.outbox.post(identity, Disconnect(reason=REGISTER_AGAIN))
+
+
+def count_written(job: JobRecord, row: StoredBatch) -> None:
+    """Count a batch a sink wrote towards its job: its verdicts, or its failure (with the error)."""
+    if row.failed:
+        job.failed += 1
+        job.pairs_failed += row.pairs
+        if len(job.errors) < MAX_JOB_ERRORS:
+            job.errors.append(f"{row.batch_id}: {row.error}")
+    else:
+        job.written += 1
+        job.pairs_written += row.pairs

@@ -1,0 +1,82 @@
+"""What the broker's verbs work on: the durable store (already open), the live peers, the jobs, the
+contexts and manifests producers declared, and the counters.
+
+Batches and jobs are durable (``broker/store.py``); peers are not: after a broker restart every peer
+registers again. One ``BrokerState`` is shared by the verb modules (producers, workers, sinks, files), the
+scheduler and the outcomes; it holds no sockets, so the verbs can be tested without any.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from pervade.broker.config import BrokerConfig
+from pervade.broker.constants import COUNTERS
+from pervade.broker.records import PeerRecord, ProducerRecord, SinkRecord, WorkerRecord
+from pervade.broker.status import build_snapshot
+from pervade.broker.store import BrokerStore, JobRecord
+from pervade.context import ContextSpec
+from pervade.manifest import Manifest
+from pervade.protocol import StatusSnapshot
+from pervade.rates import RateMeter
+
+
+class BrokerState:
+    """The broker's state over an open store (what a previous broker left is already recovered into it)."""
+
+    def __init__(self, config: BrokerConfig, store: BrokerStore) -> None:
+        self.config = config
+        self.store = store
+        self.workers: dict[bytes, WorkerRecord] = {}
+        self.sinks: dict[bytes, SinkRecord] = {}
+        self.producers: dict[bytes, ProducerRecord] = {}
+        self.jobs: dict[str, JobRecord] = store.jobs()
+        self.specs: dict[str, ContextSpec] = store.contexts()
+        #: Manifests declared by producers, by digest.
+        self.manifests: dict[str, Manifest] = store.manifests()
+        #: Contexts no live worker could load, with the error; cleared when a new worker joins.
+        self.failed_contexts: dict[str, str] = {}
+        #: Workers that died loading a context since a batch of it last completed.
+        self.load_deaths: dict[str, int] = {}
+        self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
+        self.counters.update(store.meta("counters", {}))  # type: ignore[arg-type]
+        if store.damage is not None:
+            self.counters["state_damage_detected"] += 1
+        #: Claims completed per second, over the last half minute (pervade status, metrics).
+        self.throughput = RateMeter()
+        self.started_at = time.time()
+        #: Whether workers were told the run is over (``Drained``); new work re-arms it (see liveness.py).
+        self.drained_sent = False
+
+    def peer(self, identity: bytes) -> PeerRecord | None:
+        return self.workers.get(identity) or self.sinks.get(identity) or self.producers.get(identity)
+
+    def job(self, job_id: str, producer: bytes) -> JobRecord:
+        """The job (a new one if unknown), with ``producer`` among those waiting for it."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            job = self.jobs[job_id] = JobRecord(job_id=job_id)
+        # Every producer of the job hears JobDone: the same sweep run twice at once is one job (its id names
+        # its content), and each of its producers waits for it.
+        job.producers.add(producer)
+        return job
+
+    def queued_total(self) -> int:
+        return sum(self.store.queued.values())
+
+    def snapshot(self, endpoint: str) -> StatusSnapshot:
+        """The run as ``pervade status`` shows it (broker/status.py)."""
+        return build_snapshot(
+            endpoint=endpoint,
+            started_at=self.started_at,
+            workers=list(self.workers.values()),
+            specs=self.specs,
+            queued=self.store.queued,
+            jobs=list(self.jobs.values()),
+            claims_per_s=self.throughput.rate(),
+            batches={status.value: n for status, n in self.store.status_counts.items()},
+            counters=self.counters,
+            sinks=len(self.sinks),
+            producers=len(self.producers),
+        )

@@ -1,0 +1,391 @@
+"""The broker's verbs without sockets: its parts built over a real store in tmp_path, messages handed to
+its router as frames, and what its outbox sends read back after each turn (dispatch, commit, send)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+
+import msgspec
+import pytest
+
+from pervade.broker.config import BrokerConfig
+from pervade.broker.constants import REGISTER_AGAIN
+from pervade.broker.parts import BrokerParts, build_parts
+from pervade.broker.state import BrokerState
+from pervade.broker.store import BatchStatus, BrokerStore
+from pervade.context import ContextSpec
+from pervade.protocol import (
+    Accepted,
+    Assign,
+    Batch,
+    BatchFailed,
+    BatchResult,
+    Claim,
+    Completed,
+    Deliver,
+    DeliverFailure,
+    DeviceInfo,
+    Disconnect,
+    EndJob,
+    Error,
+    JobDone,
+    JobEnded,
+    LoadContext,
+    Message,
+    ProducerReady,
+    Pull,
+    SinkAck,
+    SinkReady,
+    Submit,
+    Verdict,
+    WorkerReady,
+    encode,
+)
+
+T0 = time.time()
+CTX_A = ContextSpec(model="model-a")
+CTX_B = ContextSpec(model="model-b")
+A, B = CTX_A.context_id, CTX_B.context_id
+CPU = DeviceInfo(kind="cpu", name="cpu")
+
+
+def batch(job: str, n: int, context: ContextSpec = CTX_A) -> Batch:
+    return Batch(
+        batch_id=f"{job}/{n}", job_id=job, context=context, template_id="t", template="{claim} Answer:",
+        claims=[Claim(claim_id=f"{n}-{i}", text=f"claim {i}") for i in range(2)], submitted_at=T0,
+    )  # fmt: skip
+
+
+def result_for(b: Batch, worker_id: str = "w1", claims: int | None = None) -> BatchResult:
+    verdicts = [Verdict(claim_id=c.claim_id, verdict="SUPPORTS", scores=[1, 0, 0]) for c in b.claims]
+    return BatchResult(
+        batch_id=b.batch_id, job_id=b.job_id, context_id=b.context.context_id, model=b.context.model,
+        template_id=b.template_id, worker_id=worker_id, device="cpu", submitted_at=T0, started_at=T0, finished_at=T0,
+        verdicts=verdicts[:claims],
+    )  # fmt: skip
+
+
+class Broker:
+    """The broker's parts with an outbox that sends into ``self.sent``; sends to ``self.gone`` fail."""
+
+    def __init__(self, state_dir, **config: object) -> None:
+        settings = {
+            "bind": "tcp://127.0.0.1:*",
+            "max_attempts": 2,
+            "drain_grace_s": 0.0,
+            "state_dir": state_dir,
+            **config,
+        }
+        self.store = BrokerStore.open(state_dir)
+        self.state = BrokerState(BrokerConfig(**settings), self.store)  # type: ignore[arg-type]
+        self.parts: BrokerParts = build_parts(self.state, self._send, endpoint="tcp://127.0.0.1:0")
+        self.sent: list[tuple[bytes, Message]] = []
+        self.gone: set[bytes] = set()
+        self.committed_when_sent: list[bool] = []
+
+    def _send(self, identity: bytes, message: Message) -> bool:
+        self.committed_when_sent.append(not self.store._db.in_transaction)
+        if identity in self.gone:
+            return False
+        self.sent.append((identity, message))
+        return True
+
+    def __call__(self, identity: bytes, *messages: Message) -> None:
+        """``identity`` sends ``messages``: each goes through the router as frames off the socket would."""
+        for message in messages:
+            self.parts.router.handle([identity, *encode(message)])
+
+    def turn(self) -> list[tuple[bytes, Message]]:
+        """One turn of the loop after the messages: dispatch, commit, send; what was sent."""
+        self.parts.scheduler.dispatch()
+        self.parts.outbox.flush()
+        sent, self.sent = self.sent, []
+        return sent
+
+    def to(self, identity: bytes) -> list[Message]:
+        """One turn; what ``identity`` was sent."""
+        return [message for peer, message in self.turn() if peer == identity]
+
+    def status(self, batch_id: str) -> BatchStatus:
+        row = self.store.get(batch_id)
+        assert row is not None
+        return row.status
+
+    def worker(self, identity: bytes, contexts: Sequence[str] = (), credit: int = 0, max_contexts: int = 1) -> None:
+        self(identity, WorkerReady(worker_id=identity.decode(), host="h", pid=1, device=CPU,
+                                   contexts=list(contexts), max_contexts=max_contexts))  # fmt: skip
+        if credit:
+            self(identity, Pull(credit=credit))
+
+    def submit(self, *batches: Batch, producer: bytes = b"p") -> None:
+        self(producer, ProducerReady(producer_id=producer.decode()), *[Submit(batch=b) for b in batches])
+
+
+@pytest.fixture
+def broker(tmp_path) -> Iterator[Broker]:
+    b = Broker(tmp_path / "state")
+    yield b
+    b.store.close()
+
+
+def assigned(sent: list[tuple[bytes, Message]]) -> list[tuple[bytes, str]]:
+    return [(peer, m.batch.batch_id) for peer, m in sent if isinstance(m, Assign)]
+
+
+# --- scheduling --------------------------------------------------------------------------------------
+
+
+def test_a_worker_with_the_context_resident_gets_its_batches(broker) -> None:
+    broker.worker(b"wa", contexts=[A], credit=4)
+    broker.worker(b"wb", contexts=[B], credit=4)
+    broker.submit(batch("j", 0), batch("j", 1))
+    sent = broker.turn()
+    assert assigned(sent) == [(b"wa", "j/0"), (b"wa", "j/1")]
+    assert not [m for _, m in sent if isinstance(m, LoadContext)]
+    assert broker.status("j/0") is BatchStatus.ASSIGNED and broker.state.workers[b"wa"].credit == 2
+
+
+def test_a_worker_is_told_to_load_a_context_no_worker_hosts(broker) -> None:
+    broker.worker(b"w", credit=1)
+    broker.submit(batch("j", 0))
+    assert broker.to(b"w") == [LoadContext(context=CTX_A, evict=[]), Assign(batch=batch("j", 0))]
+    assert list(broker.state.workers[b"w"].contexts) == [A]
+
+
+def test_a_full_worker_evicts_its_oldest_context_to_load_one_nobody_hosts(broker) -> None:
+    broker.worker(b"w", contexts=[B], credit=1, max_contexts=1)
+    broker.submit(batch("j", 0))
+    assert broker.to(b"w")[0] == LoadContext(context=CTX_A, evict=[B])
+    assert list(broker.state.workers[b"w"].contexts) == [A] and B not in broker.state.workers[b"w"].loaded
+
+
+def test_a_worker_gets_no_more_batches_than_its_credit(broker) -> None:
+    broker.worker(b"w", contexts=[A], credit=2)
+    broker.submit(*[batch("j", n) for n in range(5)])
+    assert [b for _, b in assigned(broker.turn())] == ["j/0", "j/1"]
+    assert broker.state.queued_total() == 3
+    broker(b"w", Pull(credit=1))
+    assert [b for _, b in assigned(broker.turn())] == ["j/2"]
+
+
+def test_batches_go_one_per_worker_in_turn(broker) -> None:
+    broker.worker(b"w1", contexts=[A], credit=4)
+    broker.worker(b"w2", contexts=[A], credit=4)
+    broker.submit(batch("j", 0), batch("j", 1))
+    assert sorted(peer for peer, _ in assigned(broker.turn())) == [b"w1", b"w2"]
+
+
+def test_an_idle_worker_moves_to_a_starving_context_only_past_the_backlog(tmp_path) -> None:
+    broker = Broker(tmp_path / "state", rebalance_backlog=3)
+    try:
+        broker.worker(b"busy", contexts=[A], credit=1)
+        broker.worker(b"idle", contexts=[B], credit=4)
+        broker.submit(*[batch("j", n) for n in range(3)])  # not starving while busy can take more: idle stays
+        assert assigned(broker.turn()) == [(b"busy", "j/0")]
+        broker.submit(*[batch("j", n) for n in range(3, 5)])  # 4 queued for one host, which has no credit
+        sent = broker.turn()
+        assert (b"idle", LoadContext(context=CTX_A, evict=[B])) in sent
+        assert [peer for peer, _ in assigned(sent)] == [b"idle"] * 4
+    finally:
+        broker.store.close()
+
+
+def test_an_assignment_that_cannot_be_sent_goes_back_to_the_front_of_its_queue(broker) -> None:
+    broker.worker(b"w", contexts=[A], credit=1)
+    broker.submit(batch("j", 0), batch("j", 1))
+    broker.gone.add(b"w")
+    assert assigned(broker.turn()) == []
+    worker = broker.state.workers[b"w"]
+    assert broker.status("j/0") is BatchStatus.QUEUED and worker.credit == 1 and not worker.in_flight
+    assert broker.store.next_queued(A).batch_id == "j/0" and broker.store.get("j/0").attempts == 0
+
+
+# --- what happens to a batch ---------------------------------------------------------------------------
+
+
+def test_a_dead_worker_s_batches_are_requeued_and_only_the_one_in_hand_is_charged(broker) -> None:
+    broker.worker(b"w", contexts=[A], credit=3)
+    broker.submit(*[batch("j", n) for n in range(3)])
+    broker.turn()
+    dead_after = broker.state.config.heartbeats.dead_after_s
+    broker.parts.liveness.purge_dead_peers(time.monotonic() + dead_after + 1)
+    assert b"w" not in broker.state.workers and broker.state.counters["workers_declared_dead"] == 1
+    assert [broker.status(f"j/{n}") for n in range(3)] == [BatchStatus.QUEUED] * 3
+    assert [broker.store.get(f"j/{n}").attempts for n in range(3)] == [1, 0, 0]
+    assert broker.state.counters["requeues"] == 3
+    assert broker.store.next_queued(A).batch_id == "j/0"  # in their order, at the front
+
+
+def test_a_batch_that_fails_max_attempts_times_is_delivered_to_a_sink_as_a_failure(broker) -> None:
+    broker(b"s", SinkReady(sink_id="s"))
+    broker.worker(b"w", contexts=[A], credit=2)
+    broker.submit(batch("j", 0))
+    broker.turn()
+    broker(b"w", BatchFailed(batch_id="j/0", error="out of memory"))
+    assert assigned(broker.turn()) == [(b"w", "j/0")]  # retried
+    broker(b"w", BatchFailed(batch_id="j/0", error="out of memory"))
+    [failure] = broker.to(b"s")
+    assert isinstance(failure, DeliverFailure) and not failure.redelivery
+    assert (failure.failure.batch_id, failure.failure.attempts) == ("j/0", 2)
+    assert failure.failure.error == "out of memory (attempts: 2)" and failure.failure.claim_ids == ["0-0", "0-1"]
+    assert broker.status("j/0") is BatchStatus.DELIVERED and broker.state.counters["batches_failed"] == 1
+
+
+def test_a_duplicate_result_is_suppressed(broker) -> None:
+    broker(b"s", SinkReady(sink_id="s"))
+    broker.worker(b"w", contexts=[A], credit=1)
+    broker.submit(batch("j", 0))
+    broker.turn()
+    broker(b"w", Completed(result=result_for(batch("j", 0))))
+    assert broker.to(b"s") == [Deliver(result=result_for(batch("j", 0)))]
+    broker(b"w", Completed(result=result_for(batch("j", 0))))
+    assert broker.to(b"s") == []
+    assert broker.state.counters["duplicate_results"] == 1 and broker.state.counters["claims_completed"] == 2
+
+
+def test_a_late_result_from_a_previous_assignee_is_accepted_once(broker) -> None:
+    broker(b"s", SinkReady(sink_id="s"))
+    broker.worker(b"w1", contexts=[A], credit=1)
+    broker.submit(batch("j", 0))
+    broker.turn()
+    broker(b"w1", Disconnect(reason="lost"))  # w1 drops out; the batch goes to w2
+    broker.worker(b"w2", contexts=[A], credit=1)
+    assert assigned(broker.turn()) == [(b"w2", "j/0")]
+    broker(b"w1", Completed(result=result_for(batch("j", 0), "w1")))  # w1's answer arrives after all
+    sent = broker.turn()
+    assert (b"s", Deliver(result=result_for(batch("j", 0), "w1"))) in sent
+    assert (b"w1", Disconnect(reason=REGISTER_AGAIN)) in sent  # the broker no longer knows w1
+    assert broker.state.counters["late_results_accepted"] == 1 and not broker.state.workers[b"w2"].in_flight
+    broker(b"w2", Completed(result=result_for(batch("j", 0), "w2")))
+    assert broker.to(b"s") == [] and broker.state.counters["duplicate_results"] == 1
+
+
+def test_a_result_that_does_not_answer_its_batch_is_refused_and_the_batch_requeued(broker) -> None:
+    broker.worker(b"w", contexts=[A], credit=1)
+    broker.submit(batch("j", 0))
+    broker.turn()
+    broker(b"w", Completed(result=result_for(batch("j", 0), claims=1)))
+    [error] = broker.to(b"w")
+    assert isinstance(error, Error) and "does not answer exactly the batch's claims" in error.reason
+    assert broker.status("j/0") is BatchStatus.QUEUED and broker.store.get("j/0").attempts == 1
+    assert broker.state.counters["results_refused"] == 1 and not broker.state.workers[b"w"].in_flight
+
+
+def test_a_result_from_a_clock_set_wrong_is_kept_on_the_broker_s_clock(broker) -> None:
+    broker(b"s", SinkReady(sink_id="s"))
+    broker.worker(b"w", contexts=[A], credit=1)
+    broker.submit(batch("j", 0))
+    broker.turn()
+    ahead = msgspec.structs.replace(result_for(batch("j", 0)), started_at=T0 + 7200, finished_at=T0 + 7201)
+    broker(b"w", Completed(result=ahead))
+    [delivery] = broker.to(b"s")
+    assert delivery.result.finished_at <= time.time()
+    assert delivery.result.finished_at - delivery.result.started_at == pytest.approx(1.0)
+    assert broker.state.counters["clock_skew_corrected"] == 1 and broker.state.workers[b"w"].clock_skewed
+
+
+def test_a_context_that_kills_whoever_loads_it_fails_its_batches(broker) -> None:
+    broker(b"s", SinkReady(sink_id="s"))
+    broker.submit(batch("j", 0))
+    for n in range(2):  # max_attempts: 2
+        broker.worker(b"w%d" % n, credit=1)
+        assert isinstance(broker.to(b"w%d" % n)[0], LoadContext)
+        broker(b"w%d" % n, Disconnect(reason="killed"))
+    [failure] = broker.to(b"s")
+    assert isinstance(failure, DeliverFailure) and "2 workers died while loading it" in failure.failure.error
+    assert broker.state.failed_contexts[A] and broker.store.get("j/0").attempts == 0
+
+
+# --- sinks and jobs --------------------------------------------------------------------------------------
+
+
+def test_a_result_waits_for_a_sink_and_goes_to_the_first_that_joins(broker) -> None:
+    broker.worker(b"w", contexts=[A], credit=1)
+    broker.submit(batch("j", 0))
+    broker.turn()
+    broker(b"w", Completed(result=result_for(batch("j", 0))))
+    broker.turn()
+    assert broker.status("j/0") is BatchStatus.DONE
+    broker(b"s", SinkReady(sink_id="s"))
+    broker.parts.sinks.deliver_held()
+    assert broker.to(b"s") == [Deliver(result=result_for(batch("j", 0)))]
+    assert broker.status("j/0") is BatchStatus.DELIVERED and broker.state.sinks[b"s"].unacked == {"j/0"}
+
+
+def test_what_a_leaving_sink_did_not_acknowledge_is_delivered_again(broker) -> None:
+    broker(b"s1", SinkReady(sink_id="s1"))
+    broker.worker(b"w", contexts=[A], credit=1)
+    broker.submit(batch("j", 0))
+    broker.turn()
+    broker(b"w", Completed(result=result_for(batch("j", 0))))
+    broker.turn()
+    broker(b"s1", Disconnect(reason="bye"))
+    broker(b"s2", SinkReady(sink_id="s2"))
+    broker.parts.sinks.deliver_held()
+    assert broker.to(b"s2") == [Deliver(result=result_for(batch("j", 0)), redelivery=True)]
+    assert broker.state.counters["redeliveries"] == 1
+
+
+def test_a_sink_ack_completes_the_job_and_its_producer_hears_job_done(broker) -> None:
+    broker(b"s", SinkReady(sink_id="s"))
+    broker.worker(b"w", contexts=[A], credit=2)
+    broker.submit(batch("j", 0), batch("j", 1))
+    held = broker.state.jobs["j"].holds()
+    broker(b"p", EndJob(job_id="j", batches=2, pairs=4, digest=held.digest))
+    assert broker.to(b"p")[-1] == JobEnded(job_id="j", batches=2, pairs=4, digest=held.digest, agreed=True)
+    broker(b"w", *[Completed(result=result_for(batch("j", n))) for n in range(2)])
+    broker.turn()
+    broker(b"s", SinkAck(batch_ids=["j/0", "j/1"]))
+    sent = broker.turn()
+    done = JobDone(job_id="j", batches=2, pairs=4, batches_written=2, pairs_written=4)
+    assert (b"p", done) in sent and (b"s", done) in sent
+    assert broker.status("j/0") is BatchStatus.WRITTEN and broker.state.jobs["j"].done_reported
+
+
+def test_a_failed_batch_acknowledged_makes_a_job_done_with_its_error(broker) -> None:
+    broker(b"s", SinkReady(sink_id="s"))
+    broker.worker(b"w", contexts=[A], credit=1)
+    broker.submit(batch("j", 0))
+    broker(b"p", EndJob(job_id="j", batches=1, pairs=2))
+    broker.turn()
+    for _ in range(2):
+        broker(b"w", BatchFailed(batch_id="j/0", error="bad"), Pull(credit=1))
+        broker.turn()
+    broker(b"s", SinkAck(batch_ids=["j/0"]))
+    [done] = broker.to(b"p")
+    assert isinstance(done, JobDone) and (done.failed_batches, done.pairs_failed) == (1, 2)
+    assert done.errors == ["j/0: bad (attempts: 2)"]
+
+
+def test_a_resubmitted_batch_is_acknowledged_and_not_queued_twice(broker) -> None:
+    broker.submit(batch("j", 0))
+    broker.submit(batch("j", 0))
+    assert broker.to(b"p") == [Accepted(batch_id="j/0"), Accepted(batch_id="j/0", duplicate=True)]
+    assert broker.state.queued_total() == 1 and broker.state.counters["duplicate_submissions"] == 1
+
+
+# --- the router and the outbox ---------------------------------------------------------------------------
+
+
+def test_a_peer_the_broker_does_not_know_is_told_to_register_again(broker) -> None:
+    broker(b"stranger", Pull(credit=1))
+    assert broker.to(b"stranger") == [Disconnect(reason=REGISTER_AGAIN)]
+    assert broker.state.counters["unknown_peer_messages"] == 1 and not broker.state.workers
+
+
+def test_nothing_is_sent_before_the_state_it_describes_is_committed(broker) -> None:
+    broker(b"s", SinkReady(sink_id="s"))
+    broker.worker(b"w", contexts=[A], credit=1)
+    broker.submit(batch("j", 0))
+    assert broker.parts.outbox.queued and not broker.sent  # queued during the turn, not sent
+    broker.turn()
+    broker(b"w", Completed(result=result_for(batch("j", 0))))
+    broker.turn()
+    assert broker.committed_when_sent and all(broker.committed_when_sent)
+    reader = sqlite3.connect(broker.store.path)  # another connection sees what the peers were told
+    try:
+        assert reader.execute("SELECT status FROM batches WHERE batch_id = 'j/0'").fetchone() == ("delivered",)
+    finally:
+        reader.close()
