@@ -51,14 +51,14 @@ from pathlib import Path
 
 import zmq.asyncio
 
+from pervade.context import ContextSpec
 from pervade.gpuworker.cache import FileCache
 from pervade.gpuworker.fetch import Fetcher, TransferConfig
 from pervade.jobs.cluster import LocalCluster
-from pervade.context import ContextSpec
 from pervade.logs import configure_logging
 from pervade.manifest import Manifest, build_manifest, manifest_from_json, manifest_to_json
-from pervade.protocol import Sources
 from pervade.producer.claims import sample_claims_path
+from pervade.protocol import Sources
 
 FEVER_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fever" / "paper_dev.jsonl"
 START_TIMEOUT_S = 180.0

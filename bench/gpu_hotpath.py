@@ -38,11 +38,11 @@ from pathlib import Path
 import torch
 from benchkit import DEFAULT_OUT_DIR, Report
 
+from pervade.context import ContextSpec
 from pervade.gpuworker.device import select_device
 from pervade.gpuworker.engine import encode_claims, load_context, score_encoded
-from pervade.context import ContextSpec
-from pervade.tinymodel import build_tiny_model
 from pervade.producer.claims import sample_claims_path
+from pervade.tinymodel import build_tiny_model
 
 FEVER_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fever" / "paper_dev.jsonl"
 

@@ -159,9 +159,9 @@ class RayScorer:
     def __init__(self, model: str, dtype: str, device: str, threads: int, templates: dict[str, str]) -> None:
         import torch
 
+        from pervade.context import ContextSpec
         from pervade.gpuworker.device import select_device
         from pervade.gpuworker.engine import load_context
-        from pervade.context import ContextSpec
 
         torch.set_num_threads(threads)
         spec = ContextSpec(model=model, dtype=dtype).validate()

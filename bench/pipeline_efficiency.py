@@ -36,8 +36,8 @@ from benchkit import Report
 from chaos import Workload
 from runs import add_workload_args, finish_runs, run_pipeline, workload_from_args
 
-from pervade.gpuworker.engine import load_context, score_claims
 from pervade.context import make_context
+from pervade.gpuworker.engine import load_context, score_claims
 from pervade.producer.claims import ClaimsSource, read_claims
 
 

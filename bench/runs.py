@@ -25,9 +25,9 @@ from chaos import FEVER_DEV, RunSettings, Workload, load_workload, wait_for_serv
 
 from pervade.jobs.cluster import LocalCluster
 from pervade.jobs.local import default_cache_dir
-from pervade.tinymodel import SHAPES, build_tiny_model
 from pervade.producer.claims import sample_claims_path
 from pervade.sinks.summary import read_verdicts
+from pervade.tinymodel import SHAPES, build_tiny_model
 
 CLAIMS_FILE_HELP = "claims (default: ../shared/data/fever/paper_dev.jsonl, else the shipped sample)"
 

@@ -56,11 +56,11 @@ import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
+from pervade.context import ContextSpec
+from pervade.errors import ContextLoadError
 from pervade.gpuworker.cache import FileCache
 from pervade.gpuworker.fetch import Fetcher, TransferConfig
 from pervade.gpuworker.fileserver import FileServer, FileServiceConfig
-from pervade.context import ContextSpec
-from pervade.errors import ContextLoadError
 from pervade.keys import ClientKeys, PeerAdmission, init_keys
 from pervade.logs import configure_logging
 from pervade.manifest import Manifest, build_manifest

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from pervade.gpuworker.device import BatchPlan, describe_device, fit_dtype, plan_batches, prefix_overhead_tokens
-from pervade.gpuworker.prefix import PrefixKV, PrefixStore, prefix_text, run_prefix
 from pervade.constants import CLAIM_PLACEHOLDER, LABELS
 from pervade.context import ContextSpec
 from pervade.errors import ContextLoadError
+from pervade.gpuworker.device import BatchPlan, describe_device, fit_dtype, plan_batches, prefix_overhead_tokens
+from pervade.gpuworker.prefix import PrefixKV, PrefixStore, prefix_text, run_prefix
 from pervade.protocol import DeviceInfo
 
 log = structlog.get_logger("pervade.gpuworker.engine")

@@ -22,7 +22,6 @@ import os
 import shutil
 import threading
 import time
-import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,13 +31,15 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from pervade.gpuworker.cache import FileCache
-from pervade.gpuworker.fileserver import MAX_CHUNK_BYTES
 from pervade.context import ContextSpec
-from pervade.errors import ConfigError, ContextLoadError, ProtocolError
+from pervade.errors import ContextLoadError, ProtocolError
+from pervade.gpuworker.cache import FileCache
+from pervade.gpuworker.fileserver import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from pervade.keys import ClientKeys
 from pervade.manifest import FileEntry, Manifest
+from pervade.options import FILES_SECTION, POSITIVE, OptionError, at_least, check_options, option
 from pervade.protocol import ChunkData, FetchChunk, FetchRefused, Sources, decode_peer, encode
+from pervade.transport import peer_socket
 
 log = structlog.get_logger(__name__)
 
@@ -60,19 +61,20 @@ class TransferConfig:
     """How a worker downloads model files from peers."""
 
     #: Bytes per chunk request (a piece is fetched as one or more chunks from one peer).
-    chunk_bytes: int = 1024 * 1024
-    #: Chunk requests in flight per peer: the window that keeps the pipe full.
-    credit: int = 8
-    #: A peer that sends nothing for this long is given up (its pieces go to other peers).
-    peer_timeout_s: float = 10.0
-    #: Bad pieces after which a peer is dropped from this download.
-    max_strikes: int = 2
+    chunk_bytes: int = option(1024 * 1024, "KiB per chunk request", flag="--chunk-kib", parse=int, unit=1024,
+                              group=FILES_SECTION)  # fmt: skip
+    credit: int = option(8, "chunk requests in flight per peer: the window that keeps the pipe full",
+                         flag="--credit", check=at_least(1), group=FILES_SECTION)  # fmt: skip
+    peer_timeout_s: float = option(10.0, "give up a peer silent for this many seconds (its pieces go to others)",
+                                   flag="--peer-timeout", check=POSITIVE, group=FILES_SECTION)  # fmt: skip
+    max_strikes: int = option(2, "bad pieces after which a peer is dropped from a download", check=at_least(1))
 
     def __post_init__(self) -> None:
-        if not 4096 <= self.chunk_bytes <= MAX_CHUNK_BYTES:
-            raise ConfigError(f"chunk size must be between 4 KiB and {MAX_CHUNK_BYTES // 1024} KiB (what a peer serves)")
-        if self.credit < 1 or self.peer_timeout_s <= 0 or self.max_strikes < 1:
-            raise ConfigError("credit >= 1, peer_timeout_s > 0 and max_strikes >= 1 are required")
+        check_options(self)
+        if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES:
+            # the value in bytes: a command line shows it in its flag's unit (--chunk-kib)
+            limits = f"{MIN_CHUNK_BYTES // 1024} KiB to {MAX_CHUNK_BYTES // 1024} KiB"
+            raise OptionError("chunk_bytes", f"must be from {limits} (what a peer serves)", self.chunk_bytes)
 
 
 @dataclass
@@ -107,7 +109,9 @@ class Download:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             os.ftruncate(fd, entry.size)
             self._fds.append(fd)
-        self.todo: deque[PieceKey] = deque((f, p) for f, e in enumerate(entries) for p in range(manifest.piece_count(e)))
+        self.todo: deque[PieceKey] = deque(
+            (f, p) for f, e in enumerate(entries) for p in range(manifest.piece_count(e))
+        )
         self.left = [manifest.piece_count(e) for e in entries]
         self.avoid: dict[PieceKey, set[str]] = {}
         self._index = {e.path: i for i, e in enumerate(entries)}
@@ -145,14 +149,17 @@ class Download:
         os.pwrite(self._fds[key[0]], data, offset)
         return True
 
-    def piece_done(self, key: PieceKey) -> None:
-        """Count a written piece; a file whose pieces are all in goes into the cache."""
+    async def piece_done(self, key: PieceKey) -> None:
+        """Count a written piece; a file whose pieces are all in goes into the cache (on a thread)."""
         index = key[0]
         self.left[index] -= 1
         if self.left[index] == 0:
-            os.close(self._fds[index])
-            self._fds[index] = -1
-            self.cache.commit_blob(self.entries[index], self.partials[index])
+            fd, self._fds[index] = self._fds[index], -1  # counted here, on the loop: ``close`` skips it
+            await asyncio.to_thread(self._commit, index, fd)
+
+    def _commit(self, index: int, fd: int) -> None:
+        os.close(fd)
+        self.cache.commit_blob(self.entries[index], self.partials[index])
 
     def adopt_cached(self) -> int:
         """Files another worker of this node put in the cache meanwhile: done without fetching. Returns
@@ -211,7 +218,7 @@ class Fetcher:
             try:
                 await self._fill(spec, download, stats)
             finally:
-                download.close()
+                await asyncio.to_thread(download.close)  # runs to the end even if this task is cancelled
         view = await asyncio.to_thread(self.cache.complete, manifest)
         stats.seconds = time.perf_counter() - started
         return view, stats
@@ -246,18 +253,14 @@ class Fetcher:
     async def _from_peer(self, endpoint: str, download: Download, stats: FetchStats) -> PeerOutcome:
         """Pull pieces from one peer until none are left for it. A peer that fails us (silent, refusing,
         or a bad piece) is left out when the broker is asked for sources again."""
-        sock = self._ctx.socket(zmq.DEALER)
-        if self.keys is not None:
-            self.keys.apply(sock)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IDENTITY, f"fetch-{uuid.uuid4().hex[:12]}".encode())
+        sock: zmq.asyncio.Socket | None = None
         digest = download.manifest.digest
         chunks: deque[tuple[PieceKey, int, int]] = deque()  # requests not yet sent
         in_flight: dict[tuple[int, int], PieceKey] = {}  # (file, offset) -> piece
         buffers: dict[PieceKey, bytearray] = {}  # pieces being assembled
         strikes = 0
         try:
-            sock.connect(endpoint)
+            sock = peer_socket(self._ctx, endpoint, self.keys)
             while True:
                 while len(in_flight) < self.config.credit:
                     if not chunks:
@@ -266,8 +269,8 @@ class Fetcher:
                             break
                         offset, length = download.span(key)
                         buffers[key] = bytearray(length)
-                        chunks.extend((key, o, min(self.config.chunk_bytes, offset + length - o))
-                                      for o in range(offset, offset + max(length, 1), self.config.chunk_bytes))  # fmt: skip
+                        starts = range(offset, offset + max(length, 1), self.config.chunk_bytes)
+                        chunks.extend((key, o, min(self.config.chunk_bytes, offset + length - o)) for o in starts)
                     key, offset, length = chunks.popleft()
                     entry = download.entries[key[0]]
                     request = FetchChunk(files=digest, path=entry.path, offset=offset, length=max(length, 1))
@@ -295,25 +298,34 @@ class Fetcher:
                 if any(k == key for k in in_flight.values()) or any(c[0] == key for c in chunks):
                     continue  # more chunks of this piece to come
                 del buffers[key]
-                if await asyncio.to_thread(download.verify_and_write, key, buffer):
-                    download.piece_done(key)
-                    stats.peer_bytes += len(buffer)
-                    stats.landed(len(buffer))
-                    stats.by_peer[endpoint] += len(buffer)
-                    continue
-                stats.corrupt_pieces += 1
-                strikes += 1
-                log.warning("corrupt_piece", peer=endpoint, path=download.entries[key[0]].path, piece=key[1])
-                download.give_back(key, bad_source=endpoint)
-                if strikes >= self.config.max_strikes:
-                    return PeerOutcome.FAILED
+                if not await self._piece_from_peer(endpoint, download, stats, key, buffer):
+                    strikes += 1
+                    if strikes >= self.config.max_strikes:
+                        return PeerOutcome.FAILED
         except (ProtocolError, zmq.ZMQError) as exc:
             log.warning("peer_failed", peer=endpoint, error=str(exc))
             return PeerOutcome.FAILED
         finally:
             for key in buffers:
                 download.give_back(key)
-            sock.close(linger=0)
+            if sock is not None:
+                sock.close(linger=0)
+
+    async def _piece_from_peer(
+        self, endpoint: str, download: Download, stats: FetchStats, key: PieceKey, piece: bytearray
+    ) -> bool:
+        """Write a piece a peer sent, if it matches the manifest; else hand it back to be fetched elsewhere.
+        Whether it matched."""
+        if await asyncio.to_thread(download.verify_and_write, key, piece):
+            await download.piece_done(key)
+            stats.peer_bytes += len(piece)
+            stats.landed(len(piece))
+            stats.by_peer[endpoint] += len(piece)
+            return True
+        stats.corrupt_pieces += 1
+        log.warning("corrupt_piece", peer=endpoint, path=download.entries[key[0]].path, piece=key[1])
+        download.give_back(key, bad_source=endpoint)
+        return False
 
     # --- origin ----------------------------------------------------------------------------------
 
@@ -329,7 +341,7 @@ class Fetcher:
                 download.give_back(key)
             raise
         for key in done:
-            download.piece_done(key)
+            await download.piece_done(key)
         stats.origin_bytes += read
 
     def _copy_from_origin(
@@ -364,7 +376,8 @@ class Fetcher:
                         read += len(data)
                         if not download.verify_and_write((index, piece), data):
                             raise ContextLoadError(
-                                f"{spec.model}: {entry.path} does not match the context's manifest (changed since it was hashed?)"
+                                f"{spec.model}: {entry.path} does not match the context's manifest "
+                                "(changed since it was hashed?)"
                             )
                         done.append((index, piece))
                         landed(len(data))

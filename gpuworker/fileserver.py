@@ -4,7 +4,7 @@ socket of its own.
 The ZeroMQ Guide's credit-based file transfer (chapter 7, fileio3): the downloader keeps a few chunk
 requests outstanding and asks for the next one as each chunk arrives, so the flow is paced by the receiver
 and nothing queues without bound on either side. The server only answers requests; it reads the chunk on a
-thread (``os.pread``) and sends it as a raw frame.
+thread (``os.pread``) and sends it as a raw frame. A manifest is looked up in the cache on a thread too.
 
 What may be read is decided by the manifests, never by the request: a request names a manifest digest and
 a path; the path is looked up in that manifest, and the file opened is the blob named by the entry's hash.
@@ -25,17 +25,19 @@ import structlog
 import zmq
 import zmq.asyncio
 
+from pervade.errors import ProtocolError
 from pervade.gpuworker.cache import FileCache
-from pervade.constants import SOCKET_LINGER_MS
-from pervade.errors import ConfigError, ProtocolError
 from pervade.keys import ClientKeys
 from pervade.manifest import FileEntry
+from pervade.options import FILES_SECTION, POSITIVE, at_least, check_options, option
 from pervade.protocol import ChunkData, FetchChunk, FetchRefused, decode_peer, encode, encode_chunk
+from pervade.transport import file_server_socket
 
 log = structlog.get_logger(__name__)
 
 #: Largest chunk a server sends in one message.
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
+MIN_CHUNK_BYTES = 4096
 #: Requests one downloader may have in progress here; more are refused (a downloader's credit is far
 #: lower), so a client that asks and never reads cannot pile chunks up in this worker's memory.
 MAX_REQUESTS_PER_DOWNLOADER = 64
@@ -45,26 +47,34 @@ MAX_REQUESTS_PER_DOWNLOADER = 64
 class FileServiceConfig:
     """How a worker serves its files to peers."""
 
-    #: Interface to bind (``*``: all); the port is picked free.
-    bind_host: str = "*"
-    #: The host name peers use to reach this worker (default: this node's host name).
-    advertise_host: str | None = None
-    #: Downloaders served at once; more are told to go elsewhere.
-    max_uploads: int = 4
+    bind_host: str = option("*", "interface the file service binds (*: all); the port is picked free",
+                            flag="--file-bind-host", group=FILES_SECTION)  # fmt: skip
+    advertise_host: str | None = option(
+        None,
+        "host name or address peers reach this worker's file service at (default: this node's host name)",
+        flag="--file-host",
+        group=FILES_SECTION,
+    )
+    max_uploads: int = option(4, "peers served at once; more are told to go elsewhere", flag="--max-uploads",
+                              check=at_least(1), group=FILES_SECTION)  # fmt: skip
     #: A downloader that asked nothing for this long no longer counts against ``max_uploads`` (a
     #: downloader keeps requests in flight while it works, so a short pause means it is done).
-    upload_idle_s: float = 1.0
+    upload_idle_s: float = option(1.0, "seconds after which a silent downloader no longer counts", check=POSITIVE)
 
     def __post_init__(self) -> None:
-        if self.max_uploads < 1:
-            raise ConfigError("max_uploads must be at least 1")
+        check_options(self)
 
 
 class FileServer:
     """Serves chunks of the files this node's cache holds. ``start`` binds; ``serve`` runs until stopped."""
 
     def __init__(
-        self, ctx: zmq.asyncio.Context, cache: FileCache, config: FileServiceConfig, host: str, keys: ClientKeys | None = None
+        self,
+        ctx: zmq.asyncio.Context,
+        cache: FileCache,
+        config: FileServiceConfig,
+        host: str,
+        keys: ClientKeys | None = None,
     ) -> None:
         self.cache = cache
         #: CURVE: serve under the run's worker key pair (peers admitted by the context's authenticator).
@@ -85,29 +95,23 @@ class FileServer:
         self.refused = 0
 
     def start(self) -> str:
-        sock = self._ctx.socket(zmq.ROUTER)
-        if self.keys is not None:
-            self.keys.apply_server(sock)
-        sock.setsockopt(zmq.LINGER, SOCKET_LINGER_MS)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)  # requests are small; anything bigger is not ours
-        sock.setsockopt(zmq.SNDHWM, MAX_REQUESTS_PER_DOWNLOADER)  # replies a slow reader leaves queued
-        port = sock.bind_to_random_port(f"tcp://{self.config.bind_host}")
-        self._sock = sock
-        self.endpoint = f"tcp://{self._host}:{port}"
-        log.info("file_service_listening", endpoint=self.endpoint)
+        if self._sock is None:
+            self._sock, port = file_server_socket(
+                self._ctx, self.config.bind_host, self.keys, max_pending=MAX_REQUESTS_PER_DOWNLOADER
+            )
+            self.endpoint = f"tcp://{self._host}:{port}"
+            log.info("file_service_listening", endpoint=self.endpoint)
         return self.endpoint
 
     async def serve(self, stopping: asyncio.Event) -> None:
-        if self._sock is None:
-            self.start()
-        assert self._sock is not None
+        self.start()
+        sock = self._bound()
         pending: set[asyncio.Task[None]] = set()
         try:
             while not stopping.is_set():
-                if not await self._sock.poll(200, zmq.POLLIN):
+                if not await sock.poll(200, zmq.POLLIN):
                     continue
-                frames = await self._sock.recv_multipart(zmq.NOBLOCK)
+                frames = await sock.recv_multipart(zmq.NOBLOCK)
                 task = asyncio.create_task(self.handle(frames))  # reads overlap; the loop stays free
                 pending.add(task)
                 task.add_done_callback(pending.discard)
@@ -129,6 +133,10 @@ class FileServer:
         except ProtocolError as exc:
             await self._reply(identity, encode(FetchRefused(files="", path="", offset=0, reason=str(exc))))
             return
+        if message.files not in self._paths:  # a manifest file read, and a stat of each blob: on a thread
+            manifest = await asyncio.to_thread(self.cache.manifest, message.files)
+            if manifest is not None:
+                self._paths[message.files] = manifest.by_path()
         refusal = self._refusal(identity, message)
         if refusal is not None:
             self.refused += 1
@@ -144,25 +152,27 @@ class FileServer:
         except OSError as exc:  # evicted meanwhile, or a disk error
             self._paths.pop(message.files, None)
             reason = f"cannot read: {exc}"
-            await self._reply(identity, encode(FetchRefused(files=message.files, path=message.path, offset=message.offset, reason=reason)))
+            await self._reply(
+                identity,
+                encode(FetchRefused(files=message.files, path=message.path, offset=message.offset, reason=reason)),
+            )
             return
         finally:
             self._in_progress[identity] -= 1
             if self._in_progress[identity] <= 0:
                 del self._in_progress[identity]
         self.bytes_served += len(data)
-        await self._reply(identity, encode_chunk(ChunkData(files=message.files, path=message.path, offset=message.offset), data))
+        await self._reply(
+            identity, encode_chunk(ChunkData(files=message.files, path=message.path, offset=message.offset), data)
+        )
 
     def _refusal(self, identity: bytes, request: FetchChunk) -> FetchRefused | None:
         def refuse(reason: str, busy: bool = False) -> FetchRefused:
             return FetchRefused(files=request.files, path=request.path, offset=request.offset, reason=reason, busy=busy)
 
-        paths = self._paths.get(request.files)
+        paths = self._paths.get(request.files)  # looked up in the cache by ``handle``
         if paths is None:
-            manifest = self.cache.manifest(request.files)
-            if manifest is None:
-                return refuse("this worker does not hold those files")
-            paths = self._paths[request.files] = manifest.by_path()
+            return refuse("this worker does not hold those files")
         entry = paths.get(request.path)
         if entry is None:
             return refuse("path not in the manifest")
@@ -187,11 +197,15 @@ class FileServer:
             os.close(fd)
 
     async def _reply(self, identity: bytes, frames: list) -> None:
-        assert self._sock is not None
         try:
-            await self._sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
+            await self._bound().send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:  # the downloader left
             log.debug("file_reply_dropped", error=str(exc))
+
+    def _bound(self) -> zmq.asyncio.Socket:
+        if self._sock is None:
+            raise RuntimeError("the file service is not started (or closed)")
+        return self._sock
 
     def forget_files(self) -> None:
         """Forget the manifests looked up so far (after an eviction: they are looked up again)."""
@@ -203,4 +217,3 @@ class FileServer:
             self._sock = None
         self.forget_files()
         self._reader.shutdown(wait=False, cancel_futures=True)
-

@@ -21,8 +21,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from pervade.jobs.cluster import LocalCluster
 from pervade.context import make_context
+from pervade.jobs.cluster import LocalCluster
 from pervade.manifest import Manifest
 from pervade.protocol import ChunkData, FetchChunk, FetchRefused, decode_peer, encode
 from tests.waiting import wait_until

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from pervade.errors import ContextLoadError
 from pervade.gpuworker.device import (
     MAX_BATCH_TOKENS,
     MIN_BATCH_TOKENS,
@@ -14,7 +15,6 @@ from pervade.gpuworker.device import (
     fit_dtype,
     plan_batches,
 )
-from pervade.errors import ContextLoadError
 from pervade.protocol import DeviceInfo
 
 GIB = 1024**3

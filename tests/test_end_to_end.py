@@ -26,13 +26,13 @@ import pytest_asyncio
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from pervade.gpuworker.engine import load_context, render_prompt
-from pervade.jobs.local import ProcessGroup, read_events, wait_for_endpoint
 from pervade.constants import LABELS
 from pervade.context import make_context
-from pervade.protocol import StatusSnapshot
+from pervade.gpuworker.engine import load_context, render_prompt
+from pervade.jobs.local import ProcessGroup, read_events, wait_for_endpoint
 from pervade.producer.claims import ClaimsSource, read_claims
 from pervade.producer.templates import load_templates
+from pervade.protocol import StatusSnapshot
 from pervade.sinks.summary import read_verdicts
 from tests.waiting import wait_until
 

@@ -7,6 +7,9 @@ import json
 import pytest
 import torch
 
+from pervade.constants import LABELS
+from pervade.context import ContextSpec, make_context
+from pervade.errors import ContextLoadError
 from pervade.gpuworker.device import CPU_BATCH_TOKENS
 from pervade.gpuworker.engine import (
     EncodedClaims,
@@ -18,9 +21,6 @@ from pervade.gpuworker.engine import (
     score_claims,
     score_encoded,
 )
-from pervade.constants import LABELS
-from pervade.context import ContextSpec, make_context
-from pervade.errors import ContextLoadError
 from pervade.producer.claims import sample_claims_path
 from pervade.producer.templates import load_templates
 

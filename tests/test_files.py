@@ -16,11 +16,11 @@ import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
 from pervade.broker.sources import FileSources
+from pervade.context import ContextSpec
+from pervade.errors import ConfigError
 from pervade.gpuworker.cache import FileCache, default_cache_root
 from pervade.gpuworker.fetch import Fetcher, TransferConfig
 from pervade.gpuworker.fileserver import FileServer, FileServiceConfig
-from pervade.context import ContextSpec
-from pervade.errors import ConfigError
 from pervade.keys import ClientKeys, PeerAdmission, init_keys
 from pervade.manifest import Manifest, build_manifest, check_relative_path
 from pervade.protocol import ChunkData, FetchChunk, FetchRefused, Sources, decode_peer, encode

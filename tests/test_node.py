@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from pervade.constants import EXIT_BROKER_UNREACHABLE
 from pervade.jobs.cluster import LocalCluster
 from pervade.jobs.lab.slurm import free_port
 from pervade.jobs.node import visible_gpus
-from pervade.constants import EXIT_BROKER_UNREACHABLE
 from pervade.producer.claims import sample_claims_path
 from tests.waiting import wait_until
 
