@@ -67,9 +67,10 @@ class Broker:
         #: Set once ``serve`` has committed its last state and closed.
         self.closed = asyncio.Event()
 
-    def start(self) -> str:
-        """Open the state (recovering what a previous broker left), bind; returns the endpoint bound."""
-        self._server = BrokerServer.open(self.config, self._ctx)
+    def start(self, state: BrokerState | None = None) -> str:
+        """Open the state (recovering what a previous broker left), unless ``state`` is given already open
+        (``run_broker`` opens it on a thread: recovery reads the whole store); bind; returns the endpoint."""
+        self._server = BrokerServer.open(self.config, self._ctx, state)
         self.endpoint = self._server.endpoint
         return self.endpoint
 
@@ -165,10 +166,10 @@ class BrokerServer:
         self.metrics = metrics  # None: no --metrics-port
 
     @classmethod
-    def open(cls, config: BrokerConfig, ctx: zmq.asyncio.Context) -> BrokerServer:
-        """Open the state (recovering what a previous broker left), bind, build the parts. A failed bind
-        releases the state."""
-        state = open_state(config)
+    def open(cls, config: BrokerConfig, ctx: zmq.asyncio.Context, state: BrokerState | None = None) -> BrokerServer:
+        """Open the state (recovering what a previous broker left) unless given, bind, build the parts. A
+        failed bind releases the state."""
+        state = open_state(config) if state is None else state
         try:
             sock, auth = listen(ctx, config)
         except zmq.ZMQError as exc:
@@ -310,7 +311,7 @@ async def run_broker(config: BrokerConfig) -> None:
     """Run a broker until SIGTERM or SIGINT. A state database that breaks under it is a StateError that
     says what to do, not a traceback."""
     broker = Broker(config)
-    broker.start()
+    broker.start(await asyncio.to_thread(open_state, config))  # recovery reads the store: not on the loop
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, broker.stop)

@@ -198,7 +198,9 @@ class BrokerStore:
         wal = path.with_name(path.name + "-wal")
         log_scan = scan_log(wal)
         try:
-            self._db = sqlite3.connect(path, isolation_level="DEFERRED")
+            # Opened (and recovered) on a thread by run_broker, then used only by the broker's loop: one
+            # thread at a time, so the same-thread check would only refuse the hand-over.
+            self._db = sqlite3.connect(path, isolation_level="DEFERRED", check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             # Before anything is written: how many log frames SQLite accepted (a checkpoint reports it).
             _, replayed, _ = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()

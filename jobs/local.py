@@ -20,8 +20,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pervade.context import ContextMode
 from pervade.errors import ConfigError, PervadeError
+from pervade.gpuworker.config import WorkerConfig
 from pervade.keys import init_keys
+from pervade.options import at_least, check_options, option, same_as
+from pervade.producer.run import CLAIMS_SECTION, MODEL_SECTION, ModelChoice, ProduceRequest
 from pervade.sinks.summary import OutputSummary, summarize
 
 STOP_TIMEOUT_S = 30.0
@@ -56,29 +60,46 @@ def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
 class LocalRunConfig:
     """A local run. Unset fields take the offline defaults (shipped claims, default templates, tiny model)."""
 
-    claims: str | None = None
-    templates: Path | None = None
-    out_dir: Path | None = None
-    overwrite: bool = False
-    workers: int = 2
-    model: str | None = None
-    revision: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    limit: int | None = None
-    batch_size: int = 32
-    threads_per_worker: int | None = None
+    claims: str | None = option(
+        None,
+        "a local .jsonl/.json/.csv/.parquet file or a hub dataset name; default: the small claims file "
+        "shipped with pervade",
+        flag="--claims",
+        metavar="PATH_OR_HUB_NAME",
+        group=CLAIMS_SECTION,
+    )
+    templates: Path | None = same_as(ProduceRequest, "templates")
+    out_dir: Path | None = option(None, "output directory (default: pervade-out/run-TIMESTAMP)", flag="--out",
+                                  metavar="DIR")  # fmt: skip
+    overwrite: bool = option(False, "replace Parquet files already in --out", flag="--overwrite")
+    workers: int = option(2, "worker processes", flag="--workers", check=at_least(1))
+    model: str | None = option(
+        None,
+        "a Hugging Face hub id (e.g. HuggingFaceTB/SmolLM2-1.7B-Instruct) or a local model directory; default: "
+        "the offline tiny model (built on first use)",
+        flag="--model",
+        metavar="ID_OR_DIR",
+        group=MODEL_SECTION,
+    )
+    revision: str | None = same_as(ModelChoice, "revision")
+    dtype: str = same_as(ModelChoice, "dtype")
+    device: str = option("auto", "workers' device: auto, cpu, cuda, cuda:N", flag="--device")
+    limit: int | None = same_as(ProduceRequest, "limit")
+    batch_size: int = same_as(ProduceRequest, "batch_size")
+    threads_per_worker: int | None = option(
+        None, "CPU threads per worker (default: cores / workers)", flag="--threads-per-worker", check=at_least(1)
+    )
     #: full, partial or agnostic (see pervade.context.ContextMode).
-    context_mode: str = "full"
+    context_mode: ContextMode = same_as(WorkerConfig, "context_mode")
     #: Workers' node cache of model files (None: their default).
-    cache_dir: Path | None = None
+    cache_dir: Path | None = option(None, "workers' node cache of model files (default: theirs)", flag="--cache-dir")
     #: Log level of every process of the run.
     log_level: str = "info"
+    #: Options of the producer's ``pervade produce`` (how it reads the claims).
     extra_produce_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ConfigError("--workers must be at least 1")
+        check_options(self)
 
 
 @dataclass
@@ -185,63 +206,96 @@ async def wait_for_endpoint(path: Path, process: asyncio.subprocess.Process, tim
     raise PervadeError(f"the broker did not start (see {path.parent / 'broker.log'})")
 
 
-async def run_local(config: LocalRunConfig) -> RunResult:
-    """Run the pipeline to completion on this machine and summarise the output."""
+@dataclass(frozen=True)
+class _RunPlan:
+    """What a local run needs before its first process starts."""
+
+    out_dir: Path
+    log_dir: Path
+    model: str
+    claims: str
+    threads: int
+    keys_dir: Path
+
+    @property
+    def endpoint_file(self) -> Path:
+        return self.log_dir / "broker.endpoint"
+
+
+def _plan(config: LocalRunConfig) -> _RunPlan:
+    """The output and log directories, the model (the tiny one built on first use), and throwaway CURVE keys:
+    loopback is reachable by every user of this host, so the local run is keyed too. Blocking (file writes,
+    a model built): run off the event loop."""
     from pervade.producer.claims import sample_claims_path
 
-    started = time.perf_counter()
     out_dir = _prepare_out_dir(config)
     log_dir = out_dir.with_name(out_dir.name + ".logs")
     log_dir.mkdir(parents=True, exist_ok=True)
     model = config.model or str(ensure_tiny_model())
-    claims = config.claims or str(sample_claims_path())
-    threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // config.workers)
-    procs = ProcessGroup(log_dir, config.log_level)
+    (log_dir / "broker.endpoint").unlink(missing_ok=True)
+    keys_dir = Path(tempfile.mkdtemp(prefix="pervade-run-keys-"))  # last: removed by run_local's finally
+    init_keys(keys_dir, True)
+    return _RunPlan(
+        out_dir=out_dir,
+        log_dir=log_dir,
+        model=model,
+        claims=config.claims or str(sample_claims_path()),
+        threads=config.threads_per_worker or max(1, (os.cpu_count() or 1) // config.workers),
+        keys_dir=keys_dir,
+    )
+
+
+def _worker_args(config: LocalRunConfig, plan: _RunPlan, name: str, endpoint: str) -> list[str]:
+    mode = ContextMode(config.context_mode).value  # a str from Python callers, a ContextMode from the CLI
+    args = ["worker", "--broker", endpoint, "--device", config.device, "--threads", str(plan.threads),
+            "--worker-id", name, "--context-mode", mode, "--file-host", "127.0.0.1", "--file-bind-host", "127.0.0.1",
+            "--keys", str(plan.keys_dir)]  # fmt: skip
+    if config.cache_dir is not None:
+        args += ["--cache-dir", str(config.cache_dir)]
+    return args
+
+
+def _produce_args(config: LocalRunConfig, plan: _RunPlan, endpoint: str) -> list[str]:
+    args = ["produce", "--broker", endpoint, "--claims", plan.claims, "--model", plan.model, "--dtype", config.dtype,
+            "--batch-size", str(config.batch_size), "--wait", "--keys", str(plan.keys_dir)]  # fmt: skip
+    if config.templates:
+        args += ["--templates", str(config.templates)]
+    if config.limit is not None:
+        args += ["--limit", str(config.limit)]
+    if config.revision:
+        args += ["--revision", config.revision]
+    return args + list(config.extra_produce_args)
+
+
+async def run_local(config: LocalRunConfig) -> RunResult:
+    """Run the pipeline to completion on this machine and summarise the output."""
+    started = time.perf_counter()
+    plan = await asyncio.to_thread(_plan, config)
+    procs = ProcessGroup(plan.log_dir, config.log_level)
     workers = [f"worker-{i}" for i in range(config.workers)]
-    endpoint_file = log_dir / "broker.endpoint"
-    endpoint_file.unlink(missing_ok=True)
-    # Throwaway CURVE keys: loopback is reachable by every user of this host, so the local run is keyed too.
-    keys_dir = Path(tempfile.mkdtemp(prefix="pervade-run-keys-"))
-    await asyncio.to_thread(init_keys, keys_dir, True)  # file writes: off the event loop
-    keys = ("--keys", str(keys_dir))
+    keys = ("--keys", str(plan.keys_dir))
     try:
-        broker = await procs.start("broker", "broker", "--bind", "tcp://127.0.0.1:*", "--endpoint-file", str(endpoint_file), *keys)
-        endpoint = await wait_for_endpoint(endpoint_file, broker)
-        await procs.start("sink", "sink", "--broker", endpoint, "--out", str(out_dir), *keys)
+        bind = ("--bind", "tcp://127.0.0.1:*", "--endpoint-file", str(plan.endpoint_file))
+        broker = await procs.start("broker", "broker", *bind, *keys)
+        endpoint = await wait_for_endpoint(plan.endpoint_file, broker)
+        await procs.start("sink", "sink", "--broker", endpoint, "--out", str(plan.out_dir), *keys)
         for name in workers:
-            files = ["--context-mode", config.context_mode, "--file-host", "127.0.0.1", "--file-bind-host", "127.0.0.1"]
-            if config.cache_dir is not None:
-                files += ["--cache-dir", str(config.cache_dir)]
-            await procs.start(name, "worker", "--broker", endpoint, "--device", config.device, "--threads", str(threads),
-                              "--worker-id", name, *files, *keys)  # fmt: skip
-        produce = ["produce", "--broker", endpoint, "--claims", claims, "--model", model, "--dtype", config.dtype,
-                   "--batch-size", str(config.batch_size), "--wait", *keys]  # fmt: skip
-        if config.templates:
-            produce += ["--templates", str(config.templates)]
-        if config.limit is not None:
-            produce += ["--limit", str(config.limit)]
-        if config.revision:
-            produce += ["--revision", config.revision]
-        produce += list(config.extra_produce_args)
-        producer = await procs.start("producer", *produce)
+            await procs.start(name, *_worker_args(config, plan, name, endpoint))
+        producer = await procs.start("producer", *_produce_args(config, plan, endpoint))
         first = await procs.first_exit(["producer", "broker", "sink", *workers])
         if first != "producer":
-            raise PervadeError(f"{first} exited early with status {procs.children[first].returncode}:\n{procs.tail(first)}")
+            raise PervadeError(
+                f"{first} exited early with status {procs.children[first].returncode}:\n{procs.tail(first)}"
+            )
         if producer.returncode != 0:
             raise PervadeError(f"the producer failed with status {producer.returncode}:\n{procs.tail('producer')}")
         await procs.stop(["sink"])
         wall = time.perf_counter() - started
     finally:
         await procs.stop(["producer", "sink", *workers, "broker"])
-        shutil.rmtree(keys_dir, ignore_errors=True)
-    return RunResult(
-        out_dir=out_dir,
-        log_dir=log_dir,
-        wall_seconds=wall,
-        summary=summarize(out_dir),
-        workers=config.workers,
-        model=model,
-    )
+        await asyncio.to_thread(shutil.rmtree, plan.keys_dir, ignore_errors=True)
+    summary = await asyncio.to_thread(summarize, plan.out_dir)  # reads every file written
+    return RunResult(plan.out_dir, plan.log_dir, wall, summary, config.workers, plan.model)
 
 
 def format_result(result: RunResult) -> str:

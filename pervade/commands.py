@@ -19,6 +19,7 @@ from pervade.options import SECURITY_SECTION, add_config_options, build_config, 
 if TYPE_CHECKING:
     from pervade.keys import ClientKeys
 
+
 def add_logging(parser: argparse.ArgumentParser) -> None:
     """The logging options every subcommand has (they belong to no config)."""
     group = parser.add_argument_group("logging")
@@ -95,13 +96,15 @@ def produce_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_produce(args: argparse.Namespace) -> int:
+    from pervade.producer.claims import import_claims_reader
     from pervade.producer.run import ModelChoice, ProduceRequest, produce
 
     model = build_config(ModelChoice, args)
-    # Every option is checked first, with the bare context; then the model's files are hashed (or downloaded),
-    # which blocks: here, before the event loop starts.
+    # Every option is checked first, with the bare context; then the model's files are hashed (or downloaded)
+    # and the claims reader imported, which block: here, before the event loop starts.
     request = build_config(ProduceRequest, args, context=model.spec(), keys=client_keys(args, "producer"))
     request = dataclasses.replace(request, context=model.resolve())
+    import_claims_reader()
     print(asyncio.run(produce(request)).describe())
     return 0
 

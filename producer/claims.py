@@ -60,8 +60,20 @@ class ClaimsSource:
     skipped: int = 0
 
 
+def import_claims_reader() -> None:
+    """Import what reading claims imports: Hugging Face ``datasets``, and torch, which ``datasets`` imports
+    when it makes a streaming dataset (to share it with torch's data-loader workers). Loading torch's C
+    extension holds the GIL for about half a second: done on the thread that reads the claims, it stalls the
+    event loop beside it (bench/loop_stalls.py measured 0.4 s). A producer calls this before its loop starts;
+    it costs nothing more, since reading the claims would import both anyway."""
+    from datasets import config
+
+    if config.TORCH_AVAILABLE:
+        import torch  # noqa: F401
+
+
 def _open_dataset(source: ClaimsSource):  # -> datasets.IterableDataset
-    from datasets import load_dataset  # heavy import, only for the producer
+    from datasets import load_dataset  # heavy import, only for the producer (see import_claims_reader)
 
     path = Path(source.location)
     builder = _BUILDERS.get(path.suffix.lower())
