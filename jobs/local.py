@@ -206,6 +206,10 @@ async def wait_for_endpoint(path: Path, process: asyncio.subprocess.Process, tim
     raise PervadeError(f"the broker did not start (see {path.parent / 'broker.log'})")
 
 
+#: Where the broker of a local run writes the endpoint it bound, in the run's log directory.
+ENDPOINT_FILE = "broker.endpoint"
+
+
 @dataclass(frozen=True)
 class _RunPlan:
     """What a local run needs before its first process starts."""
@@ -219,7 +223,7 @@ class _RunPlan:
 
     @property
     def endpoint_file(self) -> Path:
-        return self.log_dir / "broker.endpoint"
+        return self.log_dir / ENDPOINT_FILE
 
 
 def _plan(config: LocalRunConfig) -> _RunPlan:
@@ -232,7 +236,7 @@ def _plan(config: LocalRunConfig) -> _RunPlan:
     log_dir = out_dir.with_name(out_dir.name + ".logs")
     log_dir.mkdir(parents=True, exist_ok=True)
     model = config.model or str(ensure_tiny_model())
-    (log_dir / "broker.endpoint").unlink(missing_ok=True)
+    (log_dir / ENDPOINT_FILE).unlink(missing_ok=True)
     keys_dir = Path(tempfile.mkdtemp(prefix="pervade-run-keys-"))  # last: removed by run_local's finally
     init_keys(keys_dir, True)
     return _RunPlan(

@@ -11,9 +11,7 @@ parsed arguments (``build_config``): a flag not given is not passed, so the data
 check that fails raises ``OptionError``, a ConfigError that names the field; the CLI names the flag instead.
 
 A field holding another config (``heartbeats: Heartbeats = nested(Heartbeats)``) exposes that config's
-options. A config whose module does not declare options (a dataclass owned elsewhere) can be given them
-where it is nested or used (``nested(TransferConfig, credit=Option(...))``); the machinery then runs those
-options' checks itself.
+options.
 """
 
 from __future__ import annotations
@@ -110,8 +108,6 @@ class Nested:
     """A field holding another config, whose options the command line exposes too."""
 
     cls: type
-    #: Options of the nested config's fields, for a config that does not declare them itself.
-    declared: Mapping[str, Option]
 
 
 def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, **how: Any) -> Any:
@@ -119,9 +115,9 @@ def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MIS
     return dataclasses.field(default=default, default_factory=default_factory, metadata={OPTION: Option(help, **how)})
 
 
-def nested(cls: type, **declared: Option) -> Any:
+def nested(cls: type) -> Any:
     """A field holding a ``cls`` config (its defaults), whose options are exposed with the outer config's."""
-    return dataclasses.field(default_factory=cls, metadata={NESTED: Nested(cls, declared)})
+    return dataclasses.field(default_factory=cls, metadata={NESTED: Nested(cls)})
 
 
 def same_as(cls: type, name: str) -> Any:
@@ -145,21 +141,17 @@ def progress_option() -> Any:
 
 def check_options(config: Any) -> None:
     """Run the checks of ``config``'s options (a config's ``__post_init__`` calls this); OptionError if one fails."""
-    _check(type(config), {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}, None)
-
-
-def _check(cls: type, values: Mapping[str, Any], declared: Mapping[str, Option] | None) -> None:
-    for field, opt in _options(cls, declared):
-        value = values.get(field.name)
+    for field, opt in _options(type(config)):
+        value = getattr(config, field.name)
         if opt.check is not None and value is not None:
             problem = opt.check.problem(value)
             if problem is not None:
                 raise OptionError(field.name, problem, value)
 
 
-def flag_of(cls: type, name: str, declared: Mapping[str, Option] | None = None) -> str | None:
+def flag_of(cls: type, name: str) -> str | None:
     """The flag of ``cls``'s field ``name`` (None: not on the command line)."""
-    return next((opt.flag for field, opt in _options(cls, declared) if field.name == name), None)
+    return next((opt.flag for field, opt in _options(cls) if field.name == name), None)
 
 
 # --- argparse ---------------------------------------------------------------------------------------------
@@ -170,7 +162,6 @@ def add_config_options(
     cls: type,
     *,
     only: Collection[str] | None = None,
-    declared: Mapping[str, Option] | None = None,
     prefix: str = "",
 ) -> None:
     """Add an option for each of ``cls``'s fields that has a flag (of ``only`` those, if given), nested configs'
@@ -178,11 +169,11 @@ def add_config_options(
     not given leaves no attribute, so that ``build_config`` lets the field's own default apply."""
     for field in dataclasses.fields(cls):
         inner: Nested | None = field.metadata.get(NESTED)
-        opt = _option(field, declared)
+        opt = field.metadata.get(OPTION)
         if only is not None and field.name not in only:
             continue
         if inner is not None:
-            add_config_options(parser, inner.cls, declared=inner.declared, prefix=f"{prefix}{field.name}.")
+            add_config_options(parser, inner.cls, prefix=f"{prefix}{field.name}.")
         elif opt is not None and opt.flag is not None:
             section(parser, opt.group).add_argument(opt.flag, **_argument(opt, field, prefix + field.name))
 
@@ -192,7 +183,6 @@ def build_config(
     args: argparse.Namespace,
     *,
     only: Collection[str] | None = None,
-    declared: Mapping[str, Option] | None = None,
     prefix: str = "",
     **given: Any,
 ) -> Any:
@@ -201,29 +191,27 @@ def build_config(
     values = vars(args)
     kwargs: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
-        name, inner, opt = prefix + field.name, field.metadata.get(NESTED), _option(field, declared)
+        name, inner, opt = prefix + field.name, field.metadata.get(NESTED), field.metadata.get(OPTION)
         if only is not None and field.name not in only:
             continue
         if inner is not None and any(key.startswith(name + ".") for key in values):
-            kwargs[field.name] = build_config(inner.cls, args, prefix=name + ".", declared=inner.declared)
+            kwargs[field.name] = build_config(inner.cls, args, prefix=name + ".")
         elif opt is not None and opt.flag is not None and name in values:
             kwargs[field.name] = tuple(values[name]) if opt.repeat else values[name]
     kwargs |= given
     try:
-        if declared:  # options declared from outside: their class does not check them itself
-            _check(cls, kwargs, declared)
         return cls(**kwargs)
     except OptionError as exc:
-        opt = next((opt for field, opt in _options(cls, declared) if field.name == exc.field), None)
+        opt = next((opt for field, opt in _options(cls) if field.name == exc.field), None)
         if opt is None or opt.flag is None:
             raise
         raise ConfigError(f"{opt.flag} {exc.problem}, got {_text(exc.value, opt)}") from None
 
 
-def to_argv(cls: type, values: Mapping[str, Any], declared: Mapping[str, Option] | None = None) -> list[str]:
+def to_argv(cls: type, values: Mapping[str, Any]) -> list[str]:
     """The command line that sets ``cls``'s fields to ``values`` (field name: value), to start another process."""
     argv: list[str] = []
-    for field, opt in _options(cls, declared):
+    for field, opt in _options(cls):
         value = values.get(field.name)
         if field.name not in values or opt.flag is None or value is None:
             continue
@@ -258,12 +246,8 @@ def _switched(opt: Option, field: dataclasses.Field[Any]) -> Any:
     return opt.const if opt.const is not None else not _default(field)
 
 
-def _option(field: dataclasses.Field[Any], declared: Mapping[str, Option] | None) -> Option | None:
-    return (declared or {}).get(field.name) or field.metadata.get(OPTION)
-
-
-def _options(cls: type, declared: Mapping[str, Option] | None) -> list[tuple[dataclasses.Field[Any], Option]]:
-    return [(field, opt) for field in dataclasses.fields(cls) if (opt := _option(field, declared)) is not None]
+def _options(cls: type) -> list[tuple[dataclasses.Field[Any], Option]]:
+    return [(field, opt) for field in dataclasses.fields(cls) if (opt := field.metadata.get(OPTION)) is not None]
 
 
 def _field(cls: type, name: str) -> dataclasses.Field[Any]:

@@ -39,7 +39,7 @@ from pervade.context import ContextSpec, ResolvedContext
 from pervade.errors import ClaimsError, ConfigError, InputError, JobFailed, ProtocolError
 from pervade.keys import ClientKeys
 from pervade.producer.claims import chunk_digest, chunks
-from pervade.producer.sweep import SubmitReport, Sweep, batch_id_for, job_id_for  # noqa: F401 (job_id_for: the API)
+from pervade.producer.sweep import SubmitReport, Sweep, batch_id_for
 from pervade.producer.templates import validate_templates
 from pervade.protocol import (
     AbortJob,

@@ -22,7 +22,8 @@ from pervade.errors import JobFailed
 from pervade.keys import ClientKeys
 from pervade.options import POSITIVE, at_least, broker_option, check_options, nested, option, progress_option
 from pervade.producer.claims import ClaimFields, ClaimsReader, ClaimsSource, scan_claims
-from pervade.producer.client import Producer, SubmitReport, job_id_for
+from pervade.producer.client import Producer, SubmitReport
+from pervade.producer.sweep import job_id_for
 from pervade.producer.templates import load_templates
 from pervade.progress import count_bars
 from pervade.protocol import JobDone

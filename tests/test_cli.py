@@ -123,7 +123,7 @@ CONFIGS = [
 ]  # fmt: skip
 
 
-def flagged_fields(cls: type, declared: dict | None = None, prefix: str = "") -> list[tuple[str, object, object]]:
+def flagged_fields(cls: type, prefix: str = "") -> list[tuple[str, object, object]]:
     """(dest, option, default) of every field of ``cls`` with a flag, nested configs' included."""
     import dataclasses
 
@@ -133,9 +133,9 @@ def flagged_fields(cls: type, declared: dict | None = None, prefix: str = "") ->
     for field in dataclasses.fields(cls):
         inner = field.metadata.get(NESTED)
         if inner is not None:
-            found += flagged_fields(inner.cls, dict(inner.declared), f"{prefix}{field.name}.")
+            found += flagged_fields(inner.cls, f"{prefix}{field.name}.")
             continue
-        opt = (declared or {}).get(field.name) or field.metadata.get(OPTION)
+        opt = field.metadata.get(OPTION)
         if opt is not None and opt.flag is not None:
             default = field.default if field.default is not dataclasses.MISSING else dataclasses.MISSING
             if field.default_factory is not dataclasses.MISSING:
