@@ -103,7 +103,7 @@ from benchkit import DEFAULT_OUT_DIR, Report
 from pervade.constants import LABELS
 from pervade.context import ContextSpec, ResolvedContext, make_context
 from pervade.errors import PervadeError, ProtocolError
-from pervade.keys import KEYS_ENV
+from pervade.keys import KEYS_ENV, ClientKeys, init_keys, keys_dir
 from pervade.logs import configure_logging
 from pervade.protocol import (
     Assign,
@@ -118,6 +118,7 @@ from pervade.protocol import (
     Heartbeat,
     LoadContext,
     Message,
+    PeerKeys,
     Pull,
     Verdict,
     WorkerReady,
@@ -193,9 +194,11 @@ class NullWorkerHost:
         self.device = DeviceInfo(kind="cpu", name="null-model")
         self.workers: dict[zmq.Socket, NullWorker] = {}
         self._context_ids: dict[ContextSpec, str] = {}
+        directory = keys_dir(None)  # --keys: the run's keys, as $PERVADE_KEYS
+        keys = ClientKeys.load(directory, "worker") if directory is not None else None
         for index in range(count):
             name = f"{prefix}-{index:04d}"
-            sock = dealer_socket(self.ctx, endpoint, new_identity("worker"))  # type: ignore[arg-type]
+            sock = dealer_socket(self.ctx, endpoint, new_identity("worker"), keys)  # type: ignore[arg-type]
             self.workers[sock] = NullWorker(name=name, socket=sock)
 
     def send(self, worker: NullWorker, message: Message) -> None:
@@ -257,7 +260,7 @@ class NullWorkerHost:
             self.register(worker)
         elif isinstance(message, Error):
             self.note_error(f"{worker.name}: broker error: {message.reason} {message.detail}")
-        elif not isinstance(message, (Heartbeat, Drained)):
+        elif not isinstance(message, (Heartbeat, Drained, PeerKeys)):  # PeerKeys: for a file service, none here
             self.stats.unexpected += 1
 
     def note_error(self, error: str) -> None:
@@ -558,6 +561,8 @@ class Setup:
     pool: list[tuple[str, str | None]]
     root: Path
     env: dict[str, str]
+    #: The run's keys directory (``--keys``); None: plain TCP.
+    keys: Path | None = None
 
 
 def percentile_ms(values: list[float], q: float) -> float:
@@ -670,7 +675,8 @@ async def submit_job(
     from pervade.producer.client import Producer
 
     job_id = f"capacity-b{batch_size}-{uuid.uuid4().hex[:8]}"
-    async with Producer(endpoint, max_unacked=args.max_unacked) as producer:
+    keys = ClientKeys.load(setup.keys, "producer") if setup.keys is not None else None
+    async with Producer(endpoint, max_unacked=args.max_unacked, keys=keys) as producer:
         started = time.time()
         report = await watched(
             producer.submit_sweep(claims(setup.pool, args.claims), {setup.template_id: setup.template},
@@ -806,6 +812,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--profile-lines", type=int, default=25, help="functions printed per profile (default: 25)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help=f"where the CSV and PNG go (default: {DEFAULT_OUT_DIR})")  # fmt: skip
     parser.add_argument("--name", default="broker_capacity", help="name of the CSV and PNG files (default: broker_capacity)")  # fmt: skip
+    parser.add_argument("--keys", action="store_true", help="CURVE keys on every connection (pervade keys init into the run's directory; every process gets them as $PERVADE_KEYS), as on a cluster")  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep each row's directory (logs, Parquet, broker profile)")
     parser.add_argument("--verbose", action="store_true", help="print each row's broker pid and directory (to attach a profiler)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -827,9 +834,14 @@ def prepare(args: argparse.Namespace, root: Path) -> Setup:
 
     context = make_context(str(ensure_tiny_model()))
     template_id, template = next(iter(load_templates().items()))
-    env = {k: v for k, v in os.environ.items() if k != KEYS_ENV}  # plain TCP on loopback: no keys
+    env = {k: v for k, v in os.environ.items() if k != KEYS_ENV}  # plain TCP on loopback, unless --keys
     env["PYTHONUNBUFFERED"] = "1"
-    return Setup(context, template_id, template, load_pool(args.fever), root, env)
+    keys = None
+    if args.keys:
+        keys = root / "keys"
+        init_keys(keys, force=True)
+        env[KEYS_ENV] = str(keys)  # the broker, the sink and the simulators read it
+    return Setup(context, template_id, template, load_pool(args.fever), root, env, keys)
 
 
 async def measure(args: argparse.Namespace, setup: Setup, report: Report) -> None:

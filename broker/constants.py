@@ -42,4 +42,8 @@ COUNTERS = (
     "clock_skew_corrected",  # results and batches whose times came from a clock set wrong, moved to the broker's
     "registrations_refused",  # workers or sinks refused: their name is held by another live process
     "state_damage_detected",  # opens of a state whose write-ahead log had lost commits
+    "unadmitted_messages",  # messages from a key not admitted (any more): revoked, never acted on
+    "role_refusals",  # messages a key's role may not send (a producer key's pull): refused, never acted on
+    "keys_revoked",
+    "sink_acks_refused",  # acknowledgements from a sink key the batch was not delivered to: not counted written  # admitted keys removed from authorized/ while the broker ran: their peers cut off
 )

@@ -39,7 +39,7 @@ class Files:
             "files_held", worker_id=worker.name, files=message.files[:12], origin_bytes=message.origin_bytes,
             peer_bytes=message.peer_bytes, cached_bytes=message.cached_bytes, seconds=round(message.seconds, 3),
         )  # fmt: skip
-        self.answer(self.sources.held(identity, worker.file_endpoint, [message.files]))
+        self.answer(self.sources.held(identity, worker.file_endpoint, [message.files], self._public_key(identity)))
 
     def on_files_dropped(self, identity: bytes, message: FilesDropped) -> None:
         self.sources.dropped(identity, message.files)
@@ -47,8 +47,15 @@ class Files:
     # --- what workers' comings and goings change -------------------------------------------------
 
     def joined(self, identity: bytes, file_endpoint: str, files: list[str]) -> None:
-        """A worker registered holding ``files``: it can serve them, and waiting workers may now fetch."""
-        self.answer(self.sources.held(identity, file_endpoint, files))
+        """A worker registered holding ``files``: it can serve them, and waiting workers may now fetch.
+        Call it once the worker's record (with its key) is in ``state.workers``."""
+        self.answer(self.sources.held(identity, file_endpoint, files, self._public_key(identity)))
+
+    def _public_key(self, identity: bytes) -> str:
+        """The public key (Z85) the worker registered with: the server key its file service answers under,
+        which downloaders need now that each worker node may hold a key of its own. "" without keys."""
+        worker = self.state.workers.get(identity)
+        return worker.key.public if worker is not None and worker.key is not None else ""
 
     def left(self, identity: bytes) -> None:
         """A worker is gone: who fetched from it, or waited on its origin read, is answered again."""

@@ -1,5 +1,6 @@
-"""Keeping the peer lists true: peers that say they leave or fall silent are dropped (what they held goes
-back to work), every peer hears a heartbeat, and workers are told when the run is over (``Drained``)."""
+"""Keeping the peer lists true: peers that say they leave, fall silent or lose their key are dropped (what
+they held goes back to work), every peer hears a heartbeat, and workers are told when the run is over
+(``Drained``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pervade.broker.outbox import Outbox
 from pervade.broker.sinks import Sinks
 from pervade.broker.state import BrokerState
 from pervade.broker.workers import Workers
+from pervade.keyring import KeyHolder
 from pervade.protocol import Disconnect, Drained, Heartbeat
 
 log = structlog.get_logger("broker")
@@ -47,6 +49,23 @@ class Liveness:
             self.sinks.drop_sink(sink, "missed heartbeats")
         for producer in [p for p in state.producers.values() if now - p.last_seen > dead_after]:
             del state.producers[producer.identity]
+
+    def drop_peers_of(self, key: KeyHolder) -> int:
+        """Every peer registered with ``key`` (revoked) dropped: a worker's batches requeued at once, with no
+        attempt charged (the key was revoked, not the batch's fault), a sink's undelivered batches delivered
+        again elsewhere. Returns how many peers went."""
+        state = self.state
+        reason = f"its key {key} was revoked"
+        workers = [w for w in state.workers.values() if w.key is not None and w.key.public == key.public]
+        for worker in workers:
+            self.workers.drop_worker(worker, reason, count_attempts=False)
+        sinks = [s for s in state.sinks.values() if s.key is not None and s.key.public == key.public]
+        for sink in sinks:
+            self.sinks.drop_sink(sink, reason)
+        producers = [p for p in state.producers.values() if p.key is not None and p.key.public == key.public]
+        for producer in producers:
+            del state.producers[producer.identity]
+        return len(workers) + len(sinks) + len(producers)
 
     def send_heartbeats(self) -> None:
         for peers in (self.state.workers, self.state.sinks, self.state.producers):

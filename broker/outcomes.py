@@ -40,6 +40,7 @@ class Outcomes:
         """Give up on a batch: its failure goes to a sink to be recorded, like a result."""
         error = f"{error} (attempts: {row.attempts})"
         self.state.store.fail(row, error)
+        self.state.given_to.pop(row.batch_id, None)
         self.state.counters["batches_failed"] += 1
         log.error("batch_given_up", batch_id=row.batch_id, error=error)
         self.sinks.deliver(row.batch_id)
@@ -61,6 +62,7 @@ class Outcomes:
             if holder is not None:
                 holder.in_flight.pop(row.batch_id, None)  # its own answer will be a duplicate
         state.store.complete(row, result)
+        state.given_to.pop(row.batch_id, None)
         state.load_deaths.pop(row.context_id, None)  # the context works: earlier load deaths were bad luck
         claims = len(result.verdicts)
         state.throughput.add(claims)

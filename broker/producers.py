@@ -42,7 +42,9 @@ class Producers:
         self.reports = reports
 
     def on_producer_ready(self, identity: bytes, message: ProducerReady) -> None:
-        self.state.producers[identity] = ProducerRecord(identity=identity, name=message.producer_id)
+        self.state.producers[identity] = ProducerRecord(
+            identity=identity, name=message.producer_id, key=self.state.sender
+        )
 
     def on_submit(self, identity: bytes, message: Submit) -> None:
         state, store = self.state, self.state.store

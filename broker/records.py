@@ -8,6 +8,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from pervade.keyring import KeyHolder
 from pervade.protocol import DeviceInfo
 from pervade.rates import RateMeter
 
@@ -22,6 +23,8 @@ class PeerRecord:
     #: The process's random token (``WorkerReady.instance``): tells its own reconnection from a second
     #: process under the same name ("" from a peer that sends none).
     instance: str = ""
+    #: The CURVE key it registered with (its role and name); None on a broker without keys.
+    key: KeyHolder | None = None
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """A worker's result checked against its batch before it counts: one that answers another batch is refused
-(its batch requeued), and one timed by a clock set wrong is moved onto the broker's clock."""
+(its batch requeued), one timed by a clock set wrong is moved onto the broker's clock, and each is stamped with
+the name of the key that sent it."""
 
 from __future__ import annotations
 
@@ -30,7 +31,11 @@ class Results:
         self.outcomes = outcomes
 
     def mismatch(self, row: StoredBatch, result: BatchResult) -> str | None:
-        """Why ``result`` cannot be the answer to the stored batch, or None when it can."""
+        """Why ``result`` cannot be the answer to the stored batch, or None when it can. With keys, only a
+        key the batch was assigned to may answer it (a worker key cannot answer batches it never got)."""
+        sender = self.state.sender
+        if sender is not None and sender.public not in self.state.given_to.get(row.batch_id, ()):
+            return f"result for {row.batch_id!r} from the key {sender}, which it was never assigned to"
         batch = self.state.store.batch(row.batch_id)
         if (result.job_id, result.context_id, result.template_id) != (batch.job_id, row.context_id, batch.template_id):
             return f"result for {row.batch_id!r} names another job, context or template"
@@ -50,6 +55,13 @@ class Results:
             worker.in_flight.pop(row.batch_id, None)
         log.error("result_refused", batch_id=row.batch_id, worker_id=worker.name if worker else None, reason=reason)
         self.outcomes.retry_or_fail(row, f"its result was refused: {reason}")
+
+    def stamped(self, result: BatchResult) -> BatchResult:
+        """The result naming the key that sent it (its name, from the connection's authentication), whatever
+        the worker wrote there: an operator traces every row to a key, and discards a compromised one's."""
+        sender = self.state.sender
+        key_name = sender.name if sender is not None else ""
+        return result if result.worker_key == key_name else msgspec.structs.replace(result, worker_key=key_name)
 
     def on_broker_clock(self, result: BatchResult, worker: WorkerRecord | None) -> BatchResult:
         """A result timed by a clock set wrong is kept, its times moved onto the broker's clock (its

@@ -1,9 +1,11 @@
 """The router: decode an envelope, admit its peer, run the verb its message names.
 
-Admission notes the peer alive, refuses a message its role may not send, tells a peer the broker does not
-know to register again (``Disconnect``), and refuses a worker or sink registering under a name another live
-process holds. No message, however malformed, escapes ``handle``: bad input is logged, counted and
-answered with an ``Error``.
+On a broker with keys, every message comes with the key that sent it (``pervade/keyring.py``; the server
+learns it from the connection's CURVE authentication): a message outside that key's role (``pervade/roles.py``)
+is refused before anything acts on it, registrations included. Then admission notes the peer alive, refuses a
+message its registered role may not send, tells a peer the broker does not know to register again
+(``Disconnect``), and refuses a worker or sink registering under a name another live process holds. No
+message, however malformed, escapes ``handle``: bad input is logged, counted and answered with an ``Error``.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from pervade.broker.records import PeerRecord
 from pervade.broker.results import Results
 from pervade.broker.state import BrokerState
 from pervade.errors import ProtocolError
+from pervade.keyring import KeyHolder
 from pervade.protocol import (
     AbortJob,
     BatchFailed,
+    Completed,
     ContextFailed,
     ContextLoaded,
     DeclareContext,
@@ -46,6 +50,7 @@ from pervade.protocol import (
     decode,
     kind_of,
 )
+from pervade.roles import may_send
 
 log = structlog.get_logger("broker")
 
@@ -73,9 +78,12 @@ class Router:
             BatchFailed: state.workers, Release: state.workers,
             FindSources: state.workers, FilesHeld: state.workers, FilesDropped: state.workers,
         }  # fmt: skip
+        #: (key, kind) refusals already logged: a hostile client repeating one is counted, not logged again.
+        self._refusals_logged: set[tuple[str, str]] = set()
 
-    def handle(self, frames: list[bytes]) -> None:
-        """Decode one envelope and run its verb. Bad input is logged and answered, never raised."""
+    def handle(self, frames: list[bytes], sender: KeyHolder | None = None) -> None:
+        """Decode one envelope and run its verb, as ``sender`` (the key that sent it; None on a broker
+        without keys). Bad input is logged and answered, never raised."""
         counters = self.state.counters
         if len(frames) < 2:
             counters["invalid_messages"] += 1
@@ -83,13 +91,20 @@ class Router:
             return
         identity, body = frames[0], frames[1:]
         try:
-            message = self.decode(identity, body)
+            message = self.decode(identity, body, sender)
             verb = self._verbs.get(type(message))
             if verb is None:
                 raise ProtocolError(f"a broker does not accept {kind_of(message)!r} messages")
-            if not self.admit(identity, message):
+            if sender is not None and not may_send(sender.role, type(message)):
+                self.refuse_outside_role(identity, sender, message)
                 return
-            verb(identity, message)
+            if not self.admit(identity, message, sender):
+                return
+            self.state.sender = sender
+            try:
+                verb(identity, message)
+            finally:
+                self.state.sender = None
         except ProtocolError as exc:
             counters["invalid_messages"] += 1
             log.warning("rejected_message", peer=identity.decode(errors="replace"), error=str(exc))
@@ -99,29 +114,48 @@ class Router:
             log.exception("handler_failed", peer=identity.decode(errors="replace"))
             self.outbox.post(identity, Error(reason="internal broker error", detail=repr(exc)))
 
-    def decode(self, identity: bytes, body: list[bytes]) -> Message:
+    def decode(self, identity: bytes, body: list[bytes], sender: KeyHolder | None) -> Message:
         """The message, or ProtocolError. A result that does not decode still names its batch: the batch is
-        refused (requeued) rather than left assigned to a worker that believes it answered."""
+        refused (requeued) rather than left assigned to a worker that believes it answered (only when a
+        worker key sent it: no other key's garbage acts on a batch)."""
         try:
             return decode(body)
         except ProtocolError as exc:
             batch_id = completed_batch_id(body)
-            if batch_id is None:
+            if batch_id is None or sender is not None and not may_send(sender.role, Completed):
                 raise
             self.results.refuse(identity, batch_id, str(exc))
             raise ProtocolError(f"the result of batch {batch_id!r} was refused: {exc}") from None
 
-    def admit(self, identity: bytes, message: Message) -> bool:
-        """Note that the peer is alive; refuse a message its role may not send, a registration under a name
-        another live process holds, and tell a peer the broker does not know to register again."""
+    def refuse_outside_role(self, identity: bytes, key: KeyHolder, message: Message) -> None:
+        """A message the sending key's role may not send: nothing acts on it; the sender is told, and the
+        operator reads which key tried (logged once per key and kind, counted every time)."""
+        kind = kind_of(message)
+        self.state.counters["role_refusals"] += 1
+        if (key.public, kind) not in self._refusals_logged:
+            self._refusals_logged.add((key.public, kind))
+            log.error("message_outside_role", key=str(key), kind=kind, peer=identity.decode(errors="replace"))
+        self.outbox.post(identity, Error(reason=f"the {key.role} key {key.name!r} may not send {kind!r}"))
+
+    def admit(self, identity: bytes, message: Message, sender: KeyHolder | None = None) -> bool:
+        """Note that the peer is alive; refuse a message its role may not send, one under a peer's identity
+        from another key than the one it registered with, a registration under a name another live process
+        holds, and tell a peer the broker does not know to register again."""
         peer = self.state.peer(identity)
+        if peer is not None and peer.key is not None and sender is not None and sender.public != peer.key.public:
+            # An identity is unique among live connections, but a record outlives its connection until the
+            # liveness runs out: another key taking the identity then must not beat, leave or act for it.
+            raise ProtocolError(f"this identity is registered under another key than {sender}'s")
         if peer is not None:
             peer.last_seen = time.monotonic()
         if isinstance(message, WorkerReady):
             workers = self.state.workers
-            return not self.refuse_if_name_taken(identity, message.worker_id, message.instance, workers, "worker")
+            return not self.refuse_if_name_taken(
+                identity, message.worker_id, message.instance, sender, workers, "worker"
+            )
         if isinstance(message, SinkReady):
-            return not self.refuse_if_name_taken(identity, message.sink_id, message.instance, self.state.sinks, "sink")
+            sinks = self.state.sinks
+            return not self.refuse_if_name_taken(identity, message.sink_id, message.instance, sender, sinks, "sink")
         role = self._role_of.get(type(message))
         if role is None and not isinstance(message, Heartbeat):
             return True
@@ -135,13 +169,20 @@ class Router:
         return False
 
     def refuse_if_name_taken(
-        self, identity: bytes, name: str, instance: str, peers: Mapping[bytes, PeerRecord], role: str
+        self,
+        identity: bytes,
+        name: str,
+        instance: str,
+        key: KeyHolder | None,
+        peers: Mapping[bytes, PeerRecord],
+        role: str,
     ) -> bool:
         """Refuse a registration under a name a live peer of another process holds. A holder silent for
         longer than the liveness is dying (its registration goes), and the same process on a new connection
-        (same ``instance``) replaces its own record."""
+        (same ``instance``) replaces its own record. Names are a key's own: a peer of another key never
+        holds, takes or replaces one (status tells them apart by key)."""
         now = time.monotonic()
-        holder = next((p for p in peers.values() if p.name == name and p.identity != identity), None)
+        holder = next((p for p in peers.values() if p.name == name and p.key == key and p.identity != identity), None)
         if holder is None or not instance or holder.instance in ("", instance):
             return False
         beats = self.state.config.heartbeats

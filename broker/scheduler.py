@@ -95,6 +95,8 @@ class Scheduler:
         store = self.state.store
         batch = store.batch(row.batch_id)
         store.assign(row, worker.identity)
+        if worker.key is not None:
+            self.state.given_to.setdefault(row.batch_id, set()).add(worker.key.public)
         worker.credit -= 1
         worker.in_flight[row.batch_id] = None
         self.outbox.post(worker.identity, Assign(batch=batch), on_fail=lambda: self.unassign(row.batch_id, worker))

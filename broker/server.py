@@ -10,7 +10,8 @@ claim goes through them:
   sinks, and their acknowledgements), ``job_reports.py`` (JobDone); ``files.py`` answers workers fetching
   model files (with ``sources.py``);
 - ``liveness.py`` purges dead peers, sends heartbeats, tells workers the run is over;
-- ``outbox.py`` commits, then sends; ``state.py`` is what the verbs share; ``parts.py`` wires them.
+- ``outbox.py`` commits, then sends; ``state.py`` is what the verbs share; ``parts.py`` wires them;
+- ``keyguard.py`` (with keys) names the key that sent each message, and cuts off a key that is revoked.
 
 This module opens the state, binds the socket, builds the parts and runs the loop.
 
@@ -36,6 +37,7 @@ import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
 from pervade.broker.config import BrokerConfig
+from pervade.broker.keyguard import KeyChanges, KeyGuard
 from pervade.broker.metrics import METRICS_REFRESH_S, MetricsExporter
 from pervade.broker.outbox import socket_sender
 from pervade.broker.parts import BrokerParts, build_parts
@@ -44,7 +46,8 @@ from pervade.broker.state import BrokerState
 from pervade.broker.store import BatchStatus, BrokerStore, JobRecord, state_error
 from pervade.context import ContextSpec
 from pervade.errors import ConfigError
-from pervade.keys import AuthorizedKeys, ServerKeys
+from pervade.keyring import KeyHolder, KeyRing
+from pervade.keys import ServerKeys
 from pervade.protocol import Message, StatusSnapshot
 from pervade.transport import router_socket, start_authenticator
 
@@ -156,6 +159,7 @@ class BrokerServer:
         sock: zmq.asyncio.Socket,
         endpoint: str,
         auth: AsyncioAuthenticator | None,
+        guard: KeyGuard | None,
         metrics: MetricsExporter | None,
     ) -> None:
         self.config = config
@@ -163,6 +167,7 @@ class BrokerServer:
         self.sock = sock
         self.endpoint = endpoint
         self.auth = auth  # None: no keys (plain TCP)
+        self.guard = guard  # None: no keys
         self.metrics = metrics  # None: no --metrics-port
 
     @classmethod
@@ -171,7 +176,7 @@ class BrokerServer:
         failed bind releases the state."""
         state = open_state(config) if state is None else state
         try:
-            sock, auth = listen(ctx, config)
+            sock, auth, ring = listen(ctx, config)
         except zmq.ZMQError as exc:
             state.store.close()
             raise ConfigError(f"cannot listen on {config.bind}: {exc}") from None
@@ -192,7 +197,10 @@ class BrokerServer:
                     f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {exc}"
                 ) from None
             metrics.update(state.snapshot(endpoint))
-        return cls(config, parts, sock, endpoint, auth, metrics)
+        guard = None
+        if ring is not None:
+            guard, state.worker_keys = KeyGuard(ring, state.counters), frozenset()
+        return cls(config, parts, sock, endpoint, auth, guard, metrics)
 
     async def serve(self, stopping: asyncio.Event) -> None:
         """Turns of the loop until ``stopping`` is set: take what arrived, dispatch, keep peers live,
@@ -210,6 +218,8 @@ class BrokerServer:
                     await self.receive()
                     parts.scheduler.dispatch()
                 now = time.monotonic()
+                if self.guard is not None:
+                    self.apply(self.guard.step(now))
                 if now >= next_beat:
                     parts.liveness.purge_dead_peers(now)
                     parts.liveness.send_heartbeats()
@@ -227,18 +237,40 @@ class BrokerServer:
                     next_metrics = now + METRICS_REFRESH_S
         finally:
             await checkpoints.finish()
+            if self.guard is not None:
+                await self.guard.finish()
             parts.outbox.flush()
             parts.liveness.log_stats()
             self.close()
 
     async def receive(self) -> None:
-        """Drain what is ready (up to 1,000 messages), so one dispatch and one commit serve them all."""
+        """Drain what is ready (up to 1,000 messages), so one dispatch and one commit serve them all. With
+        keys, each message is handled as the key that sent it, and one from a key not admitted is dropped."""
+        router, guard = self.parts.router, self.guard
         for _ in range(1000):
             try:
-                frames = await self.sock.recv_multipart(zmq.NOBLOCK)
+                frames = await self.sock.recv_multipart(zmq.NOBLOCK, copy=guard is None)
             except zmq.Again:
                 break
-            self.parts.router.handle(frames)
+            if guard is None:
+                router.handle(frames)
+            elif (sender := guard.sender(frames[0])) is not None:
+                router.handle([frame.bytes for frame in frames], sender)
+
+    def apply(self, changes: KeyChanges) -> None:
+        """What a reading of ``authorized/`` changed: revoked keys cut off; new worker keys told to workers."""
+        for key in changes.revoked:
+            self.revoke(key)
+        if changes.worker_keys is not None:
+            self.parts.workers.vouch_for(changes.worker_keys)
+
+    def revoke(self, key: KeyHolder) -> None:
+        """``key`` is no longer admitted: drop its peers (what they held goes back to work) and cut its
+        connections, so nothing it sends is acted on and it cannot stay connected."""
+        dropped = self.parts.liveness.drop_peers_of(key)
+        cut = self.guard.cut(key.public) if self.guard is not None else 0
+        self.parts.state.counters["keys_revoked"] += 1
+        log.warning("key_revoked", key=str(key), peers_dropped=dropped, connections_cut=cut)
 
     def close(self) -> None:
         self.sock.close()
@@ -292,16 +324,19 @@ def open_state(config: BrokerConfig) -> BrokerState:
     return state
 
 
-def listen(ctx: zmq.asyncio.Context, config: BrokerConfig) -> tuple[zmq.asyncio.Socket, AsyncioAuthenticator | None]:
+def listen(
+    ctx: zmq.asyncio.Context, config: BrokerConfig
+) -> tuple[zmq.asyncio.Socket, AsyncioAuthenticator | None, KeyRing | None]:
     """The broker's ROUTER socket, bound; with keys, a CURVE server whose authenticator admits only clients
-    whose public key is in the keys directory's ``authorized/`` (read again as it changes, so keys are
-    granted and revoked without a restart)."""
+    whose public key is in the keys directory's ``authorized/``, each as its role (read again as it changes,
+    so keys are granted and revoked without a restart), and that ring of keys."""
     if config.keys_dir is None:
-        return router_socket(ctx, config.bind, config.max_message_bytes), None
+        return router_socket(ctx, config.bind, config.max_message_bytes), None, None
     keys = ServerKeys.load(config.keys_dir)
-    auth = start_authenticator(ctx, AuthorizedKeys(keys.authorized))
+    ring = KeyRing(keys.authorized)
+    auth = start_authenticator(ctx, ring)
     try:
-        return router_socket(ctx, config.bind, config.max_message_bytes, keys), auth
+        return router_socket(ctx, config.bind, config.max_message_bytes, keys), auth, ring
     except zmq.ZMQError:
         auth.stop()
         raise

@@ -38,10 +38,13 @@ class Sinks:
 
     def on_sink_ready(self, identity: bytes, message: SinkReady) -> None:
         sinks = self.state.sinks
-        stale = [s for s in sinks.values() if s.name == message.sink_id or s.identity == identity]
+        key = self.state.sender  # a name is a key's own, as for workers
+        stale = [s for s in sinks.values() if s.name == message.sink_id and s.key == key or s.identity == identity]
         for old in stale:
             self.drop_sink(old, "registered again")
-        sinks[identity] = SinkRecord(identity=identity, name=message.sink_id, instance=message.instance)
+        sinks[identity] = SinkRecord(
+            identity=identity, name=message.sink_id, instance=message.instance, key=self.state.sender
+        )
         log.info("sink_joined", sink_id=message.sink_id)
         jobs = self.state.jobs
         finished = [job for job in jobs.values() if job.done_reported]
@@ -78,6 +81,8 @@ class Sinks:
         self._next_sink += 1
         message = self.delivery_for(row, result)
         self.state.store.deliver(row, sink.identity)
+        if sink.key is not None:
+            self.state.delivered_to.setdefault(batch_id, set()).add(sink.key.public)
         sink.unacked.add(batch_id)
         self.outbox.post(sink.identity, message, on_fail=lambda: self.undeliver(batch_id, sink))
 
@@ -103,8 +108,9 @@ class Sinks:
 
     def on_sink_ack(self, identity: bytes, message: SinkAck) -> None:
         """Durable in a sink's output. Accepted from any sink, even one the broker has since forgotten:
-        the rows are on disk either way."""
-        store = self.state.store
+        the rows are on disk either way. With keys, only from a sink key the batch was delivered to: a
+        batch delivered to none since the broker started is delivered again, and acknowledged then."""
+        store, sender = self.state.store, self.state.sender
         touched: dict[str, JobRecord] = {}
         for batch_id in message.batch_ids:
             row = store.get(batch_id)
@@ -112,6 +118,11 @@ class Sinks:
                 if row is None or row.status is not BatchStatus.WRITTEN:
                     log.warning("unexpected_sink_ack", batch_id=batch_id, status=row and row.status.value)
                 continue
+            if sender is not None and sender.public not in self.state.delivered_to.get(batch_id, ()):
+                self.state.counters["sink_acks_refused"] += 1
+                log.warning("sink_ack_refused", batch_id=batch_id, key=str(sender), reason="not delivered to this key")
+                continue
+            self.state.delivered_to.pop(batch_id, None)
             holder = self.state.sinks.get(row.sink or b"")
             if holder is not None:
                 holder.unacked.discard(batch_id)

@@ -11,6 +11,8 @@ that spreads downloads so that N workers joining a run read the origin about onc
   for it (they are answered the moment it finishes) rather than all reading the origin at once. If it dies,
   a waiting worker takes over the origin read.
 - When every holder is saturated, the asker waits for the next slot or the next new source.
+- Each source comes with its public key on a keyed broker (the key it registered with): workers may hold
+  keys of their own, so a downloader must know which server key each peer's file service answers under.
 
 Pure bookkeeping: the broker calls these verbs and sends the ``Sources`` answers they return.
 """
@@ -48,6 +50,8 @@ class FileSources:
     waiting: dict[str, list[_Request]] = field(default_factory=dict)
     #: workers that serve nobody (leaving): never named as a source
     retired: set[bytes] = field(default_factory=set)
+    #: worker identity -> the public key (Z85) its file service serves under; empty on a broker without keys
+    keys: dict[bytes, str] = field(default_factory=dict)
     #: digests whose upload slots were released since the last ``wake``
     _wake_later: set[str] = field(default_factory=set)
 
@@ -73,7 +77,7 @@ class FileSources:
             chosen = [w for _, _, w in free]
             self.assigned[(request.worker, digest)] = chosen
             self.uploads.update(chosen)
-            return Sources(files=digest, peers=[endpoint for _, endpoint, _ in free])
+            return Sources(files=digest, peers=[endpoint for _, endpoint, _ in free], peer_keys=self._keys_of(chosen))
         if candidates:
             return None  # holders exist but are all busy: wait for a slot
         reader = self.origin_readers.get(digest)
@@ -82,8 +86,17 @@ class FileSources:
         self.origin_readers[digest] = request.worker
         return Sources(files=digest, origin=True)
 
-    def held(self, worker: bytes, endpoint: str, digests: list[str]) -> list[Answer]:
-        """``worker`` holds these files now (a finished download, or a registration)."""
+    def _keys_of(self, chosen: list[bytes]) -> list[str]:
+        """The public keys of ``chosen``, in order, when all are known; else none (a broker without keys:
+        the peers then share the run's worker key)."""
+        keys = [self.keys.get(w, "") for w in chosen]
+        return keys if all(keys) else []
+
+    def held(self, worker: bytes, endpoint: str, digests: list[str], key: str = "") -> list[Answer]:
+        """``worker`` holds these files now (a finished download, or a registration); ``key``: the public
+        key (Z85) it registered with, "" on a broker without keys."""
+        if key:
+            self.keys[worker] = key
         for digest in digests:
             self._release(worker, digest)
             if self.origin_readers.get(digest) == worker:
@@ -120,10 +133,11 @@ class FileSources:
         for digest in [d for d, w in self.origin_readers.items() if w == worker]:
             del self.origin_readers[digest]
             touched.add(digest)
-        for digest, waiting in self.waiting.items():
+        for waiting in self.waiting.values():
             waiting[:] = [r for r in waiting if r.worker != worker]
         self.uploads.pop(worker, None)
         self.retired.discard(worker)
+        self.keys.pop(worker, None)
         return self._wake(sorted(touched))
 
     def _release(self, worker: bytes, digest: str) -> None:
@@ -153,4 +167,3 @@ class FileSources:
     def wake(self) -> list[Answer]:
         """Answer the waiters that can be answered now (after slots were released)."""
         return self._wake([])
-

@@ -17,6 +17,7 @@ from pervade.broker.records import PeerRecord, ProducerRecord, SinkRecord, Worke
 from pervade.broker.status import build_snapshot
 from pervade.broker.store import BrokerStore, JobRecord
 from pervade.context import ContextSpec
+from pervade.keyring import KeyHolder
 from pervade.manifest import Manifest
 from pervade.protocol import StatusSnapshot
 from pervade.rates import RateMeter
@@ -48,6 +49,19 @@ class BrokerState:
         self.started_at = time.time()
         #: Whether workers were told the run is over (``Drained``); new work re-arms it (see liveness.py).
         self.drained_sent = False
+        #: The key that sent the message being handled (set by the router around each verb): what a
+        #: registration records and a result is stamped with. None on a broker without keys.
+        self.sender: KeyHolder | None = None
+        #: The worker keys admitted (public, Z85), as last read: what workers' file services are told to
+        #: admit (``PeerKeys``). None on a broker without keys.
+        self.worker_keys: frozenset[str] | None = None
+        #: On a broker with keys, the worker keys (public) each open batch was assigned to: only they may
+        #: answer it (a late answer from an earlier assignee included). In memory: after a restart every
+        #: assigned batch is requeued, and assigned again.
+        self.given_to: dict[str, set[str]] = {}
+        #: Likewise, the sink keys each outcome not yet written was delivered to: only they may acknowledge it
+        #: written (another sink key's ack would end a job whose rows nobody wrote).
+        self.delivered_to: dict[str, set[str]] = {}
 
     def peer(self, identity: bytes) -> PeerRecord | None:
         return self.workers.get(identity) or self.sinks.get(identity) or self.producers.get(identity)

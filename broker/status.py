@@ -40,6 +40,7 @@ def describe_worker(worker: WorkerRecord, specs: Mapping[str, ContextSpec], now:
         last_seen_s=round(max(0.0, now - worker.last_seen), 2),
         in_flight=len(worker.in_flight),
         credit=worker.credit,
+        key=worker.key.name if worker.key is not None else "",
     )
 
 

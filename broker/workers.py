@@ -25,6 +25,7 @@ from pervade.protocol import (
     ContextFailed,
     ContextLoaded,
     Disconnect,
+    PeerKeys,
     Pull,
     Release,
     WorkerReady,
@@ -49,7 +50,8 @@ class Workers:
         # under the same name was refused before this (broker/router.py): two would replace each other's
         # registration for ever.
         workers = self.state.workers
-        stale = [w for w in workers.values() if w.name == message.worker_id or w.identity == identity]
+        key = self.state.sender  # a name is a key's own: another key's worker of that name is another worker
+        stale = [w for w in workers.values() if w.name == message.worker_id and w.key == key or w.identity == identity]
         for old in stale:
             self.drop_worker(old, "registered again", count_attempts=False)
         worker = WorkerRecord(
@@ -60,16 +62,26 @@ class Workers:
             device=message.device,
             max_contexts=message.max_contexts,
             file_endpoint=message.file_endpoint,
+            key=self.state.sender,
         )
         worker.contexts.update(dict.fromkeys(message.contexts))
         worker.loaded.update(message.contexts)
         workers[identity] = worker
         self.state.failed_contexts.clear()  # new capacity: contexts that failed elsewhere may load here
         self.files.joined(identity, message.file_endpoint, message.files)
+        if self.state.worker_keys is not None:  # whom its file service should admit
+            self.outbox.post(identity, PeerKeys(keys=sorted(self.state.worker_keys)))
         log.info(
             "worker_joined", worker_id=message.worker_id, host=message.host, device=message.device.describe(),
-            contexts=message.contexts,
+            contexts=message.contexts, key=str(worker.key) if worker.key else None,
         )  # fmt: skip
+
+    def vouch_for(self, worker_keys: frozenset[str]) -> None:
+        """The admitted worker keys changed: every worker's file service hears whom to admit now."""
+        self.state.worker_keys = worker_keys
+        message = PeerKeys(keys=sorted(worker_keys))
+        for identity in self.state.workers:
+            self.outbox.post(identity, message)
 
     def drop_worker(self, worker: WorkerRecord, reason: str, count_attempts: bool) -> None:
         """Forget a worker and requeue what it held. When it died (``count_attempts``), the death counts
@@ -186,7 +198,8 @@ class Workers:
             self.results.refuse(identity, row.batch_id, problem)
             raise ProtocolError(problem)
         else:
-            self.outcomes.complete(row, self.results.on_broker_clock(result, worker), by=identity)
+            result = self.results.stamped(self.results.on_broker_clock(result, worker))
+            self.outcomes.complete(row, result, by=identity)
         if worker is None:
             self.outbox.post(identity, Disconnect(reason=REGISTER_AGAIN))
 

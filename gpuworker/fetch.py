@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import hashlib
 import os
 import shutil
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
@@ -34,17 +33,16 @@ import zmq.asyncio
 from pervade.context import ContextSpec
 from pervade.errors import ContextLoadError, ProtocolError
 from pervade.gpuworker.cache import FileCache
+from pervade.gpuworker.download import Download, PieceKey
 from pervade.gpuworker.fileserver import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from pervade.keys import ClientKeys
-from pervade.manifest import FileEntry, Manifest
+from pervade.manifest import Manifest
 from pervade.options import FILES_SECTION, POSITIVE, OptionError, at_least, check_options, option
 from pervade.protocol import ChunkData, FetchChunk, FetchRefused, Sources, decode_peer, encode
 from pervade.transport import peer_socket
 
 log = structlog.get_logger(__name__)
 
-#: (index of the file in the download, index of the piece in the file)
-PieceKey = tuple[int, int]
 FindSources = Callable[[str, list[str]], Awaitable[Sources]]
 
 
@@ -96,95 +94,6 @@ class FetchStats:
             self.on_bytes(count)
 
 
-class Download:
-    """The pieces of one manifest still missing from the cache, and the partial files they go into."""
-
-    def __init__(self, cache: FileCache, manifest: Manifest, entries: list[FileEntry]) -> None:
-        self.cache = cache
-        self.manifest = manifest
-        self.entries = entries
-        self.partials = [cache.partial_path(e) for e in entries]
-        self._fds = []
-        for entry, path in zip(entries, self.partials, strict=True):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.ftruncate(fd, entry.size)
-            self._fds.append(fd)
-        self.todo: deque[PieceKey] = deque(
-            (f, p) for f, e in enumerate(entries) for p in range(manifest.piece_count(e))
-        )
-        self.left = [manifest.piece_count(e) for e in entries]
-        self.avoid: dict[PieceKey, set[str]] = {}
-        self._index = {e.path: i for i, e in enumerate(entries)}
-
-    @property
-    def finished(self) -> bool:
-        return not any(self.left)
-
-    def file_index(self, path: str) -> int | None:
-        return self._index.get(path)
-
-    def span(self, key: PieceKey) -> tuple[int, int]:
-        return self.manifest.piece_span(self.entries[key[0]], key[1])
-
-    def take(self, source: str) -> PieceKey | None:
-        """The next piece for ``source`` (never one it already served corrupted)."""
-        for _ in range(len(self.todo)):
-            key = self.todo.popleft()
-            if source not in self.avoid.get(key, ()):
-                return key
-            self.todo.append(key)
-        return None
-
-    def give_back(self, key: PieceKey, bad_source: str | None = None) -> None:
-        if bad_source is not None:
-            self.avoid.setdefault(key, set()).add(bad_source)
-        self.todo.appendleft(key)
-
-    def verify_and_write(self, key: PieceKey, data: bytes | bytearray | memoryview) -> bool:
-        """Check a piece against the manifest and write it if it matches. Blocking: run on a thread."""
-        entry = self.entries[key[0]]
-        offset, length = self.span(key)
-        if len(data) != length or hashlib.sha256(data).digest() != entry.pieces[key[1]]:
-            return False
-        os.pwrite(self._fds[key[0]], data, offset)
-        return True
-
-    async def piece_done(self, key: PieceKey) -> None:
-        """Count a written piece; a file whose pieces are all in goes into the cache (on a thread)."""
-        index = key[0]
-        self.left[index] -= 1
-        if self.left[index] == 0:
-            fd, self._fds[index] = self._fds[index], -1  # counted here, on the loop: ``close`` skips it
-            await asyncio.to_thread(self._commit, index, fd)
-
-    def _commit(self, index: int, fd: int) -> None:
-        os.close(fd)
-        self.cache.commit_blob(self.entries[index], self.partials[index])
-
-    def adopt_cached(self) -> int:
-        """Files another worker of this node put in the cache meanwhile: done without fetching. Returns
-        their bytes. Blocking: run on a thread."""
-        adopted = 0
-        for index, entry in enumerate(self.entries):
-            if self.left[index] and self.cache.has_blob(entry):
-                os.close(self._fds[index])
-                self._fds[index] = -1
-                self.partials[index].unlink(missing_ok=True)
-                self.left[index] = 0
-                adopted += entry.size
-        if adopted:
-            self.todo = deque(k for k in self.todo if self.left[k[0]])
-        return adopted
-
-    def close(self) -> None:
-        """Drop what was not completed (a killed fetch leaves no partial file behind)."""
-        for fd, path in zip(self._fds, self.partials, strict=True):
-            if fd >= 0:
-                os.close(fd)
-                path.unlink(missing_ok=True)
-        self._fds = [-1] * len(self._fds)
-
-
 class Fetcher:
     """Fills the node cache with a context's files: peers first, the origin when none can serve."""
 
@@ -197,7 +106,8 @@ class Fetcher:
         keys: ClientKeys | None = None,
     ) -> None:
         self._ctx = ctx
-        #: CURVE keys for peers' file services (``ClientKeys.for_peers``); None: plain TCP.
+        #: CURVE keys for peers' file services (``ClientKeys.for_peers``): the server key is replaced by each
+        #: peer's own when the broker names it (``Sources.peer_keys``). None: plain TCP.
         self.keys = keys
         self.cache = cache
         self.config = config
@@ -235,8 +145,12 @@ class Fetcher:
             if sources.peers:
                 log.info("fetching_from_peers", peers=sources.peers, pieces=len(download.todo))
                 before = len(download.todo)
+                keys = self._peer_keys(sources)
                 async with asyncio.TaskGroup() as group:  # one peer's unexpected error cancels the others
-                    tasks = [group.create_task(self._from_peer(p, download, stats)) for p in sources.peers]
+                    tasks = [
+                        group.create_task(self._from_peer(p, k, download, stats))
+                        for p, k in zip(sources.peers, keys, strict=True)
+                    ]
                 outcomes = [t.result() for t in tasks]
                 failed.extend(p for p, o in zip(sources.peers, outcomes, strict=True) if o is PeerOutcome.FAILED)
                 stats.peers_failed = len(failed)
@@ -250,9 +164,25 @@ class Fetcher:
 
     # --- peers -----------------------------------------------------------------------------------
 
-    async def _from_peer(self, endpoint: str, download: Download, stats: FetchStats) -> PeerOutcome:
-        """Pull pieces from one peer until none are left for it. A peer that fails us (silent, refusing,
-        or a bad piece) is left out when the broker is asked for sources again."""
+    def _peer_keys(self, sources: Sources) -> list[ClientKeys | None]:
+        """The CURVE keys to reach each peer of ``sources`` with: ours, with the peer's public key (as the
+        broker saw it register) as the server key, since each worker node may hold a key of its own. A
+        broker without keys names none: then every peer serves under the run's shared worker key."""
+        if self.keys is None:
+            return [None] * len(sources.peers)
+        if len(sources.peer_keys) != len(sources.peers):
+            if sources.peer_keys:
+                log.warning("sources_keys_mismatch", peers=len(sources.peers), keys=len(sources.peer_keys))
+            return [self.keys] * len(sources.peers)
+        # UTF-8, not ASCII: a key with a stray character then fails as a bad key when the peer's socket is
+        # made (a failed peer), not as an error that ends the whole download
+        return [replace(self.keys, server_public=key.encode()) for key in sources.peer_keys]
+
+    async def _from_peer(
+        self, endpoint: str, keys: ClientKeys | None, download: Download, stats: FetchStats
+    ) -> PeerOutcome:
+        """Pull pieces from one peer (reached with ``keys``; None: plain TCP) until none are left for it. A
+        peer that fails us (silent, refusing, a bad piece) is left out when the broker is asked again."""
         sock: zmq.asyncio.Socket | None = None
         digest = download.manifest.digest
         chunks: deque[tuple[PieceKey, int, int]] = deque()  # requests not yet sent
@@ -260,17 +190,15 @@ class Fetcher:
         buffers: dict[PieceKey, bytearray] = {}  # pieces being assembled
         strikes = 0
         try:
-            sock = peer_socket(self._ctx, endpoint, self.keys)
+            sock = peer_socket(self._ctx, endpoint, keys)
             while True:
                 while len(in_flight) < self.config.credit:
                     if not chunks:
                         key = download.take(endpoint)
                         if key is None:
                             break
-                        offset, length = download.span(key)
-                        buffers[key] = bytearray(length)
-                        starts = range(offset, offset + max(length, 1), self.config.chunk_bytes)
-                        chunks.extend((key, o, min(self.config.chunk_bytes, offset + length - o)) for o in starts)
+                        buffers[key] = bytearray(download.span(key)[1])
+                        chunks.extend(download.chunks(key, self.config.chunk_bytes))
                     key, offset, length = chunks.popleft()
                     entry = download.entries[key[0]]
                     request = FetchChunk(files=digest, path=entry.path, offset=offset, length=max(length, 1))

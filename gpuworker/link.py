@@ -32,6 +32,7 @@ from pervade.protocol import (
     FindSources,
     LoadContext,
     Message,
+    PeerKeys,
     Pull,
     Release,
     Sources,
@@ -60,6 +61,7 @@ class BrokerLink:
         in_hand: InHand,
         describe: Describe,
         tokenize_ahead: Callable[[BatchWork], None],
+        peer_keys_heard: Callable[[list[str]], None] = lambda keys: None,
     ) -> None:
         self.config = config
         self.lifecycle = lifecycle
@@ -69,6 +71,8 @@ class BrokerLink:
         self._in_hand = in_hand
         self._describe = describe
         self._tokenize_ahead = tokenize_ahead
+        #: Told the worker keys the broker admits (``PeerKeys``): whom the file service admits.
+        self._peer_keys_heard = peer_keys_heard
         self._sources_wanted: dict[str, asyncio.Future[Sources]] = {}
         self.session = BrokerSession(
             ctx,
@@ -127,6 +131,8 @@ class BrokerLink:
                 wanted = self._sources_wanted.pop(message.files, None)
                 if wanted is not None and not wanted.done():
                     wanted.set_result(message)
+            elif isinstance(message, PeerKeys):
+                self._peer_keys_heard(message.keys)
             elif isinstance(message, Error):
                 log.error("broker_error", reason=message.reason, detail=message.detail)
             elif message is not None:

@@ -63,15 +63,20 @@ class Worker:
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.lifecycle = Lifecycle(config)
         self.in_hand = InHand()
+        #: Whom the peer file service admits (None: no keys, or no file service).
+        self.peer_admission = PeerAdmission(config.keys) if config.keys is not None and config.serve_files else None
         self.link = BrokerLink(
-            self._ctx, config, self.lifecycle, self.in_hand, self._registration, self._tokenize_ahead
-        )
+            self._ctx, config, self.lifecycle, self.in_hand, self._registration, self._tokenize_ahead,
+            self.peer_admission.vouch if self.peer_admission is not None else lambda keys: None,
+        )  # fmt: skip
         self.cache = FileCache(config.cache_dir or default_cache_root(), config.cache_limit_bytes)
         self.file_server = (
             FileServer(self._ctx, self.cache, config.files, socket.gethostname(), config.keys)
             if config.serve_files
             else None
         )
+        # Our key pair as a downloader; each peer's server key comes with the sources the broker names
+        # (``Sources.peer_keys``), falling back to our own public key (a run whose workers share one key).
         peer_keys = config.keys.for_peers() if config.keys is not None else None
         fetcher = Fetcher(self._ctx, self.cache, config.transfer, self.link.find_sources, peer_keys)
         self.contexts = Contexts(
@@ -151,12 +156,12 @@ class Worker:
 
     def _serve_files(self) -> tuple[AsyncioAuthenticator | None, asyncio.Task[None] | None]:
         """Start the peer file service, if this worker serves files: its CURVE authenticator (peers must hold
-        the run's keys to download) and the task serving it until the worker is finished."""
+        a worker key it admits: ``PeerAdmission``) and the task serving it until the worker is finished."""
         if self.file_server is None:
             return None, None
         auth = None
-        if self.config.keys is not None:
-            auth = start_authenticator(self._ctx, PeerAdmission(self.config.keys))
+        if self.peer_admission is not None:
+            auth = start_authenticator(self._ctx, self.peer_admission)
         self.file_server.start()
         return auth, asyncio.create_task(self.file_server.serve(self.lifecycle.finished))
 

@@ -64,13 +64,27 @@ COMMANDS = (
             "Start one worker per GPU in CUDA_VISIBLE_DEVICES (or one CPU worker), pass the batch system's signals "
             "on, and end when the workers end. Options after -- are passed to every worker.",
             jobcommands.node_options, jobcommands.run_node_command, passes_args_on=True),
-    Command("keys", "create the CURVE keys of a run",
-            "CURVE keys: the broker's key pair, one per client role (worker, producer, sink, monitor), and the "
-            "directory of client public keys the broker admits (docs/security.md).", None, None, actions=(
+    Command("keys", "create, add, list and revoke the CURVE keys of a run",
+            "CURVE keys: the broker's key pair, and the client keys it admits, each as one role (worker, producer, "
+            "sink, monitor) given by where its public key lies: DIR/authorized/ROLE/NAME.key (docs/security.md).",
+            None, None, actions=(
                 Command("init", "create the broker's and the client roles' key pairs in DIR",
                         "Write DIR/broker.key(_secret) and DIR/ROLE.key(_secret) for ROLE in worker, producer, sink, "
-                        "monitor (secrets mode 0600), and authorise the roles in DIR/authorized/.",
+                        "monitor (secrets mode 0600), and admit each as its role: DIR/authorized/ROLE/ROLE.key.",
                         commands.keys_init_options, commands.run_keys_init),
+                Command("add", "admit one more key of a role, under a name",
+                        "Make a key pair for ROLE/NAME: admit its public key (DIR/authorized/ROLE/NAME.key) and write "
+                        "what the client runs with to DIR/clients/ROLE/NAME/ (--keys that directory). With --public "
+                        "FILE, admit a public key made elsewhere instead. A key has one role and one name.",
+                        commands.keys_add_options, commands.run_keys_add),
+                Command("list", "list the admitted keys, and the files that admit nobody",
+                        "Print each admitted key's role, name, fingerprint and file, then every file in "
+                        "DIR/authorized/ that admits nobody and why; exit status 1 when there is any.",
+                        commands.keys_list_options, commands.run_keys_list),
+                Command("revoke", "stop admitting a key",
+                        "Delete ROLE/NAME's public key file; a running broker cuts every connection of that key "
+                        "within 2 s. Its client keys in DIR/clients/ROLE/NAME/ are left (their secret admits nothing).",
+                        commands.keys_revoke_options, commands.run_keys_revoke),
             )),
     Command("tiny-model", "write a tiny random SmolLM2-architecture model",
             "Write a randomly initialised LlamaForCausalLM of SmolLM2's architecture and a locally trained "

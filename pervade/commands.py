@@ -138,13 +138,16 @@ def status_options(parser: argparse.ArgumentParser) -> None:
 
 
 def monitor_keys(args: argparse.Namespace) -> ClientKeys | None:
-    """The monitor role's keys; a keys directory made before that role existed has the producer's."""
-    from pervade.keys import ClientKeys, keys_dir
+    """The keys to read the status with: every role may. The monitor's if the directory has them, else the
+    first role's it holds (a directory made before the monitor role has the producer's; a client directory
+    from ``pervade keys add`` holds one role's)."""
+    from pervade.keys import ROLES, ClientKeys, keys_dir
 
     directory = keys_dir(args.keys_dir)
     if directory is None:
         return None
-    role = "monitor" if (directory / "monitor.key_secret").exists() else "producer"
+    order = ["monitor", "producer", "sink", "worker"]
+    role = next((r for r in order if r in ROLES and (directory / f"{r}.key_secret").exists()), "monitor")
     return ClientKeys.load(directory, role)
 
 
@@ -195,7 +198,76 @@ def run_keys_init(args: argparse.Namespace) -> int:
     for path in init_keys(args.dir, force=args.force):
         print(path)
     print(f"each client needs {args.dir / 'broker.key'} and its role's ROLE.key_secret (worker, producer, sink, "
-          f"monitor); grant or revoke keys in {args.dir / 'authorized'}")  # fmt: skip
+          f"monitor); more keys: pervade keys add|list|revoke {args.dir}")  # fmt: skip
+    return 0
+
+
+def add_key_arguments(parser: argparse.ArgumentParser) -> None:
+    from pervade.keys import ROLES
+
+    parser.add_argument("dir", type=Path, metavar="DIR", help="the keys directory (from `pervade keys init`)")
+    parser.add_argument("role", metavar="ROLE", help=f"what the key may do: {', '.join(ROLES)}")
+    parser.add_argument("name", metavar="NAME", help="the key's name: letters, digits, '_', '.', '-' (at most 64)")
+
+
+def keys_add_options(parser: argparse.ArgumentParser) -> None:
+    add_key_arguments(parser)
+    parser.add_argument(
+        "--public",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="admit this public key (a ZeroMQ certificate made elsewhere) instead of making a key pair",
+    )
+
+
+def run_keys_add(args: argparse.Namespace) -> int:
+    from pervade.keyadmin import add_key
+
+    added = add_key(args.dir, args.role, args.name, public_file=args.public)
+    print(f"admitted {added.holder} ({added.holder.public[:8]}): {added.file}")
+    if added.removed is not None and added.bundle is None:
+        print(f"removed {added.removed}: the client keys of the key revoked under that name")
+    if added.bundle is not None:
+        print(f"give {added.bundle}/ to that {added.holder.role} only; it runs with --keys {added.bundle}")
+    return 0
+
+
+def keys_list_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", type=Path, metavar="DIR", help="the keys directory (from `pervade keys init`)")
+
+
+def run_keys_list(args: argparse.Namespace) -> int:
+    """The admitted keys as a table, then the files that admit nobody; exit status 1 when there are any."""
+    from pervade.keyadmin import list_keys
+
+    listed, problems = list_keys(args.dir)
+    rows = [("ROLE", "NAME", "KEY", "FILE")]
+    rows += [(k.holder.role.value, k.holder.name, k.holder.public[:8], str(k.file)) for k in listed]
+    width = max(len(name) for _, name, _, _ in rows)
+    for role, name, key, file in rows:
+        print(f"{role:<8}  {name:<{width}}  {key:<8}  {file}")
+    if not listed:
+        print(f"no key is admitted: a keyed broker refuses every client (pervade keys add {args.dir} ROLE NAME)")
+    for problem in problems:
+        print(f"problem: {problem}")
+    return 1 if problems else 0
+
+
+def keys_revoke_options(parser: argparse.ArgumentParser) -> None:
+    add_key_arguments(parser)
+
+
+def run_keys_revoke(args: argparse.Namespace) -> int:
+    from pervade.keyadmin import client_dir, revoke_key
+
+    for path in revoke_key(args.dir, args.role, args.name):
+        print(f"removed {path}")
+    print(f"revoked {args.role}/{args.name}: a running broker cuts every connection of this key within 2 s")
+    print(f"rows already written name it {args.name!r}: give the next {args.role} key another name, so they stay apart")
+    bundle = client_dir(args.dir, args.role, args.name)
+    if bundle.exists():
+        print(f"its client keys stay in {bundle}/ (the secret admits nothing now): delete them when you like")
     return 0
 
 

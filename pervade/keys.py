@@ -7,11 +7,21 @@ broker admits.
     DIR/broker.key_secret       the broker's secret key (mode 0600): only on the broker's host
     DIR/ROLE.key                a client role's public key (ROLE: worker, producer, sink, monitor)
     DIR/ROLE.key_secret         that role's secret key (mode 0600): only where that role runs
-    DIR/authorized/ROLE.key     the public keys the broker admits; add or remove files to grant or revoke
+    DIR/authorized/ROLE/ROLE.key  the public keys the broker admits, each as its role (pervade/keyring.py)
+
+``pervade keys add DIR ROLE NAME`` admits one more key of a role, under a name of its own::
+
+    DIR/authorized/ROLE/NAME.key  its public key, which the broker admits as ROLE/NAME
+    DIR/clients/ROLE/NAME/      what that client runs with (``--keys DIR/clients/ROLE/NAME``): ``broker.key``,
+                                ``ROLE.key`` and ``ROLE.key_secret`` (mode 0600); none with ``--public FILE``
+
+``pervade keys list DIR`` shows the admitted keys and the files that admit nobody; ``pervade keys revoke DIR
+ROLE NAME`` deletes the key's file, which a running broker notices at once. Those three are
+``pervade/keyadmin.py``.
 
 One key pair per role, so that the producers' key can be revoked without stopping the workers, and so that
-a worker node holds no key but the workers'. The workers of a run share theirs, which is also what their
-file services serve under and admit. A client loads its keys from a directory holding ``ROLE.key_secret``
+a worker node holds no key but the workers'. A worker's file service serves under its worker key and admits
+worker keys only (``PeerAdmission``). A client loads its keys from a directory holding ``ROLE.key_secret``
 and ``broker.key``; the broker from one holding ``broker.key_secret`` and ``authorized/``. The directory comes from a flag or from
 ``$PERVADE_KEYS``. Secret files readable by group or others are refused: on a cluster the home directory is
 on a shared file system that other users can read.
@@ -19,11 +29,9 @@ on a shared file system that other users can read.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import stat
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,16 +40,14 @@ import zmq
 import zmq.auth
 
 from pervade.errors import ConfigError
+from pervade.keyring import KeyRing, Role
 
 #: The environment variable naming the keys directory when no flag does.
 KEYS_ENV = "PERVADE_KEYS"
 BROKER = "broker"
 #: The client roles, each with a key pair of its own.
-ROLES = ("worker", "producer", "sink", "monitor")
+ROLES = tuple(role.value for role in Role)
 AUTHORIZED = "authorized"
-#: Seconds an authorised-keys listing is trusted before the directory is read again (keys added or
-#: removed take effect within this time, without a restart).
-AUTHORIZED_REFRESH_S = 1.0
 
 
 def keys_dir(flag: Path | None, environ: Mapping[str, str] | None = None) -> Path | None:
@@ -66,6 +72,8 @@ def init_keys(directory: Path, force: bool = False) -> list[Path]:
     if force and authorized.exists():
         shutil.rmtree(authorized)  # the old client keys would still be admitted otherwise
     authorized.mkdir(mode=0o700)
+    for role in ROLES:
+        (authorized / role).mkdir(mode=0o700)
     written = []
     for name in (BROKER, *ROLES):
         for path in (directory / f"{name}.key", directory / f"{name}.key_secret"):
@@ -74,8 +82,8 @@ def init_keys(directory: Path, force: bool = False) -> list[Path]:
         Path(secret).chmod(0o600)
         written += [Path(public), Path(secret)]
     for role in ROLES:
-        shutil.copyfile(directory / f"{role}.key", authorized / f"{role}.key")
-        written.append(authorized / f"{role}.key")
+        shutil.copyfile(directory / f"{role}.key", authorized / role / f"{role}.key")
+        written.append(authorized / role / f"{role}.key")
     return written
 
 
@@ -119,7 +127,9 @@ class ClientKeys:
             raise ConfigError(f"unknown client role {role!r}; one of {', '.join(ROLES)}")
         public, secret = load_key_pair(directory / f"{role}.key_secret")
         authorized = directory / AUTHORIZED if (directory / AUTHORIZED).is_dir() else None
-        return cls(public=public, secret=secret, server_public=load_public(directory / f"{server}.key"), authorized=authorized)
+        return cls(
+            public=public, secret=secret, server_public=load_public(directory / f"{server}.key"), authorized=authorized
+        )
 
     def for_peers(self) -> ClientKeys:
         """As a downloader from a peer's file service. The workers of a run share the worker key pair, so
@@ -162,46 +172,31 @@ class ServerKeys:
         sock.curve_secretkey = self.secret
 
 
-class AuthorizedKeys:
-    """The credentials provider of a ZeroMQ authenticator: admits a client whose public key has a file in
-    the authorised directory. The directory is read again when it changed or at most
-    ``AUTHORIZED_REFRESH_S`` after the last read, so keys added or removed take effect without a restart."""
-
-    def __init__(self, directory: Path, refresh_s: float = AUTHORIZED_REFRESH_S) -> None:
-        self.directory = directory
-        self.refresh_s = refresh_s
-        self._keys: frozenset[bytes] = frozenset()
-        self._read_at = float("-inf")
-        self._mtime_ns = -1
-
-    def admitted(self) -> frozenset[bytes]:
-        """The admitted public keys (Z85), re-read when stale. Blocking: call it off the event loop."""
-        mtime_ns = self.directory.stat().st_mtime_ns if self.directory.exists() else 0
-        if mtime_ns != self._mtime_ns or time.monotonic() - self._read_at > self.refresh_s:
-            keys = set()
-            for path in self.directory.glob("*.key") if self.directory.is_dir() else ():
-                try:
-                    keys.add(zmq.auth.load_certificate(str(path))[0])
-                except (OSError, ValueError):
-                    continue  # a half-written or foreign file admits nobody
-            self._keys, self._mtime_ns, self._read_at = frozenset(keys), mtime_ns, time.monotonic()
-        return self._keys
-
-    async def callback(self, domain: str, key: bytes) -> bool:
-        """Whether to admit a connecting client (the authenticator awaits it; the directory is read on a
-        thread, never on the event loop)."""
-        return key in await asyncio.to_thread(self.admitted)
-
-
 class PeerAdmission:
-    """Whom a worker's file service admits: peers holding the run's worker key (this worker's own), and
-    any other client key in the keys directory's ``authorized/`` when the worker has it."""
+    """Whom a worker's file service admits: worker keys only. Its own key, and the worker keys the broker says
+    it admits (``vouch``, from the broker's ``PeerKeys``: what lets a node that holds nothing but its own key
+    pair serve nodes holding others). Until the broker has said, any worker key in the keys directory's
+    ``authorized/worker/`` (or a pre-roles ``authorized/worker.key``) when the worker has that directory. A
+    producer's, sink's or monitor's key is refused, and so is a worker key the broker stopped vouching for
+    (revoked), on its next connection."""
 
     def __init__(self, keys: ClientKeys) -> None:
         self.own = keys.public
-        self.authorized = AuthorizedKeys(keys.authorized) if keys.authorized is not None else None
+        self.ring = KeyRing(keys.authorized, roles=frozenset({Role.WORKER})) if keys.authorized is not None else None
+        #: The worker keys the broker admits, once it said (None before): from then on they replace the local
+        #: directory, which may be a stale copy still listing a key the broker revoked.
+        self.vouched: frozenset[bytes] | None = None
+
+    def vouch(self, keys: list[str]) -> None:
+        """The worker keys the broker admits now (Z85), replacing what it said before."""
+        self.vouched = frozenset(key.encode("ascii") for key in keys)
 
     async def callback(self, domain: str, key: bytes) -> bool:
         if key == self.own:
             return True
-        return self.authorized is not None and await self.authorized.callback(domain, key)
+        if self.vouched is not None:
+            return key in self.vouched
+        return self.ring is not None and await self.ring.callback(domain, key)
+
+
+# `pervade keys add | list | revoke`: the operator's view of authorized/, one key of one role at a time.

@@ -126,13 +126,13 @@ def summary_line(snapshot: StatusSnapshot) -> Text:
 
 def workers_table(snapshot: StatusSnapshot) -> Table:
     table = Table(title="workers", title_justify="left", expand=True)
-    for name, justify in [("worker", "left"), ("host", "left"), ("device", "left"), ("context", "left"),
-                          ("state", "left"), ("batches", "right"), ("claims", "right"), ("claims/s", "right"),
-                          ("held", "right"), ("heard", "right")]:  # fmt: skip
+    for name, justify in [("worker", "left"), ("key", "left"), ("host", "left"), ("device", "left"),
+                          ("context", "left"), ("state", "left"), ("batches", "right"), ("claims", "right"),
+                          ("claims/s", "right"), ("held", "right"), ("heard", "right")]:  # fmt: skip
         table.add_column(name, justify=justify, overflow="fold")
     for w in snapshot.workers:
         table.add_row(
-            w.worker_id, w.host, w.device, ", ".join(w.contexts) or "–",
+            w.worker_id, w.key or "–", w.host, w.device, ", ".join(w.contexts) or "–",
             Text(w.state, style=_STATE_STYLE.get(w.state, "")), f"{w.batches_done:,}", f"{w.claims_done:,}",
             f"{w.claims_per_s:,.1f}", str(w.in_flight), f"{w.last_seen_s:.1f}s ago",
         )  # fmt: skip

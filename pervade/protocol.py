@@ -33,6 +33,10 @@ Count = Annotated[int, msgspec.Meta(ge=0)]
 FilesDigest = Annotated[str, msgspec.Meta(min_length=64, max_length=64, pattern="^[0-9a-f]{64}$")]
 Endpoint = Annotated[str, msgspec.Meta(max_length=512)]
 ByteCount = Annotated[int, msgspec.Meta(ge=0)]
+#: A client key's name (pervade/keyring.py), or "" where the broker has no keys.
+KeyName = Annotated[str, msgspec.Meta(max_length=64)]
+#: A CURVE public key, Z85 (40 characters).
+PublicKey = Annotated[str, msgspec.Meta(min_length=40, max_length=40)]
 
 
 class _Part(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -96,6 +100,9 @@ class BatchResult(_Part):
     verdicts: list[Verdict]
     #: The dtype the weights were computed in (a context in ``auto`` resolves per device).
     dtype: str = ""
+    #: The name of the CURVE key that sent this result (``authorized/worker/NAME.key``), set by the broker
+    #: from the connection's authentication, never taken from the worker; "" on a broker without keys.
+    worker_key: KeyName = ""
 
 
 class BatchFailure(_Part):
@@ -258,6 +265,17 @@ class Sources(Message, tag="sources"):
     files: FilesDigest
     peers: list[Endpoint] = []
     origin: bool = False
+    #: Each peer's public key, in the order of ``peers``, as the broker saw it authenticate: the server key
+    #: to fetch from it with. Empty on a broker without keys (peers then share the run's worker key).
+    peer_keys: list[PublicKey] = []
+
+
+class PeerKeys(Message, tag="peer_keys"):
+    """Broker tells a worker the worker keys it admits now (public, Z85): the keys the worker's file service
+    admits besides its own, so workers holding keys of their own serve each other. Sent on registration and
+    whenever the admitted worker keys change (a key added, or revoked); only by a broker with keys."""
+
+    keys: Annotated[list[PublicKey], msgspec.Meta(max_length=100_000)]
 
 
 class FilesHeld(Message, tag="files_held"):
@@ -383,6 +401,8 @@ class WorkerStatus(_Part):
     last_seen_s: float
     in_flight: int
     credit: int
+    #: The name of the key it registered with ("" on a broker without keys).
+    key: str = ""
 
 
 class ContextStatus(_Part):
@@ -466,7 +486,7 @@ class Refused(Message, tag="refused"):
 AnyMessage = Union[
     ProducerReady, Submit, Accepted, Rejected, EndJob, JobEnded, AbortJob, JobDone, DeclareContext,
     WorkerReady, Pull, LoadContext, ContextLoaded, ContextFailed, Assign, Completed, BatchFailed, Release,
-    Drained, FindSources, Sources, FilesHeld, FilesDropped,
+    Drained, FindSources, Sources, PeerKeys, FilesHeld, FilesDropped,
     Disconnect, SinkReady, Deliver, DeliverFailure, SinkAck,
     StatusRequest, StatusReply,
     Heartbeat, Error, Refused,

@@ -14,6 +14,10 @@ What other sinks published is read from two places: the output directory itself 
 and the lock file, to which every publication appends its batch ids. On a network file system a directory
 listing may be cached for a while, but taking a lock revalidates the locked file's contents: the lock file
 is the record every sink is sure to see.
+
+Under the same lock, files an earlier version wrote there (without the columns added since) are upgraded to
+today's schema before anything is published beside them (``sinks/parquet.py``), so the directory holds one
+schema and every reader reads it whole.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import structlog
 from pervade.errors import ConfigError
 from pervade.procs import process_alive
 from pervade.sinks.failures import FailureLog, fsync_directory
+from pervade.sinks.schema import upgraded_copy
 from pervade.sinks.staging import StagedFile, staged_owner, staging_dir_for
 from pervade.sinks.written import WrittenIndex
 
@@ -89,9 +94,30 @@ class OutputDirectory:
                 log.info("commit_lock_taken", waited_s=round(time.monotonic() - started, 3))
             self._read_ledger(descriptor)
             self.index.refresh()
+            self._upgrade_outdated()
             yield descriptor
         finally:
             os.close(descriptor)  # releases the lock
+
+    def _upgrade_outdated(self) -> None:
+        """Rewrite, with today's schema, the files of an earlier version found in the output (under the lock:
+        no other sink publishes or upgrades meanwhile; readers see the old file or the new one, whole). One
+        that cannot be written now (a full disk) is tried again next time; one that cannot be read is left."""
+        for path in sorted(self.index.outdated):
+            try:
+                staged = upgraded_copy(path, self.staging_dir)
+                if staged is not None:
+                    os.replace(staged.path, staged.final)
+                    fsync_directory(self.out_dir)
+                    log.info("output_file_upgraded", path=str(path), rows=staged.rows)
+            except FileNotFoundError:
+                pass  # removed by its owner meanwhile: nothing to upgrade
+            except OSError as exc:
+                log.warning("output_file_upgrade_failed", path=str(path), error=str(exc), retry=True)
+                continue
+            except (pa.ArrowException, ValueError) as exc:
+                log.warning("output_file_upgrade_failed", path=str(path), error=str(exc), retry=False)
+            self.index.outdated.discard(path)
 
     def _read_ledger(self, descriptor: int) -> None:
         """Batch ids other sinks appended to the lock file since we last read it (complete lines only)."""

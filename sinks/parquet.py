@@ -5,6 +5,8 @@ system), row groups as they fill, and ``seal`` closes and fsyncs it there. ``sin
 into the output directory, under the directory's commit lock. The output directory therefore only ever holds
 complete Parquet files, which matters because some readers (polars) read every file under a directory,
 hidden or not: nothing else may be put there, not even a hidden folder.
+
+The columns are ``sinks/schema.py``'s, which also upgrades files an earlier version wrote.
 """
 
 from __future__ import annotations
@@ -19,35 +21,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pervade.protocol import BatchResult
+from pervade.sinks.schema import SCHEMA
 from pervade.sinks.staging import StagedFile, staged_name
 
 if TYPE_CHECKING:
     from pervade.sinks.commit import OutputDirectory, Published
-
-_TIME = pa.timestamp("us", tz="UTC")
-
-#: The output schema (documented in docs/output.md).
-SCHEMA = pa.schema(
-    [
-        pa.field("claim_id", pa.string(), nullable=False),
-        pa.field("template_id", pa.string(), nullable=False),
-        pa.field("context_id", pa.string(), nullable=False),
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("gold_label", pa.string()),
-        pa.field("verdict", pa.string(), nullable=False),
-        pa.field("score_supports", pa.float32(), nullable=False),
-        pa.field("score_refutes", pa.float32(), nullable=False),
-        pa.field("score_not_enough_info", pa.float32(), nullable=False),
-        pa.field("worker_id", pa.string(), nullable=False),
-        pa.field("device", pa.string(), nullable=False),
-        pa.field("dtype", pa.string(), nullable=False),
-        pa.field("batch_id", pa.string(), nullable=False),
-        pa.field("job_id", pa.string(), nullable=False),
-        pa.field("submitted_at", _TIME, nullable=False),
-        pa.field("started_at", _TIME, nullable=False),
-        pa.field("finished_at", _TIME, nullable=False),
-    ]
-)
 
 _PER_BATCH = ("template_id", "context_id", "model", "worker_id", "device", "dtype", "batch_id", "job_id")
 _TIMES = ("submitted_at", "started_at", "finished_at")
@@ -69,6 +47,7 @@ class _Columns:
         times = {name: _micros(getattr(result, name)) for name in _TIMES}  # before any column grows
         for name in _PER_BATCH:
             self.data[name].extend([getattr(result, name)] * n)
+        self.data["worker_key"].extend([result.worker_key or None] * n)  # "": a broker without keys
         for name, micros in times.items():
             self.data[name].extend([micros] * n)
         for verdict in result.verdicts:
@@ -171,6 +150,7 @@ class RollingParquetWriter:
 
 
 def read_verdicts(out_dir: Path, columns: list[str] | None = None) -> pa.Table:
-    """Every row written to ``out_dir`` (partial files are hidden and skipped)."""
+    """Every row written to ``out_dir`` (partial files are hidden and skipped; a file of an earlier version not
+    upgraded yet reads with ``worker_key`` null)."""
     dataset = ds.dataset(str(out_dir), format="parquet", schema=SCHEMA)
     return dataset.to_table(columns=columns)

@@ -4,7 +4,8 @@ The broker delivers at least once: a sink can write a file and die before its ac
 the broker can die before recording it), and the batch is then delivered again, to the same directory,
 perhaps by another sink. Before writing a redelivered batch the sink looks here. The index is built from
 the files themselves (the ``batch_id`` column of every final Parquet file, and the failures files), so it
-needs no state of its own and sees what other sinks sharing the directory wrote.
+needs no state of its own and sees what other sinks sharing the directory wrote. Reading a file's footer
+also tells a file of an earlier version, which the sink upgrades before it publishes beside it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import structlog
 
 from pervade.sinks.failures import failures_dir_for, parse_failures
+from pervade.sinks.schema import is_outdated
 
 log = structlog.get_logger("sinks")
 
@@ -31,6 +33,8 @@ class WrittenIndex:
         self.out_dir = Path(out_dir)
         self.batch_ids: set[str] = set()
         self._read_files: set[Path] = set()
+        #: Files written by an earlier version (a column added since missing): ``OutputDirectory`` upgrades them.
+        self.outdated: set[Path] = set()
         self._failure_sizes: dict[Path, int] = {}
 
     def __contains__(self, batch_id: str) -> bool:
@@ -45,11 +49,14 @@ class WrittenIndex:
         for path in sorted(self.out_dir.glob("*.parquet")) if self.out_dir.exists() else []:
             if path not in self._read_files:
                 try:
-                    column = pq.read_table(path, columns=["batch_id"])["batch_id"]
+                    with pq.ParquetFile(path) as file:
+                        schema, column = file.schema_arrow, file.read(columns=["batch_id"])["batch_id"]
                 except (OSError, KeyError, pa.ArrowException) as exc:  # not a file of ours: it holds no batch
                     log.warning("unreadable_output_file", path=str(path), error=str(exc))
                 else:
                     self.batch_ids.update(pc.unique(column).to_pylist())
+                    if is_outdated(schema):
+                        self.outdated.add(path)
                 self._read_files.add(path)
         directory = failures_dir_for(self.out_dir)
         for path in sorted(directory.glob("*.jsonl")) if directory.exists() else []:

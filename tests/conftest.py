@@ -14,6 +14,7 @@ import zmq.asyncio
 
 from pervade.broker.config import BrokerConfig
 from pervade.broker.server import Broker
+from pervade.keys import ClientKeys
 from pervade.producer.claims import sample_claims_path
 from pervade.protocol import Heartbeat, Message, ProducerReady, decode, encode
 from pervade.session import Heartbeats
@@ -57,8 +58,12 @@ def fever_claims(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Peer:
     """A raw DEALER talking to a broker, for tests that speak the protocol by hand."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, identity: bytes) -> None:
+    def __init__(
+        self, ctx: zmq.asyncio.Context, endpoint: str, identity: bytes, keys: ClientKeys | None = None
+    ) -> None:
         self.socket = ctx.socket(zmq.DEALER)
+        if keys is not None:
+            keys.apply(self.socket)  # a CURVE client of a keyed broker
         self.socket.setsockopt(zmq.IDENTITY, identity)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(endpoint)

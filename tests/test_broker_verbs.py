@@ -16,6 +16,7 @@ from pervade.broker.parts import BrokerParts, build_parts
 from pervade.broker.state import BrokerState
 from pervade.broker.store import BatchStatus, BrokerStore
 from pervade.context import ContextSpec
+from pervade.keyring import KeyHolder
 from pervade.protocol import (
     Accepted,
     Assign,
@@ -92,10 +93,11 @@ class Broker:
         self.sent.append((identity, message))
         return True
 
-    def __call__(self, identity: bytes, *messages: Message) -> None:
-        """``identity`` sends ``messages``: each goes through the router as frames off the socket would."""
+    def __call__(self, identity: bytes, *messages: Message, key: KeyHolder | None = None) -> None:
+        """``identity`` sends ``messages``: each goes through the router as frames off the socket would, from
+        a connection authenticated with ``key`` (None: a broker without keys)."""
         for message in messages:
-            self.parts.router.handle([identity, *encode(message)])
+            self.parts.router.handle([identity, *encode(message)], key)
 
     def turn(self) -> list[tuple[bytes, Message]]:
         """One turn of the loop after the messages: dispatch, commit, send; what was sent."""
@@ -113,14 +115,21 @@ class Broker:
         assert row is not None
         return row.status
 
-    def worker(self, identity: bytes, contexts: Sequence[str] = (), credit: int = 0, max_contexts: int = 1) -> None:
+    def worker(
+        self,
+        identity: bytes,
+        contexts: Sequence[str] = (),
+        credit: int = 0,
+        max_contexts: int = 1,
+        key: KeyHolder | None = None,
+    ) -> None:
         self(identity, WorkerReady(worker_id=identity.decode(), host="h", pid=1, device=CPU,
-                                   contexts=list(contexts), max_contexts=max_contexts))  # fmt: skip
+                                   contexts=list(contexts), max_contexts=max_contexts), key=key)  # fmt: skip
         if credit:
-            self(identity, Pull(credit=credit))
+            self(identity, Pull(credit=credit), key=key)
 
-    def submit(self, *batches: Batch, producer: bytes = b"p") -> None:
-        self(producer, ProducerReady(producer_id=producer.decode()), *[Submit(batch=b) for b in batches])
+    def submit(self, *batches: Batch, producer: bytes = b"p", key: KeyHolder | None = None) -> None:
+        self(producer, ProducerReady(producer_id=producer.decode()), *[Submit(batch=b) for b in batches], key=key)
 
 
 @pytest.fixture

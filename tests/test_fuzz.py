@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from pervade.constants import LABELS, PROTOCOL_HEADER
 from pervade.context import DTYPES, ContextSpec
 from pervade.errors import ProtocolError
 from pervade.jobs.local import ProcessGroup, read_events, wait_for_endpoint
+from pervade.keyring import Role
 from pervade.keys import ClientKeys, init_keys
 from pervade.producer.claims import ClaimsSource, read_claims
 from pervade.producer.templates import load_templates
@@ -79,6 +80,7 @@ from pervade.protocol import (
     decode,
     encode,
 )
+from pervade.roles import SENDS
 from pervade.sinks.failures import read_failures
 from pervade.sinks.summary import read_verdicts
 from tests.test_end_to_end import reference_verdicts
@@ -500,23 +502,56 @@ class FuzzReport:
     oversized: int = 0
     #: Times the broker cut the oversized sender off.
     disconnects: int = 0
+    #: With CURVE: messages of a known kind sent under a key whose role may not send them.
+    misrouted: int = 0
+
+
+#: With CURVE, one send in this many goes out under a key whose role may not send it (refused by role).
+MISROUTE_EVERY = 7
+#: The roles whose keys the fuzz holds (a monitor key may only ask for status: nothing to fuzz).
+FUZZ_ROLES = (Role.WORKER, Role.PRODUCER, Role.SINK)
+#: The message kinds each of those roles may send (``pervade.roles.SENDS``).
+ROLE_KINDS = {role: {kind.__struct_config__.tag for kind in SENDS[role]} for role in FUZZ_ROLES}
+
+
+def kind_in(frames: list[bytes]) -> str | None:
+    """The ``kind`` a message's body names, if it is a msgpack map that names one."""
+    try:
+        body = msgpack.unpackb(frames[-1], strict_map_key=False) if frames else None
+    except Exception:  # any garbage: the fuzz's frames are meant to be unreadable
+        return None
+    kind = body.get("kind") if isinstance(body, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 class FuzzPeers:
     """Plain (synchronous) DEALERs on the broker: one per identity in ``IDENTITIES``, and one that sends the
-    oversized frames. Sends never wait for an answer; ``drain`` reads and drops whatever came back."""
+    oversized frames. Sends never wait for an answer; ``drain`` reads and drops whatever came back.
 
-    def __init__(self, endpoint: str, keys: ClientKeys | None = None) -> None:
+    With CURVE, the fuzzers hold the run's keys (the worst case: an insider's garbage), one per role, and each
+    identity has a DEALER under each role's key: a message goes out under a key whose role may send it, so the
+    fuzz still reaches every verb, except every ``MISROUTE_EVERY``-th, which goes out under another role's key
+    (and must be refused). Garbage that names no kind goes out under each role's key in turn."""
+
+    def __init__(self, endpoint: str, keys: Mapping[Role, ClientKeys] | None = None) -> None:
         self.ctx = zmq.Context()
-        self.keys = keys  # CURVE: the fuzzers hold the run's keys (the worst case: an insider's garbage)
-        self.peers = [self._dealer(endpoint, identity) for identity in IDENTITIES]
-        self.oversized = self._dealer(endpoint, OVERSIZED_IDENTITY)
+        self.keys = keys
+        roles: tuple[Role | None, ...] = FUZZ_ROLES if keys is not None else (None,)
+        self.peers = [
+            {role: self._dealer(endpoint, identity if role is None else identity + f"/{role}".encode(), role)
+             for role in roles}
+            for identity in IDENTITIES
+        ]  # fmt: skip
+        self.oversized = self._dealer(endpoint, OVERSIZED_IDENTITY, Role.PRODUCER if keys is not None else None)
         self.monitor = self.oversized.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.sends = 0
+        #: Sends of a known kind that went out under a key whose role may not send it.
+        self.misrouted = 0
 
-    def _dealer(self, endpoint: str, identity: bytes) -> zmq.Socket:
+    def _dealer(self, endpoint: str, identity: bytes, role: Role | None) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
-        if self.keys is not None:
-            self.keys.apply(sock)
+        if self.keys is not None and role is not None:
+            self.keys[role].apply(sock)
         sock.setsockopt(zmq.IDENTITY, identity)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
@@ -527,10 +562,24 @@ class FuzzPeers:
 
     @property
     def sockets(self) -> list[zmq.Socket]:
-        return [*self.peers, self.oversized]
+        return [*(sock for peer in self.peers for sock in peer.values()), self.oversized]
 
     def send(self, send: Send) -> None:
-        self.peers[send.peer].send_multipart(send.frames)  # raises zmq.Again if the broker stopped reading
+        self.sends += 1
+        self._socket_for(send).send_multipart(send.frames)  # raises zmq.Again if the broker stopped reading
+
+    def _socket_for(self, send: Send) -> zmq.Socket:
+        sockets = self.peers[send.peer]
+        if None in sockets:
+            return sockets[None]
+        kind = kind_in(send.frames)
+        allowed = [role for role in FUZZ_ROLES if kind in ROLE_KINDS[role]]
+        if not allowed:
+            return sockets[FUZZ_ROLES[self.sends % len(FUZZ_ROLES)]]
+        if self.sends % MISROUTE_EVERY == 0 and len(allowed) < len(FUZZ_ROLES):  # heartbeats: any role's
+            self.misrouted += 1
+            return sockets[next(r for r in FUZZ_ROLES if r not in allowed)]
+        return sockets[allowed[self.sends % len(allowed)]]
 
     def send_oversized(self, extra: int) -> None:
         self.oversized.send_multipart([PROTOCOL_HEADER, bytes(MAX_MESSAGE_BYTES + extra)])
@@ -581,7 +630,7 @@ class FuzzPeers:
         self.ctx.term()
 
 
-def fuzz(endpoint: str, keys: ClientKeys | None = None) -> FuzzReport:
+def fuzz(endpoint: str, keys: Mapping[Role, ClientKeys] | None = None) -> FuzzReport:
     """Throw ``EXAMPLES`` hypothesis examples at the broker, then wait until it has handled them all."""
     report = FuzzReport()
     peers = FuzzPeers(endpoint, keys)
@@ -613,6 +662,7 @@ def fuzz(endpoint: str, keys: ClientKeys | None = None) -> FuzzReport:
         throw()
         peers.barrier()
         report.disconnects = peers.disconnects()
+        report.misrouted = peers.misrouted
     finally:
         peers.close()
     return report
@@ -632,7 +682,8 @@ async def test_a_fuzzed_broker_stays_up_and_still_runs_a_job_correctly(
     client_keys = None
     if curve:  # the same fuzz through CURVE: frames arrive decrypted, so the broker must refuse them the same
         init_keys(tmp_path / "keys")
-        keys, client_keys = ("--keys", str(tmp_path / "keys")), ClientKeys.load(tmp_path / "keys", "producer")
+        keys = ("--keys", str(tmp_path / "keys"))
+        client_keys = {role: ClientKeys.load(tmp_path / "keys", role) for role in FUZZ_ROLES}
     templates_file = tmp_path / "templates.json"
     all_templates = load_templates()
     templates_file.write_text(json.dumps({t: all_templates[t] for t in TEMPLATES}))
@@ -695,3 +746,5 @@ async def test_a_fuzzed_broker_stays_up_and_still_runs_a_job_correctly(
     final_stats = [e for e in events if e["event"] == "broker_stats"][-1]
     assert final_stats["invalid_messages"] >= counts["rejected_message"]
     assert final_stats["late_results_accepted"] > 0, "no result from the fuzz was ever accepted"
+    if curve:  # each message went out under a key of a role that may send it, but for the misrouted ones
+        assert report.misrouted > 100 and 0 < final_stats["role_refusals"] <= report.misrouted
