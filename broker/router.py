@@ -22,35 +22,23 @@ from pervade.broker.records import PeerRecord
 from pervade.broker.results import Results
 from pervade.broker.state import BrokerState
 from pervade.errors import ProtocolError
-from pervade.keyring import KeyHolder
+from pervade.keyring import KeyHolder, Role
 from pervade.protocol import (
-    AbortJob,
-    BatchFailed,
     Completed,
-    ContextFailed,
-    ContextLoaded,
-    DeclareContext,
     Disconnect,
-    EndJob,
     Error,
-    FilesDropped,
-    FilesHeld,
-    FindSources,
     Heartbeat,
     Message,
-    Pull,
     Refused,
-    Release,
     SinkReady,
     StatusReply,
     StatusRequest,
-    Submit,
     WorkerReady,
     completed_batch_id,
     decode,
     kind_of,
 )
-from pervade.roles import may_send
+from pervade.roles import may_send, registered_only
 
 log = structlog.get_logger("broker")
 
@@ -69,15 +57,14 @@ class Router:
         self._verbs: dict[type[Message], Verb] = {
             **verbs, StatusRequest: self.on_status_request, Heartbeat: self.on_heartbeat, Error: self.on_error,
         }  # fmt: skip
-        #: Messages only a peer registered in that role may send; others may come from anyone (a
-        #: registration, or a fact worth keeping from a peer the broker has forgotten: a result, an ack).
-        self._role_of: dict[type[Message], Mapping[bytes, PeerRecord]] = {
-            Submit: state.producers, EndJob: state.producers, AbortJob: state.producers,
-            DeclareContext: state.producers,
-            Pull: state.workers, ContextLoaded: state.workers, ContextFailed: state.workers,
-            BatchFailed: state.workers, Release: state.workers,
-            FindSources: state.workers, FilesHeld: state.workers, FilesDropped: state.workers,
+        #: Messages only a peer registered in that role may send (``pervade/roles.py``); others may come from
+        #: anyone (a registration, or a fact worth keeping from a peer the broker has forgotten).
+        registered: dict[Role, Mapping[bytes, PeerRecord]] = {
+            Role.WORKER: state.workers, Role.PRODUCER: state.producers, Role.SINK: state.sinks,
         }  # fmt: skip
+        self._role_of: dict[type[Message], Mapping[bytes, PeerRecord]] = {
+            kind: peers for role, peers in registered.items() for kind in registered_only(role)
+        }
         #: (key, kind) refusals already logged: a hostile client repeating one is counted, not logged again.
         self._refusals_logged: set[tuple[str, str]] = set()
 

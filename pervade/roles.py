@@ -50,6 +50,21 @@ SENDS: Mapping[Role, frozenset[type[Message]]] = {
 }  # fmt: skip
 
 
+#: The message each role registers with.
+REGISTRATIONS: Mapping[Role, type[Message]] = {
+    Role.WORKER: WorkerReady, Role.PRODUCER: ProducerReady, Role.SINK: SinkReady,
+}  # fmt: skip
+#: Facts the broker keeps whoever sends them, even a peer it has forgotten (it restarted, or declared the
+#: peer dead): a result, and an acknowledgement that rows are written.
+KEPT_FROM_ANYONE: frozenset[type[Message]] = frozenset({Completed, SinkAck})
+
+
 def may_send(role: Role, kind: type[Message]) -> bool:
     """Whether a key of ``role`` may send a message of type ``kind`` to the broker."""
     return kind in SENDS[role]
+
+
+def registered_only(role: Role) -> frozenset[type[Message]]:
+    """What only a peer registered in ``role`` may send: the role's own verbs, less its registration and the
+    facts kept from anyone."""
+    return SENDS[role] - _ANY_CLIENT - {REGISTRATIONS[role]} - KEPT_FROM_ANYONE
