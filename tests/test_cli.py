@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +20,13 @@ from pervade.jobs.submit import JobSpec
 from pervade.monitor import WatchOptions
 from pervade.options import build_config, to_argv
 from pervade.producer.run import ModelChoice, ProduceRequest
+from pervade.samples import default_templates_path
 from pervade.sinks.sink import SinkConfig
 from pervade.sinks.summary import read_verdicts
+from pervade.smollm2 import CACHE_NAME
 from tests.shadowing import write_shadowing_files
 
-SUBCOMMANDS = ["broker", "worker", "produce", "sink", "run", "tiny-model"]
+SUBCOMMANDS = ["broker", "worker", "produce", "sink", "run", "tiny-model", "smollm2"]
 
 
 def pervade(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -47,20 +50,43 @@ def test_help_lists_every_role_and_every_subcommand_explains_its_options() -> No
         assert flag in produce
 
 
-def test_run_with_no_flags_works_offline(tmp_path: Path) -> None:
-    """The README's quick start: shipped claims, default templates, the tiny model built on first use; run
-    from a directory of the user's that holds a jobs.py, broker.py, ... (every process starts there)."""
+def seed_model_cache(cache: Path, converted: Path) -> Path:
+    """Put SmolLM2, converted once per session (the ``smollm2`` fixture), into a test's own cache: hard links
+    where the file system allows, else copies. Converting from the GGUF is tests/test_smollm2.py's part; this
+    test checks that a run finds and uses the model."""
+    target = cache / "pervade" / CACHE_NAME
+    target.parent.mkdir(parents=True)
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(converted, target, copy_function=link)
+    return target
+
+
+def test_run_with_no_flags_works_offline(tmp_path: Path, smollm2) -> None:
+    """The README's quick start (here on 3 claims): shipped claims, default templates, and SmolLM2 from
+    pervade's model cache; run from a directory of the user's that holds a jobs.py, broker.py, ... (every
+    process starts there)."""
     write_shadowing_files(tmp_path)
-    result = pervade("run", cwd=tmp_path, env={"XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"})
+    model = seed_model_cache(tmp_path / "cache", smollm2.path)
+    weights = (model / "model.safetensors").stat().st_ino
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    result = pervade("run", "--limit", "3", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr + result.stdout
-    assert "240 verdicts for 60 claims x 4 templates, 2 workers" in result.stdout
-    for template in ("direct", "fact_checker", "verdict_only", "wiki_evidence"):
+    assert (model / "model.safetensors").stat().st_ino == weights, "the cached model is used, not converted again"
+    templates = json.loads(default_templates_path().read_text(encoding="utf-8"))
+    assert f"{3 * len(templates)} verdicts for 3 claims x {len(templates)} templates, 2 workers" in result.stdout
+    assert f"model      {model}\n" in result.stdout
+    for template in templates:
         assert template in result.stdout
     [out_dir] = [p for p in (tmp_path / "pervade-out").iterdir() if p.name.startswith("run-") and p.suffix != ".logs"]
-    assert sorted(p.suffix for p in out_dir.iterdir()) == [".parquet"]  # nothing else in the output
-    assert read_verdicts(out_dir).num_rows == 240
+    assert {p.suffix for p in out_dir.iterdir()} == {".parquet"}  # nothing else in the output
+    assert read_verdicts(out_dir).num_rows == 3 * len(templates)
     assert {p.name for p in out_dir.with_name(out_dir.name + ".logs").glob("*.log")} >= {"broker.log", "sink.log", "producer.log"}
-    assert (tmp_path / "cache" / "pervade" / "tiny-model-v1" / "config.json").exists()
     broker_log = (out_dir.with_name(out_dir.name + ".logs") / "broker.log").read_text()
     assert '"event": "broker_listening"' in broker_log and '"curve": true' in broker_log  # throwaway keys
 
