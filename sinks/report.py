@@ -1,9 +1,11 @@
 """``pervade report DIR``: what a sweep's Parquet output says. Per context and template: accuracy against
-the gold labels, macro-F1, the confusion matrix and the verdict counts, and the best template (the
-Prompt-for-Fact answer); over time, from the timing columns: throughput and the workers with a batch in
-hand. Computed with pyarrow from the files themselves; ``sinks/plots.py`` draws it, ``to_markdown`` writes
-it up (the same text ``pervade report`` prints). What one template scored, and the timeline, are
-``sinks/scores.py``'s records, shared with the plots."""
+the gold labels with its 95% interval, the majority-class baseline on the same claims and whether the
+accuracy is above it, below it or within chance, macro-F1, the confusion matrix and the verdict counts and
+shares, and the best template (the Prompt-for-Fact answer, said plainly when it does not beat chance); over
+time, from the timing columns: throughput and the workers with a batch in hand. Computed with pyarrow from
+the files themselves; ``sinks/plots.py`` draws it, ``to_markdown`` writes it up (the same text ``pervade
+report`` prints). What one template scored, and the timeline, are ``sinks/scores.py``'s records, shared
+with the plots."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pervade.constants import LABELS
 from pervade.errors import InputError
 from pervade.sinks.failures import read_failures
 from pervade.sinks.parquet import read_verdicts
-from pervade.sinks.scores import TemplateResult, Timeline
+from pervade.sinks.scores import ABOVE_BASELINE, BELOW_BASELINE, ONE_LABEL_SHARE, TemplateResult, Timeline
 
 #: Time bins a run's timeline is cut into, and the shortest bin (a tenth of a second).
 TIMELINE_BINS = 100
@@ -59,7 +61,9 @@ class Report:
             "out_dir": str(self.out_dir), "files": self.files, "rows": self.rows, "claims": self.claims,
             "duplicate_pairs": self.duplicate_pairs,
             "results": [r.to_json() for r in self.results],
-            "best": [{"context_id": r.context_id, "model": r.model, "template_id": r.template_id, "accuracy": r.accuracy}
+            "best": [{"context_id": r.context_id, "model": r.model, "template_id": r.template_id, "accuracy": r.accuracy,
+                      "accuracy_ci": list(r.accuracy_ci or ()) or None, "baseline": r.baseline,
+                      "baseline_label": r.baseline_label, "vs_baseline": r.vs_baseline}
                      for r in self.best()],
             "timeline": self.timeline.to_json() if self.timeline else None,
             "written": [str(p) for p in self.written],
@@ -175,6 +179,41 @@ def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
+def _interval(result: TemplateResult) -> str:
+    """The accuracy's 95% interval as "52.1–61.2%"."""
+    interval = result.accuracy_ci
+    return "–" if interval is None else f"{100 * interval[0]:.1f}–{100 * interval[1]:.1f}%"
+
+
+def _baseline(result: TemplateResult) -> str:
+    return "–" if result.baseline is None else f"{_percent(result.baseline)} ({result.baseline_label})"
+
+
+def _vs_baseline(result: TemplateResult) -> str:
+    # Bold only the one reading that claims something: a template that beats chance.
+    verdict = result.vs_baseline
+    return "–" if verdict is None else f"**{verdict}**" if verdict == ABOVE_BASELINE else verdict
+
+
+def _best_line(result: TemplateResult) -> str:
+    """One context's best template, with whether it beats the majority baseline: "best" is only the highest
+    accuracy among the templates tried, which may still be no better than always answering one label."""
+    low, high = result.accuracy_ci or (0.0, 0.0)
+    baseline = f"the majority baseline of {_percent(result.baseline)} (always {result.baseline_label})"
+    if result.vs_baseline == ABOVE_BASELINE:
+        verdict = f"beats {baseline}: its 95% interval starts at {_percent(low)}."
+    elif result.vs_baseline == BELOW_BASELINE:
+        verdict = f"**below chance**: its 95% interval ends at {_percent(high)}, under {baseline}."
+    else:
+        verdict = f"**not shown to beat chance**: its 95% interval contains {baseline}."
+    line = (f"- **{result.template_id}** for {result.model} (`{result.context_id}`): accuracy {_percent(result.accuracy)} "
+            f"(95% CI {_interval(result)}), macro-F1 {_percent(result.macro_f1)} on {result.labelled:,} labelled pairs; "
+            f"{verdict}")  # fmt: skip
+    if result.one_label is not None:
+        line += f" It answers {result.one_label} for {_percent(result.verdict_shares[result.one_label])} of its pairs."
+    return line
+
+
 def to_markdown(report: Report) -> str:
     """The report as Markdown: what ``pervade report`` prints and writes to summary.md."""
     lines = [f"# Report: {report.out_dir}", ""]
@@ -184,18 +223,32 @@ def to_markdown(report: Report) -> str:
     lines += ["", "## Best template", ""]
     if not best:
         lines.append("None: no claim has a gold label, so accuracy cannot be measured.")
-    for result in best:
-        lines.append(f"- **{result.template_id}** for {result.model} (`{result.context_id}`): accuracy "
-                     f"{_percent(result.accuracy)}, macro-F1 {_percent(result.macro_f1)} on {result.labelled:,} labelled pairs.")  # fmt: skip
+    lines += [_best_line(result) for result in best]
     lines += ["", "## Accuracy per context and template", ""]
     lines.append(
-        "| model | context | template | pairs | labelled | accuracy | macro-F1 | " + " | ".join(LABELS) + " | failed |"
+        "Accuracy is over the labelled pairs, with its 95% Wilson interval. The majority baseline is the accuracy of "
+        "always answering the most frequent gold label of the same pairs; a template is *above baseline* only when "
+        "its whole interval lies above it, *below baseline* when it lies wholly below, else *within chance*. "
+        "Verdicts: count (share of the pairs)."
     )
-    lines.append("|---|---|---|---:|---:|---:|---:|" + "---:|" * len(LABELS) + "---:|")
+    lines.append("")
+    lines.append(
+        "| model | context | template | pairs | labelled | accuracy | 95% CI | majority baseline | vs baseline "
+        "| macro-F1 | " + " | ".join(LABELS) + " | failed |"
+    )
+    lines.append("|---|---|---|---:|---:|---:|---:|---:|---|---:|" + "---:|" * len(LABELS) + "---:|")
     for r in report.results:
-        counts = " | ".join(f"{r.verdicts.get(label, 0):,}" for label in LABELS)
+        shares = r.verdict_shares
+        counts = " | ".join(f"{r.verdicts.get(label, 0):,} ({_percent(shares.get(label, 0.0))})" for label in LABELS)
         lines.append(f"| {r.model} | `{r.context_id}` | {r.template_id} | {r.pairs:,} | {r.labelled:,} | "
-                     f"{_percent(r.accuracy)} | {_percent(r.macro_f1)} | {counts} | {r.failed_pairs:,} |")  # fmt: skip
+                     f"{_percent(r.accuracy)} | {_interval(r)} | {_baseline(r)} | {_vs_baseline(r)} | "
+                     f"{_percent(r.macro_f1)} | {counts} | {r.failed_pairs:,} |")  # fmt: skip
+    collapsed = [r for r in report.results if r.one_label is not None]
+    if collapsed:
+        lines += ["", f"Answering one label for at least {ONE_LABEL_SHARE:.0%} of their pairs (an accuracy near "
+                  "that label's share of the gold labels, whatever the claims say): "
+                  + ", ".join(f"{r.template_id} (`{r.context_id}`): {r.one_label} "
+                              f"{_percent(r.verdict_shares[r.one_label])}" for r in collapsed) + "."]  # fmt: skip
     lines += ["", "## Confusion matrices (rows: gold label; columns: verdict)", ""]
     for r in report.results:
         if not r.confusion:
