@@ -36,6 +36,7 @@ from pervade.gpuworker.engine import (
 from pervade.gpuworker.intake import MIN_RUN_CLAIMS
 from pervade.gpuworker.link import BrokerLink
 from pervade.gpuworker.orders import BatchWork, InHand, LoadOrder, Order
+from pervade.prompts import PromptTemplate
 from pervade.protocol import BatchFailed, BatchResult, Completed, DeviceInfo, Verdict
 
 log = structlog.get_logger("gpuworker")
@@ -129,9 +130,10 @@ class Runner:
             batch_id=batch.batch_id, job_id=batch.job_id, context_id=work.context_id, model=batch.context.model,
             template_id=batch.template_id, worker_id=self.worker_id, device=self.contexts.device_info.describe(),
             dtype=dtype, submitted_at=batch.submitted_at, started_at=started, finished_at=finished,
+            calibration=scored.calibration,
             verdicts=[
                 Verdict(claim_id=claim.claim_id, verdict=verdict, scores=scores, gold_label=claim.gold_label)
-                for claim, (verdict, scores) in zip(batch.claims, scored, strict=True)
+                for claim, verdict, scores in zip(batch.claims, scored.verdicts, scored.scores, strict=True)
             ],
         )  # fmt: skip
 
@@ -154,7 +156,7 @@ class Runner:
             parts: list[Scored | Exception] = []
             offset = 0
             for part in ready:
-                parts.append(scored[offset : offset + len(part)])
+                parts.append(scored.part(offset, offset + len(part)))
                 offset += len(part)
         except Exception as exc:
             if len(ready) == 1:
@@ -185,7 +187,7 @@ class Runner:
 
 
 def _load_and_score(
-    held: HeldContext, device: torch.device, device_info: DeviceInfo, template: str, texts: list[str]
+    held: HeldContext, device: torch.device, device_info: DeviceInfo, template: PromptTemplate | str, texts: list[str]
 ) -> Scored:
     """Partial and agnostic modes: build the model for this batch only (from the node cache, or from the
     origin), score, and free it. Runs on the compute thread."""

@@ -19,6 +19,7 @@ from pervade.constants import LABELS, PROTOCOL_HEADER
 from pervade.context import ContextSpec
 from pervade.errors import ProtocolError
 from pervade.manifest import Manifest, RelativePath
+from pervade.prompts import PromptTemplate, as_template
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Label = Annotated[str, msgspec.Meta(max_length=64)]
@@ -35,6 +36,8 @@ Endpoint = Annotated[str, msgspec.Meta(max_length=512)]
 ByteCount = Annotated[int, msgspec.Meta(ge=0)]
 #: A client key's name (pervade/keyring.py), or "" where the broker has no keys.
 KeyName = Annotated[str, msgspec.Meta(max_length=64)]
+#: One score per label, in ``LABELS`` order; None for a label the template leaves out.
+LabelScores = Annotated[list[float | None], msgspec.Meta(min_length=len(LABELS), max_length=len(LABELS))]
 #: A CURVE public key, Z85 (40 characters).
 PublicKey = Annotated[str, msgspec.Meta(min_length=40, max_length=40)]
 
@@ -58,9 +61,15 @@ class Batch(_Part):
     job_id: Id
     context: ContextSpec
     template_id: Id
-    template: str
+    #: The template in full; a bare text (from an earlier producer) is a plain template with the default answers.
+    template: PromptTemplate | str
     claims: Annotated[list[Claim], msgspec.Meta(min_length=1)]
     submitted_at: Timestamp
+
+    @property
+    def prompt(self) -> PromptTemplate:
+        """The template in its full form."""
+        return as_template(self.template)
 
 
 class DeviceInfo(_Part):
@@ -76,11 +85,12 @@ class DeviceInfo(_Part):
 
 
 class Verdict(_Part):
-    """The verdict for one claim, with the label scores in ``LABELS`` order (next-token logits)."""
+    """The verdict for one claim, with the label scores in ``LABELS`` order: the log-probability of each label's
+    whole answer text after the prompt, None for a label the template leaves out."""
 
     claim_id: Id
     verdict: Label
-    scores: Annotated[list[float], msgspec.Meta(min_length=len(LABELS), max_length=len(LABELS))]
+    scores: LabelScores
     gold_label: Label | None = None
 
 
@@ -100,6 +110,9 @@ class BatchResult(_Part):
     verdicts: list[Verdict]
     #: The dtype the weights were computed in (a context in ``auto`` resolves per device).
     dtype: str = ""
+    #: A calibrating template's content-free scores (``pervade.prompts``), subtracted from each claim's scores
+    #: before its verdict was chosen; None when the template does not calibrate.
+    calibration: LabelScores | None = None
     #: The name of the CURVE key that sent this result (``authorized/worker/NAME.key``), set by the broker
     #: from the connection's authentication, never taken from the worker; "" on a broker without keys.
     worker_key: KeyName = ""

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from pervade.constants import LABELS
 from pervade.errors import ConfigError
-from pervade.samples import default_templates_path, sample_claims_path
+from pervade.producer.templates import load_templates
+from pervade.samples import sample_claims_path
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,20 @@ SHAPES: dict[str, ModelShape] = {
 
 _SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
+#: ChatML, as SmolLM2's tokenizer formats a chat (without its default system message), so that templates
+#: with ``"chat": true`` run on the tiny models too.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 
 def _training_corpus() -> list[str]:
     """Text the tokenizer learns from: the shipped claims and templates, and the label words, so that
     each label's first token is a word of its own, as in a real vocabulary."""
     lines = [json.loads(line)["claim"] for line in sample_claims_path().read_text().splitlines() if line.strip()]
-    lines += list(json.loads(default_templates_path().read_text(encoding="utf-8")).values())
+    for template in load_templates().values():
+        lines += [template.text, template.system or ""] + [a for a in template.answers if a is not None]
     lines += [f"Answer: {label}" for label in LABELS] * 50
     return lines
 
@@ -77,6 +86,7 @@ def build_tiny_model(
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
     )
+    fast.chat_template = CHAT_TEMPLATE
 
     shape = SHAPES[size]
     config = LlamaConfig(

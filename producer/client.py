@@ -41,6 +41,7 @@ from pervade.keys import ClientKeys
 from pervade.producer.claims import chunk_digest, chunks
 from pervade.producer.sweep import SubmitReport, Sweep, batch_id_for
 from pervade.producer.templates import validate_templates
+from pervade.prompts import PromptTemplate
 from pervade.protocol import (
     AbortJob,
     Accepted,
@@ -196,7 +197,7 @@ class Producer:
     async def submit_sweep(
         self,
         claims: Iterable[Claim],
-        templates: Mapping[str, str],
+        templates: Mapping[str, str | PromptTemplate],
         context: ResolvedContext | ContextSpec,
         batch_size: int = 32,
         job_id: str | None = None,

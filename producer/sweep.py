@@ -12,6 +12,7 @@ import msgspec
 
 from pervade.batchset import BatchSet
 from pervade.context import ContextSpec, ResolvedContext
+from pervade.prompts import SCORING, PromptTemplate
 from pervade.protocol import Claim, EndJob, JobDone, JobEnded
 
 
@@ -36,20 +37,26 @@ class SubmitReport:
 
 
 def job_id_for(
-    context: ContextSpec | ResolvedContext, templates: Mapping[str, str], claims_digest: str, batch_size: int
+    context: ContextSpec | ResolvedContext,
+    templates: Mapping[str, PromptTemplate],
+    claims_digest: str,
+    batch_size: int,
 ) -> str:
     """A job id that names what the sweep computes: the claims' content (``ClaimsScan.digest``), the
-    templates, the context and the batch size. The same sweep submitted again gets the same id (its
-    batches are recognised, not redone); a changed claims file, template or model is a new job."""
-    key = msgspec.msgpack.encode((context.context_id, sorted(templates.items()), claims_digest, batch_size))
+    templates, the context, the batch size and how answers are scored (``SCORING``). The same sweep
+    submitted again gets the same id (its batches are recognised, not redone); a changed claims file,
+    template or model is a new job."""
+    key = msgspec.msgpack.encode((SCORING, context.context_id, sorted(templates.items()), claims_digest, batch_size))
     return "job-" + hashlib.sha256(key).hexdigest()[:16]
 
 
-def batch_id_for(job_id: str, chunk: int, template_id: str, claims: bytes, template: str, context: ContextSpec) -> str:
+def batch_id_for(
+    job_id: str, chunk: int, template_id: str, claims: bytes, template: PromptTemplate, context: ContextSpec
+) -> str:
     """``JOB/CHUNK/TEMPLATE/CONTENT``: deterministic, so a resend is recognised, and naming what the batch
-    computes (its claims' ``chunk_digest``, the template's text, the context), so a batch id seen before
-    means the same work even where nobody remembers the job (a sink's output, a broker on new state)."""
-    content = hashlib.sha256(claims + template.encode() + context.context_id.encode()).hexdigest()[:8]
+    computes (its claims' ``chunk_digest``, the template, the context, ``SCORING``), so a batch id seen
+    before means the same work even where nobody remembers the job (a sink's output, a broker on new state)."""
+    content = hashlib.sha256(claims + template.key() + context.context_id.encode() + SCORING.encode()).hexdigest()[:8]
     return f"{job_id}/{chunk:07d}/{template_id}/{content}"
 
 
@@ -60,7 +67,7 @@ class Sweep:
 
     job_id: str
     claims: Iterable[Claim]
-    templates: dict[str, str]
+    templates: dict[str, PromptTemplate]
     context: ContextSpec
     batch_size: int
     report: SubmitReport

@@ -20,8 +20,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from pervade.prompts import SCORING
 from pervade.protocol import BatchResult
-from pervade.sinks.schema import SCHEMA
+from pervade.sinks.schema import CALIBRATION_COLUMNS, SCHEMA, SCORE_COLUMNS
 from pervade.sinks.staging import StagedFile, staged_name
 
 if TYPE_CHECKING:
@@ -48,16 +49,18 @@ class _Columns:
         for name in _PER_BATCH:
             self.data[name].extend([getattr(result, name)] * n)
         self.data["worker_key"].extend([result.worker_key or None] * n)  # "": a broker without keys
+        self.data["score_kind"].extend([SCORING] * n)
+        calibration = result.calibration or [None] * len(CALIBRATION_COLUMNS)
+        for name, value in zip(CALIBRATION_COLUMNS, calibration, strict=True):
+            self.data[name].extend([value] * n)
         for name, micros in times.items():
             self.data[name].extend([micros] * n)
         for verdict in result.verdicts:
             self.data["claim_id"].append(verdict.claim_id)
             self.data["gold_label"].append(verdict.gold_label)
             self.data["verdict"].append(verdict.verdict)
-            supports, refutes, nei = verdict.scores
-            self.data["score_supports"].append(supports)
-            self.data["score_refutes"].append(refutes)
-            self.data["score_not_enough_info"].append(nei)
+            for name, score in zip(SCORE_COLUMNS, verdict.scores, strict=True):
+                self.data[name].append(score)
         self.rows += n
 
     def to_table(self) -> pa.Table:

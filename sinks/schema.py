@@ -28,9 +28,13 @@ SCHEMA = pa.schema(
         pa.field("model", pa.string(), nullable=False),
         pa.field("gold_label", pa.string()),
         pa.field("verdict", pa.string(), nullable=False),
-        pa.field("score_supports", pa.float32(), nullable=False),
-        pa.field("score_refutes", pa.float32(), nullable=False),
-        pa.field("score_not_enough_info", pa.float32(), nullable=False),
+        pa.field("score_supports", pa.float32()),
+        pa.field("score_refutes", pa.float32()),
+        pa.field("score_not_enough_info", pa.float32()),
+        pa.field("calibration_supports", pa.float32()),
+        pa.field("calibration_refutes", pa.float32()),
+        pa.field("calibration_not_enough_info", pa.float32()),
+        pa.field("score_kind", pa.string(), nullable=False),
         pa.field("worker_id", pa.string(), nullable=False),
         pa.field("worker_key", pa.string()),
         pa.field("device", pa.string(), nullable=False),
@@ -43,9 +47,24 @@ SCHEMA = pa.schema(
     ]
 )
 
+#: Each label's score (``pervade.prompts``: the log-probability of its answer; null for a label the template
+#: leaves out), and a calibrating template's content-free scores (null when it does not calibrate), in
+#: ``LABELS`` order. A calibrated verdict is the label whose score less its calibration is highest.
+SCORE_COLUMNS = ("score_supports", "score_refutes", "score_not_enough_info")
+CALIBRATION_COLUMNS = ("calibration_supports", "calibration_refutes", "calibration_not_enough_info")
+
+#: How the scores of rows written before ``score_kind`` were computed: each label's first-token logit.
+FIRST_TOKEN_LOGIT = "first_token_logit"
+
 #: Columns added to the schema since the first release, and what they hold in the rows of a file written
-#: before them: ``dtype`` "" (unknown, as from an older worker), ``worker_key`` null (no key recorded).
-ADDED_COLUMNS: dict[str, str | None] = {"dtype": "", "worker_key": None}
+#: before them: ``dtype`` "" (unknown, as from an older worker), ``worker_key`` null (no key recorded), no
+#: calibration, and the first-token logits those versions scored.
+ADDED_COLUMNS: dict[str, str | None] = {
+    "dtype": "",
+    "worker_key": None,
+    **dict.fromkeys(CALIBRATION_COLUMNS),
+    "score_kind": FIRST_TOKEN_LOGIT,
+}
 
 
 def is_outdated(schema: pa.Schema) -> bool:

@@ -10,7 +10,6 @@ as it always does, so a run must gather the batches of its template from between
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from pervade.jobs.cluster import LocalCluster
 from pervade.producer.claims import ClaimsSource, read_claims
 from pervade.producer.templates import load_templates
 from pervade.sinks.summary import read_verdicts
-from tests.test_end_to_end import reference_verdicts
+from tests.reference import reference_verdicts, templates_json
 from tests.waiting import wait_until
 
 CLAIMS = 300
@@ -31,9 +30,9 @@ PAIRS = CLAIMS * 2
 async def test_one_claim_batches_are_scored_in_a_few_passes_with_the_reference_verdicts(
     tmp_path: Path, tiny_model: Path, fever_claims: Path
 ) -> None:
-    templates = {k: v for k, v in load_templates().items() if k in ("direct", "fact_checker")}  # interleaved
+    templates = {k: v for k, v in load_templates().items() if k in ("direct", "chat_yes_no_calibrated")}  # interleaved
     templates_file = tmp_path / "templates.json"
-    templates_file.write_text(json.dumps(templates))
+    templates_file.write_text(templates_json(templates))
     cluster = LocalCluster(tmp_path / "cluster", heartbeat_interval_s=0.2, log_level="debug")
     try:
         await cluster.start_broker()

@@ -23,22 +23,22 @@ import msgspec
 import pyarrow.compute as pc
 import pytest
 import pytest_asyncio
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from pervade.constants import LABELS
 from pervade.context import make_context
-from pervade.gpuworker.engine import load_context, render_prompt
 from pervade.jobs.local import ProcessGroup, read_events, wait_for_endpoint
 from pervade.producer.claims import ClaimsSource, read_claims
 from pervade.producer.templates import load_templates
 from pervade.protocol import StatusSnapshot
 from pervade.sinks.summary import read_verdicts
+from tests.reference import reference_verdicts, templates_json
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 CLAIMS = 500
+#: A plain template with the default answers and a calibrated chat template with answers of its own.
+TEMPLATES = ("direct", "chat_yes_no_calibrated")
 WORKERS = ("worker-a", "worker-b")
 PROCESS_TIMEOUT_S = 240
 
@@ -53,7 +53,9 @@ class Cluster:
 
     async def produce(self, name: str, *args: str) -> str:
         """Run a producer process with --wait to completion; returns its stdout+stderr."""
-        process = await self.procs.start(name, "produce", "--broker", self.endpoint, "--model", str(self.model), "--wait", *args)
+        process = await self.procs.start(
+            name, "produce", "--broker", self.endpoint, "--model", str(self.model), "--wait", *args
+        )
         code = await asyncio.wait_for(process.wait(), PROCESS_TIMEOUT_S)
         assert code == 0, self.procs.tail(name)
         return (self.procs.log_dir / f"{name}.log").read_text()
@@ -69,7 +71,7 @@ async def cluster(tmp_path_factory, tiny_model) -> AsyncIterator[Cluster]:
     log_dir.mkdir()
     templates = load_templates()
     templates_file = base / "templates.json"
-    templates_file.write_text(json.dumps({k: templates[k] for k in ("direct", "fact_checker")}))
+    templates_file.write_text(templates_json({k: templates[k] for k in TEMPLATES}))
     procs = ProcessGroup(log_dir)
     try:
         broker = await procs.start("broker", "broker", "--bind", "tcp://127.0.0.1:*", "--endpoint-file", str(base / "endpoint"),
@@ -85,19 +87,6 @@ async def cluster(tmp_path_factory, tiny_model) -> AsyncIterator[Cluster]:
         yield cluster
     finally:
         await procs.stop(["sink", *WORKERS, "broker"])
-
-
-def reference_verdicts(model_dir: Path, templates: dict[str, str], claims) -> dict[tuple[str, str], tuple[str, list[float]]]:
-    """The plain loop a user would write: one prompt at a time, full logits, argmax over the labels."""
-    context = load_context(make_context(str(model_dir)).spec, torch.device("cpu"))
-    expected = {}
-    with torch.inference_mode():
-        for template_id, template in templates.items():
-            for claim in claims:
-                encoded = context.tokenizer(render_prompt(template, claim.text), return_tensors="pt")
-                scores = context.model(**encoded).logits[0, -1, context.label_ids].tolist()
-                expected[(claim.claim_id, template_id)] = (LABELS[max(range(3), key=scores.__getitem__)], scores)
-    return expected
 
 
 async def test_every_pair_gets_exactly_one_row_with_the_reference_verdict(cluster: Cluster, fever_claims: Path) -> None:
@@ -126,7 +115,7 @@ async def test_every_pair_gets_exactly_one_row_with_the_reference_verdict(cluste
         assert got == pytest.approx(scores, abs=1e-3)
         assert r["gold_label"] == gold[r["claim_id"]]
     assert mismatches == []
-    assert set(pc.unique(table["verdict"]).to_pylist()) == set(LABELS), "verdicts that never vary prove little"
+    assert len(pc.unique(table["verdict"])) >= 2, "verdicts that never vary prove little"
     assert set(pc.unique(table["worker_id"]).to_pylist()) == set(WORKERS), "both workers should have taken work"
 
 
@@ -145,7 +134,6 @@ async def test_later_batches_go_to_the_workers_already_holding_the_model(cluster
     assert len(cluster.events("broker", "told_to_load")) == len(WORKERS)
 
 
-
 async def pervade_output(*args: str) -> str:
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "pervade", *args, stdout=asyncio.subprocess.PIPE,
                                                    stderr=asyncio.subprocess.PIPE)  # fmt: skip
@@ -157,13 +145,19 @@ async def pervade_output(*args: str) -> str:
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
     """Every sample a Prometheus scrape of ``url`` returns: (name, sorted labels) -> value."""
     text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
 async def test_status_and_metrics_show_the_live_workers_and_agree_with_the_output(cluster: Cluster) -> None:
     """After the jobs above: what `pervade status` and the Prometheus metrics say is what the output holds."""
     rows = read_verdicts(cluster.out_dir).num_rows
-    snapshot = msgspec.json.decode(await pervade_output("status", "--broker", cluster.endpoint, "--json"), type=StatusSnapshot)
+    snapshot = msgspec.json.decode(
+        await pervade_output("status", "--broker", cluster.endpoint, "--json"), type=StatusSnapshot
+    )
     assert sorted(w.worker_id for w in snapshot.workers) == sorted(WORKERS)
     for worker in snapshot.workers:
         assert worker.state == "idle" and worker.device.startswith("cpu") and worker.host
@@ -171,7 +165,9 @@ async def test_status_and_metrics_show_the_live_workers_and_agree_with_the_outpu
     assert sum(w.claims_done for w in snapshot.workers) == rows == snapshot.counters["claims_completed"]
     assert snapshot.pairs_total == snapshot.pairs_done == rows and snapshot.eta_s == 0.0
     assert [j.done for j in snapshot.jobs] == [True, True] and sum(j.pairs for j in snapshot.jobs) == rows
-    assert [(c.model, c.queued_batches, c.workers, c.loaded_workers) for c in snapshot.contexts] == [(str(cluster.model), 0, 2, 2)]
+    assert [(c.model, c.queued_batches, c.workers, c.loaded_workers) for c in snapshot.contexts] == [
+        (str(cluster.model), 0, 2, 2)
+    ]
     manifest_bytes = make_context(str(cluster.model)).manifest.total_bytes
     c = snapshot.counters
     assert c["context_loads"] == 2 and c["origin_bytes"] > 0
@@ -249,7 +245,9 @@ async def test_progress_bars_on_a_terminal_and_none_in_logs(cluster: Cluster, fe
     """A producer and a second sink run on a terminal draw their bars; the same programs writing to log
     files (every process above) draw none."""
     async with Terminal() as sink, Terminal() as producer:
-        await sink.start("sink", "--broker", cluster.endpoint, "--out", str(cluster.out_dir), "--sink-id", "sink-on-a-terminal")
+        await sink.start(
+            "sink", "--broker", cluster.endpoint, "--out", str(cluster.out_dir), "--sink-id", "sink-on-a-terminal"
+        )
         await wait_until(lambda: b"sink_started" in sink.output, 60, "the terminal's sink to start")
         await producer.start("produce", "--broker", cluster.endpoint, "--model", str(cluster.model), "--wait", "--claims",
                              str(fever_claims), "--limit", "120", "--templates", str(cluster.templates_file), "--batch-size", "4")  # fmt: skip
@@ -257,7 +255,9 @@ async def test_progress_bars_on_a_terminal_and_none_in_logs(cluster: Cluster, fe
         assert code == 0, shown
         assert "pairs sent" in shown and "pairs acknowledged" in shown and "240/240" in shown
         # the sink asks the broker for the run's progress each second: it catches up with the job
-        await wait_until(lambda: b"240/240" in sink.output, 10, f"the sink's bar to show the job written: {sink.output[-2000:]!r}")
+        await wait_until(
+            lambda: b"240/240" in sink.output, 10, f"the sink's bar to show the job written: {sink.output[-2000:]!r}"
+        )
         assert sink.process is not None
         sink.process.terminate()
         code, sink_shown = await sink.finish()

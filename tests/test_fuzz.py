@@ -83,7 +83,7 @@ from pervade.protocol import (
 from pervade.roles import SENDS
 from pervade.sinks.failures import read_failures
 from pervade.sinks.summary import read_verdicts
-from tests.test_end_to_end import reference_verdicts
+from tests.reference import reference_verdicts, templates_json
 
 #: The broker's frame limit: small, so that oversized frames are cheap to send.
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -99,7 +99,7 @@ SEND_TIMEOUT_MS = 10_000
 BARRIER_ATTEMPTS = 30
 #: The normal job run after the fuzz.
 CLAIMS = 60
-TEMPLATES = ("direct", "fact_checker")
+TEMPLATES = ("direct", "chat_yes_no_calibrated")
 JOB_TIMEOUT_S = 120
 
 #: The fuzz's DEALER identities (one not UTF-8, as a broker may meet any bytes) ...
@@ -686,7 +686,7 @@ async def test_a_fuzzed_broker_stays_up_and_still_runs_a_job_correctly(
         client_keys = {role: ClientKeys.load(tmp_path / "keys", role) for role in FUZZ_ROLES}
     templates_file = tmp_path / "templates.json"
     all_templates = load_templates()
-    templates_file.write_text(json.dumps({t: all_templates[t] for t in TEMPLATES}))
+    templates_file.write_text(templates_json({t: all_templates[t] for t in TEMPLATES}))
     procs = ProcessGroup(log_dir)  # every process logs JSON lines to log_dir/NAME.log
     try:
         broker = await procs.start(

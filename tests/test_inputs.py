@@ -21,10 +21,16 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
-def test_default_templates_are_valid_and_end_asking_for_the_answer() -> None:
-    templates = load_templates()
-    assert len(templates) >= 2
-    assert all(text.count("{claim}") == 1 for text in templates.values())
+def test_the_shipped_templates_are_a_prompt_for_fact_sweep() -> None:
+    """At least 8 templates: plain and chat, the labels' names and other answer words, with and without
+    calibration, zero- and few-shot."""
+    templates = list(load_templates().values())
+    assert len(templates) >= 8
+    assert all(t.text.count("{claim}") == 1 for t in templates)
+    assert {t.chat for t in templates} == {True, False} and {t.calibrate for t in templates} == {True, False}
+    answer_words = {a.strip() for t in templates for a in t.answers if a is not None}
+    assert {"SUPPORTS", "REFUTES", "NOT ENOUGH INFO"} < answer_words and len(answer_words) >= 7
+    assert any(t.text.count("Claim:") >= 3 for t in templates) and any(t.text.count("Claim:") <= 1 for t in templates)
 
 
 @pytest.mark.parametrize(
@@ -35,8 +41,20 @@ def test_default_templates_are_valid_and_end_asking_for_the_answer() -> None:
         ("{}", "no templates"),
         ('{"a": "no placeholder"}', "exactly once, found 0"),
         ('{"a": "{claim} and {claim}"}', "exactly once, found 2"),
-        ('{"a": 5}', "must be a string"),
+        ('{"a": 5}', "template 'a' must be a text or an object"),
         ('{"": "{claim}"}', "non-empty strings"),
+        ('{"a": {"chat": true}}', "template 'a': field 'text' is missing"),
+        ('{"a": {"text": "{claim}", "labels": {"SUPPORTS": " yes"}}}', "'a', field 'labels': needs at least two"),
+        ('{"a": {"text": "{claim}", "labels": {"TRUE": " yes", "REFUTES": " no"}}}', "'TRUE' is not a FEVER label"),
+        ('{"a": {"text": "{claim}", "labels": {"SUPPORTS": " ", "REFUTES": " no"}}}', "SUPPORTS must be a non-empty"),
+        ('{"a": {"text": "{claim}", "labels": {"SUPPORTS": "x", "REFUTES": "x"}}}', "the same answer text"),
+        ('{"a": {"text": "{claim}", "labels": ["yes", "no"]}}', "'labels': expected an object"),
+        ('{"a": {"text": "{claim}", "chat": "yes"}}', "field 'chat': expected true or false"),
+        ('{"a": {"text": "{claim}", "calibrate": 1}}', "field 'calibrate': expected true or false"),
+        ('{"a": {"text": "{claim}", "system": "Be brief."}}', "field 'system': a system message needs"),
+        ('{"a": {"text": "{claim}", "chat": true, "system": "{claim}"}}', "the claim goes in 'text'"),
+        ('{"a": {"text": "{claim}", "answers": {}}}', "unknown field 'answers'"),
+        ('{"a": {"text": 3}}', "field 'text': expected a string"),
     ],
 )
 def test_bad_templates_are_refused(tmp_path, content: str, reason: str) -> None:
@@ -159,12 +177,14 @@ def test_the_job_id_names_what_the_sweep_computes(tmp_path) -> None:
 
     def job_id(recs, name="c.jsonl", templates=templates, context=context, batch_size=32) -> str:
         scan = scan_claims(ClaimsSource(write_jsonl(tmp_path / name, recs)), batch_size)
-        return job_id_for(context, templates, scan.digest, batch_size)
+        return job_id_for(context, validate_templates(templates), scan.digest, batch_size)
 
     first = job_id(records)
     assert job_id(records, name="elsewhere.jsonl") == first
     assert job_id(records + [{"id": 100, "claim": "appended"}]) != first
     assert job_id([{**records[0], "label": "REFUTES"}, *records[1:]]) != first
     assert job_id(records, templates={"t": "{claim} Verdict:"}) != first
+    assert job_id(records, templates={"t": {"text": "{claim} Answer:", "calibrate": True}}) != first
+    assert job_id(records, templates={"t": {"text": "{claim} Answer:", "labels": {"SUPPORTS": " y", "REFUTES": " n"}}}) != first
     assert job_id(records, context=ContextSpec(model="other")) != first
     assert job_id(records, batch_size=16) != first

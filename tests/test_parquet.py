@@ -71,3 +71,30 @@ def test_summary_counts_accuracy_on_labelled_rows_only(tmp_path) -> None:
     [score] = summary.per_template
     assert (score.template_id, score.verdicts, score.labelled, score.correct, score.accuracy) == ("a", 4, 2, 1, 0.5)
     assert summarize(tmp_path / "empty").rows == 0
+
+
+def test_a_label_left_out_is_null_and_a_calibrated_verdict_can_be_recomputed_from_the_row(tmp_path) -> None:
+    """A two-label calibrating template: its third score is null, its content-free scores are in the row, and
+    the verdict is the label whose score less its calibration is highest (docs/output.md)."""
+    calibrated = BatchResult(
+        batch_id="b", job_id="j", context_id="ctx-1", model="m", template_id="tf", worker_id="w", device="cpu",
+        submitted_at=1.0, started_at=2.0, finished_at=3.0, calibration=[-1.0, -3.0, None],
+        verdicts=[Verdict(claim_id="raw-says-supports", verdict="REFUTES", scores=[-2.0, -2.5, None]),
+                  Verdict(claim_id="both-say-supports", verdict="SUPPORTS", scores=[-1.0, -4.0, None])],
+    )  # fmt: skip
+    writer = RollingParquetWriter(OutputDirectory(tmp_path), "v")
+    writer.add(calibrated)
+    writer.add(result(1))
+    writer.roll()
+    rows = {r["claim_id"]: r for r in pl.read_parquet(tmp_path).to_dicts()}
+    for claim_id in ("raw-says-supports", "both-say-supports"):
+        row = rows[claim_id]
+        assert row["score_not_enough_info"] is None and row["calibration_not_enough_info"] is None
+        assert row["score_kind"] == "answer_logprob"
+        adjusted = {
+            label: row[f"score_{name}"] - row[f"calibration_{name}"]
+            for label, name in (("SUPPORTS", "supports"), ("REFUTES", "refutes"))
+        }
+        assert row["verdict"] == max(adjusted, key=adjusted.get)
+    uncalibrated = rows["1-0"]
+    assert uncalibrated["calibration_supports"] is None and uncalibrated["score_supports"] == 0.5
