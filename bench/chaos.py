@@ -91,7 +91,7 @@ import pyarrow.compute as pc
 from pervade.jobs.cluster import LocalCluster
 from pervade.jobs.local import ensure_tiny_model
 from pervade.producer.claims import ClaimsSource, read_claims, sample_claims_path
-from pervade.producer.templates import load_templates
+from pervade.producer.templates import dump_templates, load_templates
 from pervade.sinks.failures import read_failures
 from pervade.sinks.summary import read_verdicts
 
@@ -305,7 +305,7 @@ async def run_once(settings: RunSettings, workload: Workload, base: Path) -> Run
     report = RunReport(settings, workload, base)
     templates_file = base / "templates.json"
     base.mkdir(parents=True, exist_ok=True)
-    templates_file.write_text(json.dumps(workload.templates))
+    templates_file.write_text(dump_templates(workload.templates))
     worker_args = ("--device", "cpu", "--threads", str(settings.threads), "--grace-seconds", "5")
     producer_args = ("--model", workload.model, "--claims", str(workload.claims_file), "--limit", str(workload.claims),
                      "--templates", str(templates_file), "--batch-size", str(workload.batch_size),

@@ -53,8 +53,10 @@ def compare(
     largest = 0.0
     for key, (verdict, scores) in a.items():
         other_verdict, other_scores = b[key]
-        gaps = [abs(x - y) for x, y in zip(scores, other_scores, strict=True) if x is not None or y is not None]
-        largest = max(largest, *gaps)
+        if [x is None for x in scores] != [y is None for y in other_scores]:
+            largest = float("inf")  # a label scored on one side only
+        else:
+            largest = max(largest, *(abs(x - y) for x, y in zip(scores, other_scores, strict=True) if x is not None))
         if verdict != other_verdict:
             margins = sorted(
                 (s - (calibration[i] if calibration else 0.0) for i, s in enumerate(other_scores) if s is not None),

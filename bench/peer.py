@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import secrets
@@ -63,7 +62,7 @@ from benchkit import DEFAULT_OUT_DIR, Report
 
 from pervade.jobs.local import LocalRunConfig, ensure_tiny_model, run_local
 from pervade.producer.claims import ClaimsSource, read_claims, sample_claims_path
-from pervade.producer.templates import load_templates
+from pervade.producer.templates import dump_templates, load_templates
 
 #: FEVER's paper_dev split, beside the repository (shared/data/), when this checkout has it.
 FEVER_DEV = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "fever" / "paper_dev.jsonl"
@@ -119,7 +118,7 @@ def measure_pervade(work: Workload, scratch: Path) -> Measurement:
     from pervade.sinks.summary import read_verdicts
 
     templates_file = scratch / "templates.json"
-    templates_file.write_text(json.dumps(work.templates), encoding="utf-8")
+    templates_file.write_text(dump_templates(work.templates), encoding="utf-8")
     config = LocalRunConfig(
         claims=work.claims, templates=templates_file, out_dir=scratch / "pervade-out", workers=work.workers,
         model=work.model, dtype=work.dtype, device=work.device, limit=work.limit, batch_size=work.batch_size,
@@ -179,7 +178,7 @@ class RayScorer:
         for template_id in dict.fromkeys(template_ids):  # a batch may straddle two templates
             rows = [i for i, t in enumerate(template_ids) if t == template_id]
             scored = score_claims(self.context, self.templates[template_id], [texts[i] for i in rows])
-            for i, (verdict, row) in zip(rows, scored, strict=True):
+            for i, verdict, row in zip(rows, scored.verdicts, scored.scores, strict=True):
                 verdicts[i], scores[i] = verdict, row
         finished = time.time()
         return {
@@ -273,7 +272,7 @@ def measure_ray(work: Workload) -> Measurement:
             first_started = min(first_started, float(batch["started_at"].min()))
             first_finished = min(first_finished, float(batch["finished_at"].min()))
             for key in zip(batch["claim_id"], batch["template_id"], batch["verdict"], batch["scores"], strict=True):
-                verdicts[(str(key[0]), str(key[1]))] = (str(key[2]), tuple(float(s) for s in key[3]))
+                verdicts[(str(key[0]), str(key[1]))] = (str(key[2]), tuple(None if s is None else float(s) for s in key[3]))
         wall = time.time() - started
     if delivered is None:
         raise RuntimeError("Ray Data returned no verdicts")
@@ -299,7 +298,7 @@ def compare(a: Verdicts, b: Verdicts) -> tuple[int, float]:
     for key in a.keys() & b.keys():
         (verdict_a, scores_a), (verdict_b, scores_b) = a[key], b[key]
         mismatches += verdict_a != verdict_b
-        largest = max(largest, *(abs(x - y) for x, y in zip(scores_a, scores_b, strict=True)))
+        largest = max(largest, *(abs(x - y) for x, y in zip(scores_a, scores_b, strict=True) if x is not None))
     return mismatches, largest
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -77,6 +76,7 @@ from runs import (
 )
 
 from pervade.jobs.cluster import LocalCluster
+from pervade.producer.templates import dump_templates
 from pervade.sinks.summary import read_verdicts
 
 SAMPLE_EVERY_S = 0.25
@@ -165,7 +165,7 @@ async def run_window(mode: str, every_s: float, workload: Workload, base: Path, 
     settings = chaos_settings(mode, every_s, options)
     base.mkdir(parents=True, exist_ok=True)
     templates_file = base / "templates.json"
-    templates_file.write_text(json.dumps(workload.templates))
+    templates_file.write_text(dump_templates(workload.templates))
     args = worker_args(mode, options.threads)
     cluster = LocalCluster(base, heartbeat_interval_s=options.heartbeat_interval_s)
     chaos: Chaos | None = None

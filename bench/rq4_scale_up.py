@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import json
 import os
 import sys
 import time
@@ -64,6 +63,7 @@ from runs import (
 )
 
 from pervade.jobs.cluster import LocalCluster
+from pervade.producer.templates import dump_templates
 from pervade.sinks.summary import read_verdicts
 
 SAMPLE_EVERY_S = 0.25
@@ -132,7 +132,7 @@ async def run_schedule(schedule: Schedule, workload: Workload, base: Path, threa
     run = ScaleRun(schedule)
     base.mkdir(parents=True, exist_ok=True)
     templates_file = base / "templates.json"
-    templates_file.write_text(json.dumps(workload.templates))
+    templates_file.write_text(dump_templates(workload.templates))
     args = worker_args("full", threads)
     cluster = LocalCluster(base)
     try:

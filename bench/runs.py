@@ -26,7 +26,9 @@ from chaos import FEVER_DEV, RunSettings, Workload, load_workload, wait_for_serv
 from pervade.jobs.cluster import LocalCluster
 from pervade.jobs.local import default_cache_dir
 from pervade.producer.claims import sample_claims_path
+from pervade.producer.templates import dump_templates
 from pervade.sinks.summary import read_verdicts
+from pervade.smollm2 import ensure_smollm2
 from pervade.tinymodel import SHAPES, build_tiny_model
 
 CLAIMS_FILE_HELP = "claims (default: ../shared/data/fever/paper_dev.jsonl, else the shipped sample)"
@@ -81,7 +83,7 @@ async def start_serving(cluster: LocalCluster, workload: Workload, workers: int,
     the templates file the producer is to read."""
     cluster.base.mkdir(parents=True, exist_ok=True)
     templates_file = cluster.base / "templates.json"
-    templates_file.write_text(json.dumps(workload.templates))
+    templates_file.write_text(dump_templates(workload.templates))
     await cluster.start_broker()
     await cluster.start_sink("--until-done")
     for _ in range(workers):
@@ -111,6 +113,10 @@ def _summarize(cluster: LocalCluster, workload: Workload, started: float, ended:
 # The workload every benchmark builds the same way.
 
 
+#: ``--size`` for the real model rather than a random one.
+REAL_MODEL = "smollm2-135m-instruct"
+
+
 def add_workload_args(parser: argparse.ArgumentParser, claims: int, batch_sizes: list[int] | None = None) -> None:
     """--claims, --templates, --claims-file, --size, --model, --batch-size (or --batch-sizes when a script
     sweeps them), --out-dir, --base-dir and --keep."""
@@ -122,7 +128,9 @@ def add_workload_args(parser: argparse.ArgumentParser, claims: int, batch_sizes:
         parser.add_argument("--batch-sizes", type=int, nargs="+", default=batch_sizes,
                             help=f"claims per batch, one run each (default: {' '.join(map(str, batch_sizes))})")  # fmt: skip
     parser.add_argument("--claims-file", type=Path, default=default_claims_file(), help=CLAIMS_FILE_HELP)
-    parser.add_argument("--size", default="small", choices=sorted(SHAPES), help="offline random model (default: small)")
+    parser.add_argument("--size", default="small", choices=[*sorted(SHAPES), REAL_MODEL],
+                        help=f"offline random model of this shape (default: small), or {REAL_MODEL}: the real "
+                        "SmolLM2-135M-Instruct pervade run uses (pervade/smollm2.py)")  # fmt: skip
     parser.add_argument("--model", type=Path, default=None, help="a model directory instead of --size")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="CSV and PNG (default: bench/results)")
     parser.add_argument("--base-dir", type=Path, default=None, help="runs' logs and output (default: temporary)")
@@ -135,7 +143,7 @@ def workload_from_args(args: argparse.Namespace, prefix: str) -> tuple[Workload,
     if min(args.claims, args.templates, batch_size, *getattr(args, "batch_sizes", [1])) < 1:
         raise SystemExit("--claims, --templates and batch sizes must be positive")
     base = (args.base_dir or Path(tempfile.mkdtemp(prefix=f"pervade-{prefix}-"))).resolve()
-    model = (args.model or ensure_sized_model(args.size)).resolve()
+    model = (args.model or (ensure_smollm2() if args.size == REAL_MODEL else ensure_sized_model(args.size))).resolve()
     claims_file = claims_with_at_least(args.claims_file.resolve(), args.claims, base)
     return build_workload(claims_file, args.claims, args.templates, model, batch_size), model, base
 

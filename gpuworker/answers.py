@@ -128,6 +128,22 @@ def _pack_row(
     allowed[row, padding, known + padding] = True  # a pad token sees itself: no row of the mask is empty
 
 
+@torch.inference_mode()
+def head_disagreement(model: PreTrainedModel, tokens: int = 8) -> float:
+    """How far ``_head``'s log-probabilities are from the model's own (its forward pass, whatever its head
+    does: a logit scale, a softcap), on a short sequence: 0 up to rounding for every model this module
+    scores right; a model whose head does more than ``_head`` knows shows a large difference."""
+    ids = torch.arange(tokens, device=model.device)[None] % max(1, model.config.vocab_size)
+    expected = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    hidden = model.base_model(input_ids=ids)[0][0]
+    wanted = [(position, int(ids[0, position])) for position in range(tokens)]
+    normalizer, logits = _head(model, hidden, wanted)
+    return max(
+        abs(logit - normalizer[position] - expected[position, token].item())
+        for (position, token), logit in zip(wanted, logits, strict=True)
+    )
+
+
 def _head(
     model: PreTrainedModel, hidden: torch.Tensor, wanted: list[tuple[int, int]]
 ) -> tuple[list[float], list[float]]:

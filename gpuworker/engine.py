@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from pervade.context import ContextSpec
 from pervade.errors import ContextLoadError
-from pervade.gpuworker.answers import packed_tokens, score_answers
+from pervade.gpuworker.answers import head_disagreement, packed_tokens, score_answers
 from pervade.gpuworker.device import BatchPlan, describe_device, fit_dtype, plan_batches, prefix_overhead_tokens
 from pervade.gpuworker.prefix import PrefixKV, PrefixStore, prefix_text, run_prefix
 from pervade.gpuworker.prompting import ResolvedPrompt, resolve_prompt
@@ -35,6 +35,11 @@ from pervade.prompts import PromptTemplate, as_template, choose
 from pervade.protocol import DeviceInfo
 
 log = structlog.get_logger("pervade.gpuworker.engine")
+
+#: Largest difference between the model's own log-probabilities and the ones pervade computes from its hidden
+#: states (``head_disagreement``) for which a model is scored: rounding in bf16 stays far below it; a model with
+#: a logit scale (Granite, Cohere) is far above.
+HEAD_TOLERANCE = 1e-2
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -121,6 +126,12 @@ def load_context(
     tokenizer.padding_side = "right"
     if not isinstance(model.get_output_embeddings(), torch.nn.Linear):
         raise ContextLoadError(f"{type(model).__name__} has no linear output head to score answers with")
+    gap = head_disagreement(model)
+    if gap > HEAD_TOLERANCE:
+        raise ContextLoadError(
+            f"{type(model).__name__}'s output head does more than a linear layer and a softcap (a logit scale?): "
+            f"scoring would be off by up to {gap:.3g}, so pervade refuses this model"
+        )
     seconds = time.perf_counter() - started
     stage("ready")
     return LoadedContext(
@@ -216,16 +227,34 @@ def encode_claims(
     does not fit the model (``resolve_prompt``) or a prompt longer than the model's positions."""
     prompt, prefix = context.prompt(as_template(template))
     token_ids = prompt.encode(context.tokenizer, [prompt.render(claim) for claim in claims])
-    longest = max((len(ids) for ids in token_ids), default=0) + prompt.longest_answer
-    if context.max_positions is not None and longest > context.max_positions:
+    if any(not ids for ids in token_ids):
+        raise ValueError("a prompt of no tokens (an empty claim under a template of nothing but {claim})")
+    widest = max((len(ids) for ids in token_ids), default=0) + packed_tokens(prompt.answers)
+    if context.max_positions is not None and widest > context.max_positions:
         raise ValueError(
-            f"a prompt and its answer of {longest} tokens exceed the model's {context.max_positions} positions"
+            f"a prompt and its answers of {widest} tokens exceed the model's {context.max_positions} positions"
         )
+    window = sliding_window(context.model.config)
+    if window is not None and widest > window:
+        raise ValueError(f"a prompt and its answers of {widest} tokens exceed the model's sliding attention window "
+                         f"of {window}, which pervade's packed scoring does not apply")  # fmt: skip
     if not reuse_prefix:
         prefix = ()
     size = len(prefix)
     reuses = [size > 0 and len(ids) > size and tuple(ids[:size]) == prefix for ids in token_ids]
     return EncodedClaims(prompt=prompt, prefix_ids=prefix, token_ids=token_ids, reuses=reuses)
+
+
+def sliding_window(config: object) -> int | None:
+    """The model's sliding attention window, if any of its layers has one. The packed pass gives its own
+    attention mask, which has no window: prompts must fit inside it (``encode_claims``)."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return window if "sliding_attention" in types else None
+    return window if getattr(config, "use_sliding_window", True) else None
 
 
 def _row_costs(context: LoadedContext, encoded: EncodedClaims) -> tuple[list[int], int]:

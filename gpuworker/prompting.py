@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from pervade.constants import CLAIM_PLACEHOLDER, LABELS
-from pervade.prompts import CONTENT_FREE_CLAIM, PromptTemplate, claim_text_ok
+from pervade.errors import TemplateError
+from pervade.prompts import CONTENT_FREE_CLAIM, PromptTemplate, check_template
+
+#: The longest answer a template may ask to score, in tokens: answers are words ("true", "NOT ENOUGH INFO"),
+#: and each answer token is packed into every row of a pass (gpuworker/answers.py).
+MAX_ANSWER_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -28,9 +33,9 @@ class ResolvedPrompt:
     template: PromptTemplate
     #: The prompt with ``{claim}`` once: the template's text, or its chat rendering.
     text: str
-    #: Whether encoding adds the tokenizer's special tokens (a BOS): yes for a plain prompt, as the model
-    #: expects; no for a chat rendering, which writes its own.
-    special_tokens: bool
+    #: The special tokens a prompt starts with (``leading_special_tokens``: a BOS, for tokenizers that add
+    #: one); none for a chat rendering, which writes its own. Never any at the end: an answer follows.
+    leading: tuple[int, ...]
     #: Each label's answer tokens, in ``LABELS`` order; None for a label the template leaves out.
     answers: tuple[tuple[int, ...] | None, ...]
     #: The content-free prompt's tokens, for a calibrating template (else None).
@@ -42,7 +47,9 @@ class ResolvedPrompt:
 
     def encode(self, tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
         """Token ids of ``texts`` (prompts, or a prefix of them) as this prompt encodes them."""
-        return tokenizer(texts, add_special_tokens=self.special_tokens)["input_ids"] if texts else []
+        if not texts:
+            return []
+        return [[*self.leading, *ids] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     @property
     def longest_answer(self) -> int:
@@ -52,9 +59,11 @@ class ResolvedPrompt:
 def resolve_prompt(tokenizer: PreTrainedTokenizerBase, template: PromptTemplate) -> ResolvedPrompt:
     """``template`` for ``tokenizer``. Raises ValueError naming what does not fit the model: a chat template
     for a tokenizer without one, an answer that is no tokens, two answers of the same tokens."""
-    if not claim_text_ok(template):
-        raise ValueError(f"the template's text must contain {CLAIM_PLACEHOLDER} exactly once")
-    text, special_tokens = template.text, True
+    try:  # what the producer checked, checked again: a batch may come from any producer
+        template = check_template(template, "the template")
+    except TemplateError as exc:
+        raise ValueError(str(exc)) from None
+    text, leading = template.text, leading_special_tokens(tokenizer)
     if template.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the template asks for chat formatting (\"chat\": true), but the model's tokenizer "
@@ -62,7 +71,7 @@ def resolve_prompt(tokenizer: PreTrainedTokenizerBase, template: PromptTemplate)
         messages = [{"role": "system", "content": template.system}] if template.system else []
         messages.append({"role": "user", "content": template.text})
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        special_tokens = False
+        leading = ()
         if not isinstance(text, str) or text.count(CLAIM_PLACEHOLDER) != 1:
             raise ValueError("the model's chat template does not keep the user message as it is")
     answers: list[tuple[int, ...] | None] = []
@@ -73,14 +82,27 @@ def resolve_prompt(tokenizer: PreTrainedTokenizerBase, template: PromptTemplate)
         ids = tuple(tokenizer.encode(answer, add_special_tokens=False))
         if not ids:
             raise ValueError(f"the answer {answer!r} for {label} is no tokens for this model's tokenizer")
+        if len(ids) > MAX_ANSWER_TOKENS:
+            raise ValueError(f"the answer for {label} is {len(ids)} tokens; at most {MAX_ANSWER_TOKENS} are scored")
         answers.append(ids)
     scored = [a for a in answers if a is not None]
     if not scored:
         raise ValueError("the template scores no label")
     if len(set(scored)) != len(scored):
         raise ValueError(f"two answers of the template are the same tokens for this model ({scored})")
-    resolved = ResolvedPrompt(template, text, special_tokens, tuple(answers), None)
+    resolved = ResolvedPrompt(template, text, leading, tuple(answers), None)
     if template.calibrate:
         (ids,) = resolved.encode(tokenizer, [resolved.render(CONTENT_FREE_CLAIM)])
-        resolved = ResolvedPrompt(template, text, special_tokens, tuple(answers), tuple(ids))
+        resolved = ResolvedPrompt(template, text, leading, tuple(answers), tuple(ids))
     return resolved
+
+
+def leading_special_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """The special tokens the tokenizer puts before a text (a BOS), without those it puts after (an EOS,
+    which would end the prompt before its answer)."""
+    whole = tokenizer("x")["input_ids"]
+    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+    for start in range(len(whole) - len(bare) + 1):
+        if whole[start : start + len(bare)] == bare:
+            return tuple(whole[:start])
+    return ()

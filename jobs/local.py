@@ -26,15 +26,12 @@ from pervade.gpuworker.config import WorkerConfig
 from pervade.keys import init_keys
 from pervade.options import at_least, check_options, option, same_as
 from pervade.producer.run import CLAIMS_SECTION, MODEL_SECTION, ModelChoice, ProduceRequest
+from pervade.samples import default_cache_dir
 from pervade.sinks.summary import OutputSummary, score_table, summarize
 from pervade.smollm2 import ensure_smollm2
 
 STOP_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 60.0
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pervade"
 
 
 def ensure_tiny_model(cache_dir: Path | None = None) -> Path:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import signal
 
-#: The header frame of every message. A peer speaking another version is refused with an error.
-PROTOCOL_HEADER = b"pervade/1"
-PROTOCOL_VERSION = 1
+#: The header frame of every message. A peer speaking another version is refused with an error. Version 2:
+#: templates as objects (labels, chat, calibration) and whole-answer scores, null for a label left out.
+PROTOCOL_HEADER = b"pervade/2"
+PROTOCOL_VERSION = 2
 
 #: FEVER's three labels, in the order the scores are reported everywhere (wire, Parquet, summaries).
 LABELS: tuple[str, ...] = ("SUPPORTS", "REFUTES", "NOT ENOUGH INFO")

@@ -50,7 +50,7 @@ class Claim(_Part):
     """One claim to verify. ``gold_label`` is the dataset's label, or None when unknown."""
 
     claim_id: Id
-    text: str
+    text: Annotated[str, msgspec.Meta(min_length=1)]
     gold_label: Label | None = None
 
 

@@ -33,6 +33,7 @@ import structlog
 
 from pervade.errors import ConfigError, ContextLoadError
 from pervade.manifest import build_manifest
+from pervade.samples import default_cache_dir
 
 log = structlog.get_logger(__name__)
 
@@ -217,7 +218,7 @@ def _check_converted(directory: Path) -> None:
 
 def ensure_smollm2(cache_dir: Path | None = None, package: str = GGUF_PACKAGE) -> Path:
     """SmolLM2-135M-Instruct as a safetensors model directory in pervade's model cache (``cache_dir``, default
-    ``pervade.jobs.local.default_cache_dir()``), converted from the installed ``package`` on first use.
+    ``pervade.samples.default_cache_dir()``), converted from the installed ``package`` on first use.
 
     A cached copy is used only when every file matches its pinned sha256; one that does not (corrupt, partial,
     tampered with) is logged and rebuilt. A conversion is written to a staging directory beside the target,
@@ -225,8 +226,6 @@ def ensure_smollm2(cache_dir: Path | None = None, package: str = GGUF_PACKAGE) -
     the loser of a race uses the winner's copy. Blocking (about 30 s to convert, 0.5 s to check): call it off
     the event loop.
     """
-    from pervade.jobs.local import default_cache_dir
-
     target = (cache_dir or default_cache_dir()) / CACHE_NAME
     if target.exists():
         problem = cached_copy_problem(target)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from pervade.constants import LABELS
 from pervade.errors import ConfigError
-from pervade.producer.templates import load_templates
-from pervade.samples import sample_claims_path
+from pervade.samples import default_templates_path, sample_claims_path
 
 
 @dataclass(frozen=True)
@@ -54,8 +53,10 @@ def _training_corpus() -> list[str]:
     """Text the tokenizer learns from: the shipped claims and templates, and the label words, so that
     each label's first token is a word of its own, as in a real vocabulary."""
     lines = [json.loads(line)["claim"] for line in sample_claims_path().read_text().splitlines() if line.strip()]
-    for template in load_templates().values():
-        lines += [template.text, template.system or ""] + [a for a in template.answers if a is not None]
+    for template in json.loads(default_templates_path().read_text(encoding="utf-8")).values():
+        if isinstance(template, str):
+            template = {"text": template}
+        lines += [template["text"], template.get("system", ""), *template.get("labels", {}).values()]
     lines += [f"Answer: {label}" for label in LABELS] * 50
     return lines
 

@@ -14,20 +14,16 @@ and other answer words, with and without calibration, zero- and few-shot.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
-from pervade.constants import CLAIM_PLACEHOLDER, LABELS
 from pervade.errors import TemplateError
-from pervade.prompts import PromptTemplate
+from pervade.prompts import PromptTemplate, check_template
 from pervade.samples import default_templates_path
 
 MAX_TEMPLATE_ID_LENGTH = 64
-#: A template object's fields (``pervade.prompts.PromptTemplate``).
-_FIELDS = ("text", "chat", "system", "labels", "calibrate")
-_REQUIRED = object()
 
 
 def validate_templates(templates: object, source: str = "templates") -> dict[str, PromptTemplate]:
@@ -47,70 +43,8 @@ def validate_templates(templates: object, source: str = "templates") -> dict[str
             raise TemplateError(
                 f"{source}: template id {template_id[:20]!r}... is longer than {MAX_TEMPLATE_ID_LENGTH}"
             )
-        checked[template_id] = _template(template, f"{source}: template {template_id!r}")
+        checked[template_id] = check_template(template, f"{source}: template {template_id!r}")
     return checked
-
-
-def _template(value: object, where: str) -> PromptTemplate:
-    """One template, from its text or its object."""
-    if isinstance(value, PromptTemplate):
-        value = msgspec.to_builtins(value)
-    if isinstance(value, str):
-        value = {"text": value}
-    if not isinstance(value, dict):
-        raise TemplateError(f'{where} must be a text or an object with a "text" field, got {type(value).__name__}')
-    unknown = sorted(set(value) - set(_FIELDS))
-    if unknown:
-        raise TemplateError(f"{where}: unknown field {unknown[0]!r}; a template has {', '.join(_FIELDS)}")
-    if "text" not in value:
-        raise TemplateError(f"{where}: field 'text' is missing (the prompt, with {CLAIM_PLACEHOLDER} once)")
-    text = _field(value, "text", str, where)
-    count = text.count(CLAIM_PLACEHOLDER)
-    if count != 1:
-        raise TemplateError(f"{where}, field 'text': must contain {CLAIM_PLACEHOLDER} exactly once, found {count}")
-    chat = _field(value, "chat", bool, where, default=False)
-    system = _field(value, "system", str, where, default=None)
-    if system is not None and not chat:
-        raise TemplateError(f"{where}, field 'system': a system message needs \"chat\": true")
-    if system is not None and CLAIM_PLACEHOLDER in system:
-        raise TemplateError(f"{where}, field 'system': the claim goes in 'text'; {CLAIM_PLACEHOLDER} found here")
-    labels = _labels(value.get("labels"), where)
-    calibrate = _field(value, "calibrate", bool, where, default=False)
-    return PromptTemplate(text=text, chat=chat, system=system, labels=labels, calibrate=calibrate)
-
-
-def _field(value: dict, name: str, kind: type, where: str, default: object = _REQUIRED) -> Any:
-    """``value[name]`` checked to be a ``kind`` (JSON booleans are booleans only, never 0 or 1)."""
-    if name not in value or value[name] is None and default is None:
-        return default
-    found = value[name]
-    if not isinstance(found, kind) or (kind is not bool and isinstance(found, bool)):
-        expected = {str: "a string", bool: "true or false"}[kind]
-        raise TemplateError(f"{where}, field {name!r}: expected {expected}, got {json.dumps(found)[:40]}")
-    return found
-
-
-def _labels(labels: object, where: str) -> dict[str, str] | None:
-    """The label -> answer text map: known labels, at least two (one alone would be every verdict), non-empty
-    answers, no answer given to two labels."""
-    if labels is None:
-        return None
-    field = f"{where}, field 'labels'"
-    if not isinstance(labels, dict):
-        raise TemplateError(f"{field}: expected an object of FEVER label -> answer text, got {type(labels).__name__}")
-    unknown = [label for label in labels if label not in LABELS]
-    if unknown:
-        raise TemplateError(f"{field}: {unknown[0]!r} is not a FEVER label; use {', '.join(LABELS)}")
-    if len(labels) < 2:
-        raise TemplateError(f"{field}: needs at least two labels (with one, every verdict would be it)")
-    for label, answer in labels.items():
-        if not isinstance(answer, str) or not answer.strip():
-            raise TemplateError(
-                f"{field}: the answer for {label} must be a non-empty text, got {json.dumps(answer)[:40]}"
-            )
-    if len(set(labels.values())) != len(labels):
-        raise TemplateError(f"{field}: two labels have the same answer text; their scores would be equal")
-    return {label: labels[label] for label in LABELS if label in labels}
 
 
 def load_templates(path: str | Path | None = None) -> dict[str, PromptTemplate]:
@@ -133,8 +67,17 @@ def load_templates(path: str | Path | None = None) -> dict[str, PromptTemplate]:
     except json.JSONDecodeError as exc:
         raise TemplateError(f"{path}: not valid JSON: {exc}") from None
     except _RepeatedKey as exc:
-        raise TemplateError(f"{path}: template id {exc.key!r} appears more than once") from None
+        raise TemplateError(
+            f"{path}: {exc.key!r} appears more than once in one JSON object (as a template id, or as a field or "
+            "label of one template); JSON readers keep only the last"
+        ) from None
     return validate_templates(parsed, source=str(path))
+
+
+def dump_templates(templates: Mapping[str, PromptTemplate]) -> str:
+    """A templates file's text holding ``templates`` (what ``load_templates`` reads back), for a sweep run
+    from a script or a benchmark."""
+    return json.dumps({template_id: msgspec.to_builtins(t) for template_id, t in templates.items()}, indent=1)
 
 
 class _RepeatedKey(Exception):

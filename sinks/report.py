@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from pervade.constants import LABELS
 from pervade.errors import InputError
+from pervade.prompts import SCORING
 from pervade.sinks.failures import read_failures
 from pervade.sinks.parquet import read_verdicts
 from pervade.sinks.scores import ABOVE_BASELINE, BELOW_BASELINE, ONE_LABEL_SHARE, TemplateResult, Timeline
@@ -29,7 +30,10 @@ from pervade.sinks.scores import ABOVE_BASELINE, BELOW_BASELINE, ONE_LABEL_SHARE
 TIMELINE_BINS = 100
 MIN_BIN_S = 0.1
 _COLUMNS = ["claim_id", "template_id", "context_id", "model", "gold_label", "verdict", "worker_id", "batch_id",
-            "started_at", "finished_at"]  # fmt: skip
+            "started_at", "finished_at", "score_kind"]  # fmt: skip
+#: How a template's rows scored by an earlier version (first-token logits) are named in a report, apart from
+#: the rows of the same template id scored whole-answer.
+EARLIER_SCORING = " [first-token logits]"
 
 
 @dataclass
@@ -78,7 +82,7 @@ def build_report(out_dir: Path) -> Report:
     files = sorted(out_dir.glob("*.parquet"))
     if not files:
         raise InputError(f"{out_dir} holds no Parquet files: no verdicts written there yet")
-    table = read_verdicts(out_dir, _COLUMNS)
+    table = _apart_by_scoring(read_verdicts(out_dir, _COLUMNS))
     failed = Counter((f["context_id"], f["template_id"]) for f in read_failures(out_dir))
     keys = pc.binary_join_element_wise(table["claim_id"], table["template_id"], table["context_id"], "\x00")
     return Report(
@@ -90,6 +94,18 @@ def build_report(out_dir: Path) -> Report:
         timeline=timeline(table),
         duplicate_pairs=table.num_rows - len(pc.unique(keys)),
     )
+
+
+def _apart_by_scoring(table: pa.Table) -> pa.Table:
+    """Rows an earlier version scored (``score_kind`` first-token logits, or no ``score_kind`` at all) under
+    their template id plus ``EARLIER_SCORING``, so that no figure pools two ways of scoring."""
+    earlier = pc.fill_null(pc.not_equal(table["score_kind"], SCORING), True)
+    if not pc.any(earlier).as_py():
+        return table
+    renamed = pc.if_else(
+        earlier, pc.binary_join_element_wise(table["template_id"], EARLIER_SCORING, ""), table["template_id"]
+    )
+    return table.set_column(table.column_names.index("template_id"), "template_id", renamed)
 
 
 def template_results(table: pa.Table, failed: Counter[tuple[str, str]] | None = None) -> list[TemplateResult]:

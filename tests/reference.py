@@ -6,7 +6,6 @@ masks, no positions of its own), so the two can only agree by being right."""
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from pervade.context import make_context
 from pervade.gpuworker.engine import LoadedContext, load_context
+from pervade.producer.templates import dump_templates
 from pervade.prompts import CONTENT_FREE_CLAIM, PromptTemplate, as_template, choose
 from pervade.protocol import Claim
 
@@ -29,7 +29,10 @@ def reference_scores(context: LoadedContext, template: PromptTemplate | str, cla
         prompt = context.tokenizer.apply_chat_template(
             [*messages, {"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-    ids = context.tokenizer(prompt.replace("{claim}", claim), add_special_tokens=not template.chat)["input_ids"]
+    ids = context.tokenizer(prompt.replace("{claim}", claim), add_special_tokens=False)["input_ids"]
+    bos = context.tokenizer.bos_token_id
+    if not template.chat and bos is not None and context.tokenizer("x")["input_ids"][:1] == [bos]:
+        ids = [bos, *ids]  # the tokenizer's own start; never its end (an EOS before the answer)
     with torch.inference_mode():
         out = context.model(torch.tensor([ids], device=context.device), use_cache=True)
         after_prompt = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
@@ -75,4 +78,4 @@ def reference_verdicts(
 
 def templates_json(templates: Mapping[str, PromptTemplate]) -> str:
     """A templates file's text holding ``templates``."""
-    return json.dumps({template_id: msgspec.to_builtins(t) for template_id, t in templates.items()})
+    return dump_templates(templates)

@@ -272,3 +272,49 @@ def test_rows_per_pass_follows_the_device_budget(loaded) -> None:
     claim_tokens = sum(len(ids) - len(encoded.prefix_ids) for ids in encoded.token_ids) / len(encoded)
     cost = claim_tokens + sum(len(a) - 1 for a in encoded.prompt.answers if a is not None)  # answers packed
     assert loaded.plan.max_tokens / (cost + 8) < rows <= loaded.plan.max_tokens / cost
+
+
+def other_architecture(tmp_path, tiny_model, config) -> ContextSpec:
+    """A random model of another architecture with the tiny model's tokenizer, saved and loaded for real."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path)
+    return ContextSpec(model=str(tmp_path))
+
+
+def test_a_model_whose_head_scales_its_logits_is_refused_not_scored_wrong(tmp_path, tiny_model) -> None:
+    """Granite divides its logits by ``logits_scaling``: scores computed from its hidden states with a plain
+    linear head would be off, so loading it is a clear error."""
+    from transformers import GraniteConfig
+
+    vocab = len(load_context(ContextSpec(model=str(tiny_model)), torch.device("cpu")).tokenizer)
+    config = GraniteConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, logits_scaling=4.0)  # fmt: skip
+    with pytest.raises(ContextLoadError, match="output head does more than a linear layer"):
+        load_context(other_architecture(tmp_path, tiny_model, config), torch.device("cpu"))
+
+
+def test_a_prompt_beyond_a_sliding_attention_window_is_refused(tmp_path, tiny_model) -> None:
+    from transformers import MistralConfig
+
+    vocab = len(load_context(ContextSpec(model=str(tiny_model)), torch.device("cpu")).tokenizer)
+    config = MistralConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16)  # fmt: skip
+    context = load_context(other_architecture(tmp_path, tiny_model, config), torch.device("cpu"))
+    assert len(score_claims(context, "{claim} Answer:", ["Cats are mammals."])) == 1
+    with pytest.raises(ValueError, match="sliding attention window of 16"):
+        encode_claims(context, "{claim} Answer:", ["Cats are mammals. " * 10])
+
+
+def test_what_the_worker_cannot_score_fails_the_batch_with_the_reason(loaded) -> None:
+    """Templates come from any producer: the worker checks them again, and what only the model can tell."""
+    bogus = PromptTemplate(text="{claim} Answer:", labels={"SUPPORTS": " yes", "BOGUS": " no"})
+    with pytest.raises(ValueError, match="'BOGUS' is not a FEVER label"):
+        encode_claims(loaded, bogus, ["Cats are mammals."])
+    with pytest.raises(ValueError, match="a prompt of no tokens"):
+        encode_claims(loaded, "{claim}", [""])
+    long_answer = PromptTemplate(text="{claim} Answer:", labels={"SUPPORTS": " yes" * 40, "REFUTES": " no"})
+    with pytest.raises(ValueError, match=r"the answer for SUPPORTS is \d+ tokens; at most 32 are scored"):
+        encode_claims(loaded, long_answer, ["Cats are mammals."])

@@ -186,7 +186,7 @@ contexts = st.builds(
     dtype=st.sampled_from(FUZZ_DTYPES),
 )
 context_ids = st.sampled_from(FUZZ_CONTEXT_IDS) | names("ctx", 2)
-claims = st.builds(Claim, claim_id=names("claim", 6), text=st.text(max_size=40), gold_label=st.none() | labels)
+claims = st.builds(Claim, claim_id=names("claim", 6), text=st.text(min_size=1, max_size=40), gold_label=st.none() | labels)
 batches = st.builds(
     Batch,
     batch_id=names("batch", 12),
@@ -316,7 +316,7 @@ def _flipped(data: bytes, position: int, value: int) -> bytes:
 
 #: Headers of other protocols and versions.
 wrong_headers = st.sampled_from(
-    [b"pervade/0", b"pervade/2", b"pervade/10", b"pervade/1\x00", b"PERVADE/1", b"pervade", b""]
+    [b"pervade/0", b"pervade/1", b"pervade/3", b"pervade/20", b"pervade/2\x00", b"PERVADE/2", b"pervade", b""]
 ) | st.binary(max_size=40).filter(lambda header: header != PROTOCOL_HEADER)
 
 
@@ -355,7 +355,7 @@ def valid_batches(submitted_at: float) -> SearchStrategy[Batch]:
             st.builds(
                 Claim,
                 claim_id=names("claim", 6, valid=True),
-                text=st.text(max_size=40),
+                text=st.text(min_size=1, max_size=40),
                 gold_label=st.none() | st.sampled_from(LABELS) | st.text(max_size=64),
             ),
             min_size=1,

@@ -55,6 +55,7 @@ def test_the_shipped_templates_are_a_prompt_for_fact_sweep() -> None:
         ('{"a": {"text": "{claim}", "chat": true, "system": "{claim}"}}', "the claim goes in 'text'"),
         ('{"a": {"text": "{claim}", "answers": {}}}', "unknown field 'answers'"),
         ('{"a": {"text": 3}}', "field 'text': expected a string"),
+        ('{"a": {"text": "{claim}", "chat": true, "system": " "}}', "field 'system': an empty system message"),
     ],
 )
 def test_bad_templates_are_refused(tmp_path, content: str, reason: str) -> None:
@@ -146,7 +147,10 @@ def test_a_templates_file_not_in_utf8_or_with_a_repeated_id_is_refused(tmp_path)
         load_templates(latin)
     repeated = tmp_path / "repeated.json"
     repeated.write_text('{"a": "{claim} one", "b": "{claim} two", "a": "{claim} three"}')
-    with pytest.raises(TemplateError, match="repeated.json: template id 'a' appears more than once"):
+    with pytest.raises(TemplateError, match="repeated.json: 'a' appears more than once in one JSON object"):
+        load_templates(repeated)
+    repeated.write_text('{"a": {"text": "{claim}", "labels": {"SUPPORTS": " y", "SUPPORTS": " n"}}}')
+    with pytest.raises(TemplateError, match="'SUPPORTS' appears more than once .* or label of one template"):
         load_templates(repeated)
 
 

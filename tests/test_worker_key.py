@@ -22,6 +22,7 @@ from pervade.monitor import render, snapshot_json
 from pervade.protocol import BatchResult, Verdict
 from pervade.sinks.commit import OutputDirectory
 from pervade.sinks.parquet import SCHEMA, RollingParquetWriter, read_verdicts
+from pervade.sinks.report import build_report
 from pervade.sinks.written import WrittenIndex
 
 PUBLIC = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"  # a Z85 public key's shape (40 characters)
@@ -71,7 +72,13 @@ def earlier_version_file(out: Path, dropped: tuple[str, ...]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("dropped", [("worker_key",), ("dtype", "worker_key")])
+#: The columns issue 19 added (a file of issue 18's version lacks them), and those added before.
+SCORING_COLUMNS = ("calibration_supports", "calibration_refutes", "calibration_not_enough_info", "score_kind")
+
+
+@pytest.mark.parametrize(
+    "dropped", [SCORING_COLUMNS, ("worker_key", *SCORING_COLUMNS), ("dtype", "worker_key", *SCORING_COLUMNS)]
+)
 def test_a_file_of_an_earlier_version_is_upgraded_before_a_sink_publishes_beside_it(tmp_path, dropped) -> None:
     out = tmp_path / "out"
     old = earlier_version_file(out, dropped)
@@ -87,6 +94,10 @@ def test_a_file_of_an_earlier_version_is_upgraded_before_a_sink_publishes_beside
     assert table.select(before.column_names).equals(before)  # every old value kept, in order
     assert table["worker_key"].null_count == 4
     assert set(table["dtype"].to_pylist()) == ({""} if "dtype" in dropped else {"float32"})
+    assert set(table["score_kind"].to_pylist()) == {"first_token_logit"} and table["calibration_supports"].null_count == 4
+    # The report never pools the two ways of scoring one template id.
+    results = {r.template_id: r.pairs for r in build_report(out).results}
+    assert results == {"t": 3, "t [first-token logits]": 4}
     # One schema in the directory: polars reads it whole (it refuses a directory of mixed schemas).
     frame = pl.read_parquet(out / "*.parquet")
     assert frame.height == 7 and frame.filter(pl.col("worker_key") == "node17").height == 3
