@@ -30,6 +30,8 @@ from pervade.sinks.summary import read_verdicts
 from tests.reference import reference_verdicts, templates_json
 
 CLAIMS = 3000
+#: Rows whose verdict and scores are checked against the reference loop.
+VERDICTS_CHECKED = 300
 TEMPLATES = ("direct", "chat_yes_no_calibrated")
 BATCH_SIZE = 5
 SEED = 20261120
@@ -124,10 +126,15 @@ async def test_no_pair_is_lost_or_doubled_whatever_is_killed(tmp_path, small_mod
     keys = Counter((r["claim_id"], r["template_id"]) for r in rows)
     doubled = [k for k, n in keys.items() if n > 1]
     assert doubled == [], f"{len(doubled)} pairs written more than once, e.g. {doubled[:3]}"
-    expected = reference_verdicts(small_model, json.loads(templates_file.read_text()), claims)
-    assert set(keys) == set(expected), f"{len(set(expected) - set(keys))} pairs missing"
+    every_pair = {(c.claim_id, t) for c in claims for t in TEMPLATES}
+    assert set(keys) == every_pair, f"{len(every_pair - set(keys))} pairs missing"
     assert read_failures(cluster.out_dir) == []
-    for r in rows:
+    # The verdicts of a random sample of rows, against the reference loop (all 6,000 would take the reference
+    # minutes; tests/test_end_to_end.py checks every row of a run without chaos).
+    sample = random.Random(SEED).sample(rows, VERDICTS_CHECKED)
+    checked = {r["claim_id"] for r in sample}
+    expected = reference_verdicts(small_model, json.loads(templates_file.read_text()), [c for c in claims if c.claim_id in checked])
+    for r in sample:
         verdict, scores = expected[(r["claim_id"], r["template_id"])]
         assert r["verdict"] == verdict, (r["claim_id"], r["template_id"])
         got = [r["score_supports"], r["score_refutes"], r["score_not_enough_info"]]

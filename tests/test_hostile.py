@@ -248,7 +248,7 @@ async def test_workers_and_inputs_an_operator_gets_wrong(tmp_path, tiny_model, f
         (
             (*refused, "--claims", str(claims), "--templates", str(repeated)),
             2,
-            "template id 'a' appears more than once",
+            "'a' appears more than once in one JSON object",
         ),
         (("broker", "--bind", "tcp://127.0.0.1:*", "--state", str(garbage_state)), 1, "damaged or not a pervade state"),
     ]

@@ -22,6 +22,7 @@ import pytest
 from pervade.jobs.cluster import LocalCluster
 from pervade.jobs.lab.slurm import SlurmLab, free_port
 from pervade.producer.claims import ClaimsSource, read_claims
+from pervade.producer.templates import load_templates
 from pervade.sinks.failures import read_failures
 from pervade.sinks.summary import read_verdicts
 from tests.shadowing import write_shadowing_files
@@ -91,7 +92,7 @@ async def test_worker_jobs_survive_a_cancelled_job_and_a_late_one_takes_work(
         first = await submit(slurm, cluster.endpoint, tmp_path, workers=3)
         assert len(first) == 3 and all("_" in job for job in first), first  # one array of three tasks
 
-        total = CLAIMS * 4  # the four shipped templates
+        total = CLAIMS * len(load_templates())  # the shipped templates
         await wait_until(lambda: cluster.rows_written() >= total // 20, 120, "no verdicts from the Slurm jobs")
         victim = first[1]
         victim_number = await asyncio.to_thread(slurm.job_number, victim)
