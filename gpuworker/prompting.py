@@ -51,10 +51,6 @@ class ResolvedPrompt:
             return []
         return [[*self.leading, *ids] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
-    @property
-    def longest_answer(self) -> int:
-        return max((len(a) for a in self.answers if a is not None), default=0)
-
 
 def resolve_prompt(tokenizer: PreTrainedTokenizerBase, template: PromptTemplate) -> ResolvedPrompt:
     """``template`` for ``tokenizer``. Raises ValueError naming what does not fit the model: a chat template

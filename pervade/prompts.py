@@ -152,8 +152,3 @@ def choose(scores: Sequence[float | None], calibration: Sequence[float | None] |
     if verdict is None:
         raise ValueError("no label was scored")
     return verdict
-
-
-def claim_text_ok(template: PromptTemplate) -> bool:
-    """Whether ``text`` holds the claim's placeholder exactly once."""
-    return template.text.count(CLAIM_PLACEHOLDER) == 1

@@ -14,7 +14,6 @@ import torch
 
 from pervade.context import make_context
 from pervade.gpuworker.engine import LoadedContext, load_context
-from pervade.producer.templates import dump_templates
 from pervade.prompts import CONTENT_FREE_CLAIM, PromptTemplate, as_template, choose
 from pervade.protocol import Claim
 
@@ -74,8 +73,3 @@ def reference_verdicts(
             scores = reference_scores(context, template, claim.text)
             expected[(claim.claim_id, template_id)] = (choose(scores, calibration), scores)
     return expected
-
-
-def templates_json(templates: Mapping[str, PromptTemplate]) -> str:
-    """A templates file's text holding ``templates``."""
-    return dump_templates(templates)

@@ -24,10 +24,10 @@ import pytest
 
 from pervade.jobs.cluster import LocalCluster
 from pervade.producer.claims import ClaimsSource, read_claims
-from pervade.producer.templates import load_templates
+from pervade.producer.templates import dump_templates, load_templates
 from pervade.sinks.failures import read_failures
 from pervade.sinks.summary import read_verdicts
-from tests.reference import reference_verdicts, templates_json
+from tests.reference import reference_verdicts
 
 CLAIMS = 3000
 #: Rows whose verdict and scores are checked against the reference loop.
@@ -100,7 +100,7 @@ async def test_no_pair_is_lost_or_doubled_whatever_is_killed(tmp_path, small_mod
     # so the victims held no work.
     templates = load_templates()
     templates_file = tmp_path / "templates.json"
-    templates_file.write_text(templates_json({k: templates[k] for k in TEMPLATES}))
+    templates_file.write_text(dump_templates({k: templates[k] for k in TEMPLATES}))
     claims = list(read_claims(ClaimsSource(str(fever_claims), limit=CLAIMS)))
     producer_args = ("--model", str(small_model), "--claims", str(fever_claims), "--limit", str(CLAIMS),
                      "--templates", str(templates_file), "--batch-size", str(BATCH_SIZE), "--wait")  # fmt: skip

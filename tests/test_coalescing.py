@@ -17,9 +17,9 @@ import pytest
 
 from pervade.jobs.cluster import LocalCluster
 from pervade.producer.claims import ClaimsSource, read_claims
-from pervade.producer.templates import load_templates
+from pervade.producer.templates import dump_templates, load_templates
 from pervade.sinks.summary import read_verdicts
-from tests.reference import reference_verdicts, templates_json
+from tests.reference import reference_verdicts
 from tests.waiting import wait_until
 
 CLAIMS = 300
@@ -32,7 +32,7 @@ async def test_one_claim_batches_are_scored_in_a_few_passes_with_the_reference_v
 ) -> None:
     templates = {k: v for k, v in load_templates().items() if k in ("direct", "chat_yes_no_calibrated")}  # interleaved
     templates_file = tmp_path / "templates.json"
-    templates_file.write_text(templates_json(templates))
+    templates_file.write_text(dump_templates(templates))
     cluster = LocalCluster(tmp_path / "cluster", heartbeat_interval_s=0.2, log_level="debug")
     try:
         await cluster.start_broker()

@@ -14,9 +14,9 @@ import pytest
 
 from pervade.jobs.local import LocalRunConfig, read_events, run_local
 from pervade.producer.claims import ClaimsSource, read_claims
-from pervade.producer.templates import load_templates
+from pervade.producer.templates import dump_templates, load_templates
 from pervade.sinks.summary import read_verdicts
-from tests.reference import reference_verdicts, templates_json
+from tests.reference import reference_verdicts
 
 CLAIMS = 40
 
@@ -26,7 +26,7 @@ CLAIMS = 40
 async def test_every_mode_gives_the_reference_verdicts(mode: str, tmp_path: Path, tiny_model: Path, fever_claims: Path) -> None:
     templates = {k: v for k, v in load_templates().items() if k == "direct"}
     templates_file = tmp_path / "templates.json"
-    templates_file.write_text(templates_json(templates))
+    templates_file.write_text(dump_templates(templates))
     cache = tmp_path / "cache"
     result = await run_local(
         LocalRunConfig(

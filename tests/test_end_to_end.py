@@ -28,10 +28,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from pervade.context import make_context
 from pervade.jobs.local import ProcessGroup, read_events, wait_for_endpoint
 from pervade.producer.claims import ClaimsSource, read_claims
-from pervade.producer.templates import load_templates
+from pervade.producer.templates import dump_templates, load_templates
 from pervade.protocol import StatusSnapshot
 from pervade.sinks.summary import read_verdicts
-from tests.reference import reference_verdicts, templates_json
+from tests.reference import reference_verdicts
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -71,7 +71,7 @@ async def cluster(tmp_path_factory, tiny_model) -> AsyncIterator[Cluster]:
     log_dir.mkdir()
     templates = load_templates()
     templates_file = base / "templates.json"
-    templates_file.write_text(templates_json({k: templates[k] for k in TEMPLATES}))
+    templates_file.write_text(dump_templates({k: templates[k] for k in TEMPLATES}))
     procs = ProcessGroup(log_dir)
     try:
         broker = await procs.start("broker", "broker", "--bind", "tcp://127.0.0.1:*", "--endpoint-file", str(base / "endpoint"),

@@ -46,7 +46,7 @@ from pervade.jobs.local import ProcessGroup, read_events, wait_for_endpoint
 from pervade.keyring import Role
 from pervade.keys import ClientKeys, init_keys
 from pervade.producer.claims import ClaimsSource, read_claims
-from pervade.producer.templates import load_templates
+from pervade.producer.templates import dump_templates, load_templates
 from pervade.protocol import (
     ALL_MESSAGES,
     Accepted,
@@ -83,7 +83,7 @@ from pervade.protocol import (
 from pervade.roles import SENDS
 from pervade.sinks.failures import read_failures
 from pervade.sinks.summary import read_verdicts
-from tests.reference import reference_verdicts, templates_json
+from tests.reference import reference_verdicts
 
 #: The broker's frame limit: small, so that oversized frames are cheap to send.
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -686,7 +686,7 @@ async def test_a_fuzzed_broker_stays_up_and_still_runs_a_job_correctly(
         client_keys = {role: ClientKeys.load(tmp_path / "keys", role) for role in FUZZ_ROLES}
     templates_file = tmp_path / "templates.json"
     all_templates = load_templates()
-    templates_file.write_text(templates_json({t: all_templates[t] for t in TEMPLATES}))
+    templates_file.write_text(dump_templates({t: all_templates[t] for t in TEMPLATES}))
     procs = ProcessGroup(log_dir)  # every process logs JSON lines to log_dir/NAME.log
     try:
         broker = await procs.start(

@@ -23,9 +23,8 @@ import pytest
 
 from pervade.jobs.cluster import LocalCluster
 from pervade.producer.claims import ClaimsSource, read_claims
-from pervade.producer.templates import load_templates
+from pervade.producer.templates import dump_templates, load_templates
 from pervade.sinks.summary import read_verdicts
-from tests.reference import templates_json
 from tests.waiting import wait_until
 
 TEMPLATES = ("direct", "chat_yes_no_calibrated")
@@ -44,7 +43,7 @@ def write_claims(source: Path, path: Path, start: int, count: int) -> Path:
 def templates_file(directory: Path) -> Path:
     templates = load_templates()
     path = directory / "templates.json"
-    path.write_text(templates_json({k: templates[k] for k in TEMPLATES}))
+    path.write_text(dump_templates({k: templates[k] for k in TEMPLATES}))
     return path
 
 
