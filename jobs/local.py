@@ -17,6 +17,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,11 +151,13 @@ class ProcessGroup:
         self.log_level = log_level
         self.children: dict[str, asyncio.subprocess.Process] = {}
 
-    async def start(self, name: str, *args: str) -> asyncio.subprocess.Process:
+    async def start(self, name: str, *args: str, prefix: Sequence[str] = ()) -> asyncio.subprocess.Process:
+        """Start ``pervade ARGS`` as ``name``. ``prefix`` runs it elsewhere: a lab host's ``nsenter``, which
+        execs it, so the pid (and every signal sent to it) is still the pervade process's own."""
         log_file = await asyncio.to_thread(open, self.log_dir / f"{name}.log", "ab")  # the child inherits it
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pervade", *args, "--log-json", "--log-level", self.log_level,
+            *prefix, sys.executable, "-m", "pervade", *args, "--log-json", "--log-level", self.log_level,
             stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=asyncio.subprocess.STDOUT, env=env,
         )  # fmt: skip
         log_file.close()

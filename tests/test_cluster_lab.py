@@ -1,0 +1,220 @@
+"""pervade across hosts: the cluster lab's namespaces, shaped links and shared file system (jobs/lab/cluster.py).
+
+One lab for the module: a login host (broker, sink, producers), a storage host serving the model over sshfs
+at 1 Gb/s, and three compute hosts. Every process is real and keyed (the broker listens on the login host's
+address, not loopback). The tests:
+
+1. a job across hosts: every pair written once; the workers read one copy of the model from the shared file
+   system, the rest from peers on other hosts, and the storage link carried it;
+2. a partition: a compute host cut off longer than the heartbeat timeout mid-run, then healed: its batches
+   go to the other worker, what it sends late changes nothing, it serves again, and the output is exact;
+3. the broker's host cut off from everyone for 20 s, then healed: every client reconnects, output exact;
+4. every link at 20 ms each way and 1% loss: the job completes, every pair exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pervade.context import make_context
+from pervade.jobs.cluster import LocalCluster
+from pervade.jobs.lab.cluster import ClusterLab, LabConfig, LinkShape, why_not_here
+from pervade.keys import init_keys
+from pervade.producer.claims import ClaimsSource, read_claims
+from pervade.producer.templates import dump_templates, load_templates
+from pervade.sinks.failures import read_failures
+from pervade.sinks.summary import read_verdicts
+from tests.waiting import wait_until
+
+COMPUTE_HOSTS = 3
+TEMPLATE = "direct"
+TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[ClusterLab]:
+    reason = why_not_here()
+    if reason is not None:
+        pytest.skip(reason)
+    lab = ClusterLab.start(LabConfig(compute_hosts=COMPUTE_HOSTS))
+    try:
+        yield lab
+    finally:
+        lab.stop()  # by pid; raises if a mount or a namespace is left behind
+
+
+def export(lab: ClusterLab, model: Path, name: str) -> Path:
+    """A model copied to the storage host's disk, as every other host sees it: on the shared file system."""
+    exported = lab.export_dir / "models" / name
+    shutil.copytree(model, exported)
+    return lab.on_shared(exported)
+
+
+@pytest.fixture(scope="module")
+def shared_model(lab: ClusterLab, small_model: Path) -> Path:
+    return export(lab, small_model, "small")
+
+
+@pytest.fixture(scope="module")
+def shared_tiny_model(lab: ClusterLab, tiny_model: Path) -> Path:
+    """The tiny model (under 1 MB): TCP over a lossy 80 ms round trip moves about 200 KB/s, too slow for
+    the small model's 17 MB in a test."""
+    return export(lab, tiny_model, "tiny")
+
+
+def keyed_cluster(base: Path, lab: ClusterLab, heartbeat_interval_s: float = 0.5) -> LocalCluster:
+    keys = base / "keys"
+    init_keys(keys)
+    return LocalCluster(base, lab=lab, keys=keys, heartbeat_interval_s=heartbeat_interval_s)
+
+
+def producer_args(base: Path, model: Path, claims: Path, limit: int, batch_size: int) -> tuple[str, ...]:
+    templates = base / "templates.json"
+    templates.write_text(dump_templates({TEMPLATE: load_templates()[TEMPLATE]}))
+    return ("--model", str(model), "--claims", str(claims), "--limit", str(limit), "--templates", str(templates),
+            "--batch-size", str(batch_size), "--wait", "--timeout", str(TIMEOUT_S))  # fmt: skip
+
+
+async def start_workers(cluster: LocalCluster, count: int, *extra: str) -> list[str]:
+    workers = [await cluster.start_worker("--device", "cpu", "--threads", "1", *extra) for _ in range(count)]
+    await wait_until(lambda: len(cluster.serving_workers()) == count, TIMEOUT_S, f"{count} workers")
+    return workers
+
+
+async def finish(cluster: LocalCluster) -> None:
+    code = await asyncio.wait_for(cluster.procs.children["producer"].wait(), TIMEOUT_S)
+    assert code == 0, cluster.procs.tail("producer", 30)
+
+
+def assert_exact(cluster: LocalCluster, claims: Path, limit: int) -> list[dict]:
+    """Every (claim, template) pair exactly once, no failure recorded; the rows."""
+    rows = read_verdicts(cluster.out_dir).to_pylist()
+    pairs = Counter((row["claim_id"], row["template_id"]) for row in rows)
+    doubled = [pair for pair, n in pairs.items() if n > 1]
+    assert doubled == [], f"{len(doubled)} pairs written more than once, e.g. {doubled[:3]}"
+    expected = {(claim.claim_id, TEMPLATE) for claim in read_claims(ClaimsSource(str(claims), limit=limit))}
+    assert set(pairs) == expected, f"{len(expected - set(pairs))} pairs missing"
+    assert read_failures(cluster.out_dir) == []
+    return rows
+
+
+async def rows_at_least(cluster: LocalCluster, rows: int) -> None:
+    await wait_until(lambda: cluster.rows_written() >= rows, TIMEOUT_S, f"{rows} rows written")
+
+
+@pytest.mark.timeout(TIMEOUT_S + 60)
+async def test_a_job_across_hosts_reads_the_shared_file_system_once(
+    tmp_path: Path, lab: ClusterLab, shared_model: Path, fever_claims: Path
+) -> None:
+    manifest = make_context(str(lab.export_dir / "models" / "small")).manifest
+    assert manifest is not None
+    cluster = keyed_cluster(tmp_path, lab)
+    storage_sent_before = lab.link_bytes("storage")["sent"]
+    try:
+        await cluster.start_broker()
+        assert cluster.endpoint.startswith(f"tcp://{lab.login.address}:"), cluster.endpoint
+        await cluster.start_sink()
+        workers = await start_workers(cluster, COMPUTE_HOSTS)
+        await cluster.start_producer(*producer_args(tmp_path, shared_model, fever_claims, 48, 4))
+        await finish(cluster)
+    finally:
+        await cluster.stop()
+    assert_exact(cluster, fever_claims, 48)
+
+    ready = {worker: cluster.events(worker, "files_ready")[-1] for worker in workers}
+    assert sorted(r["origin_bytes"] for r in ready.values()) == [0, 0, manifest.total_bytes], ready
+    assert sorted(r["peer_bytes"] for r in ready.values()) == [0, manifest.total_bytes, manifest.total_bytes], ready
+    for worker, files in ready.items():
+        own = cluster.worker_hosts[worker].address
+        peers = {endpoint.split("//")[1].rsplit(":", 1)[0] for endpoint in files["by_peer"]}
+        assert own not in peers, (worker, files["by_peer"])  # bytes came over the network, from another host
+        assert peers <= {host.address for host in lab.compute}, files["by_peer"]
+    # the storage link carried the model to the producer (it hashes the files into a manifest) and to the one
+    # worker that read the origin: two copies, plus the file system's own traffic, never one per worker
+    storage_sent = lab.link_bytes("storage")["sent"] - storage_sent_before
+    assert 2 * manifest.total_bytes <= storage_sent < 2.5 * manifest.total_bytes, storage_sent
+
+
+@pytest.mark.timeout(TIMEOUT_S + 60)
+async def test_a_partitioned_host_loses_its_batches_then_serves_again(
+    tmp_path: Path, lab: ClusterLab, shared_model: Path, fever_claims: Path
+) -> None:
+    claims = 3000  # long enough to outlast the cut, the heal and the worker's reconnection backoff
+    cluster = keyed_cluster(tmp_path, lab)  # heartbeats every 0.5 s, dead after 1.5 s of silence
+    try:
+        await cluster.start_broker()
+        await cluster.start_sink("--roll-seconds", "0.5")
+        _, cut_worker = await start_workers(cluster, 2)
+        cut_host = cluster.worker_hosts[cut_worker].name
+        await cluster.start_producer(*producer_args(tmp_path, shared_model, fever_claims, claims, 8))
+        await rows_at_least(cluster, claims // 10)
+        lab.cut(cut_host)
+        await wait_until(lambda: cluster.broker_counters().get("workers_declared_dead", 0) >= 1, 30, "the death")
+        await asyncio.sleep(3)  # well past the timeout: its batches are requeued and served by the other worker
+        lab.heal(cut_host)
+        healed_at = time.time()
+        await finish(cluster)
+    finally:
+        await cluster.stop()
+    rows = assert_exact(cluster, fever_claims, claims)
+    counters = cluster.broker_counters()
+    assert counters["requeues"] >= 1, counters  # what the cut worker held went back to the queue
+    assert counters["batches_failed"] == 0, counters
+    after_heal = [row for row in rows if row["worker_id"] == cut_worker and row["started_at"].timestamp() > healed_at]
+    assert after_heal, f"{cut_worker} wrote nothing after its host was healed"
+    # whatever it finished during the cut reached the broker late, and was taken once at most: no pair is
+    # doubled (assert_exact)
+    assert cluster.events(cut_worker, "broker_connected")[-1]["generation"] >= 2  # it re-registered
+
+
+@pytest.mark.timeout(TIMEOUT_S + 60)
+async def test_the_broker_cut_off_for_20_seconds_loses_nothing(
+    tmp_path: Path, lab: ClusterLab, shared_model: Path, fever_claims: Path
+) -> None:
+    claims = 800
+    cluster = keyed_cluster(tmp_path, lab)
+    try:
+        await cluster.start_broker()
+        await cluster.start_sink("--roll-seconds", "0.5")
+        workers = await start_workers(cluster, 2)
+        await cluster.start_producer(*producer_args(tmp_path, shared_model, fever_claims, claims, 8))
+        await rows_at_least(cluster, claims // 10)
+        lab.cut("login")  # the broker, the sink and the producer: everyone's peer is gone
+        await asyncio.sleep(20)
+        lab.heal("login")
+        await finish(cluster)
+    finally:
+        await cluster.stop()
+    assert_exact(cluster, fever_claims, claims)
+    for client in workers:  # the workers lost the broker, and found it again
+        assert cluster.events(client, "broker_reconnecting"), client
+        assert cluster.events(client, "broker_connected")[-1]["generation"] >= 2, client
+
+
+@pytest.mark.timeout(TIMEOUT_S + 60)
+async def test_slow_lossy_links_complete_the_job_exactly_once(
+    tmp_path: Path, lab: ClusterLab, shared_tiny_model: Path, fever_claims: Path
+) -> None:
+    claims = 96
+    slow = LinkShape(rate_mbit=1_000, delay_ms=20, loss_pct=1)
+    for host in lab.hosts:
+        lab.shape(host, slow)
+    cluster = keyed_cluster(tmp_path, lab)
+    try:
+        await cluster.start_broker()
+        await cluster.start_sink()
+        await start_workers(cluster, 2)
+        await cluster.start_producer(*producer_args(tmp_path, shared_tiny_model, fever_claims, claims, 4))
+        await finish(cluster)
+    finally:
+        await cluster.stop()
+        for host in lab.hosts:
+            lab.shape(host, lab.config.storage_link if host == "storage" else lab.config.host_link)
+    assert_exact(cluster, fever_claims, claims)
