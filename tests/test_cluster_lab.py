@@ -4,6 +4,8 @@ One lab for the module: a login host (broker, sink, producers), a storage host s
 at 1 Gb/s, and three compute hosts. Every process is real and keyed (the broker listens on the login host's
 address, not loopback). The tests:
 
+0. the lab itself: the storage link's rate bounds a read of the shared file system, a second read crosses
+   the link again (no page cache), a cut host reaches nobody until healed, delay shows in a round trip;
 1. a job across hosts: every pair written once; the workers read one copy of the model from the shared file
    system, the rest from peers on other hosts, and the storage link carried it;
 2. a partition: a compute host cut off longer than the heartbeat timeout mid-run, then healed: its batches
@@ -15,7 +17,10 @@ address, not loopback). The tests:
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -103,6 +108,64 @@ def assert_exact(cluster: LocalCluster, claims: Path, limit: int) -> list[dict]:
     assert set(pairs) == expected, f"{len(expected - set(pairs))} pairs missing"
     assert read_failures(cluster.out_dir) == []
     return rows
+
+
+def on_host(lab: ClusterLab, host: str, code: str, timeout_s: float = 60) -> str:
+    """Run a Python snippet on a lab host; its stdout."""
+    done = subprocess.run(lab.hosts[host].command(sys.executable, "-c", code), capture_output=True, text=True,
+                          timeout=timeout_s, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+CONNECT = """
+import socket, time
+deadline = time.monotonic() + {patience_s}
+while True:  # the first answer's round trip, or "unreachable" once the patience is spent
+    started = time.perf_counter()
+    try:
+        socket.create_connection(("{address}", 22), timeout=2).close()
+        print(round((time.perf_counter() - started) * 1000, 2))
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            print("unreachable")
+            break
+"""
+
+
+def connect_ms(lab: ClusterLab, host: str, patience_s: float = 10) -> str:
+    """A TCP handshake from ``host`` to the storage host's sshd: its milliseconds, or "unreachable"."""
+    return on_host(lab, host, CONNECT.format(address=lab.storage.address, patience_s=patience_s))
+
+
+def test_the_lab_shapes_cuts_and_serves_files_over_the_network(lab: ClusterLab) -> None:
+    blob = lab.export_dir / "blob"
+    blob.write_bytes(os.urandom(40_000_000))
+    read = f"import time; t = time.perf_counter(); open({str(lab.on_shared(blob))!r}, 'rb').read(); print(time.perf_counter() - t)"
+    sent = lab.link_bytes("storage")["sent"]
+    seconds = [float(on_host(lab, "compute-0", read)) for _ in range(2)]
+    carried = lab.link_bytes("storage")["sent"] - sent
+    assert carried >= 2 * 40_000_000, carried  # both reads crossed the storage link: nothing from a local cache
+    rate = lab.config.storage_link.rate_mbit * 1e6 / 8
+    assert min(seconds) >= 40_000_000 / rate * 0.9, seconds  # and no faster than the link allows
+
+    assert connect_ms(lab, "compute-1") != "unreachable"
+    lab.cut("compute-1")
+    try:
+        assert connect_ms(lab, "compute-1", patience_s=3) == "unreachable"
+        assert connect_ms(lab, "compute-2") != "unreachable"  # only that host is cut off
+    finally:
+        lab.heal("compute-1")
+    assert connect_ms(lab, "compute-1") != "unreachable"
+
+    lab.shape("compute-2", LinkShape(delay_ms=10))
+    try:
+        # the SYN and its answer cross compute-2's link twice (10 ms each way); the storage link adds none
+        assert 20 <= float(connect_ms(lab, "compute-2")) < 60
+    finally:
+        lab.shape("compute-2", lab.config.host_link)
+    blob.unlink()
 
 
 async def rows_at_least(cluster: LocalCluster, rows: int) -> None:
