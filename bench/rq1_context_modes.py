@@ -46,6 +46,16 @@ as ``bench/chaos.py`` does). Columns:
   paper's 72.1% figure is this column for ``full``).
 - ``exact``: every (claim, template) pair exactly once in the output (Parquet, or the naive JSON files).
 
+On the cluster lab (``--lab``, root only; ``jobs/lab/cluster.py``): every row runs across hosts, and the
+model is read from the lab's shared file system over its storage link, shaped to each of ``--storage-mbit``
+in turn (one table row per mode and rate; ``storage Mb/s`` column). The broker, sink and producer run on the
+login host, each worker (and each naive process's slot) on a compute host of its own, and the model's origin
+is the storage host's disk, reached with sshfs with no page cache across opens: an agnostic batch or a naive
+process pays a real network read of the whole model, as on a cluster's shared file system. Per rate, the
+notes give the paper's proportion (an agnostic batch's model build over a full batch's compute: the paper's
+10,400 s / 2,900 s = 3.59 means a load of about 2.6 batches of compute) and ``full`` against its ideal:
+the workers' total compute time / workers, plus one model load.
+
 Caveats, and they matter here: the model is the offline random ``--size small`` LlamaForCausalLM (17 MB)
 on a CPU, and its "origin" is a directory on this machine's local disk, in the page cache. Building it
 again costs tens of milliseconds, against minutes for SmolLM2-1.7B from a shared file system onto a GPU,
@@ -75,9 +85,11 @@ import pyarrow.compute as pc
 from benchkit import Report
 from chaos import RunReport, Workload, check_output
 from runs import (
+    Placement,
     add_workload_args,
     finish_runs,
     load_line,
+    on_cluster_lab,
     producer_args,
     settings_for,
     start_serving,
@@ -85,7 +97,9 @@ from runs import (
 )
 
 from pervade.jobs.cluster import LocalCluster
+from pervade.jobs.lab.cluster import LinkShape
 from pervade.producer.claims import ClaimsSource, read_claims
+from pervade.prompts import PromptTemplate
 from pervade.sinks.summary import read_verdicts
 
 MODES = ("naive", "agnostic", "partial", "full")
@@ -110,7 +124,12 @@ labels = {"SUPPORTS": "SUPPORTS", "REFUTES": "REFUTES", "NOT": "NOT ENOUGH INFO"
 rows = []
 with torch.inference_mode():
     for claim in spec["claims"]:
-        inputs = tokenizer(spec["template"].replace("{claim}", claim["text"]), return_tensors="pt")
+        prompt = spec["template"].replace("{claim}", claim["text"])
+        if spec["chat"]:
+            system = [{"role": "system", "content": spec["system"]}] if spec["system"] else []
+            prompt = tokenizer.apply_chat_template(system + [{"role": "user", "content": prompt}], tokenize=False,
+                                                   add_generation_prompt=True)
+        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not spec["chat"])
         output = model.generate(**inputs, max_new_tokens=spec["max_new_tokens"], do_sample=False, pad_token_id=pad)
         text = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         found = re.search(r"\b(SUPPORTS|REFUTES|NOT)\b", text.upper())
@@ -148,7 +167,7 @@ class ModeResult:
 class NaiveBatch:
     batch_id: str
     template_id: str
-    template: str
+    template: PromptTemplate
     claims: list[dict[str, str]]
 
 
@@ -163,10 +182,10 @@ def model_loads(cluster: LocalCluster) -> list[float]:
 
 
 async def run_pervade(
-    mode: str, workload: Workload, base: Path, workers: int, threads: int, limit_s: float
+    mode: str, workload: Workload, base: Path, workers: int, threads: int, limit_s: float, place: Placement
 ) -> ModeResult:
     """The workload through a real broker, sink, workers and producer in one context mode."""
-    cluster = LocalCluster(base, log_level="debug")  # debug: the per-batch model builds are logged
+    cluster = place.cluster(base, log_level="debug")  # debug: the per-batch model builds are logged
     problems: list[str] = []
     run_s = None
     started = time.perf_counter()
@@ -236,13 +255,14 @@ def naive_batches(workload: Workload) -> list[NaiveBatch]:
     return batches
 
 
-async def run_naive_batch(batch_file: Path, out_file: Path, log_file: Path) -> float:
-    """One naive process, to its end (killed if the benchmark is cancelled meanwhile); its lifetime in s."""
+async def run_naive_batch(batch_file: Path, out_file: Path, log_file: Path, prefix: list[str]) -> float:
+    """One naive process (run through ``prefix``: a lab host's nsenter, or nothing), to its end (killed if the
+    benchmark is cancelled meanwhile); its lifetime in s."""
     started = time.perf_counter()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with log_file.open("wb") as log:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", NAIVE_CHILD, str(batch_file), str(out_file),
+            *prefix, sys.executable, "-c", NAIVE_CHILD, str(batch_file), str(out_file),
             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT, env=env,
         )  # fmt: skip
     try:
@@ -258,7 +278,7 @@ async def run_naive_batch(batch_file: Path, out_file: Path, log_file: Path) -> f
 
 
 async def run_naive(workload: Workload, base: Path, workers: int, threads: int, max_new_tokens: int,
-                    limit_s: float) -> ModeResult:  # fmt: skip
+                    limit_s: float, place: Placement) -> ModeResult:  # fmt: skip
     """The baseline: a process per batch that loads the model and generates, ``workers`` at a time."""
     batches = naive_batches(workload)
     for name in ("specs", "out", "logs"):
@@ -266,16 +286,22 @@ async def run_naive(workload: Workload, base: Path, workers: int, threads: int, 
     jobs = []
     for index, batch in enumerate(batches):  # written before the clock starts, as a producer would have
         spec = {"model": workload.model, "threads": threads, "max_new_tokens": max_new_tokens,
-                "template_id": batch.template_id, "template": batch.template, "claims": batch.claims}  # fmt: skip
+                "template_id": batch.template_id, "template": batch.template.text, "chat": batch.template.chat,
+                "system": batch.template.system, "claims": batch.claims}  # fmt: skip
         spec_file = base / "specs" / f"batch-{index:05d}.json"
         spec_file.write_text(json.dumps(spec))
         jobs.append((spec_file, base / "out" / spec_file.name, base / "logs" / f"batch-{index:05d}.log"))
-    slots = asyncio.Semaphore(workers)
+    free_slots: asyncio.Queue[int] = asyncio.Queue()
+    for slot in range(workers):
+        free_slots.put_nowait(slot)
     lifetimes: list[float] = []
 
     async def one(spec_file: Path, out_file: Path, log_file: Path) -> None:
-        async with slots:
-            lifetimes.append(await run_naive_batch(spec_file, out_file, log_file))
+        slot = await free_slots.get()  # a slot is a host: at most one naive process per host at a time
+        try:
+            lifetimes.append(await run_naive_batch(spec_file, out_file, log_file, place.host_prefix(slot)))
+        finally:
+            free_slots.put_nowait(slot)
 
     problems: list[str] = []
     started = time.perf_counter()
@@ -312,18 +338,46 @@ def shown(value: float | None, digits: int) -> float | str:
     return "-" if value is None else round(value, digits)
 
 
-def add_rows(report: Report, results: list[ModeResult]) -> None:
+def add_rows(report: Report, results: list[ModeResult], storage_mbit: float | None) -> None:
     by_mode = {r.mode: r for r in results}
     naive, agnostic = by_mode.get("naive"), by_mode.get("agnostic")
     for r in results:
         reduction = None if agnostic is None else (1 - r.wall_s / agnostic.wall_s) * 100
         report.add(
-            mode=r.mode, pairs=r.pairs_done, wall_s=round(r.wall_s, 2), run_s=shown(r.run_s, 2),
-            compute_s=shown(r.compute_s, 2), batch_s=shown(r.batch_s, 3),
+            mode=r.mode, storage_mbit=shown(storage_mbit, 0), pairs=r.pairs_done, wall_s=round(r.wall_s, 2),
+            run_s=shown(r.run_s, 2), compute_s=shown(r.compute_s, 2), batch_s=shown(r.batch_s, 3),
             pairs_per_s=round(r.pairs_done / r.wall_s, 1), model_loads=r.model_loads,
             load_s=shown(r.load_s_mean, 3), x_naive=shown(None if naive is None else naive.wall_s / r.wall_s, 2),
             vs_agnostic_pct=shown(reduction, 1), exact="yes" if r.exact else "NO",
         )  # fmt: skip
+
+
+def add_notes(report: Report, results: list[ModeResult], workload: Workload, workers: int, where: str) -> None:
+    """The derived figures of one set of rows: time saved, the paper's proportion, full against its ideal."""
+    by_mode = {r.mode: r for r in results}
+    full, agnostic = by_mode.get("full"), by_mode.get("agnostic")
+    if full is not None and agnostic is not None:
+        report.note(f"{where}full context took {1 - full.wall_s / agnostic.wall_s:.1%} less wall time than agnostic, "
+                    f"agnostic/full {agnostic.wall_s / full.wall_s:.2f} (paper: 72.1% and 3.59, 20 GPUs, SmolLM2-1.7B)")  # fmt: skip
+        if full.compute_s and agnostic.compute_s and full.batch_s and agnostic.batch_s:
+            build = agnostic.load_s_mean or 0.0
+            report.note(
+                f"{where}compute span: full {1 - full.compute_s / agnostic.compute_s:.1%} shorter than agnostic; "
+                f"mean batch {full.batch_s * 1000:.0f} ms (full) vs {agnostic.batch_s * 1000:.0f} ms (agnostic); "
+                f"an agnostic model build {build:.2f} s = {build / full.batch_s:.1f} full batches (paper: about 2.6)"
+            )
+    if full is not None and full.batch_s and full.load_s_mean and full.compute_s:
+        # The job's own time: the model's one load, then the first batch started to the last one finished (the
+        # producer's and the workers' start-up, seconds of imports on every run, is left out on both sides).
+        batches = len(workload.expected) // min(workload.batch_size, workload.claims_read) or 1
+        ideal = full.batch_s * batches / workers + full.load_s_mean
+        took = full.compute_s + full.load_s_mean
+        report.note(f"{where}full: one load + batches' span {took:.1f} s against an ideal of {ideal:.1f} s (compute "
+                    f"{full.batch_s * batches:.1f} s / {workers} workers + one load {full.load_s_mean:.1f} s): "
+                    f"{took / ideal - 1:+.1%}")  # fmt: skip
+    if "naive" in by_mode and by_mode["naive"].parsed is not None:
+        naive = by_mode["naive"]
+        report.note(f"{where}naive: {naive.parsed:,} of {naive.pairs_done:,} generations named a label")
 
 
 def draw(axes: Any, rows: list[dict[str, Any]]) -> None:
@@ -338,10 +392,46 @@ def draw(axes: Any, rows: list[dict[str, Any]]) -> None:
         axes.annotate(
             label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8
         )
-    axes.set_xticks(list(xs), [row["mode"] for row in rows])
+    names = [
+        row["mode"] if row["storage_mbit"] == "-" else f"{row['mode']}\n{row['storage_mbit']} Mb/s" for row in rows
+    ]
+    axes.set_xticks(list(xs), names, fontsize=7 if len(rows) > 4 else 10)
     axes.set_ylabel("seconds (same workload)")
     axes.set_ylim(0, max(walls) * 1.25)
     axes.legend(fontsize=8)
+
+
+def run_modes(
+    args: argparse.Namespace, workload: Workload, base: Path, threads: int, place: Placement
+) -> list[ModeResult]:
+    """Every mode asked for, one after the other, on one placement."""
+    results: list[ModeResult] = []
+    for mode in args.modes:  # rows print once all are in: x naive and vs agnostic need both
+        print(f"# {base.name} {mode} ...", file=sys.stderr, flush=True)
+        if mode == "naive":
+            run = run_naive(
+                workload, base / mode, args.workers, threads, args.max_new_tokens, args.duration_limit, place
+            )
+        else:
+            run = run_pervade(mode, workload, base / mode, args.workers, threads, args.duration_limit, place)
+        result = asyncio.run(run)
+        print(f"#   {mode}: {result.wall_s:.1f} s, {result.pairs_done:,} pairs", file=sys.stderr, flush=True)
+        results.append(result)
+    return results
+
+
+def on_lab(args: argparse.Namespace, workload: Workload, model: Path, base: Path, threads: int,
+           report: Report) -> dict[str, list[str]]:  # fmt: skip
+    """Every mode at every storage rate, on a lab with a compute host per worker; the failures by label."""
+    failures: dict[str, list[str]] = {}
+    with on_cluster_lab(base, workload, model, args.workers) as (place, shared):
+        for rate in args.storage_mbit:
+            place.lab.shape("storage", LinkShape(rate_mbit=rate))
+            results = run_modes(args, shared, base / f"storage-{rate:g}", threads, place)
+            add_rows(report, results, rate)
+            add_notes(report, results, shared, args.workers, f"{rate:g} Mb/s: ")
+            failures |= {f"{r.mode} at {rate:g} Mb/s": r.problems for r in results if r.problems or not r.exact}
+    return failures
 
 
 def main() -> int:
@@ -353,48 +443,33 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=5, help="naive: tokens generated (default: 5)")
     parser.add_argument("--threads-per-worker", type=int, default=None, help="default: cores / workers")
     parser.add_argument("--duration-limit", type=float, default=600.0, help="seconds a row may take (default: 600)")
+    parser.add_argument("--lab", action="store_true", help="run across the hosts of a cluster lab (root only)")
+    parser.add_argument("--storage-mbit", type=float, nargs="+", default=[1000.0],
+                        help="--lab: the storage link's rates, Mbit/s, one set of rows each (default: 1000)")  # fmt: skip
     args = parser.parse_args()
-    if min(args.workers, args.max_new_tokens) < 1:
-        parser.error("--workers and --max-new-tokens must be positive")
+    if min(args.workers, args.max_new_tokens) < 1 or min(args.storage_mbit) <= 0:
+        parser.error("--workers, --max-new-tokens and --storage-mbit must be positive")
     workload, model, base = workload_from_args(args, "rq1")
     threads = args.threads_per_worker or max(1, cores // args.workers)
-    columns = ["mode", "pairs", "wall_s", "run_s", "compute_s", "batch_s", "pairs_per_s", "model_loads", "load_s",
-               "x_naive", "vs_agnostic_pct", "exact"]  # fmt: skip
-    report = Report("rq1_context_modes", columns, out_dir=args.out_dir)
+    columns = ["mode", "storage_mbit", "pairs", "wall_s", "run_s", "compute_s", "batch_s", "pairs_per_s",
+               "model_loads", "load_s", "x_naive", "vs_agnostic_pct", "exact"]  # fmt: skip
+    report = Report("rq1_context_modes" + ("_lab" if args.lab else ""), columns, out_dir=args.out_dir)
+    where = f"a cluster lab ({args.workers} compute hosts, model on its shared file system)" if args.lab else "loopback"
     report.header(
         f"RQ1 context modes: {workload.claims_read:,} claims ({args.claims_file.name}) x {len(workload.templates)} "
         f"templates = {len(workload.expected):,} pairs, batch {args.batch_size}, {args.workers} workers x {threads} "
-        f"threads, model {model.name}; runs in {base}",
+        f"threads, model {model.name}, on {where}; runs in {base}",
         f"{load_line()} at the start",
     )
-    results: list[ModeResult] = []
-    for mode in args.modes:  # rows print once all are in: x naive and vs agnostic need both
-        print(f"# {mode} ...", file=sys.stderr, flush=True)
-        if mode == "naive":
-            result = asyncio.run(run_naive(workload, base / mode, args.workers, threads, args.max_new_tokens,
-                                           args.duration_limit))  # fmt: skip
-        else:
-            result = asyncio.run(run_pervade(mode, workload, base / mode, args.workers, threads, args.duration_limit))
-        print(f"#   {mode}: {result.wall_s:.1f} s, {result.pairs_done:,} pairs", file=sys.stderr, flush=True)
-        results.append(result)
-    add_rows(report, results)
-    by_mode = {r.mode: r for r in results}
-    if "full" in by_mode and "agnostic" in by_mode:
-        full, agnostic = by_mode["full"], by_mode["agnostic"]
-        saved = 1 - full.wall_s / agnostic.wall_s
-        report.note(f"full context took {saved:.1%} less wall time than agnostic (paper: 72.1%, 20 GPUs, SmolLM2-1.7B)")
-        if full.compute_s and agnostic.compute_s and full.batch_s and agnostic.batch_s:
-            report.note(
-                f"compute span: full {1 - full.compute_s / agnostic.compute_s:.1%} shorter than agnostic; mean batch "
-                f"{full.batch_s * 1000:.0f} ms (full) vs {agnostic.batch_s * 1000:.0f} ms (agnostic)"
-            )
-    if "naive" in by_mode and by_mode["naive"].parsed is not None:
-        naive = by_mode["naive"]
-        report.note(f"naive: {naive.parsed:,} of {naive.pairs_done:,} generations named a label (random weights)")
+    if args.lab:
+        failures = on_lab(args, workload, model, base, threads, report)
+    else:
+        results = run_modes(args, workload, base, threads, Placement())
+        add_rows(report, results, None)
+        add_notes(report, results, workload, args.workers, "")
+        failures = {r.mode: r.problems for r in results if r.problems or not r.exact}
     report.note(f"{load_line()} at the end")
     report.finish(draw, f"RQ1: {len(workload.expected):,} pairs, {args.workers} workers, context modes vs naive")
-
-    failures = {r.mode: r.problems for r in results if r.problems or not r.exact}
     return finish_runs(base, failures, args.keep or args.base_dir is not None)
 
 

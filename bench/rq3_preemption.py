@@ -40,12 +40,23 @@ replacement's torch import on the shared cores, which both modes pay. The time s
 machine (default D = 30 s and T = 15 and 7.5 s, where the paper's pool ran for hours with one preemption a
 minute), and on 2 cores a starting replacement slows the surviving worker too. Other jobs on the machine
 show in the figures; compare rows within one invocation.
+
+With ``--lab`` (root only), every run goes across the hosts of a cluster lab (jobs/lab/cluster.py): the
+broker, the sink and the producer on its login host, the ``--workers`` workers one per compute host (a
+replacement takes the next host in turn, so it lands where a victim ran), and the model on the storage
+host's disk, read by every worker over the shared file system through a storage link of ``--storage-mbit``
+Mbit/s shared by all readers. What loopback hides then shows: a replacement fetches the model's files
+across the network (from a surviving peer when one has them, else the shared file system) before it
+serves, and every message between broker and workers crosses two shaped links. The report is
+``rq3_preemption_lab``. Caveat: the hosts are network namespaces of this one machine, so every host shares
+its cores (2 here); the lab shapes the network, not the compute.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -67,9 +78,12 @@ from chaos import (
     wait_for_serving,
 )
 from runs import (
+    Placement,
+    add_lab_args,
     add_workload_args,
     finish_runs,
     load_line,
+    on_cluster_lab,
     producer_args,
     worker_args,
     workload_from_args,
@@ -159,15 +173,16 @@ def computed_before(out_dir: Path, deadline: float) -> int:
     return int(pc.sum(pc.less(finished, int(deadline * 1e6))).as_py() or 0)
 
 
-async def run_window(mode: str, every_s: float, workload: Workload, base: Path, options: Options) -> PreemptionRun:
-    """One (mode, T) run: D seconds of the sweep under evenly spaced preemptions."""
+async def run_window(mode: str, every_s: float, workload: Workload, base: Path, options: Options,
+                     placement: Placement) -> PreemptionRun:  # fmt: skip
+    """One (mode, T) run: D seconds of the sweep under evenly spaced preemptions, on ``placement``."""
     run = PreemptionRun(mode, every_s)
     settings = chaos_settings(mode, every_s, options)
     base.mkdir(parents=True, exist_ok=True)
     templates_file = base / "templates.json"
     templates_file.write_text(dump_templates(workload.templates))
     args = worker_args(mode, options.threads)
-    cluster = LocalCluster(base, heartbeat_interval_s=options.heartbeat_interval_s)
+    cluster = placement.cluster(base, heartbeat_interval_s=options.heartbeat_interval_s)
     chaos: Chaos | None = None
     try:
         await cluster.start_broker()
@@ -244,6 +259,36 @@ def draw(axes: Any, rows: list[dict[str, Any]]) -> None:
     axes.legend()
 
 
+def run_all(args: argparse.Namespace, workload: Workload, base: Path, options: Options,
+            placement: Placement) -> list[PreemptionRun]:  # fmt: skip
+    """Every (T, mode) run, periods outermost: the two modes of one period run back to back."""
+    runs: list[PreemptionRun] = []
+    for every_s in args.every:
+        for mode in args.modes:
+            print(f"# {mode}, every {every_s:g} s ...", file=sys.stderr, flush=True)
+            run_base = base / f"{mode}-every-{every_s:g}"
+            run = asyncio.run(run_window(mode, every_s, workload, run_base, options, placement))
+            print(f"#   {run.rows_at_d:,} rows at D, {len(run.kills)} kills", file=sys.stderr, flush=True)
+            runs.append(run)
+    return runs
+
+
+def placed(args: argparse.Namespace, workload: Workload, model: Path, base: Path,
+           hosts: int) -> contextlib.AbstractContextManager[tuple[Placement, Workload]]:  # fmt: skip
+    """With --lab, a cluster lab of ``hosts`` compute hosts and the workload on its shared file system; else
+    loopback and the workload as it is."""
+    if args.lab:
+        return on_cluster_lab(base, workload, model, compute_hosts=hosts, storage_mbit=args.storage_mbit)
+    return contextlib.nullcontext((Placement(), workload))
+
+
+def where(args: argparse.Namespace, hosts: int) -> str:
+    if not args.lab:
+        return "loopback"
+    return (f"a cluster lab ({hosts} compute hosts, model on its shared file system, storage link "
+            f"{args.storage_mbit:g} Mbit/s)")  # fmt: skip
+
+
 def main() -> int:
     cores = os.cpu_count() or 1
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -260,31 +305,28 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=20261121, help="seed of the victims' choice")
     parser.add_argument("--heartbeat-interval", type=float, default=0.5, help="every process's (default: 0.5 s)")
     parser.add_argument("--roll-seconds", type=float, default=1.0, help="the sink's file roll (default: 1 s)")
+    add_lab_args(parser)
     args = parser.parse_args()
-    if args.workers < 1 or args.duration <= 0:
-        parser.error("--workers and --duration must be positive")
+    if args.workers < 1 or args.duration <= 0 or args.storage_mbit <= 0:
+        parser.error("--workers, --duration and --storage-mbit must be positive")
     if any(t < 0 for t in args.every):
         parser.error("--every takes periods >= 0")
 
     workload, model, base = workload_from_args(args, "rq3")
     options = Options(args.workers, args.threads_per_worker or max(1, cores // args.workers), args.duration,
                       args.signal_mode, args.seed, args.heartbeat_interval, args.roll_seconds)  # fmt: skip
-    report = Report("rq3_preemption", ["mode", "every_s", "kills", "rows_at_d", "pairs_per_s", "computed_by_d",
-                    "vs_none_pct", "full_gain_pct", "requeues", "released", "clean"], out_dir=args.out_dir)  # fmt: skip
+    columns = ["mode", "every_s", "kills", "rows_at_d", "pairs_per_s", "computed_by_d", "vs_none_pct", "full_gain_pct",
+               "requeues", "released", "clean"]  # fmt: skip
+    report = Report("rq3_preemption" + ("_lab" if args.lab else ""), columns, out_dir=args.out_dir)
     report.header(
         f"RQ3 preemption: {args.duration:g} s windows, {args.workers} workers x {options.threads} threads, "
         f"signal {args.signal_mode}, replacement at once; workload {workload.claims_read:,} claims x "
         f"{len(workload.templates)} templates = {len(workload.expected):,} pairs, batch {args.batch_size}, "
-        f"model {model.name}; runs in {base}",
+        f"model {model.name}, on {where(args, args.workers)}; runs in {base}",
         f"{load_line()} at the start",
     )
-    runs: list[PreemptionRun] = []
-    for every_s in args.every:  # periods outermost: the two modes of one period run back to back
-        for mode in args.modes:
-            print(f"# {mode}, every {every_s:g} s ...", file=sys.stderr, flush=True)
-            run = asyncio.run(run_window(mode, every_s, workload, base / f"{mode}-every-{every_s:g}", options))
-            print(f"#   {run.rows_at_d:,} rows at D, {len(run.kills)} kills", file=sys.stderr, flush=True)
-            runs.append(run)
+    with placed(args, workload, model, base, args.workers) as (placement, workload):
+        runs = run_all(args, workload, base, options, placement)
     # Rows by mode, each from no preemption to the most frequent.
     add_rows(report, sorted(runs, key=lambda r: (args.modes.index(r.mode), r.every_s > 0, -r.every_s)), args.duration)
     report.note(f"{load_line()} at the end")

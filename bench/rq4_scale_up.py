@@ -35,12 +35,23 @@ instead of adding its own). Starting a worker (a torch import, about 3 s here) a
 already serving. The model is the offline random ``--size small`` model; on a cluster a newcomer's model
 load takes minutes, not a second, and scale-up pays off over hours, not seconds. Other jobs on the machine
 show in the figures; compare runs of one invocation.
+
+With ``--lab`` (root only), every run goes across the hosts of a cluster lab (jobs/lab/cluster.py) with W
+compute hosts: the broker, the sink and the producer on its login host, each worker on a compute host of
+its own (in the order they start), and the model on the storage host's disk, read over the shared file
+system through a storage link of ``--storage-mbit`` Mbit/s that all readers share. What loopback hides
+then shows: a newcomer gets the model's files across the network, from a peer already serving when it can,
+else from the shared file system, and every message between broker and workers crosses two shaped links.
+The report is ``rq4_scale_up_lab`` (its timeline ``rq4_scale_up_lab_timeline.csv``). Caveat: the hosts
+are network namespaces of this one machine, so they all share its cores (2 here); adding a host adds
+network, not compute.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import os
 import sys
@@ -53,16 +64,18 @@ import pyarrow.compute as pc
 from benchkit import Report
 from chaos import RunReport, Workload, check_output, wait_for_serving
 from runs import (
+    Placement,
+    add_lab_args,
     add_workload_args,
     finish_runs,
     load_line,
+    on_cluster_lab,
     producer_args,
     settings_for,
     worker_args,
     workload_from_args,
 )
 
-from pervade.jobs.cluster import LocalCluster
 from pervade.producer.templates import dump_templates
 from pervade.sinks.summary import read_verdicts
 
@@ -127,14 +140,15 @@ def throughput_windows(out_dir: Path, t0_wall: float, window_s: float) -> list[t
 
 
 async def run_schedule(schedule: Schedule, workload: Workload, base: Path, threads: int, window_s: float,
-                       limit_s: float) -> ScaleRun:  # fmt: skip
-    """One run of the workload under ``schedule``: workers started on time, progress sampled."""
+                       limit_s: float, placement: Placement) -> ScaleRun:  # fmt: skip
+    """One run of the workload under ``schedule``, on ``placement``: workers started on time, progress
+    sampled."""
     run = ScaleRun(schedule)
     base.mkdir(parents=True, exist_ok=True)
     templates_file = base / "templates.json"
     templates_file.write_text(dump_templates(workload.templates))
     args = worker_args("full", threads)
-    cluster = LocalCluster(base)
+    cluster = placement.cluster(base)
     try:
         await cluster.start_broker()
         await cluster.start_sink("--until-done")
@@ -220,6 +234,34 @@ def drawer(runs: list[ScaleRun]) -> Any:
     return draw
 
 
+def placed(args: argparse.Namespace, workload: Workload, model: Path, base: Path,
+           hosts: int) -> contextlib.AbstractContextManager[tuple[Placement, Workload]]:  # fmt: skip
+    """With --lab, a cluster lab of ``hosts`` compute hosts and the workload on its shared file system; else
+    loopback and the workload as it is."""
+    if args.lab:
+        return on_cluster_lab(base, workload, model, compute_hosts=hosts, storage_mbit=args.storage_mbit)
+    return contextlib.nullcontext((Placement(), workload))
+
+
+def where(args: argparse.Namespace, hosts: int) -> str:
+    if not args.lab:
+        return "loopback"
+    return (f"a cluster lab ({hosts} compute hosts, model on its shared file system, storage link "
+            f"{args.storage_mbit:g} Mbit/s)")  # fmt: skip
+
+
+def add_row(report: Report, run: ScaleRun) -> None:
+    all_serving = run.all_serving_s()
+    mean = run.mean_serving()
+    report.add(
+        run=run.schedule.label, schedule=run.schedule.describe(), max_workers=run.schedule.max_workers,
+        wall_s=round(run.wall_s, 2), pairs=run.pairs_done, pairs_per_s=round(run.pairs_per_s, 1),
+        all_serving_s="-" if all_serving is None else all_serving, mean_serving=round(mean, 2),
+        pairs_per_s_per_worker=round(run.pairs_per_s / mean, 1) if mean else "-",
+        exact="yes" if run.exact else "NO",
+    )  # fmt: skip
+
+
 def main() -> int:
     cores = os.cpu_count() or 1
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,9 +273,10 @@ def main() -> int:
     parser.add_argument("--runs", nargs="+", choices=["scale-up", "max", "one"], default=["scale-up", "max", "one"],
                         help="scale-up, W from start (max), 1 only (one); default: all three")  # fmt: skip
     parser.add_argument("--duration-limit", type=float, default=600.0, help="seconds a run may take (default: 600)")
+    add_lab_args(parser)
     args = parser.parse_args()
-    if args.max_workers < 1 or min(args.add_every, args.window) <= 0:
-        parser.error("--max-workers, --add-every and --window must be positive")
+    if args.max_workers < 1 or min(args.add_every, args.window, args.storage_mbit) <= 0:
+        parser.error("--max-workers, --add-every, --window and --storage-mbit must be positive")
     workload, model, base = workload_from_args(args, "rq4")
     threads = args.threads_per_worker or max(1, cores // args.max_workers)
     schedules = {
@@ -243,35 +286,31 @@ def main() -> int:
     }
     columns = ["run", "schedule", "max_workers", "wall_s", "pairs", "pairs_per_s", "all_serving_s", "mean_serving",
                "pairs_per_s_per_worker", "exact"]  # fmt: skip
-    report = Report("rq4_scale_up", columns, out_dir=args.out_dir)
+    name = "rq4_scale_up" + ("_lab" if args.lab else "")
+    report = Report(name, columns, out_dir=args.out_dir)
     report.header(
         f"RQ4 scale-up: {workload.claims_read:,} claims x {len(workload.templates)} templates = "
         f"{len(workload.expected):,} pairs, batch {args.batch_size}, every worker {threads} threads "
-        f"({cores} cores), model {model.name}; runs in {base}",
+        f"({cores} cores), model {model.name}, on {where(args, args.max_workers)}; runs in {base}",
         f"{load_line()} at the start",
     )
     runs: list[ScaleRun] = []
-    for key in args.runs:
-        schedule = schedules[key]
-        print(f"# {schedule.label} ({schedule.describe()}) ...", file=sys.stderr, flush=True)
-        run = asyncio.run(run_schedule(schedule, workload, base / key, threads, args.window, args.duration_limit))
-        runs.append(run)
-        all_serving = run.all_serving_s()
-        mean = run.mean_serving()
-        report.add(
-            run=schedule.label, schedule=schedule.describe(), max_workers=schedule.max_workers,
-            wall_s=round(run.wall_s, 2), pairs=run.pairs_done, pairs_per_s=round(run.pairs_per_s, 1),
-            all_serving_s="-" if all_serving is None else all_serving, mean_serving=round(mean, 2),
-            pairs_per_s_per_worker=round(run.pairs_per_s / mean, 1) if mean else "-",
-            exact="yes" if run.exact else "NO",
-        )  # fmt: skip
+    with placed(args, workload, model, base, args.max_workers) as (placement, workload):
+        for key in args.runs:
+            schedule = schedules[key]
+            print(f"# {schedule.label} ({schedule.describe()}) ...", file=sys.stderr, flush=True)
+            run = asyncio.run(
+                run_schedule(schedule, workload, base / key, threads, args.window, args.duration_limit, placement)
+            )
+            runs.append(run)
+            add_row(report, run)
     by_label = {run.schedule.label: run for run in runs}
     scale, one = by_label.get("scale-up"), by_label.get("1 only")
     full = by_label.get(f"{args.max_workers} from start")
     if scale and one and full:
         report.note(scale_up_note(scale, one, full))
     report.note(f"{load_line()} at the end")
-    timeline = write_timeline(args.out_dir / "rq4_scale_up_timeline.csv", runs)
+    timeline = write_timeline(args.out_dir / f"{name}_timeline.csv", runs)
     report.finish(
         drawer(runs), f"RQ4: throughput as workers join (+1 every {args.add_every:g} s, W = {args.max_workers})"
     )

@@ -10,21 +10,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow.compute as pc
 from benchkit import DEFAULT_OUT_DIR
 from chaos import FEVER_DEV, RunSettings, Workload, load_workload, wait_for_serving
 
 from pervade.jobs.cluster import LocalCluster
+from pervade.jobs.lab.cluster import ClusterLab, LabConfig, LinkShape
 from pervade.jobs.local import default_cache_dir
+from pervade.keys import init_keys
 from pervade.producer.claims import sample_claims_path
 from pervade.producer.templates import dump_templates
 from pervade.sinks.summary import read_verdicts
@@ -228,3 +234,44 @@ def worker_args(mode: str, threads: int) -> tuple[str, ...]:
 def producer_args(workload: Workload, templates_file: Path) -> tuple[str, ...]:
     return ("--model", workload.model, "--claims", str(workload.claims_file), "--limit", str(workload.claims),
             "--templates", str(templates_file), "--batch-size", str(workload.batch_size), "--wait")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a benchmark's processes run: this machine over loopback (the default), or the hosts of a cluster
+    lab (jobs/lab/cluster.py), keyed, with the model read from the lab's shared file system."""
+
+    lab: ClusterLab | None = None
+    keys: Path | None = None
+
+    def cluster(self, base: Path, **settings: Any) -> LocalCluster:
+        return LocalCluster(base, lab=self.lab, keys=self.keys, **settings)
+
+    def host_prefix(self, slot: int) -> list[str]:
+        """The command prefix that runs a process of the ``slot``-th concurrent slot on its compute host (none
+        without a lab): a baseline outside pervade placed like the workers."""
+        return self.lab.compute[slot % len(self.lab.compute)].command() if self.lab is not None else []
+
+
+@contextlib.contextmanager
+def on_cluster_lab(base: Path, workload: Workload, model: Path, compute_hosts: int,
+                   storage_mbit: float = 1000.0) -> Iterator[tuple[Placement, Workload]]:  # fmt: skip
+    """A cluster lab for a benchmark's runs (root only): ``compute_hosts`` hosts, ``model`` copied onto the
+    storage host's disk, and the workload naming it on the shared file system; stopped at the end."""
+    config = LabConfig(compute_hosts=compute_hosts, storage_link=LinkShape(rate_mbit=storage_mbit))
+    lab = ClusterLab.start(config, root=base / "lab")
+    try:
+        exported = lab.export_dir / "model"
+        shutil.copytree(model, exported)
+        keys = base / "keys"
+        init_keys(keys)
+        yield Placement(lab, keys), dataclasses.replace(workload, model=str(lab.on_shared(exported)))
+    finally:
+        lab.stop()
+
+
+def add_lab_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lab", action="store_true",
+                        help="run across the hosts of a cluster lab, the model on its shared file system (root only)")  # fmt: skip
+    parser.add_argument("--storage-mbit", type=float, default=1000.0,
+                        help="--lab: the storage link's rate, Mbit/s (default: 1000)")  # fmt: skip

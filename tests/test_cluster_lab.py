@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from pervade.context import make_context
+from pervade.errors import PervadeError
 from pervade.jobs.cluster import LocalCluster
 from pervade.jobs.lab.cluster import ClusterLab, LabConfig, LinkShape, why_not_here
 from pervade.keys import init_keys
@@ -281,3 +283,42 @@ async def test_slow_lossy_links_complete_the_job_exactly_once(
         for host in lab.hosts:
             lab.shape(host, lab.config.storage_link if host == "storage" else lab.config.host_link)
     assert_exact(cluster, fever_claims, claims)
+
+
+def test_the_delayer_reads_packet_ids_and_accepts_through_the_last() -> None:
+    """netdelay's netlink framing, without a socket: two packet announcements in one datagram (with an attribute
+    before the header, as the kernel may order them), an acknowledgement, and an error that must not pass."""
+    from pervade.jobs.lab import netdelay
+
+    def announcement(packet_id: int) -> bytes:
+        attributes = netdelay._attribute(9, b"\x00\x00\x00\x05") + netdelay._attribute(
+            netdelay.NFQA_PACKET_HDR, struct.pack("!IHB", packet_id, 0x0800, 3)
+        )
+        message = netdelay._message(netdelay.NFQNL_MSG_PACKET, 0, attributes)
+        return message
+
+    ack = netdelay.NLMSG_HDR.pack(36, netdelay.NLMSG_ERROR, 0, 0, 0) + struct.pack("=i", 0) + bytes(16)
+    assert netdelay.packet_ids(announcement(7) + announcement(8) + ack) == [7, 8]
+    refusal = netdelay.NLMSG_HDR.pack(36, netdelay.NLMSG_ERROR, 0, 0, 0) + struct.pack("=i", -16) + bytes(16)
+    with pytest.raises(OSError, match="refused"):
+        netdelay.packet_ids(refusal)
+
+    sent: list[bytes] = []
+
+    class Recorder:
+        def send(self, data: bytes) -> None:
+            sent.append(data)
+
+    netdelay.accept_through(Recorder(), 3, 41)  # type: ignore[arg-type]
+    length, kind, _flags, _seq, _pid = netdelay.NLMSG_HDR.unpack_from(sent[0])
+    assert length == len(sent[0]) and kind == (netdelay.NFNL_SUBSYS_QUEUE << 8) | netdelay.NFQNL_MSG_VERDICT_BATCH
+    assert struct.unpack_from("!H", sent[0], 18)[0] == 3  # the queue, in the nfgenmsg
+    assert struct.unpack_from("!II", sent[0], 24) == (netdelay.NF_ACCEPT, 41)  # the verdict header attribute
+
+
+def test_a_lab_refuses_shapes_and_sizes_it_cannot_build() -> None:
+    for bad in (LinkShape(rate_mbit=0), LinkShape(delay_ms=-1), LinkShape(loss_pct=100)):
+        with pytest.raises(PervadeError, match="a link's"):
+            bad.check()
+    with pytest.raises(PervadeError, match="1 to 200 compute hosts"):
+        LabConfig(compute_hosts=0)
