@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import sys
 import time
@@ -82,8 +81,9 @@ from runs import (
     add_lab_args,
     add_workload_args,
     finish_runs,
+    lab_line,
     load_line,
-    on_cluster_lab,
+    placement_from_args,
     producer_args,
     worker_args,
     workload_from_args,
@@ -273,22 +273,6 @@ def run_all(args: argparse.Namespace, workload: Workload, base: Path, options: O
     return runs
 
 
-def placed(args: argparse.Namespace, workload: Workload, model: Path, base: Path,
-           hosts: int) -> contextlib.AbstractContextManager[tuple[Placement, Workload]]:  # fmt: skip
-    """With --lab, a cluster lab of ``hosts`` compute hosts and the workload on its shared file system; else
-    loopback and the workload as it is."""
-    if args.lab:
-        return on_cluster_lab(base, workload, model, compute_hosts=hosts, storage_mbit=args.storage_mbit)
-    return contextlib.nullcontext((Placement(), workload))
-
-
-def where(args: argparse.Namespace, hosts: int) -> str:
-    if not args.lab:
-        return "loopback"
-    return (f"a cluster lab ({hosts} compute hosts, model on its shared file system, storage link "
-            f"{args.storage_mbit:g} Mbit/s)")  # fmt: skip
-
-
 def main() -> int:
     cores = os.cpu_count() or 1
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -322,10 +306,10 @@ def main() -> int:
         f"RQ3 preemption: {args.duration:g} s windows, {args.workers} workers x {options.threads} threads, "
         f"signal {args.signal_mode}, replacement at once; workload {workload.claims_read:,} claims x "
         f"{len(workload.templates)} templates = {len(workload.expected):,} pairs, batch {args.batch_size}, "
-        f"model {model.name}, on {where(args, args.workers)}; runs in {base}",
+        f"model {model.name}, on {lab_line(args, args.workers)}; runs in {base}",
         f"{load_line()} at the start",
     )
-    with placed(args, workload, model, base, args.workers) as (placement, workload):
+    with placement_from_args(args, workload, model, base, args.workers) as (placement, workload):
         runs = run_all(args, workload, base, options, placement)
     # Rows by mode, each from no preemption to the most frequent.
     add_rows(report, sorted(runs, key=lambda r: (args.modes.index(r.mode), r.every_s > 0, -r.every_s)), args.duration)

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import csv
 import os
 import sys
@@ -68,8 +67,9 @@ from runs import (
     add_lab_args,
     add_workload_args,
     finish_runs,
+    lab_line,
     load_line,
-    on_cluster_lab,
+    placement_from_args,
     producer_args,
     settings_for,
     worker_args,
@@ -234,22 +234,6 @@ def drawer(runs: list[ScaleRun]) -> Any:
     return draw
 
 
-def placed(args: argparse.Namespace, workload: Workload, model: Path, base: Path,
-           hosts: int) -> contextlib.AbstractContextManager[tuple[Placement, Workload]]:  # fmt: skip
-    """With --lab, a cluster lab of ``hosts`` compute hosts and the workload on its shared file system; else
-    loopback and the workload as it is."""
-    if args.lab:
-        return on_cluster_lab(base, workload, model, compute_hosts=hosts, storage_mbit=args.storage_mbit)
-    return contextlib.nullcontext((Placement(), workload))
-
-
-def where(args: argparse.Namespace, hosts: int) -> str:
-    if not args.lab:
-        return "loopback"
-    return (f"a cluster lab ({hosts} compute hosts, model on its shared file system, storage link "
-            f"{args.storage_mbit:g} Mbit/s)")  # fmt: skip
-
-
 def add_row(report: Report, run: ScaleRun) -> None:
     all_serving = run.all_serving_s()
     mean = run.mean_serving()
@@ -291,11 +275,11 @@ def main() -> int:
     report.header(
         f"RQ4 scale-up: {workload.claims_read:,} claims x {len(workload.templates)} templates = "
         f"{len(workload.expected):,} pairs, batch {args.batch_size}, every worker {threads} threads "
-        f"({cores} cores), model {model.name}, on {where(args, args.max_workers)}; runs in {base}",
+        f"({cores} cores), model {model.name}, on {lab_line(args, args.max_workers)}; runs in {base}",
         f"{load_line()} at the start",
     )
     runs: list[ScaleRun] = []
-    with placed(args, workload, model, base, args.max_workers) as (placement, workload):
+    with placement_from_args(args, workload, model, base, args.max_workers) as (placement, workload):
         for key in args.runs:
             schedule = schedules[key]
             print(f"# {schedule.label} ({schedule.describe()}) ...", file=sys.stderr, flush=True)

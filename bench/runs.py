@@ -275,3 +275,20 @@ def add_lab_args(parser: argparse.ArgumentParser) -> None:
                         help="run across the hosts of a cluster lab, the model on its shared file system (root only)")  # fmt: skip
     parser.add_argument("--storage-mbit", type=float, default=1000.0,
                         help="--lab: the storage link's rate, Mbit/s (default: 1000)")  # fmt: skip
+
+
+def placement_from_args(args: argparse.Namespace, workload: Workload, model: Path, base: Path,
+                        hosts: int) -> contextlib.AbstractContextManager[tuple[Placement, Workload]]:  # fmt: skip
+    """With --lab, a cluster lab of ``hosts`` compute hosts and the workload on its shared file system; else
+    loopback and the workload as it is."""
+    if args.lab:
+        return on_cluster_lab(base, workload, model, compute_hosts=hosts, storage_mbit=args.storage_mbit)
+    return contextlib.nullcontext((Placement(), workload))
+
+
+def lab_line(args: argparse.Namespace, hosts: int) -> str:
+    """Where the runs happen, for a report's header."""
+    if not args.lab:
+        return "loopback"
+    return (f"a cluster lab ({hosts} compute hosts, model on its shared file system, storage link "
+            f"{args.storage_mbit:g} Mbit/s)")  # fmt: skip

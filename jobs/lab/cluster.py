@@ -34,6 +34,7 @@ system's metadata servers and striping; a multi-switch topology (one bridge join
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import secrets
@@ -42,6 +43,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,7 +57,8 @@ PACKAGES = {"sshd": "openssh-server", "ssh": "openssh-client", "sshfs": "sshfs",
             "nsenter": "util-linux", "tc": "iproute2"}  # fmt: skip
 COMMAND_TIMEOUT_S = 30
 INSTALL_TIMEOUT_S = 600
-MOUNT_TIMEOUT_S = 20
+#: Seconds a mount or a delayer of the lab may take to come up.
+START_TIMEOUT_S = 20
 STOP_TIMEOUT_S = 10
 #: The NFQUEUE number each host's delay rule uses (every host has its own netfilter: no clash).
 DELAY_QUEUE = 0
@@ -273,11 +276,16 @@ class ClusterLab:
             if link.delay_ms > 0:
                 _run(*iptables, "-A", chain, direction, "eth0", "-j", "NFQUEUE", "--queue-num", str(DELAY_QUEUE),
                      "--queue-bypass")  # fmt: skip
-        self._stop_pid(f"netdelay-{host.name}")
+        name = f"netdelay-{host.name}"
+        self._stop_pid(name)
         if link.delay_ms > 0:
+            ready = self.root / "logs" / f"{name}.ready"
+            ready.unlink(missing_ok=True)
             delayer = [sys.executable, "-m", "pervade.jobs.lab.netdelay", "--queue", str(DELAY_QUEUE),
-                       "--delay-ms", str(link.delay_ms)]  # fmt: skip
-            self._spawn(f"netdelay-{host.name}", ["nsenter", f"--net=/run/netns/{host.netns}", *delayer])
+                       "--delay-ms", str(link.delay_ms), "--ready-file", str(ready)]  # fmt: skip
+            self._spawn(name, ["nsenter", f"--net=/run/netns/{host.netns}", *delayer])
+            # until the delayer has bound its queue, the rule's bypass passes packets undelayed
+            self._wait_for(lambda: ready.exists(), name, f"{host.name}'s delayer did not start")
 
     def _start_file_server(self) -> None:
         ssh = self.root / "ssh"
@@ -312,16 +320,22 @@ class ClusterLab:
             _run("unshare", f"--mount={host.mount_ns}", "--propagation", "private", "true")
             source = f"root@{self.storage.address}:{self.export_dir}"
             self._spawn(f"sshfs-{host.name}", host.command("sshfs", "-f", source, str(self.shared_dir), "-o", options))
-        deadline = time.monotonic() + MOUNT_TIMEOUT_S
         for host in mounting:
-            while (
-                _run(*host.command("findmnt", "-n", "-o", "FSTYPE", str(self.shared_dir)), check=False).stdout.strip()
-                != "fuse.sshfs"
-            ):
-                if time.monotonic() > deadline or not self._alive(f"sshfs-{host.name}"):
-                    log = (self.root / "logs" / f"sshfs-{host.name}.log").read_text(errors="replace")
-                    raise PervadeError(f"{host.name} could not mount the shared file system: {log.strip()[-500:]}")
-                time.sleep(0.05)
+            self._wait_for(functools.partial(self._mounted, host), f"sshfs-{host.name}",
+                           f"{host.name} could not mount the shared file system")  # fmt: skip
+
+    def _mounted(self, host: Host) -> bool:
+        fstype = _run(*host.command("findmnt", "-n", "-o", "FSTYPE", str(self.shared_dir)), check=False).stdout
+        return fstype.strip() == "fuse.sshfs"
+
+    def _wait_for(self, condition: Callable[[], bool], name: str, failure: str) -> None:
+        """Poll ``condition`` while the lab's process ``name`` lives; PervadeError with its log if it never holds."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not condition():
+            if time.monotonic() > deadline or not self._alive(name):
+                log = (self.root / "logs" / f"{name}.log").read_text(errors="replace")
+                raise PervadeError(f"{failure}: {log.strip()[-500:]}")
+            time.sleep(0.05)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         with open(self.root / "logs" / f"{name}.log", "ab") as log:

@@ -23,6 +23,7 @@ import signal
 import socket
 import struct
 import time
+from pathlib import Path
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_QUEUE = 3
@@ -112,8 +113,9 @@ def accept_through(sock: socket.socket, queue: int, last_id: int) -> None:
     )
 
 
-def delay_forever(queue: int, delay_s: float) -> None:
-    """Hold each packet of ``queue`` for ``delay_s`` (until SIGTERM)."""
+def delay_forever(queue: int, delay_s: float, ready_file: Path | None = None) -> None:
+    """Hold each packet of ``queue`` for ``delay_s`` (until SIGTERM). ``ready_file`` is created once the queue
+    is bound: until then the rule's bypass lets packets pass undelayed, so whoever starts this waits for it."""
     running = True
 
     def stop(*_: object) -> None:
@@ -126,6 +128,8 @@ def delay_forever(queue: int, delay_s: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, 33, RECEIVE_BUFFER)  # SO_RCVBUFFORCE: root may exceed rmem_max
     sock.bind((0, 0))
     bind_queue(sock, queue)
+    if ready_file is not None:
+        ready_file.touch()
     waiting: collections.deque[tuple[float, int]] = collections.deque()
     while running:
         timeout = max(0.0, waiting[0][0] - time.monotonic()) if waiting else 0.5
@@ -152,8 +156,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--queue", type=int, default=0, help="the NFQUEUE number the host's rule sends to")
     parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay added to each packet")
+    parser.add_argument("--ready-file", type=Path, default=None, help="created once the queue is bound")
     args = parser.parse_args()
-    delay_forever(args.queue, args.delay_ms / 1000)
+    delay_forever(args.queue, args.delay_ms / 1000, args.ready_file)
 
 
 if __name__ == "__main__":
