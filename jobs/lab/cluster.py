@@ -302,6 +302,12 @@ class ClusterLab:
         ]))  # fmt: skip
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
         self._spawn("sshd", self.storage.command("/usr/sbin/sshd", "-D", "-e", "-f", str(ssh / "sshd_config")))
+        # sshfs does not retry its first connection: mounting before sshd listens fails with "connection refused"
+        self._wait_for(self._sshd_listening, "sshd", "the storage host's sshd did not start")
+
+    def _sshd_listening(self) -> bool:
+        listening = _run(*self.storage.command("ss", "-H", "-l", "-t", "-n", "sport = :22"), check=False).stdout
+        return f"{self.storage.address}:22" in listening
 
     def _mount_shared(self) -> None:
         """A mount namespace per host (kept by a bind mount under ns/, which must not propagate), and in it the
