@@ -211,20 +211,23 @@ async def test_a_job_across_hosts_reads_the_shared_file_system_once(
 async def test_a_partitioned_host_loses_its_batches_then_serves_again(
     tmp_path: Path, lab: ClusterLab, shared_model: Path, fever_claims: Path
 ) -> None:
-    claims = 3000  # long enough to outlast the cut, the heal and the worker's reconnection backoff
+    claims = 3000  # long enough to outlast the cut, the heal and the worker's reconnection backoff (1, 2, 4 s)
     cluster = keyed_cluster(tmp_path, lab)  # heartbeats every 0.5 s, dead after 1.5 s of silence
     try:
         await cluster.start_broker()
         await cluster.start_sink("--roll-seconds", "0.5")
-        _, cut_worker = await start_workers(cluster, 2)
+        other_worker, cut_worker = await start_workers(cluster, 2)
         cut_host = cluster.worker_hosts[cut_worker].name
         await cluster.start_producer(*producer_args(tmp_path, shared_model, fever_claims, claims, 8))
         await rows_at_least(cluster, claims // 10)
         lab.cut(cut_host)
-        await wait_until(lambda: cluster.broker_counters().get("workers_declared_dead", 0) >= 1, 30, "the death")
-        await asyncio.sleep(3)  # well past the timeout: its batches are requeued and served by the other worker
+        await wait_until(lambda: died(cluster, cut_worker), 30, f"the broker did not declare {cut_worker} dead")
+        await asyncio.sleep(3)  # the cut lasts well past the timeout: its batches go to the other worker
         lab.heal(cut_host)
         healed_at = time.time()
+        await wait_until(lambda: joins(cluster, cut_worker) >= 2, 30, f"{cut_worker} did not register again")
+        # the rest of the run is the healed worker's alone: the other one hands its queued batches back
+        await cluster.procs.stop([other_worker])
         await finish(cluster)
     finally:
         await cluster.stop()
@@ -237,6 +240,14 @@ async def test_a_partitioned_host_loses_its_batches_then_serves_again(
     # whatever it finished during the cut reached the broker late, and was taken once at most: no pair is
     # doubled (assert_exact)
     assert cluster.events(cut_worker, "broker_connected")[-1]["generation"] >= 2  # it re-registered
+
+
+def died(cluster: LocalCluster, worker: str) -> bool:
+    return any(event["worker_id"] == worker for event in cluster.events("broker", "worker_declared_dead"))
+
+
+def joins(cluster: LocalCluster, worker: str) -> int:
+    return sum(event["worker_id"] == worker for event in cluster.events("broker", "worker_joined"))
 
 
 @pytest.mark.timeout(TIMEOUT_S + 60)
