@@ -62,10 +62,11 @@ class ClaimsSource:
 
 def import_claims_reader() -> None:
     """Import what reading claims imports: Hugging Face ``datasets``, and torch, which ``datasets`` imports
-    when it makes a streaming dataset (to share it with torch's data-loader workers). Loading torch's C
-    extension holds the GIL for about half a second: done on the thread that reads the claims, it stalls the
-    event loop beside it (bench/loop_stalls.py measured 0.4 s). A producer calls this before its loop starts;
-    it costs nothing more, since reading the claims would import both anyway."""
+    when it makes a streaming dataset (to share it with torch's data-loader workers) unless ``USE_TORCH=0``
+    (as ``pervade produce`` sets). Loading torch's C extension holds the GIL for about half a second: done on
+    the thread that reads the claims, it stalls the event loop beside it (bench/loop_stalls.py measured
+    0.4 s). A producer calls this before its loop starts; it costs nothing more, since reading the claims
+    would import both anyway."""
     from datasets import config
 
     if config.TORCH_AVAILABLE:

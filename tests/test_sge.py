@@ -24,12 +24,13 @@ from pathlib import Path
 import pytest
 
 from pervade.jobs.cluster import LocalCluster
-from pervade.producer.templates import load_templates
+from pervade.producer.templates import dump_templates, load_templates
 from tests.test_slurm import WORKER_ARGS
 from tests.waiting import wait_until
 
 LAB_SCRIPTS = Path(__file__).resolve().parents[1] / "jobs" / "lab" / "sge"
-CLAIMS = 400
+CLAIMS = 1000
+TEMPLATES = ("direct", "chat_yes_no_calibrated")
 RUN_TIMEOUT_S = 300
 
 
@@ -89,8 +90,10 @@ async def test_worker_jobs_under_grid_engine_leave_on_its_warning_and_end_with_t
     try:
         await cluster.start_broker()
         await cluster.start_sink("--roll-seconds", "0.5")
+        templates = tmp_path / "templates.json"
+        templates.write_text(dump_templates({name: load_templates()[name] for name in TEMPLATES}))
         await cluster.start_producer("--model", str(model), "--claims", str(fever_claims), "--limit", str(CLAIMS),
-                                     "--batch-size", "8", "--wait")  # fmt: skip
+                                     "--templates", str(templates), "--batch-size", "8", "--wait")  # fmt: skip
         submitted = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "pervade", "submit", "--scheduler", "sge", "--broker", cluster.endpoint,
@@ -103,7 +106,7 @@ async def test_worker_jobs_under_grid_engine_leave_on_its_warning_and_end_with_t
         jobs = submitted.stdout.split()
         assert len(jobs) == 2 and jobs[0].endswith(".1") and jobs[1].endswith(".2"), jobs
 
-        await wait_until(lambda: cluster.rows_written() >= CLAIMS * len(load_templates()) // 10, 120, "no verdicts from the jobs")
+        await wait_until(lambda: cluster.rows_written() >= CLAIMS * len(TEMPLATES) // 10, 120, "no verdicts from the jobs")
         victim = jobs[1]
         number, _, task = victim.partition(".")
         await asyncio.to_thread(grid_engine.run, "qdel", number, "-t", task)  # -notify: SIGUSR2 now, SIGKILL 5 s later
@@ -116,12 +119,12 @@ async def test_worker_jobs_under_grid_engine_leave_on_its_warning_and_end_with_t
         await cluster.stop()
 
     rows = cluster.rows_written()
-    assert rows == CLAIMS * len(load_templates())
+    assert rows == CLAIMS * len(TEMPLATES)
     from pervade.sinks.summary import read_verdicts
 
     table = read_verdicts(cluster.out_dir).to_pylist()
     pairs = Counter((r["claim_id"], r["template_id"]) for r in table)
-    assert len(pairs) == CLAIMS * len(load_templates()) and set(pairs.values()) == {1}
+    assert len(pairs) == CLAIMS * len(TEMPLATES) and set(pairs.values()) == {1}
     workers = Counter(r["worker_id"] for r in table)
     assert set(workers) <= {f"sge-{job}-cpu" for job in jobs}, workers
 
