@@ -34,7 +34,8 @@ COUNTERS = (
     "claims_completed",  # claims of the batches workers completed (each batch counted once)
     "context_loads",  # contexts workers reported loaded
     "context_load_failures",  # contexts workers reported they could not load
-    "status_requests",  # snapshots served (pervade status, sinks' progress bars)
+    "status_requests",  # snapshots served (pervade status)
+    "progress_requests",  # jobs' progress served (sinks' progress bars)
     "conflicting_submissions",  # batches refused: a known id with other content, or new to an ended job
     "jobs_found_incomplete",  # end_job that named batches the broker does not hold (lost state): resubmitted
     "jobs_aborted",  # jobs their producer abandoned midway (bad input): queued batches recorded failed

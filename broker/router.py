@@ -29,6 +29,8 @@ from pervade.protocol import (
     Error,
     Heartbeat,
     Message,
+    ProgressReply,
+    ProgressRequest,
     Refused,
     SinkReady,
     StatusReply,
@@ -55,7 +57,8 @@ class Router:
         self.results = results
         self.endpoint = endpoint
         self._verbs: dict[type[Message], Verb] = {
-            **verbs, StatusRequest: self.on_status_request, Heartbeat: self.on_heartbeat, Error: self.on_error,
+            **verbs, StatusRequest: self.on_status_request, ProgressRequest: self.on_progress_request,
+            Heartbeat: self.on_heartbeat, Error: self.on_error,
         }  # fmt: skip
         #: Messages only a peer registered in that role may send (``pervade/roles.py``); others may come from
         #: anyone (a registration, or a fact worth keeping from a peer the broker has forgotten).
@@ -190,6 +193,11 @@ class Router:
         """Anyone past the socket's authentication may read the run's status; no registration needed."""
         self.state.counters["status_requests"] += 1
         self.outbox.post(identity, StatusReply(snapshot=self.state.snapshot(self.endpoint)))
+
+    def on_progress_request(self, identity: bytes, message: ProgressRequest) -> None:
+        """The jobs' progress alone (a sink's bar), read like the status: no registration needed."""
+        self.state.counters["progress_requests"] += 1
+        self.outbox.post(identity, ProgressReply(progress=self.state.progress()))
 
     def on_heartbeat(self, identity: bytes, message: Heartbeat) -> None:
         pass  # ``admit`` noted the peer alive

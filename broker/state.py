@@ -14,12 +14,12 @@ from collections import Counter
 from pervade.broker.config import BrokerConfig
 from pervade.broker.constants import COUNTERS
 from pervade.broker.records import PeerRecord, ProducerRecord, SinkRecord, WorkerRecord
-from pervade.broker.status import build_snapshot
+from pervade.broker.status import build_progress, build_snapshot
 from pervade.broker.store import BrokerStore, JobRecord
 from pervade.context import ContextSpec
 from pervade.keyring import KeyHolder
 from pervade.manifest import Manifest
-from pervade.protocol import StatusSnapshot
+from pervade.protocol import RunProgress, StatusSnapshot
 from pervade.rates import RateMeter
 
 
@@ -78,6 +78,10 @@ class BrokerState:
 
     def queued_total(self) -> int:
         return sum(self.store.queued.values())
+
+    def progress(self) -> RunProgress:
+        """The jobs' progress alone, for a sink's bar (broker/status.py)."""
+        return build_progress(list(self.jobs.values()), self.throughput.rate())
 
     def snapshot(self, endpoint: str) -> StatusSnapshot:
         """The run as ``pervade status`` shows it (broker/status.py)."""

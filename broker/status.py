@@ -1,6 +1,7 @@
-"""The broker's view of the run as one ``StatusSnapshot``: what ``pervade status`` shows, what a sink's
-progress bar reads, and what the Prometheus metrics are made from. One builder for all three, so they
-never disagree. Built on the broker's event loop (it reads live records); O(workers + contexts + jobs)."""
+"""The broker's view of the run as one ``StatusSnapshot``: what ``pervade status`` shows and what the
+Prometheus metrics are made from, O(workers + contexts + jobs); and its jobs alone as a ``RunProgress``,
+what a sink's progress bar reads, O(jobs). The jobs are listed by one function for both, so they never
+disagree. Built on the broker's event loop (it reads live records)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Mapping
 from pervade.broker.records import WorkerRecord
 from pervade.broker.store import JobRecord
 from pervade.context import ContextSpec
-from pervade.protocol import ContextStatus, JobStatus, StatusSnapshot, WorkerStatus
+from pervade.protocol import ContextStatus, JobStatus, RunProgress, StatusSnapshot, WorkerStatus
 
 #: Finished jobs listed in a snapshot after the open ones (all jobs count in its totals).
 STATUS_FINISHED_JOBS = 20
@@ -84,6 +85,19 @@ def eta_seconds(jobs: list[JobRecord], claims_per_s: float) -> float | None:
     return round(remaining / claims_per_s, 1) if claims_per_s > 0 else None
 
 
+def shown_jobs(jobs: list[JobRecord]) -> list[JobStatus]:
+    """Open jobs, then the most recently finished ones: what a snapshot or a progress reply lists."""
+    open_jobs = [j for j in jobs if not j.done_reported]
+    finished = [j for j in jobs if j.done_reported][-STATUS_FINISHED_JOBS:]
+    return [describe_job(j) for j in open_jobs + finished]
+
+
+def build_progress(jobs: list[JobRecord], claims_per_s: float) -> RunProgress:
+    """The jobs' progress alone (a sink's bar): no worker or context is visited."""
+    return RunProgress(taken_at=time.time(), jobs=shown_jobs(jobs), claims_per_s=round(claims_per_s, 2),
+                       eta_s=eta_seconds(jobs, claims_per_s))  # fmt: skip
+
+
 def build_snapshot(
     *,
     endpoint: str,
@@ -99,15 +113,13 @@ def build_snapshot(
     producers: int,
 ) -> StatusSnapshot:
     now, wall = time.monotonic(), time.time()
-    open_jobs = [j for j in jobs if not j.done_reported]
-    finished = [j for j in jobs if j.done_reported][-STATUS_FINISHED_JOBS:]
     return StatusSnapshot(
         endpoint=endpoint,
         taken_at=wall,
         uptime_s=round(wall - started_at, 1),
         workers=sorted((describe_worker(w, specs, now) for w in workers), key=lambda w: w.worker_id),
         contexts=describe_contexts(specs, queued, workers),
-        jobs=[describe_job(j) for j in open_jobs + finished],
+        jobs=shown_jobs(jobs),
         pairs_total=sum(j.pairs for j in jobs),
         pairs_done=sum(j.pairs_written + j.pairs_failed for j in jobs),
         claims_per_s=round(claims_per_s, 2),

@@ -472,6 +472,29 @@ class StatusReply(Message, tag="status_reply"):
     snapshot: StatusSnapshot
 
 
+class ProgressRequest(Message, tag="progress"):
+    """A client asks how far the jobs are, and nothing else (a sink's progress bar): the answer grows with
+    the jobs, where a StatusSnapshot also lists every worker (40 ms and 2 MB at 10,000 workers). Needs no
+    registration, like StatusRequest."""
+
+
+class RunProgress(_Part):
+    """The jobs' progress at one moment: what a progress bar draws."""
+
+    taken_at: float
+    #: Open jobs, then the most recently finished ones (``STATUS_FINISHED_JOBS``), as in a StatusSnapshot.
+    jobs: list[JobStatus]
+    claims_per_s: float
+    #: Seconds until the open jobs are done at the current rate; None when nothing is moving.
+    eta_s: float | None
+
+
+class ProgressReply(Message, tag="progress_reply"):
+    """The broker's answer to ProgressRequest."""
+
+    progress: RunProgress
+
+
 # --- any -----------------------------------------------------------------------------------------
 
 
@@ -501,7 +524,7 @@ AnyMessage = Union[
     WorkerReady, Pull, LoadContext, ContextLoaded, ContextFailed, Assign, Completed, BatchFailed, Release,
     Drained, FindSources, Sources, PeerKeys, FilesHeld, FilesDropped,
     Disconnect, SinkReady, Deliver, DeliverFailure, SinkAck,
-    StatusRequest, StatusReply,
+    StatusRequest, StatusReply, ProgressRequest, ProgressReply,
     Heartbeat, Error, Refused,
 ]  # fmt: skip
 

@@ -26,6 +26,7 @@ from pervade.protocol import (
     Heartbeat,
     Message,
     ProducerReady,
+    ProgressRequest,
     Pull,
     Release,
     SinkAck,
@@ -36,8 +37,8 @@ from pervade.protocol import (
 )
 
 #: What any registered client sends besides its role's own verbs: liveness, goodbye, a report of a bad
-#: message, and the status view.
-_ANY_CLIENT: frozenset[type[Message]] = frozenset({Heartbeat, Disconnect, Error, StatusRequest})
+#: message, and the status and progress views.
+_ANY_CLIENT: frozenset[type[Message]] = frozenset({Heartbeat, Disconnect, Error, StatusRequest, ProgressRequest})
 
 SENDS: Mapping[Role, frozenset[type[Message]]] = {
     Role.WORKER: _ANY_CLIENT | {
@@ -46,7 +47,7 @@ SENDS: Mapping[Role, frozenset[type[Message]]] = {
     },
     Role.PRODUCER: _ANY_CLIENT | {ProducerReady, Submit, DeclareContext, EndJob, AbortJob},
     Role.SINK: _ANY_CLIENT | {SinkReady, SinkAck},
-    Role.MONITOR: frozenset({StatusRequest}),
+    Role.MONITOR: frozenset({StatusRequest, ProgressRequest}),
 }  # fmt: skip
 
 

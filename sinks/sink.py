@@ -41,11 +41,11 @@ from pervade.protocol import (
     Disconnect,
     Error,
     JobDone,
+    ProgressReply,
+    ProgressRequest,
+    RunProgress,
     SinkAck,
     SinkReady,
-    StatusReply,
-    StatusRequest,
-    StatusSnapshot,
 )
 from pervade.session import BrokerSession, Heartbeats
 from pervade.sinks.commit import OutputDirectory, Published
@@ -55,7 +55,7 @@ from pervade.sinks.parquet import RollingParquetWriter
 log = structlog.get_logger("sinks")
 T = TypeVar("T")
 
-#: Seconds between the status requests that feed the progress bar (only while it is drawn).
+#: Seconds between the progress requests that feed the progress bar (only while it is drawn).
 PROGRESS_POLL_S = 1.0
 #: Back-off after a failed write, doubling from the first to the last while writes keep failing.
 WRITE_RETRY_MIN_S = 1.0
@@ -152,15 +152,15 @@ class Sink:
         try:
             while not self._stopping.is_set():
                 if self.progress.shown and time.monotonic() >= next_poll:
-                    await self.session.send(StatusRequest())
+                    await self.session.send(ProgressRequest())
                     next_poll = time.monotonic() + PROGRESS_POLL_S
                 message = await self.session.receive(timeout_s=0.1)
                 if isinstance(message, (Deliver, DeliverFailure)):
                     await self.accept(message)
                 elif isinstance(message, JobDone):
                     self.job_done(message)
-                elif isinstance(message, StatusReply):
-                    self.progress.show(message.snapshot)
+                elif isinstance(message, ProgressReply):
+                    self.progress.show(message.progress)
                 elif isinstance(message, Error):
                     log.error("broker_error", reason=message.reason, detail=message.detail)
                 elif message is not None:
@@ -293,7 +293,8 @@ class Sink:
 
 class WrittenProgress:
     """The sink's bar: pairs written (by every sink of the run) of the jobs open since this sink started,
-    with the broker's rate and ETA, from its status snapshots."""
+    with the broker's rate and ETA, from its progress replies (the jobs alone, not the status snapshot:
+    that one lists every worker)."""
 
     def __init__(self, enabled: bool | None) -> None:
         self.bars = reported_bars("verdicts", enabled)
@@ -301,15 +302,15 @@ class WrittenProgress:
         self._task = self.bars.add_task("verdicts written", total=None, rate=0.0, eta=format_duration(None))
         #: job id -> (pairs, pairs done), for every job not already finished when the sink started.
         self._jobs: dict[str, tuple[int, int]] = {}
-        #: Jobs finished before the sink's first snapshot: not this sink's business.
+        #: Jobs finished before the sink's first progress reply: not this sink's business.
         self._finished_before: set[str] | None = None
         if self.shown:
             self.bars.start()
 
-    def show(self, snapshot: StatusSnapshot) -> None:
+    def show(self, progress: RunProgress) -> None:
         if self._finished_before is None:
-            self._finished_before = {job.job_id for job in snapshot.jobs if job.done}
-        for job in snapshot.jobs:
+            self._finished_before = {job.job_id for job in progress.jobs if job.done}
+        for job in progress.jobs:
             if job.job_id not in self._finished_before:
                 self._jobs[job.job_id] = (job.pairs, job.pairs_done)
         total = sum(pairs for pairs, _ in self._jobs.values())
@@ -317,8 +318,8 @@ class WrittenProgress:
             self._task,
             completed=sum(done for _, done in self._jobs.values()),
             total=total or None,
-            rate=snapshot.claims_per_s,
-            eta=format_duration(snapshot.eta_s),
+            rate=progress.claims_per_s,
+            eta=format_duration(progress.eta_s),
         )
 
     def close(self) -> None:

@@ -36,9 +36,13 @@ from pervade.protocol import (
     LoadContext,
     Message,
     ProducerReady,
+    ProgressReply,
+    ProgressRequest,
     Pull,
     SinkAck,
     SinkReady,
+    StatusReply,
+    StatusRequest,
     Submit,
     Verdict,
     WorkerReady,
@@ -398,3 +402,38 @@ def test_nothing_is_sent_before_the_state_it_describes_is_committed(broker) -> N
         assert reader.execute("SELECT status FROM batches WHERE batch_id = 'j/0'").fetchone() == ("delivered",)
     finally:
         reader.close()
+
+
+# --- the status views ----------------------------------------------------------------------------------
+
+
+def test_a_progress_reply_lists_the_jobs_alone_whatever_the_pool(broker) -> None:
+    """A sink's bar asks for progress every second: its answer must not grow with the workers, as the
+    status snapshot does, and must agree with the snapshot's jobs."""
+    broker(b"s", SinkReady(sink_id="s"))
+    broker.worker(b"w", contexts=[A], credit=2)
+    broker.submit(batch("j", 0), batch("j", 1))
+    held = broker.state.jobs["j"].holds()
+    broker(b"p", EndJob(job_id="j", batches=2, pairs=4, digest=held.digest))
+    broker(b"w", Completed(result=result_for(batch("j", 0))))
+    broker.turn()
+    broker(b"s", SinkAck(batch_ids=["j/0"]))
+    broker.turn()
+
+    def ask() -> tuple[ProgressReply, StatusReply]:
+        broker(b"s", ProgressRequest(), StatusRequest())
+        progress, status = broker.to(b"s")
+        assert isinstance(progress, ProgressReply) and isinstance(status, StatusReply)
+        return progress, status
+
+    few_progress, few_status = ask()
+    assert [(j.job_id, j.pairs, j.pairs_done) for j in few_progress.progress.jobs] == [("j", 4, 2)]
+    assert few_progress.progress.jobs == few_status.snapshot.jobs
+    for n in range(500):
+        broker.worker(f"idle-{n}".encode(), contexts=[A])
+    many_progress, many_status = ask()
+    assert many_progress.progress.jobs == few_progress.progress.jobs
+    size = lambda reply: len(encode(reply)[1])  # noqa: E731
+    assert size(many_progress) == size(few_progress)  # the same bytes with 501 workers as with one
+    assert size(many_status) > 50 * size(many_progress)  # the snapshot lists each of them
+    assert broker.state.counters["progress_requests"] == 2

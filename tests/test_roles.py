@@ -28,6 +28,8 @@ from pervade.protocol import (
     LoadContext,
     PeerKeys,
     ProducerReady,
+    ProgressReply,
+    ProgressRequest,
     Pull,
     SinkAck,
     SinkReady,
@@ -99,9 +101,9 @@ def test_a_sink_key_cannot_submit_and_a_monitor_key_can_only_read_status(broker)
         "the sink key 'sink' may not send 'producer_ready'", "the sink key 'sink' may not send 'submit'"
     ]  # fmt: skip
     assert broker.store.get("j/0") is None and not broker.state.producers and b"s" in broker.state.sinks
-    broker(b"m", StatusRequest(), Heartbeat(), SinkReady(sink_id="m"), key=MONITOR)
+    broker(b"m", StatusRequest(), ProgressRequest(), Heartbeat(), SinkReady(sink_id="m"), key=MONITOR)
     sent = broker.turn()
-    assert [type(m) for peer, m in sent if peer == b"m"] == [StatusReply, Error, Error]
+    assert [type(m) for peer, m in sent if peer == b"m"] == [StatusReply, ProgressReply, Error, Error]
     assert not broker.state.sinks.keys() - {b"s"}
 
 
@@ -109,7 +111,8 @@ def test_every_role_may_send_its_own_verbs_and_the_table_names_every_registratio
     assert may_send(Role.WORKER, WorkerReady) and not may_send(Role.WORKER, Submit)
     assert may_send(Role.PRODUCER, Submit) and not may_send(Role.PRODUCER, Completed)
     assert may_send(Role.SINK, SinkReady) and not may_send(Role.SINK, Pull)
-    assert SENDS[Role.MONITOR] == {StatusRequest}
+    assert SENDS[Role.MONITOR] == {StatusRequest, ProgressRequest}
+    assert all(may_send(role, ProgressRequest) for role in Role)  # a sink's bar, or anyone's
     registrations = {WorkerReady: Role.WORKER, ProducerReady: Role.PRODUCER, SinkReady: Role.SINK}
     for message, role in registrations.items():
         assert [r for r in Role if may_send(r, message)] == [role]
