@@ -1,5 +1,6 @@
 """What watching a run costs: the broker's status snapshot (``pervade status``, the Prometheus metrics) and
-the jobs' progress (a sink's progress bar, once a second) at 10 to 10,000 workers, and ``pervade report`` on a sweep's worth of Parquet rows.
+the jobs' progress (a sink's progress bar, once a second) at 10 to 10,000 workers, and ``pervade report``
+on a sweep's worth of Parquet rows.
 
     .venv/bin/python bench/monitoring_cost.py
     .venv/bin/python bench/monitoring_cost.py --workers 10 1000 --report-rows 100000

@@ -23,8 +23,8 @@ import pytest
 
 from pervade.jobs.cluster import LocalCluster
 from pervade.producer.claims import ClaimsSource, read_claims
-from pervade.producer.templates import dump_templates, load_templates
 from pervade.sinks.summary import read_verdicts
+from tests.templates import shipped_templates_file
 from tests.waiting import wait_until
 
 TEMPLATES = ("direct", "chat_yes_no_calibrated")
@@ -37,13 +37,6 @@ def write_claims(source: Path, path: Path, start: int, count: int) -> Path:
     path.write_text(
         "".join(json.dumps({"id": c.claim_id, "claim": c.text, "label": c.gold_label}) + "\n" for c in claims)
     )
-    return path
-
-
-def templates_file(directory: Path) -> Path:
-    templates = load_templates()
-    path = directory / "templates.json"
-    path.write_text(dump_templates({k: templates[k] for k in TEMPLATES}))
     return path
 
 
@@ -80,7 +73,7 @@ async def test_a_broker_that_loses_its_state_is_caught_up_by_its_producer(tmp_pa
     written; the sink writes none twice."""
     claims = write_claims(fever_claims, tmp_path / "claims.jsonl", 0, 300)
     cluster = LocalCluster(tmp_path, heartbeat_interval_s=0.25)
-    args = ("--model", str(small_model), "--claims", str(claims), "--templates", str(templates_file(tmp_path)),
+    args = ("--model", str(small_model), "--claims", str(claims), "--templates", str(shipped_templates_file(tmp_path, TEMPLATES)),
             "--batch-size", "3", "--wait")  # fmt: skip
     try:
         await cluster.start_broker()
@@ -130,7 +123,7 @@ async def test_a_stalled_sink_does_not_write_what_another_sink_wrote_meanwhile(
         await cluster.start_sink("--roll-seconds", "600", "--idle-roll-seconds", "600", name="stalled")
         await cluster.start_worker("--device", "cpu", "--threads", "1")
         await cluster.start_producer("--model", str(small_model), "--claims", str(claims),
-                                     "--templates", str(templates_file(tmp_path)), "--batch-size", "3", "--wait")  # fmt: skip
+                                     "--templates", str(shipped_templates_file(tmp_path, TEMPLATES)), "--batch-size", "3", "--wait")  # fmt: skip
         await wait_until(lambda: cluster.rows_written() >= 60, 120, "the fast sink's first rows")
         cluster.procs.children["stalled"].send_signal(signal.SIGSTOP)
         await wait_until(lambda: any(e.get("sink_id") == "stalled" for e in cluster.events("broker", "sink_left")),
@@ -171,7 +164,7 @@ async def test_workers_and_inputs_an_operator_gets_wrong(tmp_path, tiny_model, f
     under the same path (each version computed whole); and bad inputs, refused with one clear line before
     anything is sent."""
     claims = write_claims(fever_claims, tmp_path / "claims.jsonl", 0, 100)
-    templates = templates_file(tmp_path)
+    templates = shipped_templates_file(tmp_path, TEMPLATES)
     cluster = LocalCluster(tmp_path, heartbeat_interval_s=0.25)
     skewed_log = tmp_path / "logs" / "skewed.log"
     skewed = None
@@ -278,7 +271,7 @@ async def test_a_sink_on_a_full_disk_waits_and_writes_everything_once_space_retu
         await cluster.start_sink("--out", str(out), "--roll-seconds", "0.5")
         await cluster.start_worker("--device", "cpu", "--threads", "1")
         await cluster.start_producer("--model", str(tiny_model), "--claims", str(claims),
-                                     "--templates", str(templates_file(tmp_path)), "--batch-size", "8", "--wait")  # fmt: skip
+                                     "--templates", str(shipped_templates_file(tmp_path, TEMPLATES)), "--batch-size", "8", "--wait")  # fmt: skip
         await wait_until(
             lambda: len(cluster.events("sink", "output_write_failed")) >= 2, 90, "the sink to hit the full disk"
         )

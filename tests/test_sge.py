@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from pervade.jobs.cluster import LocalCluster
-from pervade.producer.templates import dump_templates, load_templates
+from tests.templates import shipped_templates_file
 from tests.test_slurm import WORKER_ARGS
 from tests.waiting import wait_until
 
@@ -90,8 +90,7 @@ async def test_worker_jobs_under_grid_engine_leave_on_its_warning_and_end_with_t
     try:
         await cluster.start_broker()
         await cluster.start_sink("--roll-seconds", "0.5")
-        templates = tmp_path / "templates.json"
-        templates.write_text(dump_templates({name: load_templates()[name] for name in TEMPLATES}))
+        templates = shipped_templates_file(tmp_path, TEMPLATES)
         await cluster.start_producer("--model", str(model), "--claims", str(fever_claims), "--limit", str(CLAIMS),
                                      "--templates", str(templates), "--batch-size", "8", "--wait")  # fmt: skip
         submitted = await asyncio.to_thread(

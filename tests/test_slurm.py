@@ -22,10 +22,10 @@ import pytest
 from pervade.jobs.cluster import LocalCluster
 from pervade.jobs.lab.slurm import SlurmLab, free_port
 from pervade.producer.claims import ClaimsSource, read_claims
-from pervade.producer.templates import dump_templates, load_templates
 from pervade.sinks.failures import read_failures
 from pervade.sinks.summary import read_verdicts
 from tests.shadowing import write_shadowing_files
+from tests.templates import shipped_templates_file
 from tests.waiting import wait_until
 
 #: Long enough that the late job, whose worker takes about 7 s to start, still finds work: 1,200 claims x 2
@@ -75,12 +75,6 @@ async def submit(slurm: SlurmLab, broker: str, base: Path, workers: int) -> list
     return out.decode().split()
 
 
-def templates_file(base: Path) -> Path:
-    path = base / "templates.json"
-    path.write_text(dump_templates({name: load_templates()[name] for name in TEMPLATES}))
-    return path
-
-
 def job_output(base: Path, job_id: str) -> str:
     path = base / "jobs" / f"pervade-worker-{job_id}.out"
     return path.read_text() if path.exists() else ""
@@ -96,7 +90,7 @@ async def test_worker_jobs_survive_a_cancelled_job_and_a_late_one_takes_work(
         await cluster.start_broker()
         await cluster.start_sink("--roll-seconds", "0.5")
         await cluster.start_producer("--model", str(small_model), "--claims", str(fever_claims), "--limit", str(CLAIMS),
-                                     "--templates", str(templates_file(tmp_path)), "--batch-size", str(BATCH_SIZE),
+                                     "--templates", str(shipped_templates_file(tmp_path, TEMPLATES)), "--batch-size", str(BATCH_SIZE),
                                      "--wait")  # fmt: skip
         first = await submit(slurm, cluster.endpoint, tmp_path, workers=3)
         assert len(first) == 3 and all("_" in job for job in first), first  # one array of three tasks
