@@ -17,10 +17,12 @@ What runs, for every row (one row per workers x batch size x sink mode; every ro
 - N simulated workers with a *null model*, hosted by ``ceil(N / --workers-per-process)`` processes (this
   script again, ``broker_capacity.py simulate ...``), each owning many DEALER sockets made by
   ``pervade.transport.dealer_socket``, the worker's own socket set-up. Each socket speaks the worker's
-  protocol through ``pervade.protocol``: ``worker_ready`` and ``pull`` with credit ``--prefetch + 1`` (the
-  real worker's window), ``context_loaded`` at once for every ``load_context``, and for every ``assign`` a
-  ``completed`` whose verdicts are a fixed label for every claim, then ``pull`` for one more batch, exactly
-  as ``gpuworker/link.py`` does, minus the model. A socket silent for a heartbeat interval sends a
+  protocol through ``pervade.protocol``: ``worker_ready`` and ``pull`` with credit ``--prefetch + 1``,
+  ``context_loaded`` at once for every ``load_context``, and for every ``assign`` a ``completed`` whose
+  verdicts are a fixed label for every claim; what arrived in one message is answered in one, with the
+  ``pull`` the real worker's window (``gpuworker/intake.py``'s ``CreditWindow``: about two runs of 256
+  claims, so hundreds of batches at batch size 1) would grant, as ``gpuworker/link.py`` does, minus the
+  model. A socket silent for a heartbeat interval sends a
   heartbeat. One process drives its sockets with one ``zmq.Poller`` loop rather than a ``BrokerSession``
   each: 1,000 asyncio sessions, each polling with a timeout, would measure the simulator, not the broker;
 - a producer in this process (``producer.client.Producer.submit_sweep``, the ``produce`` command's API,
@@ -103,8 +105,10 @@ from benchkit import DEFAULT_OUT_DIR, Report
 from pervade.constants import LABELS
 from pervade.context import ContextSpec, ResolvedContext, make_context
 from pervade.errors import PervadeError, ProtocolError
+from pervade.gpuworker.intake import CreditWindow
 from pervade.keys import KEYS_ENV, ClientKeys, init_keys, keys_dir
 from pervade.logs import configure_logging
+from pervade.producer.window import DEFAULT_MAX_UNACKED, DEFAULT_MAX_UNACKED_PAIRS
 from pervade.protocol import (
     Assign,
     BatchResult,
@@ -122,8 +126,10 @@ from pervade.protocol import (
     Pull,
     Verdict,
     WorkerReady,
-    decode,
+    bodies,
+    decode_body,
     encode,
+    encode_group,
 )
 from pervade.session import Heartbeats
 from pervade.transport import dealer_socket, new_identity
@@ -159,6 +165,8 @@ class NullWorker:
 
     name: str
     socket: zmq.Socket
+    #: How much it asks for: the real worker's window (gpuworker/intake.py), set when it registers.
+    window: CreditWindow = field(default_factory=lambda: CreditWindow(min_batches=2))
     grants: deque[float] = field(default_factory=deque)
     last_sent: float = 0.0
     heard: bool = False
@@ -205,14 +213,29 @@ class NullWorkerHost:
         worker.socket.send_multipart(encode(message), flags=zmq.NOBLOCK)
         worker.last_sent = time.monotonic()
 
+    def send_group(self, worker: NullWorker, messages: list[Message]) -> None:
+        for frames in encode_group(messages):
+            worker.socket.send_multipart(frames, flags=zmq.NOBLOCK)
+        worker.last_sent = time.monotonic()
+
     def grant(self, worker: NullWorker, credit: int) -> None:
         self.send(worker, Pull(credit=credit))
         worker.grants.extend([time.time()] * credit)
+
+    def top_up(self, worker: NullWorker) -> Pull | None:
+        """The credit the real worker would grant now, holding nothing (every batch is answered at once)."""
+        credit = worker.window.top_up(held=0)
+        if not credit:
+            return None
+        worker.grants.extend([time.time()] * credit)
+        return Pull(credit=credit)
 
     def register(self, worker: NullWorker) -> None:
         ready = WorkerReady(worker_id=worker.name, host="null-host", pid=os.getpid(), device=self.device)
         self.send(worker, ready)
         worker.grants.clear()
+        worker.window = CreditWindow(min_batches=self.prefetch + 1)
+        worker.window.outstanding = self.prefetch + 1
         self.grant(worker, self.prefetch + 1)
 
     def context_id(self, spec: ContextSpec) -> str:
@@ -220,14 +243,16 @@ class NullWorkerHost:
             self._context_ids[spec] = spec.context_id
         return self._context_ids[spec]
 
-    def complete(self, worker: NullWorker, assign: Assign) -> None:
-        """Answer a batch at once with the null verdict, then ask for one more (as the real worker does)."""
+    def complete(self, worker: NullWorker, assign: Assign) -> Completed:
+        """Answer a batch at once with the null verdict (the caller asks for one more, as the real worker
+        does)."""
         started = time.time()
         batch = assign.batch
         stats = self.stats
         stats.assigned += 1
         stats.queue_s.append(started - batch.submitted_at)
         granted = worker.grants.popleft() if worker.grants else started
+        worker.window.arrived(len(batch.claims))
         stats.dispatch_s.append(started - max(granted, batch.submitted_at))
         verdicts = [
             Verdict(claim_id=c.claim_id, verdict=NULL_VERDICT, scores=NULL_SCORES, gold_label=c.gold_label)
@@ -239,29 +264,43 @@ class NullWorkerHost:
             submitted_at=batch.submitted_at, started_at=started, finished_at=time.time(), verdicts=verdicts,
             dtype="null",
         )  # fmt: skip
-        self.send(worker, Completed(result=result))
-        stats.last_completed = time.time()
-        self.grant(worker, 1)
+        return Completed(result=result)
 
     def handle(self, worker: NullWorker, frames: list[bytes]) -> None:
+        """One message from the broker: a group, answered as the real worker answers a run of batches, with
+        one group of results and one Pull for as many batches as it completed."""
         worker.heard = True
         try:
-            message = decode(frames)
+            group = bodies(frames)
         except ProtocolError as exc:
             self.note_error(f"{worker.name}: undecodable message: {exc}")
             return
-        if isinstance(message, Assign):
-            self.complete(worker, message)
-        elif isinstance(message, LoadContext):
-            self.stats.loads += 1
-            self.send(worker, ContextLoaded(context_id=self.context_id(message.context), seconds=0.0))
-        elif isinstance(message, Disconnect):  # the broker forgot this worker: register again
-            self.stats.disconnects += 1
-            self.register(worker)
-        elif isinstance(message, Error):
-            self.note_error(f"{worker.name}: broker error: {message.reason} {message.detail}")
-        elif not isinstance(message, (Heartbeat, Drained, PeerKeys)):  # PeerKeys: for a file service, none here
-            self.stats.unexpected += 1
+        answers: list[Message] = []
+        for body in group:
+            try:
+                message = decode_body(body)
+            except ProtocolError as exc:
+                self.note_error(f"{worker.name}: undecodable message: {exc}")
+                continue
+            if isinstance(message, Assign):
+                answers.append(self.complete(worker, message))
+            elif isinstance(message, LoadContext):
+                self.stats.loads += 1
+                answers.append(ContextLoaded(context_id=self.context_id(message.context), seconds=0.0))
+            elif isinstance(message, Disconnect):  # the broker forgot this worker: register again
+                self.stats.disconnects += 1
+                self.register(worker)
+            elif isinstance(message, Error):
+                self.note_error(f"{worker.name}: broker error: {message.reason} {message.detail}")
+            elif not isinstance(message, (Heartbeat, Drained, PeerKeys)):  # PeerKeys: for a file service
+                self.stats.unexpected += 1
+        done = any(isinstance(answer, Completed) for answer in answers)
+        if done and (pull := self.top_up(worker)) is not None:
+            answers.append(pull)
+        if answers:
+            self.send_group(worker, answers)
+            if done:
+                self.stats.last_completed = time.time()
 
     def note_error(self, error: str) -> None:
         if len(self.stats.errors) < 20:
@@ -676,7 +715,7 @@ async def submit_job(
 
     job_id = f"capacity-b{batch_size}-{uuid.uuid4().hex[:8]}"
     keys = ClientKeys.load(setup.keys, "producer") if setup.keys is not None else None
-    async with Producer(endpoint, max_unacked=args.max_unacked, keys=keys) as producer:
+    async with Producer(endpoint, max_unacked=args.max_unacked, max_unacked_pairs=args.max_unacked_pairs, keys=keys) as producer:
         started = time.time()
         report = await watched(
             producer.submit_sweep(claims(setup.pool, args.claims), {setup.template_id: setup.template},
@@ -801,7 +840,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--claims", type=int, default=500_000, help="claims per row (default: 500000)")
     parser.add_argument("--sink", choices=["with", "without", "both"], default="with", help="rows with a real sink writing Parquet, without one (the broker only routes to workers), or both (default: with)")  # fmt: skip
     parser.add_argument("--prefetch", type=int, default=1, help="batches a simulated worker holds beyond the one in hand; it grants credit prefetch + 1, as the real worker (default: 1)")  # fmt: skip
-    parser.add_argument("--max-unacked", type=int, default=16, help="producer's batches in flight without the broker's acknowledgement (default: 16, the producer's default)")  # fmt: skip
+    parser.add_argument("--max-unacked", type=int, default=DEFAULT_MAX_UNACKED, help=f"producer's batches in flight without the broker's acknowledgement (default: {DEFAULT_MAX_UNACKED}, the producer's default)")  # fmt: skip
+    parser.add_argument("--max-unacked-pairs", type=int, default=DEFAULT_MAX_UNACKED_PAIRS, help=f"producer's pairs in flight without the broker's acknowledgement (default: {DEFAULT_MAX_UNACKED_PAIRS:,}, the producer's default)")  # fmt: skip
     parser.add_argument("--workers-per-process", type=int, default=500, help="simulated workers per simulator process (default: 500)")  # fmt: skip
     parser.add_argument("--roll-seconds", type=float, default=2.0, help="the sink's --roll-seconds (default: 2, the sink's default)")  # fmt: skip
     parser.add_argument("--idle-roll-seconds", type=float, default=0.5, help="the sink's --idle-roll-seconds (default: 0.5, the sink's default)")  # fmt: skip
@@ -816,7 +856,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep each row's directory (logs, Parquet, broker profile)")
     parser.add_argument("--verbose", action="store_true", help="print each row's broker pid and directory (to attach a profiler)")  # fmt: skip
     args = parser.parse_args(argv)
-    positive = ("claims", "max_unacked", "workers_per_process", "timeout", "roll_seconds", "idle_roll_seconds")
+    positive = ("claims", "max_unacked", "max_unacked_pairs", "workers_per_process", "timeout", "roll_seconds", "idle_roll_seconds")
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -866,7 +906,7 @@ def main() -> int:
         report.header(
             f"broker capacity, null-model workers: {args.claims:,} claims per row "
             f"({'FEVER texts from ' + str(fever) if fever else 'generated sentences'}), 1 template, "
-            f"prefetch {args.prefetch} (credit {args.prefetch + 1} per worker), producer max unacked {args.max_unacked}, "
+            f"prefetch {args.prefetch} (credit {args.prefetch + 1} per worker), producer max unacked {args.max_unacked} batches and {args.max_unacked_pairs:,} pairs, "
             f"{args.workers_per_process} workers per simulator process",
             "latency (ms): queue = submitted_at -> assign at the worker; dispatch = assignable (submitted and a "
             "credit free) -> assign; e2e = submitted_at -> Parquet file closed",

@@ -19,12 +19,13 @@ import zmq
 import zmq.asyncio
 
 from pervade.broker.state import BrokerState
-from pervade.protocol import Message, encode, kind_of
+from pervade.protocol import Message, encode_group
 
 log = structlog.get_logger("broker")
 
-#: Sends one message to one peer now; False when the peer is gone or not keeping up.
-Send = Callable[[bytes, Message], bool]
+#: Sends the frames of one ZeroMQ message (a group: header and bodies) to one peer now; False when the peer
+#: is gone or not keeping up.
+Send = Callable[[bytes, list[bytes]], bool]
 
 
 class Outbox:
@@ -47,28 +48,43 @@ class Outbox:
         return [(identity, message) for identity, message, _ in self._queued]
 
     def flush(self) -> None:
-        """Commit the store, then send what this turn queued (so no peer hears of uncommitted state)."""
+        """Commit the store, then send what this turn queued (so no peer hears of uncommitted state): each
+        peer's messages of the turn travel together, in order, as few ZeroMQ messages as the group limits
+        allow. No timer holds anything back: a turn ends when nothing more is waiting to be read."""
         store, counters = self._state.store, self._state.counters
         if counters != self._saved_counters:
             store.save_meta("counters", counters)
             self._saved_counters = dict(counters)
         store.commit()
+        per_peer: dict[bytes, list[tuple[Message, Callable[[], None] | None]]] = {}
         while self._queued:
             identity, message, on_fail = self._queued.popleft()
-            if not self._send(identity, message) and on_fail is not None:
-                on_fail()
+            per_peer.setdefault(identity, []).append((message, on_fail))
+        for identity, posted in per_peer.items():
+            start = 0
+            for frames in encode_group([message for message, _ in posted]):
+                end = start + len(frames) - 1
+                if not self._send(identity, frames):
+                    for _, on_fail in posted[start:end]:
+                        if on_fail is not None:
+                            on_fail()
+                start = end
         store.commit()  # what failed sends undid
 
 
 def socket_sender(sock: zmq.asyncio.Socket) -> Send:
     """Send on the broker's ROUTER socket without blocking; a peer gone or not keeping up is logged and
-    reported (False), never raised."""
+    reported (False), never raised. Sends go through a plain (synchronous) socket sharing the ROUTER: a
+    non-blocking send needs no future, and the asyncio socket's per-send bookkeeping was a third of the
+    broker's time at batch size 1."""
+    plain = zmq.Socket.shadow(sock.underlying)
 
-    def send(identity: bytes, message: Message) -> bool:
-        future = sock.send_multipart([identity, *encode(message)], flags=zmq.NOBLOCK)
-        error = future.exception() if future.done() else None
-        if error is not None:
-            log.warning("send_failed", peer=identity.decode(errors="replace"), kind=kind_of(message), error=str(error))
+    def send(identity: bytes, frames: list[bytes]) -> bool:
+        try:
+            plain.send_multipart([identity, *frames], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as error:
+            log.warning("send_failed", peer=identity.decode(errors="replace"), messages=len(frames) - 1,
+                        error=str(error))  # fmt: skip
             return False
         return True
 

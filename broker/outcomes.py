@@ -61,7 +61,7 @@ class Outcomes:
             holder = state.workers.get(row.worker or b"")
             if holder is not None:
                 holder.in_flight.pop(row.batch_id, None)  # its own answer will be a duplicate
-        state.store.complete(row, result)
+        row = state.store.complete(row, result)
         state.given_to.pop(row.batch_id, None)
         state.load_deaths.pop(row.context_id, None)  # the context works: earlier load deaths were bad luck
         claims = len(result.verdicts)
@@ -71,4 +71,4 @@ class Outcomes:
         if worker is not None:
             worker.batches_done += 1
             worker.claims.add(claims)
-        self.sinks.deliver(row.batch_id, result)
+        self.sinks.deliver_row(row, result)

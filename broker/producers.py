@@ -71,11 +71,12 @@ class Producers:
             )
             self.refuse_submission(identity, batch, reason)
             return
-        if (rejection := self.unrunnable(batch)) is not None:
+        context_id = batch.context.context_id  # a hash: computed once
+        if (rejection := self.unrunnable(batch, context_id)) is not None:
             self.outbox.post(identity, Rejected(batch_id=batch.batch_id, reason=rejection))
             return
-        if batch.context.context_id not in state.specs:
-            state.specs[batch.context.context_id] = batch.context
+        if context_id not in state.specs:
+            state.specs[context_id] = batch.context
             store.save_context(batch.context)
         if not plausible_time(batch.submitted_at):
             state.counters["clock_skew_corrected"] += 1
@@ -83,18 +84,18 @@ class Producers:
                 "producer_clock_skewed", batch_id=batch.batch_id, skew_s=round(time.time() - batch.submitted_at)
             )
             batch = msgspec.structs.replace(batch, submitted_at=time.time())
-        store.add(batch)
+        store.add(batch, context_id)
         state.drained_sent = False  # new work: the run is not over
         job.add(batch.batch_id, len(batch.claims))
         store.save_job(job)
         self.outbox.post(identity, Accepted(batch_id=batch.batch_id))
 
-    def unrunnable(self, batch: Batch) -> str | None:
-        """Why no worker could run the batch's context (undeclared files, or every worker failed to load
-        it), or None."""
+    def unrunnable(self, batch: Batch, context_id: str) -> str | None:
+        """Why no worker could run the batch's context (``context_id``: undeclared files, or every worker
+        failed to load it), or None."""
         if batch.context.files is not None and batch.context.files not in self.state.manifests:
-            return f"the manifest of context {batch.context.context_id} was not declared (declare_context first)"
-        failure = self.state.failed_contexts.get(batch.context.context_id)
+            return f"the manifest of context {context_id} was not declared (declare_context first)"
+        failure = self.state.failed_contexts.get(context_id)
         if failure is not None:
             return f"no worker can load this context: {failure}"
         return None

@@ -14,7 +14,7 @@ from pervade.broker.outcomes import Outcomes
 from pervade.broker.records import WorkerRecord
 from pervade.broker.state import BrokerState
 from pervade.broker.store import BatchStatus, StoredBatch
-from pervade.protocol import BatchResult
+from pervade.protocol import Batch, BatchResult
 
 log = structlog.get_logger("broker")
 
@@ -30,13 +30,13 @@ class Results:
         self.state = state
         self.outcomes = outcomes
 
-    def mismatch(self, row: StoredBatch, result: BatchResult) -> str | None:
-        """Why ``result`` cannot be the answer to the stored batch, or None when it can. With keys, only a
-        key the batch was assigned to may answer it (a worker key cannot answer batches it never got)."""
+    def mismatch(self, row: StoredBatch, batch: Batch, result: BatchResult) -> str | None:
+        """Why ``result`` cannot be the answer to the stored batch (``row``, ``batch``), or None when it can.
+        With keys, only a key the batch was assigned to may answer it (a worker key cannot answer batches it
+        never got)."""
         sender = self.state.sender
         if sender is not None and sender.public not in self.state.given_to.get(row.batch_id, ()):
             return f"result for {row.batch_id!r} from the key {sender}, which it was never assigned to"
-        batch = self.state.store.batch(row.batch_id)
         if (result.job_id, result.context_id, result.template_id) != (batch.job_id, row.context_id, batch.template_id):
             return f"result for {row.batch_id!r} names another job, context or template"
         if [v.claim_id for v in result.verdicts] != [c.claim_id for c in batch.claims]:

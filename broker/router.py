@@ -36,8 +36,9 @@ from pervade.protocol import (
     StatusReply,
     StatusRequest,
     WorkerReady,
+    bodies,
     completed_batch_id,
-    decode,
+    decode_body,
     kind_of,
 )
 from pervade.roles import may_send, registered_only
@@ -72,14 +73,28 @@ class Router:
         self._refusals_logged: set[tuple[str, str]] = set()
 
     def handle(self, frames: list[bytes], sender: KeyHolder | None = None) -> None:
-        """Decode one envelope and run its verb, as ``sender`` (the key that sent it; None on a broker
-        without keys). Bad input is logged and answered, never raised."""
+        """Decode one envelope, a group of messages, and run each one's verb in order, as ``sender`` (the key
+        that sent it; None on a broker without keys). Bad input is logged and answered, never raised: a
+        message that does not decode is refused alone, the rest of its group still runs."""
         counters = self.state.counters
         if len(frames) < 2:
             counters["invalid_messages"] += 1
             log.warning("dropped_invalid_envelope", frames=len(frames))
             return
-        identity, body = frames[0], frames[1:]
+        identity = frames[0]
+        try:
+            group = bodies(frames[1:])
+        except ProtocolError as exc:
+            counters["invalid_messages"] += 1
+            log.warning("rejected_message", peer=identity.decode(errors="replace"), error=str(exc))
+            self.outbox.post(identity, Error(reason=str(exc)))
+            return
+        for body in group:
+            self.handle_body(identity, body, sender)
+
+    def handle_body(self, identity: bytes, body: bytes, sender: KeyHolder | None) -> None:
+        """Decode one message of a group and run its verb."""
+        counters = self.state.counters
         try:
             message = self.decode(identity, body, sender)
             verb = self._verbs.get(type(message))
@@ -104,12 +119,12 @@ class Router:
             log.exception("handler_failed", peer=identity.decode(errors="replace"))
             self.outbox.post(identity, Error(reason="internal broker error", detail=repr(exc)))
 
-    def decode(self, identity: bytes, body: list[bytes], sender: KeyHolder | None) -> Message:
+    def decode(self, identity: bytes, body: bytes, sender: KeyHolder | None) -> Message:
         """The message, or ProtocolError. A result that does not decode still names its batch: the batch is
         refused (requeued) rather than left assigned to a worker that believes it answered (only when a
         worker key sent it: no other key's garbage acts on a batch)."""
         try:
-            return decode(body)
+            return decode_body(body)
         except ProtocolError as exc:
             batch_id = completed_batch_id(body)
             if batch_id is None or sender is not None and not may_send(sender.role, Completed):

@@ -16,7 +16,7 @@ from pervade.broker.policy import choose_context
 from pervade.broker.records import WorkerRecord
 from pervade.broker.state import BrokerState
 from pervade.broker.store import BatchStatus, StoredBatch
-from pervade.protocol import Assign, LoadContext
+from pervade.protocol import Assign, Batch, LoadContext
 
 log = structlog.get_logger("broker")
 
@@ -60,10 +60,10 @@ class Scheduler:
                 if choice.load:
                     hosts.subtract(self.tell_to_load(worker, choice.context_id))
                     hosts[choice.context_id] += 1
-                row = store.next_queued(choice.context_id)
-                if row is None:  # the policy only chooses contexts with queued batches
+                front = store.next_queued_batch(choice.context_id)
+                if front is None:  # the policy only chooses contexts with queued batches
                     continue
-                self.assign(worker, row)
+                self.assign(worker, *front)
                 if worker.credit > 0 and not worker.leaving:
                     served.append(worker)
                 if not store.queued:
@@ -89,11 +89,10 @@ class Scheduler:
         log.info("told_to_load", worker_id=worker.name, context_id=context_id, evict=evict)
         return evict
 
-    def assign(self, worker: WorkerRecord, row: StoredBatch) -> None:
+    def assign(self, worker: WorkerRecord, row: StoredBatch, batch: Batch) -> None:
         """Send a batch to a worker; if the send fails the batch goes back to the front of its queue and
         the worker keeps its credit (it never saw the batch)."""
         store = self.state.store
-        batch = store.batch(row.batch_id)
         store.assign(row, worker.identity)
         if worker.key is not None:
             self.state.given_to.setdefault(row.batch_id, set()).add(worker.key.public)

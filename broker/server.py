@@ -37,6 +37,7 @@ import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
 from pervade.broker.config import BrokerConfig
+from pervade.broker.constants import RECEIVE_PER_TURN
 from pervade.broker.keyguard import KeyChanges, KeyGuard
 from pervade.broker.metrics import METRICS_REFRESH_S, MetricsExporter
 from pervade.broker.outbox import socket_sender
@@ -169,6 +170,8 @@ class BrokerServer:
         self.auth = auth  # None: no keys (plain TCP)
         self.guard = guard  # None: no keys
         self.metrics = metrics  # None: no --metrics-port
+        #: The ROUTER as a plain socket, for reads that never wait (the loop awaits ``sock.poll``).
+        self.plain = zmq.Socket.shadow(sock.underlying)
 
     @classmethod
     def open(cls, config: BrokerConfig, ctx: zmq.asyncio.Context, state: BrokerState | None = None) -> BrokerServer:
@@ -215,7 +218,7 @@ class BrokerServer:
         try:
             while not stopping.is_set():
                 if await self.sock.poll(poll_ms, zmq.POLLIN):
-                    await self.receive()
+                    self.receive()
                     parts.scheduler.dispatch()
                 now = time.monotonic()
                 if self.guard is not None:
@@ -243,15 +246,19 @@ class BrokerServer:
             parts.liveness.log_stats()
             self.close()
 
-    async def receive(self) -> None:
-        """Drain what is ready (up to 1,000 messages), so one dispatch and one commit serve them all. With
-        keys, each message is handled as the key that sent it, and one from a key not admitted is dropped."""
-        router, guard = self.parts.router, self.guard
-        for _ in range(1000):
+    def receive(self) -> None:
+        """Drain what is ready (up to ``RECEIVE_PER_TURN`` messages, grouped or not), so one dispatch and one
+        commit serve them all. With keys, each message is handled as the key that sent it, and one from a key
+        not admitted is dropped. Reads go through a plain socket sharing the ROUTER (``self.plain``): a read
+        that never waits needs no future."""
+        router, guard, plain = self.parts.router, self.guard, self.plain
+        taken = 0
+        while taken < RECEIVE_PER_TURN:
             try:
-                frames = await self.sock.recv_multipart(zmq.NOBLOCK, copy=guard is None)
+                frames = plain.recv_multipart(zmq.NOBLOCK, copy=guard is None)
             except zmq.Again:
                 break
+            taken += max(1, len(frames) - 2)
             if guard is None:
                 router.handle(frames)
             elif (sender := guard.sender(frames[0])) is not None:

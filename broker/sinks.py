@@ -74,8 +74,14 @@ class Sinks:
         if not self.state.sinks:
             return
         row = self.state.store.get(batch_id)
-        if row is None or row.status is not BatchStatus.DONE:  # only an outcome not yet with a sink
+        if row is not None:
+            self.deliver_row(row, result)
+
+    def deliver_row(self, row: StoredBatch, result: BatchResult | None = None) -> None:
+        """``deliver``, with the batch's row at hand (as it is now: only an outcome not yet with a sink goes)."""
+        if not self.state.sinks or row.status is not BatchStatus.DONE:
             return
+        batch_id = row.batch_id
         sinks = list(self.state.sinks.values())
         sink = sinks[self._next_sink % len(sinks)]
         self._next_sink += 1

@@ -43,7 +43,7 @@ import sqlite3
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import msgspec
@@ -176,6 +176,10 @@ class JobRecord:
             self.digest = held.digest
 
 
+def _job_json(job: JobRecord) -> str:
+    return json.dumps({k: v for k, v in job.__dict__.items() if k != "producers"})
+
+
 _ROW = "batch_id, job_id, context_id, status, attempts, deliveries, worker, sink, error, pairs, content"
 _encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(Batch)
@@ -224,7 +228,11 @@ class BrokerStore:
             #: Batches per status, and queued batches per context, kept in step with every change.
             self.status_counts: Counter[BatchStatus] = Counter()
             self.queued: Counter[str] = Counter()
-            self._min_key = 0
+            self._min_key = self._max_key = 0
+            #: Jobs changed since the last commit: written once, at the commit, however many batches of the
+            #: job the turn touched (a job's record was written once per batch, a third of a small batch's
+            #: cost).
+            self._dirty_jobs: dict[str, JobRecord] = {}
             self._load_counts()
         except sqlite3.Error as exc:
             with contextlib.suppress(Exception):
@@ -277,7 +285,7 @@ class BrokerStore:
             self._lock.note(endpoint)
 
     def close(self) -> None:
-        self._db.commit()
+        self.commit()
         self._db.close()
         if self._checkpointer is not None:
             self._checkpointer.close()
@@ -292,6 +300,11 @@ class BrokerStore:
             self._temporary_dir = None
 
     def commit(self) -> None:
+        """Write the jobs changed since the last commit, and commit everything."""
+        if self._dirty_jobs:
+            rows = [(job.job_id, _job_json(job)) for job in self._dirty_jobs.values()]
+            self._db.executemany("INSERT OR REPLACE INTO jobs VALUES (?, ?)", rows)
+            self._dirty_jobs.clear()
         self._db.commit()
 
     def checkpoint(self) -> bool:
@@ -308,7 +321,7 @@ class BrokerStore:
         """Finish the checkpoint on the broker's own connection, between its commits: no write races it,
         so it completes, and the next write starts the log afresh. Quick: the thread already copied all
         but the last few commits."""
-        self._db.commit()
+        self.commit()
         self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     def _add_missing_columns(self) -> None:
@@ -325,7 +338,8 @@ class BrokerStore:
             self.status_counts[BatchStatus(status)] = count
         query = "SELECT context_id, count(*) FROM batches WHERE status = 'queued' GROUP BY context_id"
         self.queued.update(dict(self._db.execute(query).fetchall()))
-        self._min_key = self._db.execute("SELECT coalesce(min(queue_key), 0) FROM batches").fetchone()[0]
+        query = "SELECT coalesce(min(queue_key), 0), coalesce(max(queue_key), 0) FROM batches"
+        self._min_key, self._max_key = self._db.execute(query).fetchone()
 
     # --- recovery --------------------------------------------------------------------------------
 
@@ -365,8 +379,8 @@ class BrokerStore:
         return {d: _manifest_decoder.decode(m) for d, m in self._db.execute("SELECT digest, manifest FROM manifests")}
 
     def save_job(self, job: JobRecord) -> None:
-        record = {k: v for k, v in job.__dict__.items() if k != "producers"}
-        self._db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?)", (job.job_id, json.dumps(record)))
+        """Save the job with the next commit (in the same transaction as the batches that changed it)."""
+        self._dirty_jobs[job.job_id] = job
 
     def jobs(self) -> dict[str, JobRecord]:
         jobs = {}
@@ -401,11 +415,27 @@ class BrokerStore:
         return _result_decoder.decode(result)
 
     def next_queued(self, context_id: str) -> StoredBatch | None:
+        found = self.next_queued_batch(context_id)
+        return None if found is None else found[0]
+
+    def next_queued_batch(self, context_id: str) -> tuple[StoredBatch, Batch] | None:
+        """The front of a context's queue: its row and its batch, in one read."""
         row = self._db.execute(
-            f"SELECT {_ROW} FROM batches WHERE status = 'queued' AND context_id = ? ORDER BY queue_key LIMIT 1",
+            f"SELECT {_ROW}, payload FROM batches WHERE status = 'queued' AND context_id = ?"
+            " ORDER BY queue_key LIMIT 1",
             (context_id,),
         ).fetchone()
-        return None if row is None else StoredBatch(row[0], row[1], row[2], BatchStatus(row[3]), *row[4:])
+        if row is None:
+            return None
+        return StoredBatch(row[0], row[1], row[2], BatchStatus(row[3]), *row[4:-1]), _batch_decoder.decode(row[-1])
+
+    def get_with_batch(self, batch_id: str) -> tuple[StoredBatch, Batch | None] | None:
+        """A batch's row and, while the store still holds it (until written), the batch: one read."""
+        row = self._db.execute(f"SELECT {_ROW}, payload FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+        if row is None:
+            return None
+        stored = StoredBatch(row[0], row[1], row[2], BatchStatus(row[3]), *row[4:-1])
+        return stored, None if row[-1] is None else _batch_decoder.decode(row[-1])
 
     def queued_ids(self, context_id: str) -> list[str]:
         query = "SELECT batch_id FROM batches WHERE status = 'queued' AND context_id = ? ORDER BY queue_key"
@@ -423,18 +453,20 @@ class BrokerStore:
 
     # --- batches: changing -----------------------------------------------------------------------
 
-    def add(self, batch: Batch) -> None:
-        """Queue a new batch at the back of its context's queue."""
-        cursor = self._db.execute(
+    def add(self, batch: Batch, context_id: str | None = None) -> None:
+        """Queue a new batch at the back of its context's queue (``context_id``: its context's id, when the
+        caller has it at hand)."""
+        context_id = context_id or batch.context.context_id
+        self._max_key += 1
+        self._db.execute(
             "INSERT INTO batches (batch_id, job_id, context_id, status, queue_key, payload, pairs, content)"
-            " VALUES (?, ?, ?, 'queued', 0, ?, ?, ?)",
+            " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
             (
-                batch.batch_id, batch.job_id, batch.context.context_id, _encoder.encode(batch), len(batch.claims),
+                batch.batch_id, batch.job_id, context_id, self._max_key, _encoder.encode(batch), len(batch.claims),
                 content_digest(batch),
             ),
         )  # fmt: skip
-        self._db.execute("UPDATE batches SET queue_key = seq WHERE seq = ?", (cursor.lastrowid,))
-        self._count(None, BatchStatus.QUEUED, batch.context.context_id)
+        self._count(None, BatchStatus.QUEUED, context_id)
 
     def assign(self, row: StoredBatch, worker: bytes) -> None:
         self._move(row, BatchStatus.ASSIGNED, "worker = ?, attempts = attempts + 1", (worker,))
@@ -445,8 +477,10 @@ class BrokerStore:
         uncount = "" if count_attempt else ", attempts = max(attempts - 1, 0)"
         self._move(row, BatchStatus.QUEUED, f"worker = NULL, queue_key = ?{uncount}", (self._min_key,))
 
-    def complete(self, row: StoredBatch, result: BatchResult) -> None:
+    def complete(self, row: StoredBatch, result: BatchResult) -> StoredBatch:
+        """Keep the batch's verdicts; returns its row as it is now."""
         self._move(row, BatchStatus.DONE, "worker = NULL, result = ?", (_encoder.encode(result),))
+        return replace(row, status=BatchStatus.DONE, worker=None)
 
     def fail(self, row: StoredBatch, error: str) -> None:
         self._move(row, BatchStatus.DONE, "worker = NULL, error = ?", (error,))

@@ -188,13 +188,14 @@ class Workers:
         worker = self.state.workers.get(identity)
         if worker is not None:
             worker.in_flight.pop(result.batch_id, None)
-        row = self.state.store.get(result.batch_id)
-        if row is None:
+        found = self.state.store.get_with_batch(result.batch_id)
+        if found is None:
             raise ProtocolError(f"result for unknown batch {result.batch_id!r}")
-        if row.status not in (BatchStatus.QUEUED, BatchStatus.ASSIGNED):
+        row, batch = found
+        if row.status not in (BatchStatus.QUEUED, BatchStatus.ASSIGNED) or batch is None:
             self.state.counters["duplicate_results"] += 1
             log.info("duplicate_result_suppressed", batch_id=result.batch_id, worker_id=result.worker_id)
-        elif (problem := self.results.mismatch(row, result)) is not None:
+        elif (problem := self.results.mismatch(row, batch, result)) is not None:
             self.results.refuse(identity, row.batch_id, problem)
             raise ProtocolError(problem)
         else:

@@ -100,6 +100,10 @@ class BrokerLink:
         broker takes it if the batch is still open)."""
         return await self.session.send(message)
 
+    async def send_group(self, messages: list[Message]) -> bool:
+        """Send ``messages`` together, in order, once registered (results of a run: one send)."""
+        return await self.session.send_group(messages)
+
     def take_queued(self) -> list[Order]:
         """Every queued order, taken out of the queue."""
         return self.queue.drain()

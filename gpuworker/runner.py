@@ -37,7 +37,7 @@ from pervade.gpuworker.intake import MIN_RUN_CLAIMS
 from pervade.gpuworker.link import BrokerLink
 from pervade.gpuworker.orders import BatchWork, InHand, LoadOrder, Order
 from pervade.prompts import PromptTemplate
-from pervade.protocol import BatchFailed, BatchResult, Completed, DeviceInfo, Verdict
+from pervade.protocol import BatchFailed, BatchResult, Completed, DeviceInfo, Message, Verdict
 
 log = structlog.get_logger("gpuworker")
 
@@ -112,13 +112,16 @@ class Runner:
             outcomes = [await self._score_per_batch(held, work) for work in group]
         finished = time.time()
         dtype = held.loaded.dtype if held.loaded is not None else fit_dtype(held.spec.dtype, self.contexts.device_info)
+        answers: list[Message] = []
         for work, outcome in zip(group, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 log.warning("batch_failed", batch_id=work.batch_id, context_id=work.context_id, error=str(outcome))
-                await self.link.send(BatchFailed(batch_id=work.batch_id, error=str(outcome)))
-                continue
-            # Sent even if the connection changed meanwhile: the broker takes it if the batch is still open.
-            await self.link.send(Completed(result=self._result(work, outcome, dtype, started, finished)))
+                answers.append(BatchFailed(batch_id=work.batch_id, error=str(outcome)))
+            else:
+                answers.append(Completed(result=self._result(work, outcome, dtype, started, finished)))
+        # One group for the whole run (a run of small batches is many answers, one send). Sent even if the
+        # connection changed meanwhile: the broker takes each result whose batch is still open.
+        await self.link.send_group(answers)
         self.batches_done += len(group)
         seconds = finished - started
         self.batch_seconds = seconds if self.batches_done == len(group) else 0.8 * self.batch_seconds + 0.2 * seconds

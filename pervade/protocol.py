@@ -1,9 +1,11 @@
 """The wire protocol: every message pervade sends, defined once, encoded with msgpack.
 
-A message travels as two frames: the protocol header (``PROTOCOL_HEADER``, which carries the version) and
-one msgpack map whose ``kind`` field names the message. A DEALER peer sends ``[header, body]``; the broker's
-ROUTER sees ``[identity, header, body]``. ``encode`` and ``decode`` are the only places frames are built
-or read. docs/protocol.md is the table of these messages: who sends each, and what the receiver does.
+A ZeroMQ message carries a group of messages: the protocol header (``PROTOCOL_HEADER``, which carries the
+version), then one frame per message, each a msgpack map whose ``kind`` field names it. A DEALER peer sends
+``[header, body, ...]``; the broker's ROUTER sees ``[identity, header, body, ...]``. Grouping is how every hop
+amortises its per-message cost (one send, one wake-up, one turn of the broker's loop for many batches) while
+each message keeps its own meaning, validation and answer: a body that does not decode costs itself alone.
+``encode``, ``encode_group``, ``bodies`` and ``decode_body`` are the only places frames are built or read. docs/protocol.md is the table of these messages: who sends each, and what the receiver does.
 
 Decoding validates types and bounds; anything that does not fit raises ``ProtocolError`` with the reason,
 so a receiver can log it, answer ``Error`` where it can, and carry on.
@@ -535,30 +537,81 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(AnyMessage)
 
 
+#: Messages one ZeroMQ message may carry (a group); a receiver refuses more, unread.
+MAX_GROUP_MESSAGES = 4096
+#: Bytes a sender puts in one group before it starts another (a single larger message travels alone). Well
+#: below any ``--max-message-bytes`` a broker is given, so grouping never makes a peer's message too big.
+GROUP_BYTES = 256 * 1024
+
+
 def encode(message: Message) -> list[bytes]:
-    """The frames a DEALER sends for ``message`` (the ROUTER side prepends the peer's identity)."""
+    """The frames a DEALER sends for ``message`` alone (the ROUTER side prepends the peer's identity)."""
     return [PROTOCOL_HEADER, _encoder.encode(message)]
 
 
-def decode(frames: list[bytes]) -> Message:
-    """Decode ``[header, body]`` into a message, or raise ProtocolError saying what is wrong."""
-    if len(frames) != 2:
-        raise ProtocolError(f"expected 2 frames (header, body), got {len(frames)}")
-    header, body = frames
+def encode_body(message: Message) -> bytes:
+    """One message's frame, to be sent in a group (``group_frames``)."""
+    return _encoder.encode(message)
+
+
+def group_frames(bodies: list[bytes]) -> list[list[bytes]]:
+    """Bodies (``encode_body``) packed into as few ZeroMQ messages as ``MAX_GROUP_MESSAGES`` and
+    ``GROUP_BYTES`` allow, in order: the frames of each message to send."""
+    groups: list[list[bytes]] = []
+    current: list[bytes] = [PROTOCOL_HEADER]
+    size = 0
+    for body in bodies:
+        if len(current) > 1 and (len(current) > MAX_GROUP_MESSAGES or size + len(body) > GROUP_BYTES):
+            groups.append(current)
+            current, size = [PROTOCOL_HEADER], 0
+        current.append(body)
+        size += len(body)
+    if len(current) > 1:
+        groups.append(current)
+    return groups
+
+
+def encode_group(messages: list[Message]) -> list[list[bytes]]:
+    """``messages`` as the ZeroMQ messages that carry them, in order (usually one)."""
+    return group_frames([_encoder.encode(message) for message in messages])
+
+
+def bodies(frames: list[bytes]) -> list[bytes]:
+    """The message bodies of ``[header, body, ...]``, or ProtocolError when the frames are not a group of
+    this protocol's version (then none of it is read)."""
+    if len(frames) < 2:
+        raise ProtocolError(f"expected a header and 1 to {MAX_GROUP_MESSAGES} messages, got {len(frames)} frames")
+    if len(frames) > MAX_GROUP_MESSAGES + 1:
+        raise ProtocolError(f"a group of {len(frames) - 1} messages; at most {MAX_GROUP_MESSAGES} are read")
+    header = frames[0]
     if header != PROTOCOL_HEADER:
         shown = bytes(header[:32]).decode("utf-8", "replace")
         raise ProtocolError(f"unsupported protocol header {shown!r}; this peer speaks {PROTOCOL_HEADER.decode()}")
+    return frames[1:]
+
+
+def decode_body(body: bytes) -> Message:
+    """One message's frame decoded and validated, or ProtocolError saying what is wrong."""
     try:
         return _decoder.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError is a DecodeError; a string
         raise ProtocolError(f"invalid message: {exc}") from None  # of invalid UTF-8 raises the other
 
 
-def completed_batch_id(frames: list[bytes]) -> str | None:
+def decode(frames: list[bytes]) -> Message:
+    """Decode ``[header, body]`` (one message alone) into a message, or raise ProtocolError saying what is
+    wrong."""
+    found = bodies(frames)
+    if len(found) != 1:
+        raise ProtocolError(f"expected one message, got a group of {len(found)}")
+    return decode_body(found[0])
+
+
+def completed_batch_id(frame: bytes) -> str | None:
     """The batch a ``completed`` message that failed to decode answers, when its body still says: the broker
     then requeues that batch and tells the worker why, instead of leaving it assigned for ever."""
     try:
-        body = msgspec.msgpack.decode(frames[-1])
+        body = msgspec.msgpack.decode(frame)
     except (msgspec.DecodeError, UnicodeDecodeError):
         return None
     result = body.get("result") if isinstance(body, dict) and body.get("kind") == "completed" else None

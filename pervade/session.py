@@ -32,7 +32,7 @@ import zmq.asyncio
 from pervade.errors import ConfigError, RegistrationRefused
 from pervade.keys import ClientKeys
 from pervade.options import LIVENESS_SECTION, POSITIVE, at_least, check_options, option
-from pervade.protocol import Disconnect, Heartbeat, Message, Refused, encode, kind_of
+from pervade.protocol import Disconnect, Heartbeat, Message, Refused, encode, encode_group, kind_of
 from pervade.transport import BrokerConnection
 
 log = structlog.get_logger("session")
@@ -134,6 +134,14 @@ class BrokerSession:
     async def send(self, message: Message) -> bool:
         """Send once registered; False (not sent) if the role stops while the session is reconnecting."""
         return await self.send_frames(encode(message))
+
+    async def send_group(self, messages: list[Message]) -> bool:
+        """Send ``messages`` together (one ZeroMQ message, or as few as the group limits allow), in order, once
+        registered; False (not sent) if the role stops while the session is reconnecting."""
+        for frames in encode_group(messages):
+            if not await self.send_frames(frames):
+                return False
+        return True
 
     async def send_frames(self, frames: list[bytes]) -> bool:
         if not self._registered.is_set():

@@ -14,7 +14,8 @@ service (a ROUTER) and the DEALERs its peers download through. CURVE authenticat
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import structlog
 import zmq
@@ -24,7 +25,7 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 from pervade.constants import DEFAULT_MAX_MESSAGE_BYTES, SEND_TIMEOUT_MS, SOCKET_LINGER_MS
 from pervade.errors import ProtocolError
 from pervade.keys import ClientKeys, ServerKeys
-from pervade.protocol import Message, decode, encode
+from pervade.protocol import Message, bodies, decode_body, encode
 
 log = structlog.get_logger(__name__)
 
@@ -124,10 +125,13 @@ def peer_socket(ctx: zmq.asyncio.Context, endpoint: str, keys: ClientKeys | None
 
 @dataclass
 class BrokerConnection:
-    """A DEALER's conversation with the broker: send messages, receive validated messages."""
+    """A DEALER's conversation with the broker: send messages, receive validated messages (a group from the
+    broker is handed out one message at a time, in order)."""
 
     socket: zmq.asyncio.Socket
     identity: str
+    #: Messages of a group already read and not yet handed out.
+    pending: deque[Message] = field(default_factory=deque)
 
     @classmethod
     def open(
@@ -140,21 +144,29 @@ class BrokerConnection:
         await self.send_frames(encode(message))
 
     async def send_frames(self, frames: list[bytes]) -> None:
-        """Send frames already built by ``encode`` (a caller that checked them first need not encode twice)."""
+        """Send frames already built by ``encode`` or ``group_frames`` (a caller that checked them first need
+        not encode twice)."""
         await self.socket.send_multipart(frames)
 
     async def receive(self, timeout_s: float | None = None) -> Message | None:
         """The next valid message, or None when ``timeout_s`` passes first. Invalid frames are logged
         and skipped: a broken message from the broker must not kill a client either."""
         timeout_ms = None if timeout_s is None else max(0, int(timeout_s * 1000))
-        while True:
+        while not self.pending:
             if not await self.socket.poll(timeout_ms, zmq.POLLIN):
                 return None
             frames = await self.socket.recv_multipart(zmq.NOBLOCK)
             try:
-                return decode(frames)
+                group = bodies(frames)
             except ProtocolError as exc:
                 log.error("dropped_invalid_message", error=str(exc))
+                continue
+            for body in group:
+                try:
+                    self.pending.append(decode_body(body))
+                except ProtocolError as exc:
+                    log.error("dropped_invalid_message", error=str(exc))
+        return self.pending.popleft()
 
     def close(self) -> None:
         self.socket.close()

@@ -199,6 +199,21 @@ def chunks(claims: Iterable[Claim], size: int) -> Iterator[list[Claim]]:
         yield chunk
 
 
+def read_ahead(chunked: Iterator[list[Claim]], claims: int) -> tuple[list[list[Claim]], ClaimsError | None]:
+    """The next chunks holding about ``claims`` claims (whole chunks, at least one; none at the end), and the
+    ClaimsError that stopped the reading early, if one did: the chunks read before it still count. Blocking:
+    an asyncio caller runs it on a thread."""
+    taken: list[list[Claim]] = []
+    held = 0
+    try:
+        while held < max(claims, 1) and (chunk := next(chunked, None)) is not None:
+            taken.append(chunk)
+            held += len(chunk)
+    except ClaimsError as exc:
+        return taken, exc
+    return taken, None
+
+
 @dataclass(frozen=True)
 class ClaimsScan:
     """A claims source read whole: every record valid, and what it holds."""

@@ -6,8 +6,11 @@
 
 Every (claim, template) pair is sent once, in batches of one template and up to ``batch_size`` claims.
 Claims are read once, as a stream: each chunk of claims becomes one batch per template. At most
-``max_unacked`` batches are in flight without the broker's acknowledgement (backpressure), so a producer
-never floods a broker that is slower than the claims source.
+``max_unacked`` batches and ``max_unacked_pairs`` pairs are in flight without the broker's acknowledgement
+(backpressure, ``producer/window.py``), so a producer never floods a broker that is slower than the claims
+source. Batches travel in groups: as many as the window has room for go in one message (the broker answers
+them in one message too), so a small batch size costs no round trip per batch. Nothing waits to fill a
+group: it closes when the window is full or the claims read so far are sent.
 
 Nothing is lost if the broker restarts or the network fails: the session reconnects (``pervade.session``),
 then every batch not yet acknowledged is sent again, and so is the EndJob of every job still awaited. Batch
@@ -38,9 +41,10 @@ from pervade.constants import DEFAULT_BROKER_CONNECT
 from pervade.context import ContextSpec, ResolvedContext
 from pervade.errors import ClaimsError, ConfigError, InputError, JobFailed, ProtocolError
 from pervade.keys import ClientKeys
-from pervade.producer.claims import chunk_digest, chunks
+from pervade.producer.claims import chunk_digest, chunks, read_ahead
 from pervade.producer.sweep import SubmitReport, Sweep, batch_id_for
 from pervade.producer.templates import validate_templates
+from pervade.producer.window import DEFAULT_MAX_UNACKED, DEFAULT_MAX_UNACKED_PAIRS, SendWindow
 from pervade.prompts import PromptTemplate
 from pervade.protocol import (
     AbortJob,
@@ -56,8 +60,9 @@ from pervade.protocol import (
     ProducerReady,
     Rejected,
     Submit,
-    decode,
-    encode,
+    decode_body,
+    encode_body,
+    group_frames,
 )
 from pervade.session import BrokerSession, Heartbeats
 
@@ -67,6 +72,8 @@ log = structlog.get_logger("producer")
 MAX_RESUBMISSIONS = 3
 #: Seconds a producer waits for the broker to confirm an aborted job before it exits anyway.
 ABORT_CONFIRM_S = 5.0
+#: Pairs a producer reads ahead per trip to its reading thread (in whole chunks, at least one).
+READ_AHEAD_PAIRS = 4096
 
 
 class Producer:
@@ -75,13 +82,13 @@ class Producer:
     def __init__(
         self,
         broker: str = DEFAULT_BROKER_CONNECT,
-        max_unacked: int = 16,
+        max_unacked: int = DEFAULT_MAX_UNACKED,
         ctx: zmq.asyncio.Context | None = None,
         heartbeats: Heartbeats | None = None,
         keys: ClientKeys | None = None,
+        max_unacked_pairs: int = DEFAULT_MAX_UNACKED_PAIRS,
     ) -> None:
-        if max_unacked < 1:
-            raise ConfigError("max_unacked must be at least 1")
+        self._window = SendWindow(max_unacked, max_unacked_pairs)
         self.broker = broker
         self.max_unacked = max_unacked
         self.producer_id = f"producer-{uuid.uuid4().hex[:12]}"
@@ -91,10 +98,9 @@ class Producer:
             self._ctx, broker, "producer", self._register, heartbeats, stopping=self._closing, keys=keys
         )
         self._receiver: asyncio.Task[None] | None = None
-        self._window = asyncio.Semaphore(max_unacked)
         self._sweeps: dict[str, Sweep] = {}
-        #: Batches sent and not yet answered: batch id -> (job id, pairs, frames to send again, first pass).
-        self._unanswered: dict[str, tuple[str, int, list[bytes], bool]] = {}
+        #: Batches sent and not yet answered: batch id -> (job id, pairs, body to send again, first pass).
+        self._unanswered: dict[str, tuple[str, int, bytes, bool]] = {}
         #: Jobs ended (or aborted) and not yet reported done: sent again after a reconnection.
         self._awaiting: dict[str, EndJob | AbortJob] = {}
         #: Manifests declared to the broker: declared again on every new connection, before any resend.
@@ -122,7 +128,7 @@ class Producer:
         await session.send_registration(ProducerReady(producer_id=self.producer_id))
         for declaration in list(self._declared.values()):
             await session.send_registration(declaration)
-        for _, _, frames, _ in list(self._unanswered.values()):
+        for frames in group_frames([body for _, _, body, _ in self._unanswered.values()]):
             await session.send_frames_registration(frames)
         for end in list(self._awaiting.values()):
             await session.send_registration(end)
@@ -166,8 +172,7 @@ class Producer:
     def _fail_pending(self, reason: str) -> None:
         """The broker refused something it could not name: whatever waits on an answer stops waiting."""
         self._refusal = reason
-        for _ in range(len(self._unanswered)):
-            self._window.release()
+        self._window.clear()
         self._unanswered.clear()
         self._all_acked.set()
 
@@ -190,7 +195,7 @@ class Producer:
             report.recovered_batches += 1  # the broker had lost it and took it again
         if first_pass:
             report.answered_pairs += pairs
-        self._window.release()
+        self._window.release(pairs)
         if not self._unanswered:
             self._all_acked.set()
 
@@ -240,29 +245,37 @@ class Producer:
         recorded: list[bytes] = []
         claims = chunks(sweep.claims, sweep.batch_size)
         index = 0
-        # Reading claims (files, the hub) blocks: take each chunk on a thread so acknowledgements
-        # keep flowing while the next chunk is read.
-        while (chunk := await asyncio.to_thread(next, claims, None)) is not None:
-            digest = chunk_digest(chunk)
-            if expected is not None and (index >= len(expected) or expected[index] != digest):
-                first_claim = index * sweep.batch_size + 1
-                raise ClaimsError(
-                    f"the claims changed while job {sweep.job_id} was submitted: claims {first_claim}-"
-                    f"{first_claim + len(chunk) - 1} are not the ones read before"
+        # Reading claims (files, the hub) blocks: chunks are read on a thread, many per trip (a trip per
+        # chunk cost more than the rest of a small batch's way), so acknowledgements keep flowing meanwhile.
+        # A chunk that cannot be read stops the pass after the chunks read before it are sent.
+        while True:
+            taken, failure = await asyncio.to_thread(read_ahead, claims, READ_AHEAD_PAIRS // len(sweep.templates))
+            batches: list[Batch] = []
+            for chunk in taken:
+                digest = chunk_digest(chunk)
+                if expected is not None and (index >= len(expected) or expected[index] != digest):
+                    first_claim = index * sweep.batch_size + 1
+                    failure = ClaimsError(
+                        f"the claims changed while job {sweep.job_id} was submitted: claims {first_claim}-"
+                        f"{first_claim + len(chunk) - 1} are not the ones read before"
+                    )
+                    break
+                recorded.append(digest)
+                submitted_at = time.time()
+                batches.extend(
+                    Batch(
+                        batch_id=batch_id_for(sweep.job_id, index, template_id, digest, template, sweep.context),
+                        job_id=sweep.job_id, context=sweep.context, template_id=template_id, template=template,
+                        claims=chunk, submitted_at=submitted_at,
+                    )  # fmt: skip
+                    for template_id, template in sweep.templates.items()
                 )
-            recorded.append(digest)
-            for template_id, template in sweep.templates.items():
-                batch = Batch(
-                    batch_id=batch_id_for(sweep.job_id, index, template_id, digest, template, sweep.context),
-                    job_id=sweep.job_id,
-                    context=sweep.context,
-                    template_id=template_id,
-                    template=template,
-                    claims=chunk,
-                    submitted_at=time.time(),
-                )
-                await self._send_batch(batch, sweep.report, first)
-            index += 1
+                index += 1
+            await self._send_batches(batches, sweep.report, first)
+            if failure is not None:
+                raise failure
+            if not taken:
+                break
         if expected is not None and index != len(expected):
             raise ClaimsError(f"the claims changed while job {sweep.job_id} was submitted: {index * sweep.batch_size} "
                               f"or fewer claims now, {len(expected) * sweep.batch_size} or fewer before")  # fmt: skip
@@ -324,8 +337,8 @@ class Producer:
     async def _abort(self, sweep: Sweep, reason: str) -> None:
         """The sweep cannot be finished: have the broker close the job, so nobody waits for it."""
         for batch_id in [b for b, pending in self._unanswered.items() if pending[0] == sweep.job_id]:
-            del self._unanswered[batch_id]  # answers to these no longer matter
-            self._window.release()
+            _, pairs, _, _ = self._unanswered.pop(batch_id)  # answers to these no longer matter
+            self._window.release(pairs)
         if not self._unanswered:
             self._all_acked.set()
         try:
@@ -357,20 +370,38 @@ class Producer:
         if self._refusal is not None:
             raise JobFailed(f"the broker refused a message: {self._refusal}")
 
-    async def _send_batch(self, batch: Batch, report: SubmitReport, first_pass: bool) -> None:
-        frames = encode(Submit(batch=batch))
-        try:
-            decode(frames)  # what the broker would refuse, refused here, with the field named
-        except ProtocolError as exc:
-            raise InputError(f"batch {batch.batch_id} cannot be sent: {exc}") from None
-        await self._window.acquire()
-        self._raise_if_refused()
-        self._unanswered[batch.batch_id] = (batch.job_id, len(batch.claims), frames, first_pass)
-        self._all_acked.clear()
-        await self.session.send_frames(frames)
-        if first_pass:
-            report.batches += 1
-            report.pairs += len(batch.claims)
+    async def _send_batches(self, batches: list[Batch], report: SubmitReport, first_pass: bool) -> None:
+        """Send batches in order, as many per message as the window has room for. Each is checked first: one
+        the broker would refuse raises InputError naming the field, after the batches before it are sent."""
+        pending: list[tuple[Batch, bytes]] = []
+        failure: InputError | None = None
+        for batch in batches:
+            body = encode_body(Submit(batch=batch))
+            try:
+                decode_body(body)  # what the broker would refuse, refused here, with the field named
+            except ProtocolError as exc:
+                failure = InputError(f"batch {batch.batch_id} cannot be sent: {exc}")
+                break
+            pending.append((batch, body))
+        start = 0
+        while start < len(pending):
+            await self._window.acquire(len(pending[start][0].claims))
+            end = start + 1
+            while end < len(pending) and self._window.try_acquire(len(pending[end][0].claims)):
+                end += 1
+            self._raise_if_refused()
+            group = pending[start:end]
+            for batch, body in group:
+                self._unanswered[batch.batch_id] = (batch.job_id, len(batch.claims), body, first_pass)
+            self._all_acked.clear()
+            for frames in group_frames([body for _, body in group]):
+                await self.session.send_frames(frames)
+            if first_pass:
+                report.batches += len(group)
+                report.pairs += sum(len(batch.claims) for batch, _ in group)
+            start = end
+        if failure is not None:
+            raise failure
 
     async def wait(self, job_id: str, timeout_s: float | None = None) -> JobDone:
         """Until every batch of the job is durably written by a sink or recorded failed, as counted against

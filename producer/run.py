@@ -25,6 +25,7 @@ from pervade.producer.claims import ClaimFields, ClaimsReader, ClaimsSource, sca
 from pervade.producer.client import Producer, SubmitReport
 from pervade.producer.sweep import job_id_for
 from pervade.producer.templates import load_templates
+from pervade.producer.window import DEFAULT_MAX_UNACKED, DEFAULT_MAX_UNACKED_PAIRS
 from pervade.progress import count_bars
 from pervade.protocol import JobDone
 from pervade.session import Heartbeats
@@ -117,8 +118,14 @@ class ProduceRequest:
         flag="--skip-invalid",
         group=CLAIMS_SECTION,
     )
-    max_unacked: int = option(16, "batches in flight without the broker's acknowledgement", flag="--max-unacked",
-                              check=at_least(1))  # fmt: skip
+    max_unacked: int = option(DEFAULT_MAX_UNACKED, "batches in flight without the broker's acknowledgement",
+                              flag="--max-unacked", check=at_least(1))  # fmt: skip
+    max_unacked_pairs: int = option(
+        DEFAULT_MAX_UNACKED_PAIRS,
+        "pairs (claim x template) in flight without the broker's acknowledgement; a larger batch goes alone",
+        flag="--max-unacked-pairs",
+        check=at_least(1),
+    )
     job_id: str | None = option(
         None,
         "job id (default: a hash of what the sweep computes: the claims' content, the templates, the model "
@@ -188,8 +195,9 @@ async def produce(request: ProduceRequest) -> ProduceOutcome:
     scan = await asyncio.to_thread(scan_claims, source, request.batch_size)
     job_id = request.job_id or job_id_for(request.context, templates, scan.digest, request.batch_size)
     producer = Producer(
-        request.broker, max_unacked=request.max_unacked, heartbeats=request.heartbeats, keys=request.keys
-    )
+        request.broker, max_unacked=request.max_unacked, heartbeats=request.heartbeats, keys=request.keys,
+        max_unacked_pairs=request.max_unacked_pairs,
+    )  # fmt: skip
     try:
         async with asyncio.timeout(request.timeout_s), producer:
             with count_bars("pairs", request.progress) as bars:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from pervade.broker.config import BrokerConfig
 from pervade.broker.server import Broker
 from pervade.keys import ClientKeys
 from pervade.producer.claims import sample_claims_path
-from pervade.protocol import Heartbeat, Message, ProducerReady, decode, encode
+from pervade.protocol import Heartbeat, Message, ProducerReady, bodies, decode_body, encode
 from pervade.session import Heartbeats
 
 FEVER_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fever" / "paper_dev.jsonl"
@@ -94,6 +95,8 @@ class Peer:
         self.socket.setsockopt(zmq.IDENTITY, identity)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(endpoint)
+        #: Messages of a group from the broker already read, not yet returned.
+        self.pending: deque[Message] = deque()
 
     async def send(self, message: Message) -> None:
         await self.socket.send_multipart(encode(message))
@@ -102,22 +105,26 @@ class Peer:
         await self.socket.send_multipart(frames)
 
     async def receive(self, timeout_s: float = 5.0) -> Message:
-        """The next message other than a heartbeat."""
+        """The next message other than a heartbeat (one at a time, from the groups the broker sends)."""
         while True:
-            if not await self.socket.poll(int(timeout_s * 1000)):
-                raise TimeoutError("no message from the broker")
-            message = decode(await self.socket.recv_multipart())
+            while not self.pending:
+                if not await self.socket.poll(int(timeout_s * 1000)):
+                    raise TimeoutError("no message from the broker")
+                self.pending.extend(decode_body(body) for body in bodies(await self.socket.recv_multipart()))
+            message = self.pending.popleft()
             if not isinstance(message, Heartbeat):
                 return message
 
     async def expect_silence(self, timeout_s: float = 0.3) -> None:
         """Nothing but heartbeats arrives for ``timeout_s``."""
+        assert all(isinstance(m, Heartbeat) for m in self.pending), f"unexpected messages: {self.pending}"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while (left := deadline - loop.time()) > 0:
             if await self.socket.poll(int(left * 1000)):
-                message = decode(await self.socket.recv_multipart())
-                assert isinstance(message, Heartbeat), f"unexpected message from the broker: {message}"
+                for body in bodies(await self.socket.recv_multipart()):
+                    message = decode_body(body)
+                    assert isinstance(message, Heartbeat), f"unexpected message from the broker: {message}"
 
     def close(self) -> None:
         self.socket.close()

@@ -46,6 +46,8 @@ from pervade.protocol import (
     Submit,
     Verdict,
     WorkerReady,
+    bodies,
+    decode_body,
     encode,
 )
 
@@ -87,14 +89,18 @@ class Broker:
         self.state = BrokerState(BrokerConfig(**settings), self.store)  # type: ignore[arg-type]
         self.parts: BrokerParts = build_parts(self.state, self._send, endpoint="tcp://127.0.0.1:0")
         self.sent: list[tuple[bytes, Message]] = []
+        #: Each ZeroMQ message sent: (peer, how many messages it carried).
+        self.groups: list[tuple[bytes, int]] = []
         self.gone: set[bytes] = set()
         self.committed_when_sent: list[bool] = []
 
-    def _send(self, identity: bytes, message: Message) -> bool:
+    def _send(self, identity: bytes, frames: list[bytes]) -> bool:
+        """The outbox's send: the frames of one ZeroMQ message (a group), read back as the peer would."""
         self.committed_when_sent.append(not self.store._db.in_transaction)
+        self.groups.append((identity, len(frames) - 1))
         if identity in self.gone:
             return False
-        self.sent.append((identity, message))
+        self.sent.extend((identity, decode_body(body)) for body in bodies(frames))
         return True
 
     def __call__(self, identity: bytes, *messages: Message, key: KeyHolder | None = None) -> None:

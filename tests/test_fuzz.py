@@ -77,7 +77,8 @@ from pervade.protocol import (
     Submit,
     Verdict,
     WorkerReady,
-    decode,
+    bodies,
+    decode_body,
     encode,
 )
 from pervade.roles import SENDS
@@ -316,7 +317,7 @@ def _flipped(data: bytes, position: int, value: int) -> bytes:
 
 #: Headers of other protocols and versions.
 wrong_headers = st.sampled_from(
-    [b"pervade/0", b"pervade/1", b"pervade/3", b"pervade/20", b"pervade/2\x00", b"PERVADE/2", b"pervade", b""]
+    [b"pervade/0", b"pervade/1", b"pervade/2", b"pervade/30", b"pervade/3\x00", b"PERVADE/3", b"pervade", b""]
 ) | st.binary(max_size=40).filter(lambda header: header != PROTOCOL_HEADER)
 
 
@@ -607,12 +608,13 @@ class FuzzPeers:
     def _answered(sock: zmq.Socket, token: str, timeout_ms: int) -> bool:
         """Whether an Error naming ``token`` arrives within ``timeout_ms`` (other messages are dropped)."""
         while sock.poll(timeout_ms, zmq.POLLIN):
-            try:
-                message = decode(sock.recv_multipart(zmq.NOBLOCK))
-            except ProtocolError:
-                continue
-            if isinstance(message, Error) and token in message.reason:
-                return True
+            for body in bodies(sock.recv_multipart(zmq.NOBLOCK)):
+                try:
+                    message = decode_body(body)
+                except ProtocolError:
+                    continue
+                if isinstance(message, Error) and token in message.reason:
+                    return True
         return False
 
     def disconnects(self) -> int:

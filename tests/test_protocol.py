@@ -7,6 +7,7 @@ import pytest
 
 from pervade.constants import PROTOCOL_HEADER
 from pervade.context import ContextSpec, make_context
+from pervade import protocol as PROTO
 from pervade.errors import ConfigError, ProtocolError
 from pervade.protocol import (
     ALL_MESSAGES,
@@ -21,8 +22,11 @@ from pervade.protocol import (
     Submit,
     Verdict,
     WorkerReady,
+    bodies,
     decode,
+    decode_body,
     encode,
+    encode_group,
     kind_of,
 )
 
@@ -51,6 +55,21 @@ def test_batch_messages_round_trip_exactly() -> None:
         assert decode(encode(message)) == message
 
 
+def test_a_group_carries_messages_in_order_within_its_limits() -> None:
+    small = [Pull(credit=1 + k % 1024) for k in range(PROTO.MAX_GROUP_MESSAGES + 1)]
+    groups = encode_group(small)
+    assert [len(frames) - 1 for frames in groups] == [PROTO.MAX_GROUP_MESSAGES, 1]
+    assert [decode_body(body) for frames in groups for body in bodies(frames)] == small
+    big = Submit(batch=make_batch(8000))  # one message larger than GROUP_BYTES travels alone
+    assert len(encode(big)[1]) > PROTO.GROUP_BYTES
+    groups = encode_group([Pull(credit=1), big, Pull(credit=2)])
+    assert [[decode_body(b) for b in bodies(f)] for f in groups] == [[Pull(credit=1)], [big], [Pull(credit=2)]]
+    with pytest.raises(ProtocolError, match="expected one message, got a group of 2"):
+        decode([PROTOCOL_HEADER, encode(Pull(credit=1))[1], encode(Pull(credit=2))[1]])
+    with pytest.raises(ProtocolError, match="at most 4096 are read"):
+        bodies([PROTOCOL_HEADER] + [b"x"] * (PROTO.MAX_GROUP_MESSAGES + 1))
+
+
 def test_every_message_kind_is_distinct_and_named() -> None:
     kinds = [m.__struct_config__.tag for m in ALL_MESSAGES]
     assert len(kinds) == len(set(kinds))
@@ -66,7 +85,7 @@ def test_body_is_plain_msgpack_with_a_kind_field() -> None:
 @pytest.mark.parametrize(
     ("frames", "reason"),
     [
-        ([PROTOCOL_HEADER], "expected 2 frames"),
+        ([PROTOCOL_HEADER], "expected a header and 1 to"),
         ([b"pervade/0", msgpack.packb({"kind": "heartbeat"})], "unsupported protocol header"),
         ([b"MDPW01", b"x"], "unsupported protocol header"),
         ([PROTOCOL_HEADER, b"\xc1\xff garbage"], "invalid message"),

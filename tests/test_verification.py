@@ -42,6 +42,7 @@ from pervade.protocol import (
     SinkReady,
     Submit,
     WorkerReady,
+    decode_body,
     encode,
 )
 from pervade.sinks.parquet import read_verdicts
@@ -305,18 +306,19 @@ async def test_a_reconnection_during_a_resubmission_does_not_count_as_another_lo
         await first.closed.wait()
         second = await start_broker(state_dir=tmp_path / "new-state", bind=first.endpoint)
         resent = 0
-        send_batch = producer._send_batch
+        send_frames = producer.session.send_frames
 
-        async def blip_midway(batch, report, first_pass) -> None:  # the network drops once, mid-resubmission
+        async def blip_midway(frames: list[bytes]) -> bool:  # the network drops once, mid-resubmission
             nonlocal resent
-            await send_batch(batch, report, first_pass)
-            resent += 1
-            if resent == 3:
+            sent = await send_frames(frames)
+            before, resent = resent, resent + sum(isinstance(decode_body(body), Submit) for body in frames[1:])
+            if before < 3 <= resent:
                 for identity in list(second.producers):
                     second.producers.pop(identity)
                     second.send(identity, Disconnect(reason="blip"))
+            return sent
 
-        producer._send_batch = blip_midway
+        producer.session.send_frames = blip_midway  # type: ignore[method-assign]
         worker, sink = await connect(b"w", endpoint=second.endpoint), await connect(b"s", endpoint=second.endpoint)
         await sink.send(SinkReady(sink_id="s"))
         await register_worker(worker, "w", credit=3)
