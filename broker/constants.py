@@ -30,6 +30,7 @@ COUNTERS = (
     "workers_declared_dead",  # workers that missed their heartbeats
     "sinks_declared_dead",
     "batches_failed",  # batches given up on after max_attempts
+    "batches_split",  # failed batches of several claims split in two parts, each retried
     "files_fetched",  # contexts' files fetched into a worker's node cache
     "origin_bytes",  # model-file bytes workers read from the origin (shared file system, hub)
     "peer_bytes",  # model-file bytes workers fetched from peers

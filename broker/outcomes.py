@@ -1,11 +1,18 @@
-"""What happens to a batch once a worker had it, in one place: requeued (not its fault), retried or failed
-(its fault, up to ``max_attempts``), or complete. Either outcome, verdicts or failure, goes on to a sink
-(``broker/sinks.py``)."""
+"""What happens to a batch once a worker had it, in one place: requeued (not its fault), split, retried or
+failed (its fault), or complete. Either outcome, verdicts or failure, goes on to a sink (``broker/sinks.py``).
+
+A batch of several claims a worker could not score (``BatchFailed``) is split in two halves, queued as
+batches of their own (its *parts*), rather than retried whole: one claim the model cannot take (longer than its context, say) fails
+alone after ``max_attempts``, and every other claim of its batch gets its verdict. A batch of 512 claims with
+one such claim costs about 1,000 claims of recomputation (each halving recomputes the half that failed) and
+nine failed attempts, instead of 511 lost verdicts. A part's id is its root's with the claims it holds
+(``ROOT~START-STOP``), so it names the same claims after a broker restart."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+import msgspec
 import structlog
 
 from pervade.broker.sinks import Sinks
@@ -14,6 +21,11 @@ from pervade.broker.store import StoredBatch
 from pervade.protocol import BatchResult
 
 log = structlog.get_logger("broker")
+
+#: Between a split batch's root id and the claims a part holds: ``ROOT~START-STOP`` (claim offsets in the root).
+PART_MARK = "~"
+#: The protocol's longest batch id.
+MAX_ID_LENGTH = 256
 
 
 class Outcomes:
@@ -28,13 +40,45 @@ class Outcomes:
         self.state.store.requeue(row, count_attempt=False)
         self.state.counters[counted_as] += 1
 
+    def scoring_failed(self, row: StoredBatch, error: str) -> None:
+        """The worker could not score the batch (``BatchFailed``): split it if it holds several claims, so
+        the claim at fault is found; a single claim is retried, then failed."""
+        if row.pairs > 1 and self.split(row, error):
+            return
+        self.retry_or_fail(row, error)
+
     def retry_or_fail(self, row: StoredBatch, error: str) -> None:
-        """The attempt failed: requeue the batch, or give up on it after ``max_attempts``."""
+        """The attempt failed: requeue the batch, or give up on it after ``max_attempts``. (A worker that
+        died running it, or answered it wrongly, says nothing about which claim is at fault: the batch is
+        retried whole.)"""
         if row.attempts >= self.state.config.max_attempts:
             self.fail(row, error)
         else:
             self.state.store.requeue(row, count_attempt=True)
             self.state.counters["requeues"] += 1
+
+    def split(self, row: StoredBatch, error: str) -> bool:
+        """Queue the batch's claims as two parts, at the front, in place of the batch; False when its parts
+        could not be named (a root id too long for the protocol to carry another suffix)."""
+        store = self.state.store
+        batch = store.batch(row.batch_id)
+        root_id, start = row.root or row.batch_id, 0
+        if row.root is not None:  # a part already: its claims start where its id says
+            start = int(row.batch_id.rsplit(PART_MARK, 1)[1].split("-", 1)[0])
+        half = len(batch.claims) // 2
+        pieces = [(start, batch.claims[:half]), (start + half, batch.claims[half:])]
+        parts = [
+            msgspec.structs.replace(batch, batch_id=f"{root_id}{PART_MARK}{first}-{first + len(claims)}", claims=claims)
+            for first, claims in pieces
+        ]
+        if any(len(part.batch_id) > MAX_ID_LENGTH for part in parts):
+            return False
+        store.split(row, parts)
+        self.state.given_to.pop(row.batch_id, None)
+        self.state.counters["batches_split"] += 1
+        log.warning("batch_split", batch_id=row.batch_id, claims=len(batch.claims), error=error,
+                    parts=[part.batch_id for part in parts])  # fmt: skip
+        return True
 
     def fail(self, row: StoredBatch, error: str) -> None:
         """Give up on a batch: its failure goes to a sink to be recorded, like a result."""

@@ -134,13 +134,33 @@ class Sinks:
                 holder.unacked.discard(batch_id)
             store.written(row)
             job = self.state.jobs[row.job_id]
-            count_written(job, row)
+            if row.root is None:
+                count_written(job, row)
+            else:
+                count_part_written(job, row, store.settle_part(row))
             touched[job.job_id] = job
         for job in touched.values():
             store.save_job(job)
             self.reports.report_if_complete(job)
         if identity not in self.state.sinks:
             self.outbox.post(identity, Disconnect(reason=REGISTER_AGAIN))
+
+
+def count_part_written(job: JobRecord, part: StoredBatch, root: StoredBatch) -> None:
+    """Count a part of a split batch a sink wrote: its pairs at once, and its root (the producer's batch, what
+    the job counts in batches) once every part is written, failed if any part failed."""
+    if part.failed:
+        job.pairs_failed += part.pairs
+    else:
+        job.pairs_written += part.pairs
+    if root.status is not BatchStatus.WRITTEN:
+        return
+    if root.failed:
+        job.failed += 1
+        if len(job.errors) < MAX_JOB_ERRORS:
+            job.errors.append(f"{root.batch_id} (split): {root.error}")
+    else:
+        job.written += 1
 
 
 def count_written(job: JobRecord, row: StoredBatch) -> None:

@@ -19,6 +19,10 @@ A batch moves through these statuses (``BatchStatus``):
      requeued (worker      redelivered (sink gone
      died, failed, or      before acknowledging)
      released it)
+                  |
+                  +-> split (a failed batch of several claims: its halves are queued as new batches, its
+                      "parts"; the producer's batch they came from, their ``root``, is written once every part
+                      is written or recorded failed)
 
 ``done`` means the outcome is known: verdicts (``result``) or, after repeated failures, an ``error``. Either
 goes to a sink and is ``written`` once the sink acknowledges it durable; then the claims and verdicts are
@@ -89,7 +93,9 @@ CREATE TABLE IF NOT EXISTS batches (
     result BLOB,                        -- the BatchResult (msgpack), until written
     error TEXT,
     pairs INTEGER NOT NULL DEFAULT 0,   -- claims in the batch (kept after the payload is dropped)
-    content TEXT                        -- digest of what the batch computes (content_digest), kept too
+    content TEXT,                       -- digest of what the batch computes (content_digest), kept too
+    root TEXT,                          -- a part of a split batch: the producer's batch it came from
+    settled INTEGER NOT NULL DEFAULT 0  -- a split batch: pairs of its parts written or recorded failed
 );
 CREATE INDEX IF NOT EXISTS batches_queued ON batches (context_id, queue_key) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS batches_done ON batches (seq) WHERE status = 'done';
@@ -106,6 +112,7 @@ class BatchStatus(enum.Enum):
     DONE = "done"  # outcome known (verdicts or a final error), not yet with a sink
     DELIVERED = "delivered"  # sent to a sink, not yet durable
     WRITTEN = "written"  # a sink acknowledged it durably written
+    SPLIT = "split"  # it failed and its claims were split into two parts, queued as batches of their own
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,10 @@ class StoredBatch:
     pairs: int = 0
     #: ``content_digest`` of the batch (None for batches stored by an older broker).
     content: str | None = None
+    #: A part of a split batch: the id of the producer's batch it came from (None for that batch itself).
+    root: str | None = None
+    #: A producer's batch that was split: pairs of its parts already written or recorded failed.
+    settled: int = 0
 
     @property
     def failed(self) -> bool:
@@ -180,7 +191,7 @@ def _job_json(job: JobRecord) -> str:
     return json.dumps({k: v for k, v in job.__dict__.items() if k != "producers"})
 
 
-_ROW = "batch_id, job_id, context_id, status, attempts, deliveries, worker, sink, error, pairs, content"
+_ROW = "batch_id, job_id, context_id, status, attempts, deliveries, worker, sink, error, pairs, content, root, settled"
 _encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(Batch)
 _result_decoder = msgspec.msgpack.Decoder(BatchResult)
@@ -332,6 +343,9 @@ class BrokerStore:
             self._db.execute("ALTER TABLE batches ADD COLUMN pairs INTEGER NOT NULL DEFAULT 0")
         if "content" not in columns:
             self._db.execute("ALTER TABLE batches ADD COLUMN content TEXT")
+        if "root" not in columns:
+            self._db.execute("ALTER TABLE batches ADD COLUMN root TEXT")
+            self._db.execute("ALTER TABLE batches ADD COLUMN settled INTEGER NOT NULL DEFAULT 0")
 
     def _load_counts(self) -> None:
         for status, count in self._db.execute("SELECT status, count(*) FROM batches GROUP BY status"):
@@ -481,6 +495,41 @@ class BrokerStore:
         """Keep the batch's verdicts; returns its row as it is now."""
         self._move(row, BatchStatus.DONE, "worker = NULL, result = ?", (_encoder.encode(result),))
         return replace(row, status=BatchStatus.DONE, worker=None)
+
+    def split(self, row: StoredBatch, parts: list[Batch]) -> None:
+        """Replace a failed batch by ``parts`` (its claims in pieces), queued at the front in their order;
+        the batch keeps only its bookkeeping. Each part names the producer's batch it came from (``root``)."""
+        root = row.root or row.batch_id
+        self._move(row, BatchStatus.SPLIT, "worker = NULL, payload = NULL, result = NULL", ())
+        for part in reversed(parts):
+            self._min_key -= 1
+            self._db.execute(
+                "INSERT INTO batches (batch_id, job_id, context_id, status, queue_key, payload, pairs, content, root)"
+                " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                (
+                    part.batch_id, part.job_id, row.context_id, self._min_key, _encoder.encode(part), len(part.claims),
+                    content_digest(part), root,
+                ),
+            )  # fmt: skip
+            self._count(None, BatchStatus.QUEUED, row.context_id)
+
+    def settle_part(self, part: StoredBatch) -> StoredBatch:
+        """A part of a split batch is written (verdicts or failure): count its pairs towards its root, which is
+        written itself once every pair is (keeping the first failure of its parts as its error). Returns the
+        root as it is now."""
+        root = self.get(part.root or "")
+        if root is None:
+            raise StateError(f"batch {part.batch_id} is part of {part.root}, which the state does not hold")
+        failure = f"{part.batch_id}: {part.error}" if part.error is not None else None
+        self._db.execute(
+            "UPDATE batches SET settled = settled + ?, error = coalesce(error, ?) WHERE batch_id = ?",
+            (part.pairs, failure, root.batch_id),
+        )
+        root = replace(root, settled=root.settled + part.pairs, error=root.error or failure)
+        if root.settled >= root.pairs:
+            self._move(root, BatchStatus.WRITTEN, "sink = NULL", ())
+            root = replace(root, status=BatchStatus.WRITTEN)
+        return root
 
     def fail(self, row: StoredBatch, error: str) -> None:
         self._move(row, BatchStatus.DONE, "worker = NULL, error = ?", (error,))

@@ -212,4 +212,4 @@ class Workers:
             return
         worker.in_flight.pop(message.batch_id, None)
         log.warning("batch_failed", batch_id=message.batch_id, worker_id=worker.name, error=message.error)
-        self.outcomes.retry_or_fail(row, message.error)
+        self.outcomes.scoring_failed(row, message.error)

@@ -49,14 +49,14 @@ CTX_B = ContextSpec(model="model-b")
 CPU = DeviceInfo(kind="cpu", name="cpu")
 
 
-def batch(job: str, n: int, context: ContextSpec = CTX_A) -> Batch:
+def batch(job: str, n: int, context: ContextSpec = CTX_A, claims: int = 2) -> Batch:
     return Batch(
         batch_id=f"{job}/{n}",
         job_id=job,
         context=context,
         template_id="t",
         template="{claim} Answer:",
-        claims=[Claim(claim_id=f"{n}-{i}", text=f"claim {i}") for i in range(2)],
+        claims=[Claim(claim_id=f"{n}-{i}", text=f"claim {i}") for i in range(claims)],
         submitted_at=T0,
     )
 
@@ -69,12 +69,12 @@ def result_for(b: Batch, worker_id: str = "w1") -> BatchResult:
     )  # fmt: skip
 
 
-async def end_job(producer, job_id: str, batches: int) -> None:
-    """End a job of ``batches`` batches made by ``batch(job_id, n)``, as a producer counts them; the broker
-    must agree that it holds exactly those."""
+async def end_job(producer, job_id: str, batches: int, claims: int = 2) -> None:
+    """End a job of ``batches`` batches made by ``batch(job_id, n, claims=claims)``, as a producer counts
+    them; the broker must agree that it holds exactly those."""
     held = BatchSet()
     for n in range(batches):
-        held.add(f"{job_id}/{n}", 2)
+        held.add(f"{job_id}/{n}", claims)
     await producer.send(EndJob(job_id=job_id, batches=held.batches, pairs=held.pairs, digest=held.digest))
     assert await producer.receive() == JobEnded(job_id=job_id, batches=held.batches, pairs=held.pairs,
                                                 digest=held.digest, agreed=True)  # fmt: skip
@@ -267,9 +267,9 @@ async def test_a_leaving_worker_has_its_batches_requeued_to_another(connect, liv
 async def test_a_failing_batch_is_retried_then_recorded_as_failed(connect) -> None:
     producer, worker, sink = await connect(b"p", producer=True), await connect(b"w"), await connect(b"s")
     await sink.send(SinkReady(sink_id="s"))
-    await producer.send(Submit(batch=batch("j6", 0)))
+    await producer.send(Submit(batch=batch("j6", 0, claims=1)))  # one claim: retried, not split
     await producer.receive()
-    await end_job(producer, "j6", 1)
+    await end_job(producer, "j6", 1, claims=1)
     await register_worker(worker, "w", credit=1)
     assert isinstance(await worker.receive(), LoadContext)
     for attempt in range(2):  # the fixture's broker allows 2 attempts
@@ -278,7 +278,7 @@ async def test_a_failing_batch_is_retried_then_recorded_as_failed(connect) -> No
         await worker.send(BatchFailed(batch_id="j6/0", error="CUDA out of memory"))
         await worker.send(Pull(credit=1))
     failure = await sink.receive()  # the failure is recorded by a sink, like a result
-    assert isinstance(failure, DeliverFailure) and failure.failure.claim_ids == ["0-0", "0-1"]
+    assert isinstance(failure, DeliverFailure) and failure.failure.claim_ids == ["0-0"]
     assert "CUDA out of memory" in failure.failure.error and failure.failure.attempts == 2
     await producer.expect_silence()  # not done until the failure is durably recorded
     await sink.send(SinkAck(batch_ids=["j6/0"]))

@@ -58,10 +58,10 @@ A, B = CTX_A.context_id, CTX_B.context_id
 CPU = DeviceInfo(kind="cpu", name="cpu")
 
 
-def batch(job: str, n: int, context: ContextSpec = CTX_A) -> Batch:
+def batch(job: str, n: int, context: ContextSpec = CTX_A, claims: int = 2) -> Batch:
     return Batch(
         batch_id=f"{job}/{n}", job_id=job, context=context, template_id="t", template="{claim} Answer:",
-        claims=[Claim(claim_id=f"{n}-{i}", text=f"claim {i}") for i in range(2)], submitted_at=T0,
+        claims=[Claim(claim_id=f"{n}-{i}", text=f"claim {i}") for i in range(claims)], submitted_at=T0,
     )  # fmt: skip
 
 
@@ -237,10 +237,10 @@ def test_a_dead_worker_s_batches_are_requeued_and_only_the_one_in_hand_is_charge
     assert broker.store.next_queued(A).batch_id == "j/0"  # in their order, at the front
 
 
-def test_a_batch_that_fails_max_attempts_times_is_delivered_to_a_sink_as_a_failure(broker) -> None:
+def test_a_claim_that_fails_max_attempts_times_is_delivered_to_a_sink_as_a_failure(broker) -> None:
     broker(b"s", SinkReady(sink_id="s"))
     broker.worker(b"w", contexts=[A], credit=2)
-    broker.submit(batch("j", 0))
+    broker.submit(batch("j", 0, claims=1))  # one claim: retried, never split
     broker.turn()
     broker(b"w", BatchFailed(batch_id="j/0", error="out of memory"))
     assert assigned(broker.turn()) == [(b"w", "j/0")]  # retried
@@ -248,7 +248,7 @@ def test_a_batch_that_fails_max_attempts_times_is_delivered_to_a_sink_as_a_failu
     [failure] = broker.to(b"s")
     assert isinstance(failure, DeliverFailure) and not failure.redelivery
     assert (failure.failure.batch_id, failure.failure.attempts) == ("j/0", 2)
-    assert failure.failure.error == "out of memory (attempts: 2)" and failure.failure.claim_ids == ["0-0", "0-1"]
+    assert failure.failure.error == "out of memory (attempts: 2)" and failure.failure.claim_ids == ["0-0"]
     assert broker.status("j/0") is BatchStatus.DELIVERED and broker.state.counters["batches_failed"] == 1
 
 
@@ -366,16 +366,63 @@ def test_a_sink_ack_completes_the_job_and_its_producer_hears_job_done(broker) ->
 def test_a_failed_batch_acknowledged_makes_a_job_done_with_its_error(broker) -> None:
     broker(b"s", SinkReady(sink_id="s"))
     broker.worker(b"w", contexts=[A], credit=1)
-    broker.submit(batch("j", 0))
-    broker(b"p", EndJob(job_id="j", batches=1, pairs=2))
+    broker.submit(batch("j", 0, claims=1))
+    broker(b"p", EndJob(job_id="j", batches=1, pairs=1))
     broker.turn()
     for _ in range(2):
         broker(b"w", BatchFailed(batch_id="j/0", error="bad"), Pull(credit=1))
         broker.turn()
     broker(b"s", SinkAck(batch_ids=["j/0"]))
     [done] = broker.to(b"p")
-    assert isinstance(done, JobDone) and (done.failed_batches, done.pairs_failed) == (1, 2)
+    assert isinstance(done, JobDone) and (done.failed_batches, done.pairs_failed) == (1, 1)
     assert done.errors == ["j/0: bad (attempts: 2)"]
+
+
+def test_a_batch_that_cannot_be_scored_is_split_until_its_bad_claim_fails_alone(broker) -> None:
+    """One bad claim among four: the batch is halved, the half holding it halved again, and the claim alone
+    is retried then failed; the three others get their verdicts, and the job counts its one batch failed
+    with exactly one pair failed."""
+    broker(b"s", SinkReady(sink_id="s"))
+    broker.worker(b"w", contexts=[A], credit=8)
+    four = batch("j", 0, claims=4)
+    broker.submit(four)
+    broker(b"p", EndJob(job_id="j", batches=1, pairs=4))
+    broker.turn()
+    bad = "0-2"
+    to_sink: list[Message] = []
+
+    def answer(sent: list[tuple[bytes, Message]]) -> list[str]:
+        """The worker scores what it was assigned: any batch holding the bad claim fails."""
+        ids = []
+        for peer, message in sent:
+            if peer == b"s":
+                to_sink.append(message)
+            if isinstance(message, Assign):
+                part = message.batch
+                ids.append(part.batch_id)
+                if any(c.claim_id == bad for c in part.claims):
+                    broker(b"w", BatchFailed(batch_id=part.batch_id, error="too long"), Pull(credit=1))
+                else:
+                    broker(b"w", Completed(result=result_for(part)), Pull(credit=1))
+        return ids
+
+    broker(b"w", BatchFailed(batch_id="j/0", error="too long"), Pull(credit=1))
+    assigned_ids = []
+    for _ in range(6):
+        assigned_ids += answer(broker.turn())
+    assert assigned_ids == ["j/0~0-2", "j/0~2-4", "j/0~2-3", "j/0~3-4", "j/0~2-3"]  # the bad claim: 2 attempts
+    assert broker.status("j/0") is BatchStatus.SPLIT and broker.state.counters["batches_split"] == 2
+    verdicts = sorted(v.claim_id for m in to_sink if isinstance(m, Deliver) for v in m.result.verdicts)
+    [failure] = [m.failure for m in to_sink if isinstance(m, DeliverFailure)]
+    assert verdicts == ["0-0", "0-1", "0-3"] and failure.claim_ids == [bad] and failure.batch_id == "j/0~2-3"
+    broker(b"s", SinkAck(batch_ids=["j/0~0-2", "j/0~3-4"]))
+    assert not [m for peer, m in broker.turn() if peer == b"p"]  # one part still open: the job is not done
+    broker(b"s", SinkAck(batch_ids=["j/0~2-3"]))
+    [done] = broker.to(b"p")
+    assert isinstance(done, JobDone) and (done.batches, done.pairs) == (1, 4)
+    assert (done.batches_written, done.failed_batches, done.pairs_written, done.pairs_failed) == (0, 1, 3, 1)
+    assert done.errors == ["j/0 (split): j/0~2-3: too long (attempts: 2)"]
+    assert broker.status("j/0") is BatchStatus.WRITTEN
 
 
 def test_a_resubmitted_batch_is_acknowledged_and_not_queued_twice(broker) -> None:
