@@ -30,6 +30,7 @@ COUNTERS = (
     "workers_declared_dead",  # workers that missed their heartbeats
     "sinks_declared_dead",
     "batches_failed",  # batches given up on after max_attempts
+    "speculative_assignments",  # batches also given to an idle worker while a slower one held them unstarted
     "batches_split",  # failed batches of several claims split in two parts, each retried
     "files_fetched",  # contexts' files fetched into a worker's node cache
     "origin_bytes",  # model-file bytes workers read from the origin (shared file system, hub)

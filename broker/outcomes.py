@@ -85,6 +85,7 @@ class Outcomes:
         error = f"{error} (attempts: {row.attempts})"
         self.state.store.fail(row, error)
         self.state.given_to.pop(row.batch_id, None)
+        self.state.speculated.pop(row.batch_id, None)
         self.state.counters["batches_failed"] += 1
         log.error("batch_given_up", batch_id=row.batch_id, error=error)
         self.sinks.deliver(row.batch_id)
@@ -107,6 +108,11 @@ class Outcomes:
                 holder.in_flight.pop(row.batch_id, None)  # its own answer will be a duplicate
         row = state.store.complete(row, result)
         state.given_to.pop(row.batch_id, None)
+        original = state.workers.get(state.speculated.pop(row.batch_id, b""))
+        if original is not None:  # a copy answered first: its original holder's answer is not waited for
+            original.in_flight.pop(row.batch_id, None)
+            if not original.in_flight:
+                state.maybe_idle.add(original.identity)
         state.load_deaths.pop(row.context_id, None)  # the context works: earlier load deaths were bad luck
         claims = len(result.verdicts)
         state.throughput.add(claims)

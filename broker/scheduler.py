@@ -36,6 +36,11 @@ class Scheduler:
         in turn, starting each call one worker further along. Workers ask for deep windows when batches are
         small (gpuworker/intake.py): filling the first worker's window before the next would leave the
         others idle on a short queue, and batches trickling in one at a time would all go to one worker."""
+        self.assign_queued()
+        self.speculate()
+
+    def assign_queued(self) -> None:
+        """``dispatch``'s first part: the queued batches, by affinity."""
         store, workers = self.state.store, self.state.workers
         if not store.queued or not workers:
             return
@@ -70,6 +75,43 @@ class Scheduler:
                     break
             ready = served
 
+    def speculate(self) -> None:
+        """The queue of a context ran dry while its workers finish at different speeds: a worker with nothing
+        left to do takes a copy of batches another worker holds unstarted (the last of its window, which it
+        would run last), up to half of what that worker has beyond the batch in hand. Whichever result comes
+        first counts, the other is a duplicate and is dropped (``Workers.on_completed``), so the copy costs
+        only otherwise idle time. A slow GPU's window (two runs of claims) no longer sets the end of a job.
+        The worker with the most batches not yet copied is copied from first; only at the end of a queue (a
+        tail), so the scan of in-flight batches costs nothing while there is work to hand out."""
+        store, workers = self.state.store, self.state.workers
+        candidates, self.state.maybe_idle = self.state.maybe_idle, set()
+        idle = [workers[i] for i in candidates if i in workers]
+        for worker in (w for w in idle if w.credit > 0 and not w.leaving and not w.in_flight and w.loaded):
+            for context_id in worker.loaded:
+                if store.queued.get(context_id, 0) or worker.credit <= 0:
+                    continue
+                uncopied = {
+                    w.identity: [b for b in reversed(w.in_flight) if b not in self.state.speculated]
+                    for w in workers.values()
+                    if w is not worker and context_id in w.loaded and len(w.in_flight) > 1
+                }
+                if not uncopied:
+                    continue
+                busiest = workers[max(uncopied, key=lambda identity: len(uncopied[identity]))]
+                tail = uncopied[busiest.identity]
+                for batch_id in tail[: min(worker.credit, (len(tail) - 1) // 2)]:
+                    found = store.get_with_batch(batch_id)
+                    if found is None or found[1] is None:
+                        continue
+                    row, batch = found
+                    if row.status is not BatchStatus.ASSIGNED or row.worker != busiest.identity:
+                        continue
+                    if row.context_id != context_id:
+                        continue
+                    self.state.speculated[batch_id] = busiest.identity
+                    self.state.counters["speculative_assignments"] += 1
+                    self.assign(worker, row, batch, copy_of=busiest)
+
     def _workers_in_turn(self) -> list[WorkerRecord]:
         """The workers, starting one further along at each call (round robin across calls)."""
         workers = list(self.state.workers.values())
@@ -89,21 +131,29 @@ class Scheduler:
         log.info("told_to_load", worker_id=worker.name, context_id=context_id, evict=evict)
         return evict
 
-    def assign(self, worker: WorkerRecord, row: StoredBatch, batch: Batch) -> None:
-        """Send a batch to a worker; if the send fails the batch goes back to the front of its queue and
-        the worker keeps its credit (it never saw the batch)."""
+    def assign(
+        self, worker: WorkerRecord, row: StoredBatch, batch: Batch, copy_of: WorkerRecord | None = None
+    ) -> None:
+        """Send a batch to a worker; if the send fails the batch goes back to the front of its queue (a copy:
+        back to ``copy_of``, which still holds it) and the worker keeps its credit (it never saw the batch).
+        A copy is not an attempt."""
         store = self.state.store
-        store.assign(row, worker.identity)
+        store.assign(row, worker.identity, count_attempt=copy_of is None)
         if worker.key is not None:
             self.state.given_to.setdefault(row.batch_id, set()).add(worker.key.public)
         worker.credit -= 1
         worker.in_flight[row.batch_id] = None
-        self.outbox.post(worker.identity, Assign(batch=batch), on_fail=lambda: self.unassign(row.batch_id, worker))
+        self.outbox.post(
+            worker.identity, Assign(batch=batch), on_fail=lambda: self.unassign(row.batch_id, worker, copy_of)
+        )
 
-    def unassign(self, batch_id: str, worker: WorkerRecord) -> None:
+    def unassign(self, batch_id: str, worker: WorkerRecord, copy_of: WorkerRecord | None = None) -> None:
         store = self.state.store
         row = store.get(batch_id)
         if row is not None and row.status is BatchStatus.ASSIGNED and row.worker == worker.identity:
-            store.requeue(row, count_attempt=False)
+            if copy_of is not None and copy_of.identity in self.state.workers:
+                store.assign(row, copy_of.identity, count_attempt=False)  # the original holder still has it
+            else:
+                store.requeue(row, count_attempt=copy_of is not None)  # nothing charged: nothing to uncount
             worker.in_flight.pop(batch_id, None)
             worker.credit += 1

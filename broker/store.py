@@ -482,8 +482,10 @@ class BrokerStore:
         )  # fmt: skip
         self._count(None, BatchStatus.QUEUED, context_id)
 
-    def assign(self, row: StoredBatch, worker: bytes) -> None:
-        self._move(row, BatchStatus.ASSIGNED, "worker = ?, attempts = attempts + 1", (worker,))
+    def assign(self, row: StoredBatch, worker: bytes, count_attempt: bool = True) -> None:
+        """Hand the batch to ``worker``: an attempt, unless it is a copy of one already running elsewhere."""
+        attempts = ", attempts = attempts + 1" if count_attempt else ""
+        self._move(row, BatchStatus.ASSIGNED, f"worker = ?{attempts}", (worker,))
 
     def requeue(self, row: StoredBatch, count_attempt: bool) -> None:
         """Back to the front of its queue. An attempt that was not the batch's fault is not counted."""

@@ -67,6 +67,7 @@ class Workers:
         worker.contexts.update(dict.fromkeys(message.contexts))
         worker.loaded.update(message.contexts)
         workers[identity] = worker
+        self.state.maybe_idle.add(identity)
         self.state.failed_contexts.clear()  # new capacity: contexts that failed elsewhere may load here
         self.files.joined(identity, message.file_endpoint, message.files)
         if self.state.worker_keys is not None:  # whom its file service should admit
@@ -129,10 +130,12 @@ class Workers:
         worker = self.state.workers[identity]
         if not worker.leaving:
             worker.credit += message.credit
+            self.state.maybe_idle.add(identity)
 
     def on_context_loaded(self, identity: bytes, message: ContextLoaded) -> None:
         worker = self.state.workers[identity]
         worker.loaded.add(message.context_id)
+        self.state.maybe_idle.add(identity)
         self.state.counters["context_loads"] += 1
         log.info(
             "context_loaded", worker_id=worker.name, context_id=message.context_id, seconds=round(message.seconds, 3)
@@ -188,6 +191,8 @@ class Workers:
         worker = self.state.workers.get(identity)
         if worker is not None:
             worker.in_flight.pop(result.batch_id, None)
+            if not worker.in_flight:
+                self.state.maybe_idle.add(identity)
         found = self.state.store.get_with_batch(result.batch_id)
         if found is None:
             raise ProtocolError(f"result for unknown batch {result.batch_id!r}")

@@ -211,6 +211,27 @@ def test_an_idle_worker_moves_to_a_starving_context_only_past_the_backlog(tmp_pa
         broker.store.close()
 
 
+def test_an_idle_worker_copies_what_a_slow_one_holds_unstarted_and_the_first_result_counts(broker) -> None:
+    broker(b"s", SinkReady(sink_id="s"))
+    broker.worker(b"slow", contexts=[A], credit=6)
+    broker.submit(*[batch("j", n) for n in range(6)])
+    assert len(assigned(broker.turn())) == 6  # the slow worker's window took the whole queue
+    broker.worker(b"fast", contexts=[A], credit=4)
+    copies = assigned(broker.turn())
+    assert copies == [(b"fast", "j/5"), (b"fast", "j/4")]  # the last of its window, half of what waits behind j/0
+    assert broker.state.counters["speculative_assignments"] == 2
+    assert broker.store.get("j/5").attempts == 1  # a copy is not an attempt
+    assert not assigned(broker.turn())  # copied once at most
+    broker(b"fast", Completed(result=result_for(batch("j", 5), worker_id="fast")))
+    broker(b"slow", *[Completed(result=result_for(batch("j", n), worker_id="slow")) for n in range(6)])
+    delivered = [m.result for peer, m in broker.turn() if isinstance(m, Deliver)]
+    assert sorted(r.batch_id for r in delivered) == [f"j/{n}" for n in range(6)]
+    assert {r.batch_id: r.worker_id for r in delivered}["j/5"] == "fast"
+    assert broker.state.counters["duplicate_results"] == 1 and broker.state.counters["late_results_accepted"] == 1
+    # j/4 came first from the slow worker: the fast one's copy is no longer waited for (its answer will be a duplicate)
+    assert not broker.state.workers[b"slow"].in_flight and not broker.state.workers[b"fast"].in_flight
+
+
 def test_an_assignment_that_cannot_be_sent_goes_back_to_the_front_of_its_queue(broker) -> None:
     broker.worker(b"w", contexts=[A], credit=1)
     broker.submit(batch("j", 0), batch("j", 1))

@@ -228,7 +228,9 @@ async def test_a_key_acts_only_in_its_role_and_a_revoked_key_is_cut_off_mid_run(
     assert revocation["key"] == "worker/rogue-node" and revocation["peers_dropped"] == 1
     assert revocation["connections_cut"] == 1
     [left] = [e for e in cluster.events("broker", "worker_left") if e["worker_id"] == "rogue"]
-    assert left["reason"] == "its key worker/rogue-node was revoked" and left["requeued"] == 3
+    # what the real worker had not already taken a copy of, idle while the rogue sat on its batches
+    copied = cluster.broker_counters()["speculative_assignments"]
+    assert left["reason"] == "its key worker/rogue-node was revoked" and left["requeued"] == 3 - copied
     table = pq.read_table(cluster.out_dir).to_pydict()
     assert len(table["claim_id"]) == 8 * len(load_templates())  # every pair, once
     assert set(zip(table["worker_id"], table["worker_key"], strict=True)) == {("worker-0", "worker")}
