@@ -84,6 +84,9 @@ async def test_only_the_runs_key_holders_submit_work_and_get_verdicts(tmp_path: 
         assert cluster.events("broker", "job_done") == [] and cluster.rows_written() == 0
         assert not any(e.get("kind") == "submit" for e in cluster.events("broker", "invalid_message"))
 
+        # both workers registered before the work comes, so both get some (one batch per worker in turn) and
+        # the second fetches the model from the first; one registering late found the queue taken
+        await wait_until(lambda: len(cluster.events("broker", "worker_joined")) >= 2, 90, "both workers to register")
         await cluster.start_producer(*claims, "--wait", "--timeout", "60", "--keys", str(keys), name="holder")
         assert await asyncio.wait_for(cluster.procs.children["holder"].wait(), 90) == 0, cluster.procs.tail("holder")
 
