@@ -678,7 +678,6 @@ async def run_row(
 
         stats = await fleet.stop()
         fleet = None
-        check_simulators(stats, timing.batches, workers)
         e2e: list[float] = []
         if with_sink:
             await stop(children[1])
@@ -686,6 +685,7 @@ async def run_row(
             if rows != args.claims:
                 raise PervadeError(f"the sink wrote {rows} rows for {args.claims} claims (see {row_dir})")
         await stop(broker)
+        check_simulators(stats, timing.batches, workers, copies=broker_counter(broker, "speculative_assignments"))
         if profile is not None:
             print_profile(profile, args.profile_lines)
     finally:
@@ -759,13 +759,21 @@ def summarize(
     return {name: round(value, 3) if isinstance(value, float) else value for name, value in row.items()}
 
 
-def check_simulators(stats: list[SimulatorStats], batches: int, workers: int) -> None:
-    """Every batch assigned exactly once, to workers that never lost the broker, without protocol errors."""
+def broker_counter(broker: Child, name: str) -> int:
+    """A counter of a broker that has stopped, from the last ``broker_stats`` line of its JSON log."""
+    stats = [line for line in broker.log.read_text(errors="replace").splitlines() if '"broker_stats"' in line]
+    return int(json.loads(stats[-1]).get(name, 0)) if stats else 0
+
+
+def check_simulators(stats: list[SimulatorStats], batches: int, workers: int, copies: int = 0) -> None:
+    """Every batch assigned exactly once, besides the copies the broker made at the end of the queue (an idle
+    worker takes what another holds unstarted), to workers that never lost the broker, without protocol
+    errors."""
     assigned = sum(s.assigned for s in stats)
     errors = [e for s in stats for e in s.errors]
     problems = []
-    if assigned != batches:
-        problems.append(f"{assigned} batches assigned for {batches} submitted")
+    if assigned != batches + copies:
+        problems.append(f"{assigned} batches assigned for {batches} submitted and {copies} copies")
     if errors:
         problems.append(f"{len(errors)} protocol errors, first: {errors[0]}")
     if sum(s.disconnects for s in stats):

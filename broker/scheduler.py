@@ -77,10 +77,13 @@ class Scheduler:
 
     def speculate(self) -> None:
         """The queue of a context ran dry while its workers finish at different speeds: a worker with nothing
-        left to do takes a copy of batches another worker holds unstarted (the last of its window, which it
-        would run last), up to half of what that worker has beyond the batch in hand. Whichever result comes
-        first counts, the other is a duplicate and is dropped (``Workers.on_completed``), so the copy costs
-        only otherwise idle time. A slow GPU's window (two runs of claims) no longer sets the end of a job.
+        left to do takes a copy of batches another worker holds (the last of its window first, which it would
+        run last): half of what that worker holds, and at least one, so even the last batch a slow GPU is
+        computing is copied once (MapReduce's backup tasks). Whichever result comes first counts, the other
+        is a duplicate and is dropped (``Workers.on_completed``), so the copy costs only otherwise idle time. A
+        slow GPU's window (two runs of claims, or one batch of 512 it computes for seconds) no longer sets the
+        end of a job. A worker still loading the context is copied from too: a replacement for a preempted GPU
+        takes its window while it loads for minutes.
         The worker with the most batches not yet copied is copied from first; only at the end of a queue (a
         tail), so the scan of in-flight batches costs nothing while there is work to hand out."""
         store, workers = self.state.store, self.state.workers
@@ -93,13 +96,14 @@ class Scheduler:
                 uncopied = {
                     w.identity: [b for b in reversed(w.in_flight) if b not in self.state.speculated]
                     for w in workers.values()
-                    if w is not worker and context_id in w.loaded and len(w.in_flight) > 1
+                    if w is not worker and context_id in w.contexts and w.in_flight  # loading counts too
                 }
+                uncopied = {identity: batches for identity, batches in uncopied.items() if batches}
                 if not uncopied:
                     continue
                 busiest = workers[max(uncopied, key=lambda identity: len(uncopied[identity]))]
                 tail = uncopied[busiest.identity]
-                for batch_id in tail[: min(worker.credit, (len(tail) - 1) // 2)]:
+                for batch_id in tail[: min(worker.credit, max(1, len(tail) // 2))]:
                     found = store.get_with_batch(batch_id)
                     if found is None or found[1] is None:
                         continue

@@ -25,10 +25,11 @@ from pervade.protocol import (
     SinkAck,
     SinkReady,
     Submit,
+    WorkerReady,
     decode,
 )
 from tests.conftest import FAST_HEARTBEATS
-from tests.test_broker import CTX_A, assign_one, batch, end_job, register_worker, result_for
+from tests.test_broker import CPU, CTX_A, assign_one, batch, end_job, register_worker, result_for
 
 
 async def test_a_silent_worker_is_declared_dead_and_its_batches_go_to_another(start_broker, connect) -> None:
@@ -40,15 +41,17 @@ async def test_a_silent_worker_is_declared_dead_and_its_batches_go_to_another(st
     await register_worker(silent, "silent", credit=1)
     assert isinstance(await silent.receive(), LoadContext)
     assert (await silent.receive()).batch.batch_id == "j1/0"
-    # `silent` never beats again (SIGKILL); `alive` joins and keeps beating, holding the same context
-    await register_worker(alive, "alive", credit=1, contexts=[CTX_A.context_id])
-    for _ in range(10):
+    # `silent` never beats again (SIGKILL); `alive` joins holding the same context and keeps beating, with no
+    # credit until `silent` is declared dead (with credit and nothing to do it would take a copy of j1/0 at
+    # once, the end of a queue: test_broker_verbs)
+    await alive.send(WorkerReady(worker_id="alive", host="h", pid=1, device=CPU, contexts=[CTX_A.context_id]))
+    for _ in range(50):
         await alive.send(Heartbeat())
-        try:
-            reassigned = await alive.receive(timeout_s=0.1)
+        if broker.counters["workers_declared_dead"]:
             break
-        except TimeoutError:
-            continue
+        await asyncio.sleep(0.1)
+    await alive.send(Pull(credit=1))
+    reassigned = await alive.receive()
     assert isinstance(reassigned, Assign) and reassigned.batch.batch_id == "j1/0"  # no LoadContext: affinity
     assert broker.counters["workers_declared_dead"] == 1 and broker.counters["requeues"] == 1
     await silent.send(Pull(credit=1))  # the dead worker's socket speaks again: it must register anew

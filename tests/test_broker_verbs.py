@@ -218,8 +218,8 @@ def test_an_idle_worker_copies_what_a_slow_one_holds_unstarted_and_the_first_res
     assert len(assigned(broker.turn())) == 6  # the slow worker's window took the whole queue
     broker.worker(b"fast", contexts=[A], credit=4)
     copies = assigned(broker.turn())
-    assert copies == [(b"fast", "j/5"), (b"fast", "j/4")]  # the last of its window, half of what waits behind j/0
-    assert broker.state.counters["speculative_assignments"] == 2
+    assert copies == [(b"fast", "j/5"), (b"fast", "j/4"), (b"fast", "j/3")]  # half of its window, the last first
+    assert broker.state.counters["speculative_assignments"] == 3
     assert broker.store.get("j/5").attempts == 1  # a copy is not an attempt
     assert not assigned(broker.turn())  # copied once at most
     broker(b"fast", Completed(result=result_for(batch("j", 5), worker_id="fast")))
@@ -227,9 +227,19 @@ def test_an_idle_worker_copies_what_a_slow_one_holds_unstarted_and_the_first_res
     delivered = [m.result for peer, m in broker.turn() if isinstance(m, Deliver)]
     assert sorted(r.batch_id for r in delivered) == [f"j/{n}" for n in range(6)]
     assert {r.batch_id: r.worker_id for r in delivered}["j/5"] == "fast"
-    assert broker.state.counters["duplicate_results"] == 1 and broker.state.counters["late_results_accepted"] == 1
-    # j/4 came first from the slow worker: the fast one's copy is no longer waited for (its answer will be a duplicate)
+    assert broker.state.counters["duplicate_results"] == 1 and broker.state.counters["late_results_accepted"] == 2
+    # j/4 and j/3 came first from the slow worker: the fast one's copies are no longer waited for (duplicates to come)
     assert not broker.state.workers[b"slow"].in_flight and not broker.state.workers[b"fast"].in_flight
+
+
+def test_what_a_worker_still_loading_holds_is_copied_to_an_idle_one(broker) -> None:
+    """A replacement for a preempted GPU takes its window while it loads for minutes: an idle worker copies it."""
+    broker.worker(b"loading", credit=4)  # holds nothing: told to load, and given batches behind the load
+    broker.submit(*[batch("j", n) for n in range(4)])
+    to_loading = broker.to(b"loading")
+    assert isinstance(to_loading[0], LoadContext) and len([m for m in to_loading if isinstance(m, Assign)]) == 4
+    broker.worker(b"ready", contexts=[A], credit=4)
+    assert assigned(broker.turn()) == [(b"ready", "j/3"), (b"ready", "j/2")]
 
 
 def test_an_assignment_that_cannot_be_sent_goes_back_to_the_front_of_its_queue(broker) -> None:
