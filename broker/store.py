@@ -248,6 +248,14 @@ class BrokerStore:
         except sqlite3.Error as exc:
             with contextlib.suppress(Exception):
                 self._db.close()
+            if _malformed(exc) and log_scan is not None and log_scan.body_bytes:
+                # Malformed once a log was replayed: frames of the log that were already checkpointed into
+                # the file were lost from it, so the file mixes old pages with new. The same case as a log
+                # that lost commits: never trusted, set aside by ``open``.
+                if wal.exists():
+                    shutil.copyfile(wal, self._evidence)
+                self.damage = f"the database {path.name} is malformed after replaying its write-ahead log ({exc})"
+                return
             self.release()
             raise state_error(path, exc) from None
 
@@ -285,7 +293,8 @@ class BrokerStore:
         aside = self.path.parent / time.strftime("damaged-%Y%m%dT%H%M%S")
         aside.mkdir(exist_ok=True)
         self.path.rename(aside / self.path.name)
-        self._evidence.rename(aside / (self.path.name + "-wal"))
+        if self._evidence.exists():  # the log as found (gone when SQLite itself gave up on it)
+            self._evidence.rename(aside / (self.path.name + "-wal"))
         for leftover in (self.path.with_name(self.path.name + suffix) for suffix in ("-wal", "-shm")):
             leftover.unlink(missing_ok=True)
         return aside
@@ -569,11 +578,15 @@ class BrokerStore:
 SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26
 
 
+def _malformed(error: sqlite3.Error) -> bool:
+    """Whether SQLite found the file itself bad (``SQLITE_CORRUPT``, ``SQLITE_NOTADB``)."""
+    return ((getattr(error, "sqlite_errorcode", None) or 0) & 0xFF) in (SQLITE_CORRUPT, SQLITE_NOTADB)
+
+
 def state_error(path: Path, error: sqlite3.Error) -> StateError:
     """The error a broker reports for a state database SQLite cannot use, with what to do about it: a
     damaged file is set aside, anything else (a full disk, permissions) fixed, keeping the state."""
-    code = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
-    if code in (SQLITE_CORRUPT, SQLITE_NOTADB):
+    if _malformed(error):
         return StateError(
             f"the broker's state database {path} is damaged or not a pervade state ({error}). Move the state "
             f"directory aside (mv {path.parent} {path.parent}.damaged) and start the broker with an empty "
