@@ -105,7 +105,7 @@ from benchkit import DEFAULT_OUT_DIR, Report
 
 from pervade.constants import LABELS
 from pervade.context import ContextSpec, ResolvedContext, make_context
-from pervade.errors import PervadeError, ProtocolError
+from pervade.errors import PervadeError
 from pervade.gpuworker.intake import CreditWindow
 from pervade.keys import KEYS_ENV, ClientKeys, init_keys, keys_dir
 from pervade.logs import configure_logging
@@ -127,8 +127,7 @@ from pervade.protocol import (
     Pull,
     Verdict,
     WorkerReady,
-    bodies,
-    decode_body,
+    decode_group,
     encode,
     encode_group,
 )
@@ -272,18 +271,11 @@ class NullWorkerHost:
         """One message from the broker: a group, answered as the real worker answers a run of batches, with
         one group of results and one Pull for as many batches as it completed."""
         worker.heard = True
-        try:
-            group = bodies(frames)
-        except ProtocolError as exc:
-            self.note_error(f"{worker.name}: undecodable message: {exc}")
-            return
+        messages, errors = decode_group(frames)
+        for error in errors:
+            self.note_error(f"{worker.name}: undecodable message: {error}")
         answers: list[Message] = []
-        for body in group:
-            try:
-                message = decode_body(body)
-            except ProtocolError as exc:
-                self.note_error(f"{worker.name}: undecodable message: {exc}")
-                continue
+        for message in messages:
             if isinstance(message, Assign):
                 answers.append(self.complete(worker, message))
             elif isinstance(message, LoadContext):

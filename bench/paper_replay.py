@@ -89,7 +89,7 @@ from broker_capacity import (
 )
 
 from pervade.context import ContextSpec
-from pervade.errors import PervadeError, ProtocolError
+from pervade.errors import PervadeError
 from pervade.gpuworker.intake import MIN_RUN_CLAIMS, CreditWindow
 from pervade.logs import configure_logging
 from pervade.protocol import (
@@ -109,8 +109,7 @@ from pervade.protocol import (
     Pull,
     Verdict,
     WorkerReady,
-    bodies,
-    decode_body,
+    decode_group,
     encode,
     encode_group,
 )
@@ -254,17 +253,10 @@ class GpuHost:
 
     def handle(self, worker: SimGpu, frames: list[bytes], now: float) -> None:
         worker.heard = True
-        try:
-            group = bodies(frames)
-        except ProtocolError as exc:
-            self.note_error(f"{worker.name}: {exc}")
-            return
-        for body in group:
-            try:
-                message = decode_body(body)
-            except ProtocolError as exc:
-                self.note_error(f"{worker.name}: {exc}")
-                continue
+        messages, errors = decode_group(frames)
+        for error in errors:
+            self.note_error(f"{worker.name}: {error}")
+        for message in messages:
             if isinstance(message, Assign):
                 worker.queue.append(message.batch)
                 worker.window.arrived(len(message.batch.claims))
@@ -304,7 +296,7 @@ class GpuHost:
         if not worker.loaded or not worker.queue:
             return
         if self.mode == "full":  # a run: queued batches up to one pass of claims, at least one batch
-            run, claims = [worker.queue.popleft()], 0
+            run = [worker.queue.popleft()]
             claims = len(run[0].claims)
             while worker.queue and claims + len(worker.queue[0].claims) <= MIN_RUN_CLAIMS:
                 run.append(worker.queue.popleft())

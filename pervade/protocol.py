@@ -598,6 +598,23 @@ def decode_body(body: bytes) -> Message:
         raise ProtocolError(f"invalid message: {exc}") from None  # of invalid UTF-8 raises the other
 
 
+def decode_group(frames: list[bytes]) -> tuple[list[Message], list[str]]:
+    """Every valid message of a group, and what was wrong with each one that was not: a bad message costs
+    itself, the rest of its group is read. A group whose header is wrong is one error and no messages."""
+    try:
+        found = bodies(frames)
+    except ProtocolError as exc:
+        return [], [str(exc)]
+    messages: list[Message] = []
+    errors: list[str] = []
+    for body in found:
+        try:
+            messages.append(decode_body(body))
+        except ProtocolError as exc:
+            errors.append(str(exc))
+    return messages, errors
+
+
 def decode(frames: list[bytes]) -> Message:
     """Decode ``[header, body]`` (one message alone) into a message, or raise ProtocolError saying what is
     wrong."""

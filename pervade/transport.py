@@ -23,9 +23,8 @@ import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
 from pervade.constants import DEFAULT_MAX_MESSAGE_BYTES, SEND_TIMEOUT_MS, SOCKET_LINGER_MS
-from pervade.errors import ProtocolError
 from pervade.keys import ClientKeys, ServerKeys
-from pervade.protocol import Message, bodies, decode_body, encode
+from pervade.protocol import Message, decode_group, encode
 
 log = structlog.get_logger(__name__)
 
@@ -155,17 +154,10 @@ class BrokerConnection:
         while not self.pending:
             if not await self.socket.poll(timeout_ms, zmq.POLLIN):
                 return None
-            frames = await self.socket.recv_multipart(zmq.NOBLOCK)
-            try:
-                group = bodies(frames)
-            except ProtocolError as exc:
-                log.error("dropped_invalid_message", error=str(exc))
-                continue
-            for body in group:
-                try:
-                    self.pending.append(decode_body(body))
-                except ProtocolError as exc:
-                    log.error("dropped_invalid_message", error=str(exc))
+            messages, errors = decode_group(await self.socket.recv_multipart(zmq.NOBLOCK))
+            for error in errors:
+                log.error("dropped_invalid_message", error=error)
+            self.pending.extend(messages)
         return self.pending.popleft()
 
     def close(self) -> None:

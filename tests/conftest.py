@@ -18,7 +18,7 @@ from pervade.broker.config import BrokerConfig
 from pervade.broker.server import Broker
 from pervade.keys import ClientKeys
 from pervade.producer.claims import sample_claims_path
-from pervade.protocol import Heartbeat, Message, ProducerReady, bodies, decode_body, encode
+from pervade.protocol import Heartbeat, Message, ProducerReady, decode_group, encode
 from pervade.session import Heartbeats
 
 FEVER_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fever" / "paper_dev.jsonl"
@@ -110,7 +110,7 @@ class Peer:
             while not self.pending:
                 if not await self.socket.poll(int(timeout_s * 1000)):
                     raise TimeoutError("no message from the broker")
-                self.pending.extend(decode_body(body) for body in bodies(await self.socket.recv_multipart()))
+                self.pending.extend(self._decode(await self.socket.recv_multipart()))
             message = self.pending.popleft()
             if not isinstance(message, Heartbeat):
                 return message
@@ -122,9 +122,14 @@ class Peer:
         deadline = loop.time() + timeout_s
         while (left := deadline - loop.time()) > 0:
             if await self.socket.poll(int(left * 1000)):
-                for body in bodies(await self.socket.recv_multipart()):
-                    message = decode_body(body)
+                for message in self._decode(await self.socket.recv_multipart()):
                     assert isinstance(message, Heartbeat), f"unexpected message from the broker: {message}"
+
+    @staticmethod
+    def _decode(frames: list[bytes]) -> list[Message]:
+        messages, errors = decode_group(frames)
+        assert not errors, f"the broker sent invalid messages: {errors}"
+        return messages
 
     def close(self) -> None:
         self.socket.close()
