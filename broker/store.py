@@ -1,7 +1,8 @@
 """The broker's durable state: jobs, contexts and every batch with its status, in SQLite (WAL mode).
 
 Queued work lives here, not in the broker's memory, so a broker holding millions of queued claims stays
-small: RAM holds only peers, jobs, and counters. The broker changes state through the methods below, which
+small: RAM holds peers, jobs, counters, the batches in flight (as many as workers and sinks hold) and the
+first ``QUEUE_READ_AHEAD`` batches of each queue. The broker changes state through the methods below, which
 never commit; the broker commits once per turn of its loop, *before* it sends the replies that turn made
 (``broker/outbox.py``). So anything a peer was told (Accepted, a delivery, JobDone) is already on disk, and
 a broker killed at any moment restarts from a state its peers never saw contradicted.
@@ -46,11 +47,13 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections import Counter
-from dataclasses import dataclass, field, replace
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 
 import msgspec
+from msgspec.structs import replace
 
 from pervade.batchset import BatchSet
 from pervade.broker.statelock import StateLock
@@ -64,6 +67,9 @@ STORE_FILE = "broker.sqlite3"
 #: Once the write-ahead log holds more than this, the broker finishes a checkpoint between two of its own
 #: commits, so the log starts again from the beginning instead of growing through a long burst of writes.
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
+#: Batches of a context's queue read ahead in one query (with their claims): the scheduler then takes them
+#: from memory. A small bound, so a queue of millions stays on disk.
+QUEUE_READ_AHEAD = 256
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS contexts (
@@ -106,7 +112,7 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
-class BatchStatus(enum.Enum):
+class BatchStatus(enum.StrEnum):  # a str: hashed in C, and the store counts statuses at every change
     QUEUED = "queued"  # waiting in its context's queue
     ASSIGNED = "assigned"  # sent to a worker, no answer yet
     DONE = "done"  # outcome known (verdicts or a final error), not yet with a sink
@@ -115,9 +121,9 @@ class BatchStatus(enum.Enum):
     SPLIT = "split"  # it failed and its claims were split into two parts, queued as batches of their own
 
 
-@dataclass(frozen=True)
-class StoredBatch:
-    """A batch's bookkeeping row (without its claims or verdicts)."""
+class StoredBatch(msgspec.Struct, frozen=True):
+    """A batch's bookkeeping row (without its claims or verdicts). A struct: a change of status copies it
+    (``msgspec.structs.replace``) several times per batch."""
 
     batch_id: str
     job_id: str
@@ -199,8 +205,26 @@ _spec_decoder = msgspec.msgpack.Decoder(ContextSpec)
 _manifest_decoder = msgspec.msgpack.Decoder(Manifest)
 
 
+@dataclass
+class _QueueHead:
+    """The front of one context's queue, read ahead: rows in queue order, each with its batch (decoded or
+    not yet). Exact by construction: a batch that leaves the queue at the front is popped, one that leaves
+    from elsewhere drops the whole head (read again when next needed), requeued ones go in front and new
+    ones at the back while the head is the whole queue."""
+
+    entries: deque[tuple[StoredBatch, Batch | bytes]]
+    #: The head holds the context's whole queue (its last read found fewer than ``QUEUE_READ_AHEAD``).
+    whole: bool
+
+
 class BrokerStore:
-    """SQLite-backed state. Not thread-safe: only the broker's event loop calls it (``checkpoint`` aside)."""
+    """SQLite-backed state. Not thread-safe: only the broker's event loop calls it (``checkpoint`` aside).
+
+    A turn's changes are kept in memory and written together at ``commit`` (``executemany`` over each run of
+    the same statement), and the rows a turn needs are read from memory where it can: every row changed since
+    the last commit, and every batch in flight (assigned, done, delivered: as many as workers hold and sinks
+    have not yet acknowledged), with the claims of the assigned ones and the read-ahead front of each queue.
+    Anything else is read from the database, after the changes still in memory are written to it."""
 
     def __init__(
         self, path: Path, fsync: bool = False, temporary_dir: Path | None = None, lock: StateLock | None = None
@@ -210,6 +234,15 @@ class BrokerStore:
         self._lock = lock
         #: What was found wrong with the state when it was opened (commits a damaged log lost), or None.
         self.damage: str | None = None
+        #: Rows changed since the last commit and rows in flight, as the database will hold them.
+        self._rows: dict[str, StoredBatch] = {}
+        #: The claims of the batches in flight to workers (a result is checked against them).
+        self._batches: dict[str, Batch] = {}
+        #: Batches whose rows changed since the last commit: evicted from memory at the commit unless in flight.
+        self._changed: list[str] = []
+        #: Changes not yet written, in order: (statement, parameters).
+        self._pending: list[tuple[str, tuple]] = []
+        self._heads: dict[str, _QueueHead] = {}
         wal = path.with_name(path.name + "-wal")
         log_scan = scan_log(wal)
         try:
@@ -320,12 +353,27 @@ class BrokerStore:
             self._temporary_dir = None
 
     def commit(self) -> None:
-        """Write the jobs changed since the last commit, and commit everything."""
+        """Write the batches and jobs changed since the last commit, and commit everything."""
+        self._flush()
         if self._dirty_jobs:
             rows = [(job.job_id, _job_json(job)) for job in self._dirty_jobs.values()]
             self._db.executemany("INSERT OR REPLACE INTO jobs VALUES (?, ?)", rows)
             self._dirty_jobs.clear()
         self._db.commit()
+        for batch_id in self._changed:  # what is no longer in flight is read from the database from now on
+            row = self._rows.get(batch_id)
+            if row is not None and row.status not in _IN_FLIGHT:
+                del self._rows[batch_id]
+            if row is None or row.status is not BatchStatus.ASSIGNED:
+                self._batches.pop(batch_id, None)
+        self._changed.clear()
+
+    def _flush(self) -> None:
+        """Write the changes kept in memory, in order (not committed): before any read of the database that
+        they could change."""
+        for statement, changes in groupby(self._pending, key=lambda change: change[0]):
+            self._db.executemany(statement, [parameters for _, parameters in changes])
+        self._pending.clear()
 
     def checkpoint(self) -> bool:
         """Copy the write-ahead log into the database file. Blocking: call on a thread (it has its own
@@ -370,6 +418,7 @@ class BrokerStore:
         """After a restart no worker or sink of the old broker is known: batches they held go back to
         the front of their queues (not counted as attempts: the broker failed, not the batch), and
         deliveries never acknowledged will be redelivered. Returns (requeued, to_redeliver)."""
+        self._flush()
         base = self._min_key - 1 - (self._db.execute("SELECT coalesce(max(seq), 0) FROM batches").fetchone()[0])
         requeued = self._db.execute(
             "UPDATE batches SET status = 'queued', worker = NULL, attempts = max(attempts - 1, 0),"
@@ -382,6 +431,10 @@ class BrokerStore:
         self._db.commit()
         self.status_counts.clear()
         self.queued.clear()
+        self._rows.clear()
+        self._batches.clear()
+        self._changed.clear()
+        self._heads.clear()
         self._load_counts()
         return requeued, redeliver
 
@@ -424,16 +477,23 @@ class BrokerStore:
     # --- batches: reading ------------------------------------------------------------------------
 
     def get(self, batch_id: str) -> StoredBatch | None:
-        row = self._db.execute(f"SELECT {_ROW} FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
-        if row is None:
-            return None
-        return StoredBatch(row[0], row[1], row[2], BatchStatus(row[3]), *row[4:])
+        row = self._rows.get(batch_id)
+        if row is not None:
+            return row
+        # Not changed since the last commit (a changed row is in memory until then): the database has it.
+        found = self._db.execute(f"SELECT {_ROW} FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+        return None if found is None else _stored(found)
 
     def batch(self, batch_id: str) -> Batch:
+        held = self._batches.get(batch_id)
+        if held is not None:
+            return held
+        self._flush()
         (payload,) = self._db.execute("SELECT payload FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
         return _batch_decoder.decode(payload)
 
     def result(self, batch_id: str) -> BatchResult:
+        self._flush()
         (result,) = self._db.execute("SELECT result FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
         return _result_decoder.decode(result)
 
@@ -442,35 +502,55 @@ class BrokerStore:
         return None if found is None else found[0]
 
     def next_queued_batch(self, context_id: str) -> tuple[StoredBatch, Batch] | None:
-        """The front of a context's queue: its row and its batch, in one read."""
-        row = self._db.execute(
-            f"SELECT {_ROW}, payload FROM batches WHERE status = 'queued' AND context_id = ?"
-            " ORDER BY queue_key LIMIT 1",
-            (context_id,),
-        ).fetchone()
-        if row is None:
+        """The front of a context's queue, its row and its batch (read ahead, ``QUEUE_READ_AHEAD`` at a time)."""
+        if not self.queued.get(context_id):
             return None
-        return StoredBatch(row[0], row[1], row[2], BatchStatus(row[3]), *row[4:-1]), _batch_decoder.decode(row[-1])
+        head = self._heads.get(context_id)
+        if head is None or not head.entries:
+            head = self._heads[context_id] = self._read_head(context_id)
+            if not head.entries:
+                return None
+        row, batch = head.entries[0]
+        if isinstance(batch, bytes):
+            batch = _batch_decoder.decode(batch)
+            head.entries[0] = (row, batch)
+        self._batches[row.batch_id] = batch  # an assignment keeps it; a commit forgets it otherwise
+        self._changed.append(row.batch_id)
+        return row, batch
+
+    def _read_head(self, context_id: str) -> _QueueHead:
+        self._flush()
+        found = self._db.execute(
+            f"SELECT {_ROW}, payload FROM batches WHERE status = 'queued' AND context_id = ?"
+            " ORDER BY queue_key LIMIT ?",
+            (context_id, QUEUE_READ_AHEAD),
+        ).fetchall()
+        entries = deque((_stored(row[:-1]), row[-1]) for row in found)
+        return _QueueHead(entries, whole=len(entries) < QUEUE_READ_AHEAD)
 
     def get_with_batch(self, batch_id: str) -> tuple[StoredBatch, Batch | None] | None:
         """A batch's row and, while the store still holds it (until written), the batch: one read."""
-        row = self._db.execute(f"SELECT {_ROW}, payload FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+        row = self.get(batch_id)
         if row is None:
             return None
-        stored = StoredBatch(row[0], row[1], row[2], BatchStatus(row[3]), *row[4:-1])
-        return stored, None if row[-1] is None else _batch_decoder.decode(row[-1])
+        if row.status in (BatchStatus.WRITTEN, BatchStatus.SPLIT):
+            return row, None
+        return row, self.batch(batch_id)
 
     def queued_ids(self, context_id: str) -> list[str]:
+        self._flush()
         query = "SELECT batch_id FROM batches WHERE status = 'queued' AND context_id = ? ORDER BY queue_key"
         return [r[0] for r in self._db.execute(query, (context_id,))]
 
     def queued_ids_of_job(self, job_id: str) -> list[str]:
         """A job's queued batches (a scan: only an aborted job asks)."""
+        self._flush()
         query = "SELECT batch_id FROM batches WHERE status = 'queued' AND job_id = ? ORDER BY seq"
         return [r[0] for r in self._db.execute(query, (job_id,))]
 
     def done_ids(self, limit: int) -> list[str]:
         """Batches with a known outcome not yet with a sink, oldest first."""
+        self._flush()
         query = "SELECT batch_id FROM batches WHERE status = 'done' ORDER BY seq LIMIT ?"
         return [r[0] for r in self._db.execute(query, (limit,))]
 
@@ -481,48 +561,71 @@ class BrokerStore:
         caller has it at hand)."""
         context_id = context_id or batch.context.context_id
         self._max_key += 1
-        self._db.execute(
-            "INSERT INTO batches (batch_id, job_id, context_id, status, queue_key, payload, pairs, content)"
-            " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
-            (
-                batch.batch_id, batch.job_id, context_id, self._max_key, _encoder.encode(batch), len(batch.claims),
-                content_digest(batch),
-            ),
-        )  # fmt: skip
+        stored = self._insert(batch, context_id, self._max_key, root=None)
+        head = self._heads.get(context_id)
+        if head is not None and head.whole:  # else it is behind what the head holds, read when reached
+            if len(head.entries) < QUEUE_READ_AHEAD:
+                head.entries.append((stored, batch))
+            else:
+                head.whole = False
+
+    def _insert(self, batch: Batch, context_id: str, queue_key: int, root: str | None) -> StoredBatch:
+        content = content_digest(batch)
+        self._pending.append((
+            "INSERT INTO batches (batch_id, job_id, context_id, status, queue_key, payload, pairs, content, root)"
+            " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+            (batch.batch_id, batch.job_id, context_id, queue_key, _encoder.encode(batch), len(batch.claims), content,
+             root),
+        ))  # fmt: skip
+        row = StoredBatch(batch.batch_id, batch.job_id, context_id, BatchStatus.QUEUED, 0, 0, None, None, None,
+                          len(batch.claims), content, root)  # fmt: skip
+        self._rows[batch.batch_id] = row
+        self._changed.append(batch.batch_id)
         self._count(None, BatchStatus.QUEUED, context_id)
+        return row
 
     def assign(self, row: StoredBatch, worker: bytes, count_attempt: bool = True) -> None:
         """Hand the batch to ``worker``: an attempt, unless it is a copy of one already running elsewhere."""
-        attempts = ", attempts = attempts + 1" if count_attempt else ""
-        self._move(row, BatchStatus.ASSIGNED, f"worker = ?{attempts}", (worker,))
+        current = self._current(row)
+        attempts = current.attempts + 1 if count_attempt else current.attempts
+        self._move(current, replace(current, status=BatchStatus.ASSIGNED, worker=worker, attempts=attempts),
+                   "worker = ?, attempts = ?", (worker, attempts))  # fmt: skip
 
     def requeue(self, row: StoredBatch, count_attempt: bool) -> None:
         """Back to the front of its queue. An attempt that was not the batch's fault is not counted."""
         self._min_key -= 1
-        uncount = "" if count_attempt else ", attempts = max(attempts - 1, 0)"
-        self._move(row, BatchStatus.QUEUED, f"worker = NULL, queue_key = ?{uncount}", (self._min_key,))
+        current = self._current(row)
+        attempts = current.attempts if count_attempt else max(current.attempts - 1, 0)
+        moved = replace(current, status=BatchStatus.QUEUED, worker=None, attempts=attempts)
+        self._move(current, moved, "worker = NULL, queue_key = ?, attempts = ?", (self._min_key, attempts))
+        head = self._heads.get(moved.context_id)
+        if head is not None:  # its key is now the queue's smallest: the front
+            batch = self._batches.get(moved.batch_id)
+            if batch is None:
+                del self._heads[moved.context_id]
+            else:
+                head.entries.appendleft((moved, batch))
 
     def complete(self, row: StoredBatch, result: BatchResult) -> StoredBatch:
         """Keep the batch's verdicts; returns its row as it is now."""
-        self._move(row, BatchStatus.DONE, "worker = NULL, result = ?", (_encoder.encode(result),))
-        return replace(row, status=BatchStatus.DONE, worker=None)
+        current = self._current(row)
+        moved = replace(current, status=BatchStatus.DONE, worker=None)
+        self._move(current, moved, "worker = NULL, result = ?", (_encoder.encode(result),))
+        return moved
 
     def split(self, row: StoredBatch, parts: list[Batch]) -> None:
         """Replace a failed batch by ``parts`` (its claims in pieces), queued at the front in their order;
         the batch keeps only its bookkeeping. Each part names the producer's batch it came from (``root``)."""
-        root = row.root or row.batch_id
-        self._move(row, BatchStatus.SPLIT, "worker = NULL, payload = NULL, result = NULL", ())
+        current = self._current(row)
+        root = current.root or current.batch_id
+        self._move(current, replace(current, status=BatchStatus.SPLIT, worker=None),
+                   "worker = NULL, payload = NULL, result = NULL", ())  # fmt: skip
+        head = self._heads.get(current.context_id)
         for part in reversed(parts):
             self._min_key -= 1
-            self._db.execute(
-                "INSERT INTO batches (batch_id, job_id, context_id, status, queue_key, payload, pairs, content, root)"
-                " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-                (
-                    part.batch_id, part.job_id, row.context_id, self._min_key, _encoder.encode(part), len(part.claims),
-                    content_digest(part), root,
-                ),
-            )  # fmt: skip
-            self._count(None, BatchStatus.QUEUED, row.context_id)
+            stored = self._insert(part, current.context_id, self._min_key, root=root)
+            if head is not None:
+                head.entries.appendleft((stored, part))
 
     def settle_part(self, part: StoredBatch) -> StoredBatch:
         """A part of a split batch is written (verdicts or failure): count its pairs towards its root, which is
@@ -532,35 +635,58 @@ class BrokerStore:
         if root is None:
             raise StateError(f"batch {part.batch_id} is part of {part.root}, which the state does not hold")
         failure = f"{part.batch_id}: {part.error}" if part.error is not None else None
-        self._db.execute(
-            "UPDATE batches SET settled = settled + ?, error = coalesce(error, ?) WHERE batch_id = ?",
-            (part.pairs, failure, root.batch_id),
-        )
-        root = replace(root, settled=root.settled + part.pairs, error=root.error or failure)
-        if root.settled >= root.pairs:
-            self._move(root, BatchStatus.WRITTEN, "sink = NULL", ())
-            root = replace(root, status=BatchStatus.WRITTEN)
-        return root
+        settled = replace(root, settled=root.settled + part.pairs, error=root.error or failure)
+        if settled.settled < settled.pairs:
+            self._move(root, settled, "settled = ?, error = ?", (settled.settled, settled.error))
+            return settled
+        written = replace(settled, status=BatchStatus.WRITTEN, sink=None)
+        self._move(root, written, "settled = ?, error = ?, sink = NULL", (written.settled, written.error))
+        return written
 
     def fail(self, row: StoredBatch, error: str) -> None:
-        self._move(row, BatchStatus.DONE, "worker = NULL, error = ?", (error,))
+        current = self._current(row)
+        self._move(current, replace(current, status=BatchStatus.DONE, worker=None, error=error),
+                   "worker = NULL, error = ?", (error,))  # fmt: skip
 
     def deliver(self, row: StoredBatch, sink: bytes) -> None:
-        self._move(row, BatchStatus.DELIVERED, "sink = ?, deliveries = deliveries + 1", (sink,))
+        current = self._current(row)
+        deliveries = current.deliveries + 1
+        self._move(current, replace(current, status=BatchStatus.DELIVERED, sink=sink, deliveries=deliveries),
+                   "sink = ?, deliveries = ?", (sink, deliveries))  # fmt: skip
 
     def undeliver(self, row: StoredBatch) -> None:
-        self._move(row, BatchStatus.DONE, "sink = NULL", ())
+        current = self._current(row)
+        self._move(current, replace(current, status=BatchStatus.DONE, sink=None), "sink = NULL", ())
 
     def written(self, row: StoredBatch) -> None:
         """Durable in a sink's output: the claims and verdicts are no longer needed here."""
-        self._move(row, BatchStatus.WRITTEN, "sink = NULL, payload = NULL, result = NULL", ())
+        current = self._current(row)
+        self._move(current, replace(current, status=BatchStatus.WRITTEN, sink=None),
+                   "sink = NULL, payload = NULL, result = NULL", ())  # fmt: skip
 
-    def _move(self, row: StoredBatch, status: BatchStatus, assignments: str, params: tuple) -> None:
-        self._db.execute(
-            f"UPDATE batches SET status = ?, {assignments} WHERE batch_id = ?",
-            (status.value, *params, row.batch_id),
-        )
-        self._count(row.status, status, row.context_id)
+    def _current(self, row: StoredBatch) -> StoredBatch:
+        """The row as the store holds it now (a caller's copy may predate a change made since)."""
+        return self._rows.get(row.batch_id, row)
+
+    def _move(self, current: StoredBatch, moved: StoredBatch, assignments: str, parameters: tuple) -> None:
+        """Record the change of a batch from ``current`` to ``moved``, and the statement that writes it (the
+        values it sets, not increments: the row in memory is the one truth until the commit)."""
+        statement = f"UPDATE batches SET status = ?, {assignments} WHERE batch_id = ?"
+        self._pending.append((statement, (moved.status.value, *parameters, moved.batch_id)))
+        self._rows[moved.batch_id] = moved
+        self._changed.append(moved.batch_id)
+        if current.status is BatchStatus.QUEUED and moved.status is not BatchStatus.QUEUED:
+            self._left_queue(moved)
+        self._count(current.status, moved.status, moved.context_id)
+
+    def _left_queue(self, row: StoredBatch) -> None:
+        head = self._heads.get(row.context_id)
+        if head is None:
+            return
+        if head.entries and head.entries[0][0].batch_id == row.batch_id:
+            head.entries.popleft()
+        else:  # from the middle of the queue (a job aborted, a context failed): read the head again when needed
+            del self._heads[row.context_id]
 
     def _count(self, old: BatchStatus | None, new: BatchStatus, context_id: str) -> None:
         if old is not None:
@@ -572,6 +698,14 @@ class BrokerStore:
         self.status_counts[new] += 1
         if new is BatchStatus.QUEUED:
             self.queued[context_id] += 1
+
+
+#: Statuses of a batch some peer holds or will be sent: their rows stay in memory.
+_IN_FLIGHT = frozenset({BatchStatus.ASSIGNED, BatchStatus.DONE, BatchStatus.DELIVERED})
+
+
+def _stored(row: tuple) -> StoredBatch:
+    return StoredBatch(row[0], row[1], row[2], BatchStatus(row[3]), *row[4:])
 
 
 #: SQLite's primary result codes that mean the file itself is bad (https://www.sqlite.org/rescode.html).

@@ -1,0 +1,116 @@
+"""The store keeps a turn's changes, the batches in flight and the front of each queue in memory: what it
+answers must be what its database holds once committed, and its queues must keep their order through
+read-ahead, requeues, splits and batches leaving from the middle."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+from msgspec.structs import replace
+
+from pervade.broker import store as store_module
+from pervade.broker.store import STORE_FILE, BatchStatus, BrokerStore
+from pervade.protocol import Batch
+from tests.test_broker import batch, result_for
+
+CONTEXT = batch("j", 0).context.context_id
+COLUMNS = "batch_id, status, attempts, deliveries, worker, sink, error"
+
+
+def database_rows(path: Path) -> dict[str, tuple]:
+    """Every batch's bookkeeping as committed, read on a connection of its own."""
+    with closing(sqlite3.connect(path)) as db:  # closed: a reader left open would hold the log at the store's close
+        return {row[0]: row[1:] for row in db.execute(f"SELECT {COLUMNS} FROM batches")}
+
+
+def database_queue(path: Path) -> list[str]:
+    with closing(sqlite3.connect(path)) as db:
+        query = "SELECT batch_id FROM batches WHERE status = 'queued' ORDER BY queue_key"
+        return [row[0] for row in db.execute(query)]
+
+
+def as_columns(store: BrokerStore, batch_id: str) -> tuple:
+    row = store.get(batch_id)
+    assert row is not None
+    return row.status.value, row.attempts, row.deliveries, row.worker, row.sink, row.error
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_rows_in_memory_match_the_database_through_a_random_run(tmp_path, monkeypatch, seed) -> None:
+    monkeypatch.setattr(store_module, "QUEUE_READ_AHEAD", 4)  # refills and a head that is not the whole queue
+    rng = random.Random(seed)
+    store = BrokerStore.open(tmp_path / "state")
+    path = tmp_path / "state" / STORE_FILE
+    queue: list[str] = []  # the queue's order as the store must keep it: the test's own model
+    batches: dict[str, Batch] = {}
+    assigned: list[str] = []
+    done: list[str] = []
+    delivered: list[str] = []
+    for step in range(600):
+        action = rng.choice(["add", "add", "assign", "assign", "requeue", "complete", "deliver", "ack", "abort"])
+        if action == "add":
+            new = batch("j", len(batches))
+            batches[new.batch_id] = new
+            store.add(new)
+            queue.append(new.batch_id)
+        elif action == "assign" and queue:
+            front = store.next_queued_batch(CONTEXT)
+            assert front is not None and front[0].batch_id == queue[0], f"step {step}: the queue's order"
+            assert front[1] == batches[queue[0]]
+            store.assign(front[0], b"w")
+            assigned.append(queue.pop(0))
+        elif action == "requeue" and assigned:
+            batch_id = assigned.pop(rng.randrange(len(assigned)))
+            store.requeue(store.get(batch_id), count_attempt=rng.random() < 0.5)
+            queue.insert(0, batch_id)
+        elif action == "complete" and assigned:
+            batch_id = assigned.pop(rng.randrange(len(assigned)))
+            store.complete(store.get(batch_id), result_for(batches[batch_id]))
+            done.append(batch_id)
+        elif action == "deliver" and done:
+            batch_id = done.pop(0)
+            store.deliver(store.get(batch_id), b"sink")
+            delivered.append(batch_id)
+        elif action == "ack" and delivered:
+            store.written(store.get(delivered.pop(0)))
+        elif action == "abort" and len(queue) > 2:  # a batch leaves from the middle of its queue
+            batch_id = queue.pop(rng.randrange(1, len(queue)))
+            store.fail(store.get(batch_id), "aborted")
+        assert store.queued.get(CONTEXT, 0) == len(queue)
+        if rng.random() < 0.2:
+            store.commit()
+            committed = database_rows(path)
+            assert committed == {batch_id: as_columns(store, batch_id) for batch_id in batches}, f"step {step}"
+            assert database_queue(path) == queue
+    store.commit()
+    counts = dict(store.status_counts)
+    store.close()
+    reopened = BrokerStore.open(tmp_path / "state")
+    assert {status: n for status, n in reopened.status_counts.items() if n} == {s: n for s, n in counts.items() if n}
+    assert reopened.queued_ids(CONTEXT) == queue
+    reopened.close()
+
+
+def test_a_split_queues_its_parts_at_the_front_in_order(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(store_module, "QUEUE_READ_AHEAD", 2)
+    store = BrokerStore.open(tmp_path / "state")
+    first, *rest = [batch("j", n, claims=4) for n in range(4)]
+    for each in (first, *rest):
+        store.add(each)
+    row, held = store.next_queued_batch(CONTEXT)
+    store.assign(row, b"w")
+    parts = [replace(held, batch_id=f"{held.batch_id}~{i}", claims=held.claims[i * 2 : i * 2 + 2]) for i in range(2)]
+    store.split(store.get(row.batch_id), parts)
+    order = []
+    while (front := store.next_queued(CONTEXT)) is not None:
+        order.append(front.batch_id)
+        store.assign(front, b"w")
+    assert order == [parts[0].batch_id, parts[1].batch_id, *(b.batch_id for b in rest)]
+    assert store.get(first.batch_id).status is BatchStatus.SPLIT
+    store.commit()
+    assert database_rows(tmp_path / "state" / STORE_FILE)[first.batch_id][0] == "split"
+    store.close()
