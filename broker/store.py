@@ -372,7 +372,11 @@ class BrokerStore:
         """Write the changes kept in memory, in order (not committed): before any read of the database that
         they could change."""
         for statement, changes in groupby(self._pending, key=lambda change: change[0]):
-            self._db.executemany(statement, [parameters for _, parameters in changes])
+            run = [parameters for _, parameters in changes]
+            if len(run) == 1:  # executemany costs more than execute for one row
+                self._db.execute(statement, run[0])
+            else:
+                self._db.executemany(statement, run)
         self._pending.clear()
 
     def checkpoint(self) -> bool:
