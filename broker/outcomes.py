@@ -59,7 +59,8 @@ class Outcomes:
 
     def split(self, row: StoredBatch, error: str) -> bool:
         """Queue the batch's claims as two parts, at the front, in place of the batch; False when its parts
-        could not be named (a root id too long for the protocol to carry another suffix)."""
+        could not be named (a root id too long for the protocol to carry another suffix, or a part's id
+        already taken by a batch a producer submitted under that name)."""
         store = self.state.store
         batch = store.batch(row.batch_id)
         root_id, start = row.root or row.batch_id, 0
@@ -71,7 +72,7 @@ class Outcomes:
             msgspec.structs.replace(batch, batch_id=f"{root_id}{PART_MARK}{first}-{first + len(claims)}", claims=claims)
             for first, claims in pieces
         ]
-        if any(len(part.batch_id) > MAX_ID_LENGTH for part in parts):
+        if any(len(part.batch_id) > MAX_ID_LENGTH or store.get(part.batch_id) is not None for part in parts):
             return False
         store.split(row, parts)
         self.state.given_to.pop(row.batch_id, None)

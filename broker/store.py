@@ -222,8 +222,8 @@ class BrokerStore:
 
     A turn's changes are kept in memory and written together at ``commit`` (``executemany`` over each run of
     the same statement), and the rows a turn needs are read from memory where it can: every row changed since
-    the last commit, and every batch in flight (assigned, done, delivered: as many as workers hold and sinks
-    have not yet acknowledged), with the claims of the assigned ones and the read-ahead front of each queue.
+    the last commit, and every batch in flight (assigned, delivered: as many as workers hold and sinks have
+    not yet acknowledged), with the claims of the assigned ones and the read-ahead front of each queue.
     Anything else is read from the database, after the changes still in memory are written to it."""
 
     def __init__(
@@ -371,13 +371,13 @@ class BrokerStore:
     def _flush(self) -> None:
         """Write the changes kept in memory, in order (not committed): before any read of the database that
         they could change."""
-        for statement, changes in groupby(self._pending, key=lambda change: change[0]):
+        pending, self._pending = self._pending, []  # a statement that fails is not run again at the next flush
+        for statement, changes in groupby(pending, key=lambda change: change[0]):
             run = [parameters for _, parameters in changes]
             if len(run) == 1:  # executemany costs more than execute for one row
                 self._db.execute(statement, run[0])
             else:
                 self._db.executemany(statement, run)
-        self._pending.clear()
 
     def checkpoint(self) -> bool:
         """Copy the write-ahead log into the database file. Blocking: call on a thread (it has its own
@@ -620,6 +620,9 @@ class BrokerStore:
     def split(self, row: StoredBatch, parts: list[Batch]) -> None:
         """Replace a failed batch by ``parts`` (its claims in pieces), queued at the front in their order;
         the batch keeps only its bookkeeping. Each part names the producer's batch it came from (``root``)."""
+        taken = [part.batch_id for part in parts if self.get(part.batch_id) is not None]
+        if taken:  # checked before any change: an insert that fails at the commit would fail the whole turn
+            raise StateError(f"cannot split batch {row.batch_id}: the state already holds {', '.join(taken)}")
         current = self._current(row)
         root = current.root or current.batch_id
         self._move(current, replace(current, status=BatchStatus.SPLIT, worker=None),
@@ -704,8 +707,9 @@ class BrokerStore:
             self.queued[context_id] += 1
 
 
-#: Statuses of a batch some peer holds or will be sent: their rows stay in memory.
-_IN_FLIGHT = frozenset({BatchStatus.ASSIGNED, BatchStatus.DONE, BatchStatus.DELIVERED})
+#: Statuses of a batch a peer holds: their rows stay in memory, bounded by workers' and sinks' windows. (A done
+#: batch is delivered in the turn it completes when a sink is there; without one, it waits on disk.)
+_IN_FLIGHT = frozenset({BatchStatus.ASSIGNED, BatchStatus.DELIVERED})
 
 
 def _stored(row: tuple) -> StoredBatch:

@@ -456,6 +456,18 @@ def test_a_batch_that_cannot_be_scored_is_split_until_its_bad_claim_fails_alone(
     assert broker.status("j/0") is BatchStatus.WRITTEN
 
 
+def test_a_batch_whose_part_id_a_producer_took_is_retried_whole(broker) -> None:
+    """A producer may name a batch like a part (ids may hold ``~``): the failed batch is then not split, but
+    retried whole, and the broker goes on (a part inserted under a taken id would fail the turn's commit)."""
+    broker.worker(b"w", contexts=[A], credit=1)
+    broker.submit(batch("j", 0, claims=4), msgspec.structs.replace(batch("j", 1), batch_id="j/0~0-2"))
+    assert assigned(broker.turn()) == [(b"w", "j/0")]
+    broker(b"w", BatchFailed(batch_id="j/0", error="too long"), Pull(credit=1))
+    assert assigned(broker.turn()) == [(b"w", "j/0")]  # retried whole, in front of the other batch
+    assert broker.state.counters["batches_split"] == 0 and broker.store.get("j/0").attempts == 2
+    assert broker.store.get("j/0~0-2").root is None
+
+
 def test_a_resubmitted_batch_is_acknowledged_and_not_queued_twice(broker) -> None:
     broker.submit(batch("j", 0))
     broker.submit(batch("j", 0))

@@ -14,6 +14,7 @@ from msgspec.structs import replace
 
 from pervade.broker import store as store_module
 from pervade.broker.store import STORE_FILE, BatchStatus, BrokerStore
+from pervade.errors import StateError
 from pervade.protocol import Batch
 from tests.test_broker import batch, result_for
 
@@ -113,4 +114,24 @@ def test_a_split_queues_its_parts_at_the_front_in_order(tmp_path, monkeypatch) -
     assert store.get(first.batch_id).status is BatchStatus.SPLIT
     store.commit()
     assert database_rows(tmp_path / "state" / STORE_FILE)[first.batch_id][0] == "split"
+    store.close()
+
+
+def test_a_split_whose_part_id_a_producer_took_is_refused_before_any_change(tmp_path) -> None:
+    """Ids may hold ``~``: a producer's batch named like a part. The split is refused at once (the broker then
+    retries the batch whole), not at the commit, where the failed insert would fail the whole turn."""
+    store = BrokerStore.open(tmp_path / "state")
+    whole = batch("j", 0, claims=4)
+    squatter = replace(batch("j", 1), batch_id="j/0~0-2")
+    store.add(whole)
+    store.add(squatter)
+    store.commit()
+    row, held = store.next_queued_batch(CONTEXT)
+    store.assign(row, b"w")
+    parts = [replace(held, batch_id=f"j/0~{i * 2}-{i * 2 + 2}", claims=held.claims[i * 2 : i * 2 + 2]) for i in range(2)]
+    with pytest.raises(StateError, match="already holds j/0~0-2"):
+        store.split(store.get(whole.batch_id), parts)
+    assert store.get(whole.batch_id).status is BatchStatus.ASSIGNED
+    assert store.get(squatter.batch_id).root is None and store.queued[CONTEXT] == 1
+    store.commit()  # nothing half-done is left to fail it
     store.close()
