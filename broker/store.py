@@ -533,7 +533,7 @@ class BrokerStore:
         return _QueueHead(entries, whole=len(entries) < QUEUE_READ_AHEAD)
 
     def get_with_batch(self, batch_id: str) -> tuple[StoredBatch, Batch | None] | None:
-        """A batch's row and, while the store still holds it (until written), the batch: one read."""
+        """A batch's row and, while the store still holds it (until written), the batch."""
         row = self.get(batch_id)
         if row is None:
             return None
@@ -590,18 +590,16 @@ class BrokerStore:
 
     def assign(self, row: StoredBatch, worker: bytes, count_attempt: bool = True) -> None:
         """Hand the batch to ``worker``: an attempt, unless it is a copy of one already running elsewhere."""
-        current = self._current(row)
-        attempts = current.attempts + 1 if count_attempt else current.attempts
-        self._move(current, replace(current, status=BatchStatus.ASSIGNED, worker=worker, attempts=attempts),
-                   "worker = ?, attempts = ?", (worker, attempts))  # fmt: skip
+        attempts = self._current(row).attempts + (1 if count_attempt else 0)
+        self._move(row, status=BatchStatus.ASSIGNED, worker=worker, attempts=attempts)
 
     def requeue(self, row: StoredBatch, count_attempt: bool) -> None:
         """Back to the front of its queue. An attempt that was not the batch's fault is not counted."""
         self._min_key -= 1
-        current = self._current(row)
-        attempts = current.attempts if count_attempt else max(current.attempts - 1, 0)
-        moved = replace(current, status=BatchStatus.QUEUED, worker=None, attempts=attempts)
-        self._move(current, moved, "worker = NULL, queue_key = ?, attempts = ?", (self._min_key, attempts))
+        attempts = self._current(row).attempts
+        attempts = attempts if count_attempt else max(attempts - 1, 0)
+        moved = self._move(row, "queue_key = ?", (self._min_key,), status=BatchStatus.QUEUED, worker=None,
+                           attempts=attempts)  # fmt: skip
         head = self._heads.get(moved.context_id)
         if head is not None:  # its key is now the queue's smallest: the front
             batch = self._batches.get(moved.batch_id)
@@ -612,10 +610,7 @@ class BrokerStore:
 
     def complete(self, row: StoredBatch, result: BatchResult) -> StoredBatch:
         """Keep the batch's verdicts; returns its row as it is now."""
-        current = self._current(row)
-        moved = replace(current, status=BatchStatus.DONE, worker=None)
-        self._move(current, moved, "worker = NULL, result = ?", (_encoder.encode(result),))
-        return moved
+        return self._move(row, "result = ?", (_encoder.encode(result),), status=BatchStatus.DONE, worker=None)
 
     def split(self, row: StoredBatch, parts: list[Batch]) -> None:
         """Replace a failed batch by ``parts`` (its claims in pieces), queued at the front in their order;
@@ -623,14 +618,12 @@ class BrokerStore:
         taken = [part.batch_id for part in parts if self.get(part.batch_id) is not None]
         if taken:  # checked before any change: an insert that fails at the commit would fail the whole turn
             raise StateError(f"cannot split batch {row.batch_id}: the state already holds {', '.join(taken)}")
-        current = self._current(row)
-        root = current.root or current.batch_id
-        self._move(current, replace(current, status=BatchStatus.SPLIT, worker=None),
-                   "worker = NULL, payload = NULL, result = NULL", ())  # fmt: skip
-        head = self._heads.get(current.context_id)
+        split = self._move(row, "payload = NULL, result = NULL", status=BatchStatus.SPLIT, worker=None)
+        root = split.root or split.batch_id
+        head = self._heads.get(split.context_id)
         for part in reversed(parts):
             self._min_key -= 1
-            stored = self._insert(part, current.context_id, self._min_key, root=root)
+            stored = self._insert(part, split.context_id, self._min_key, root=root)
             if head is not None:
                 head.entries.appendleft((stored, part))
 
@@ -642,49 +635,44 @@ class BrokerStore:
         if root is None:
             raise StateError(f"batch {part.batch_id} is part of {part.root}, which the state does not hold")
         failure = f"{part.batch_id}: {part.error}" if part.error is not None else None
-        settled = replace(root, settled=root.settled + part.pairs, error=root.error or failure)
-        if settled.settled < settled.pairs:
-            self._move(root, settled, "settled = ?, error = ?", (settled.settled, settled.error))
-            return settled
-        written = replace(settled, status=BatchStatus.WRITTEN, sink=None)
-        self._move(root, written, "settled = ?, error = ?, sink = NULL", (written.settled, written.error))
-        return written
+        settled, error = root.settled + part.pairs, root.error or failure
+        if settled < root.pairs:
+            return self._move(root, settled=settled, error=error)
+        return self._move(root, settled=settled, error=error, status=BatchStatus.WRITTEN, sink=None)
 
     def fail(self, row: StoredBatch, error: str) -> None:
-        current = self._current(row)
-        self._move(current, replace(current, status=BatchStatus.DONE, worker=None, error=error),
-                   "worker = NULL, error = ?", (error,))  # fmt: skip
+        self._move(row, status=BatchStatus.DONE, worker=None, error=error)
 
     def deliver(self, row: StoredBatch, sink: bytes) -> None:
-        current = self._current(row)
-        deliveries = current.deliveries + 1
-        self._move(current, replace(current, status=BatchStatus.DELIVERED, sink=sink, deliveries=deliveries),
-                   "sink = ?, deliveries = ?", (sink, deliveries))  # fmt: skip
+        deliveries = self._current(row).deliveries + 1
+        self._move(row, status=BatchStatus.DELIVERED, sink=sink, deliveries=deliveries)
 
     def undeliver(self, row: StoredBatch) -> None:
-        current = self._current(row)
-        self._move(current, replace(current, status=BatchStatus.DONE, sink=None), "sink = NULL", ())
+        self._move(row, status=BatchStatus.DONE, sink=None)
 
     def written(self, row: StoredBatch) -> None:
         """Durable in a sink's output: the claims and verdicts are no longer needed here."""
-        current = self._current(row)
-        self._move(current, replace(current, status=BatchStatus.WRITTEN, sink=None),
-                   "sink = NULL, payload = NULL, result = NULL", ())  # fmt: skip
+        self._move(row, "payload = NULL, result = NULL", status=BatchStatus.WRITTEN, sink=None)
 
     def _current(self, row: StoredBatch) -> StoredBatch:
         """The row as the store holds it now (a caller's copy may predate a change made since)."""
         return self._rows.get(row.batch_id, row)
 
-    def _move(self, current: StoredBatch, moved: StoredBatch, assignments: str, parameters: tuple) -> None:
-        """Record the change of a batch from ``current`` to ``moved``, and the statement that writes it (the
-        values it sets, not increments: the row in memory is the one truth until the commit)."""
-        statement = f"UPDATE batches SET status = ?, {assignments} WHERE batch_id = ?"
-        self._pending.append((statement, (moved.status.value, *parameters, moved.batch_id)))
+    def _move(self, row: StoredBatch, also_set: str = "", also: tuple = (), **changes: object) -> StoredBatch:
+        """Change a batch's row: ``changes`` are its new fields (columns of the same names), written with the
+        values the row in memory now holds, which is the one truth until the commit; ``also_set`` sets columns
+        the row does not carry (claims, verdicts, queue position) from ``also``. Returns the row as it is now."""
+        current = self._current(row)
+        moved = replace(current, **changes)
+        assignments = ", ".join([*(f"{column} = ?" for column in changes), *([also_set] if also_set else [])])
+        values = tuple(getattr(moved, column) for column in changes)
+        self._pending.append((f"UPDATE batches SET {assignments} WHERE batch_id = ?", (*values, *also, moved.batch_id)))
         self._rows[moved.batch_id] = moved
         self._changed.append(moved.batch_id)
         if current.status is BatchStatus.QUEUED and moved.status is not BatchStatus.QUEUED:
             self._left_queue(moved)
         self._count(current.status, moved.status, moved.context_id)
+        return moved
 
     def _left_queue(self, row: StoredBatch) -> None:
         head = self._heads.get(row.context_id)
