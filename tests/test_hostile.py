@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from pervade.broker.wal import FRAME_HEADER_BYTES, HEADER_BYTES, scan_log
 from pervade.jobs.cluster import LocalCluster
 from pervade.producer.claims import ClaimsSource, read_claims
 from pervade.sinks.summary import read_verdicts
@@ -59,10 +60,17 @@ async def exit_code(cluster: LocalCluster, name: str, timeout_s: float = RUN_TIM
         raise AssertionError(f"{name} still running after {timeout_s} s:\n{cluster.procs.tail(name, 30)}") from None
 
 
-def damage_the_middle_of(path: Path) -> None:
+def damage_a_committed_frame_of(path: Path) -> None:
+    """Overwrite the page of a frame halfway through the log's committed frames. (The middle of the file is
+    not enough: past the current generation's frames the log holds stale ones, and damage there loses
+    nothing, as the broker rightly finds.)"""
+    scan = scan_log(path)
+    assert scan is not None and scan.commit_frames, "the write-ahead log holds no commit to damage"
+    page_size = int.from_bytes(path.read_bytes()[8:12], "big")
+    frame = max(1, scan.commit_frames[-1] // 2)
     with open(path, "r+b") as handle:
-        handle.seek(handle.seek(0, 2) // 2)
-        handle.write(os.urandom(4096))
+        handle.seek(HEADER_BYTES + (frame - 1) * (FRAME_HEADER_BYTES + page_size) + FRAME_HEADER_BYTES)
+        handle.write(os.urandom(page_size))
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 60)
@@ -89,7 +97,7 @@ async def test_a_broker_that_loses_its_state_is_caught_up_by_its_producer(tmp_pa
         assert "Traceback" not in cluster.procs.tail("broker-2", 100)
 
         await cluster.procs.kill("broker", signal.SIGKILL)
-        damage_the_middle_of(cluster.state_dir / "broker.sqlite3-wal")
+        damage_a_committed_frame_of(cluster.state_dir / "broker.sqlite3-wal")
         await cluster.start_broker()
         assert cluster.events("broker", "state_damaged"), cluster.procs.tail("broker")
         await wait_until(lambda: cluster.events("producer", "broker_lost_batches"), 60, "the producer to resubmit")
