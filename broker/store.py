@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import hashlib
 import json
 import shutil
@@ -49,7 +50,6 @@ import tempfile
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from itertools import groupby
 from pathlib import Path
 
 import msgspec
@@ -240,8 +240,11 @@ class BrokerStore:
         self._batches: dict[str, Batch] = {}
         #: Batches whose rows changed since the last commit: evicted from memory at the commit unless in flight.
         self._changed: list[str] = []
-        #: Changes not yet written, in order: (statement, parameters).
-        self._pending: list[tuple[str, tuple]] = []
+        #: Rows changed since the last flush, each written once, as it is then: the batches queued since (with
+        #: the columns their rows do not carry: claims, queue position, verdicts), and the other rows changed
+        #: since (with such columns a change set).
+        self._inserted: dict[str, dict[str, object]] = {}
+        self._updated: dict[str, dict[str, object]] = {}
         self._heads: dict[str, _QueueHead] = {}
         wal = path.with_name(path.name + "-wal")
         log_scan = scan_log(wal)
@@ -369,15 +372,25 @@ class BrokerStore:
         self._changed.clear()
 
     def _flush(self) -> None:
-        """Write the changes kept in memory, in order (not committed): before any read of the database that
-        they could change."""
-        pending, self._pending = self._pending, []  # a statement that fails is not run again at the next flush
-        for statement, changes in groupby(pending, key=lambda change: change[0]):
-            run = [parameters for _, parameters in changes]
-            if len(run) == 1:  # executemany costs more than execute for one row
-                self._db.execute(statement, run[0])
-            else:
-                self._db.executemany(statement, run)
+        """Write the rows changed in memory since the last flush (not committed): before any read of the
+        database that they could change. Each row is written once, as it is now, however often it changed: an
+        INSERT for a batch queued since, an UPDATE for any other, one ``executemany`` for each shape of
+        statement."""
+        inserted, self._inserted = self._inserted, {}  # a statement that fails is not run again at the next flush
+        updated, self._updated = self._updated, {}
+        rows = self._rows
+        if inserted:
+            self._db.executemany(_INSERT, [
+                (*_insert_fields(rows[batch_id]), extra["queue_key"], extra["payload"], extra.get("result"))
+                for batch_id, extra in inserted.items()
+            ])  # fmt: skip
+        by_shape: dict[tuple[str, ...], list[tuple]] = {}
+        for batch_id, extra in updated.items():
+            row = rows[batch_id]
+            values = (row.status, row.attempts, row.deliveries, row.worker, row.sink, row.error, row.settled)
+            by_shape.setdefault(tuple(extra), []).append((*values, *extra.values(), batch_id))
+        for shape, values in by_shape.items():
+            self._db.executemany(_update_statement(shape), values)
 
     def checkpoint(self) -> bool:
         """Copy the write-ahead log into the database file. Blocking: call on a thread (it has its own
@@ -564,6 +577,8 @@ class BrokerStore:
         """Queue a new batch at the back of its context's queue (``context_id``: its context's id, when the
         caller has it at hand)."""
         context_id = context_id or batch.context.context_id
+        if not self.queued.get(context_id):  # an empty queue is read ahead whole: no query to find the batch
+            self._heads[context_id] = _QueueHead(deque(), whole=True)
         self._max_key += 1
         stored = self._insert(batch, context_id, self._max_key, root=None)
         head = self._heads.get(context_id)
@@ -575,14 +590,9 @@ class BrokerStore:
 
     def _insert(self, batch: Batch, context_id: str, queue_key: int, root: str | None) -> StoredBatch:
         content = content_digest(batch)
-        self._pending.append((
-            "INSERT INTO batches (batch_id, job_id, context_id, status, queue_key, payload, pairs, content, root)"
-            " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-            (batch.batch_id, batch.job_id, context_id, queue_key, _encoder.encode(batch), len(batch.claims), content,
-             root),
-        ))  # fmt: skip
         row = StoredBatch(batch.batch_id, batch.job_id, context_id, BatchStatus.QUEUED, 0, 0, None, None, None,
                           len(batch.claims), content, root)  # fmt: skip
+        self._inserted[batch.batch_id] = {"queue_key": queue_key, "payload": _encoder.encode(batch)}
         self._rows[batch.batch_id] = row
         self._changed.append(batch.batch_id)
         self._count(None, BatchStatus.QUEUED, context_id)
@@ -598,7 +608,7 @@ class BrokerStore:
         self._min_key -= 1
         attempts = self._current(row).attempts
         attempts = attempts if count_attempt else max(attempts - 1, 0)
-        moved = self._move(row, "queue_key = ?", (self._min_key,), status=BatchStatus.QUEUED, worker=None,
+        moved = self._move(row, {"queue_key": self._min_key}, status=BatchStatus.QUEUED, worker=None,
                            attempts=attempts)  # fmt: skip
         head = self._heads.get(moved.context_id)
         if head is not None:  # its key is now the queue's smallest: the front
@@ -610,7 +620,7 @@ class BrokerStore:
 
     def complete(self, row: StoredBatch, result: BatchResult) -> StoredBatch:
         """Keep the batch's verdicts; returns its row as it is now."""
-        return self._move(row, "result = ?", (_encoder.encode(result),), status=BatchStatus.DONE, worker=None)
+        return self._move(row, {"result": _encoder.encode(result)}, status=BatchStatus.DONE, worker=None)
 
     def split(self, row: StoredBatch, parts: list[Batch]) -> None:
         """Replace a failed batch by ``parts`` (its claims in pieces), queued at the front in their order;
@@ -618,7 +628,7 @@ class BrokerStore:
         taken = [part.batch_id for part in parts if self.get(part.batch_id) is not None]
         if taken:  # checked before any change: an insert that fails at the commit would fail the whole turn
             raise StateError(f"cannot split batch {row.batch_id}: the state already holds {', '.join(taken)}")
-        split = self._move(row, "payload = NULL, result = NULL", status=BatchStatus.SPLIT, worker=None)
+        split = self._move(row, _DROP_CONTENT, status=BatchStatus.SPLIT, worker=None)
         root = split.root or split.batch_id
         head = self._heads.get(split.context_id)
         for part in reversed(parts):
@@ -652,24 +662,27 @@ class BrokerStore:
 
     def written(self, row: StoredBatch) -> None:
         """Durable in a sink's output: the claims and verdicts are no longer needed here."""
-        self._move(row, "payload = NULL, result = NULL", status=BatchStatus.WRITTEN, sink=None)
+        self._move(row, _DROP_CONTENT, status=BatchStatus.WRITTEN, sink=None)
 
     def _current(self, row: StoredBatch) -> StoredBatch:
         """The row as the store holds it now (a caller's copy may predate a change made since)."""
         return self._rows.get(row.batch_id, row)
 
-    def _move(self, row: StoredBatch, also_set: str = "", also: tuple = (), **changes: object) -> StoredBatch:
-        """Change a batch's row: ``changes`` are its new fields (columns of the same names), written with the
-        values the row in memory now holds, which is the one truth until the commit; ``also_set`` sets columns
-        the row does not carry (claims, verdicts, queue position) from ``also``. Returns the row as it is now."""
+    def _move(self, row: StoredBatch, columns: dict[str, object] | None = None, **changes: object) -> StoredBatch:
+        """Change a batch's row: ``changes`` are its new fields, and ``columns`` sets columns the row does not
+        carry (claims, verdicts, queue position). The row in memory is the one truth until the flush writes it.
+        Returns the row as it is now."""
         current = self._current(row)
         moved = replace(current, **changes)
-        assignments = ", ".join([*(f"{column} = ?" for column in changes), *([also_set] if also_set else [])])
-        values = tuple(getattr(moved, column) for column in changes)
-        self._pending.append((f"UPDATE batches SET {assignments} WHERE batch_id = ?", (*values, *also, moved.batch_id)))
-        self._rows[moved.batch_id] = moved
-        self._changed.append(moved.batch_id)
-        if current.status is BatchStatus.QUEUED and moved.status is not BatchStatus.QUEUED:
+        batch_id = moved.batch_id
+        self._rows[batch_id] = moved
+        self._changed.append(batch_id)
+        unwritten = self._inserted.get(batch_id)
+        if unwritten is None:
+            unwritten = self._updated.setdefault(batch_id, {})
+        if columns:
+            unwritten.update(columns)
+        if current.status is _QUEUED and moved.status is not _QUEUED:
             self._left_queue(moved)
         self._count(current.status, moved.status, moved.context_id)
         return moved
@@ -684,20 +697,44 @@ class BrokerStore:
             del self._heads[row.context_id]
 
     def _count(self, old: BatchStatus | None, new: BatchStatus, context_id: str) -> None:
+        counts, queued = self.status_counts, self.queued
         if old is not None:
-            self.status_counts[old] -= 1
-            if old is BatchStatus.QUEUED:
-                self.queued[context_id] -= 1
-                if not self.queued[context_id]:
-                    del self.queued[context_id]
-        self.status_counts[new] += 1
-        if new is BatchStatus.QUEUED:
-            self.queued[context_id] += 1
+            counts[old] -= 1
+            if old is _QUEUED:
+                left = queued[context_id] - 1
+                if left:
+                    queued[context_id] = left
+                else:
+                    del queued[context_id]
+        counts[new] += 1
+        if new is _QUEUED:
+            queued[context_id] += 1
 
 
+#: Read at every change of a batch: a module constant is a faster read than an Enum class's attribute.
+_QUEUED = BatchStatus.QUEUED
 #: Statuses of a batch a peer holds: their rows stay in memory, bounded by workers' and sinks' windows. (A done
 #: batch is delivered in the turn it completes when a sink is there; without one, it waits on disk.)
 _IN_FLIGHT = frozenset({BatchStatus.ASSIGNED, BatchStatus.DELIVERED})
+
+
+#: What a written or split batch drops: its claims and verdicts (the row stays, with its digest).
+_DROP_CONTENT: dict[str, object] = {"payload": None, "result": None}
+#: A row's fields that change after it is inserted, in the order of ``_update_statement``'s values.
+_CHANGING = ("status", "attempts", "deliveries", "worker", "sink", "error", "settled")
+_INSERT = f"INSERT INTO batches ({_ROW}, queue_key, payload, result) VALUES ({', '.join('?' * (_ROW.count(',') + 4))})"
+
+
+def _insert_fields(row: StoredBatch) -> tuple:
+    return (row.batch_id, row.job_id, row.context_id, row.status, row.attempts, row.deliveries, row.worker, row.sink,
+            row.error, row.pairs, row.content, row.root, row.settled)  # fmt: skip
+
+
+@functools.cache
+def _update_statement(columns: tuple[str, ...]) -> str:
+    """The UPDATE of a row's changing fields and of ``columns`` (values in that order, then the batch id)."""
+    assignments = ", ".join(f"{column} = ?" for column in (*_CHANGING, *columns))
+    return f"UPDATE batches SET {assignments} WHERE batch_id = ?"
 
 
 def _stored(row: tuple) -> StoredBatch:

@@ -19,7 +19,7 @@ from pervade.protocol import Batch
 from tests.test_broker import batch, result_for
 
 CONTEXT = batch("j", 0).context.context_id
-COLUMNS = "batch_id, status, attempts, deliveries, worker, sink, error"
+COLUMNS = "batch_id, status, attempts, deliveries, worker, sink, error, payload IS NOT NULL, result IS NOT NULL"
 
 
 def database_rows(path: Path) -> dict[str, tuple]:
@@ -37,7 +37,9 @@ def database_queue(path: Path) -> list[str]:
 def as_columns(store: BrokerStore, batch_id: str) -> tuple:
     row = store.get(batch_id)
     assert row is not None
-    return row.status.value, row.attempts, row.deliveries, row.worker, row.sink, row.error
+    holds_claims = row.status not in (BatchStatus.WRITTEN, BatchStatus.SPLIT)  # a written batch drops them
+    holds_verdicts = row.status in (BatchStatus.DONE, BatchStatus.DELIVERED) and row.error is None
+    return row.status.value, row.attempts, row.deliveries, row.worker, row.sink, row.error, holds_claims, holds_verdicts
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -134,4 +136,37 @@ def test_a_split_whose_part_id_a_producer_took_is_refused_before_any_change(tmp_
     assert store.get(whole.batch_id).status is BatchStatus.ASSIGNED
     assert store.get(squatter.batch_id).root is None and store.queued[CONTEXT] == 1
     store.commit()  # nothing half-done is left to fail it
+    store.close()
+
+
+def test_a_turn_writes_each_changed_batch_once(tmp_path) -> None:
+    """A batch submitted, assigned, completed and delivered in one turn is one INSERT of its last state; one
+    completed and delivered in the next is one UPDATE: a row is written once per commit, however often it
+    changed (each write of a row is a B-tree update and a log page)."""
+    store = BrokerStore.open(tmp_path / "state")
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    new = batch("j", 0)
+    store.add(new)
+    row, held = store.next_queued_batch(CONTEXT)
+    store.assign(row, b"w")
+    done = store.complete(store.get(new.batch_id), result_for(held))
+    store.deliver(done, b"sink")
+    store.commit()
+    writes = [s.split()[0] for s in statements if s.split()[0] in ("INSERT", "UPDATE")]
+    assert writes == ["INSERT"], statements
+    assert database_rows(tmp_path / "state" / STORE_FILE)[new.batch_id] == as_columns(store, new.batch_id)
+    second = batch("j", 1)
+    store.add(second)
+    store.commit()
+    statements.clear()
+    row, held = store.next_queued_batch(CONTEXT)
+    store.assign(row, b"w")
+    store.deliver(store.complete(store.get(second.batch_id), result_for(held)), b"sink")
+    store.written(store.get(new.batch_id))
+    store.commit()
+    updates = [s for s in statements if s.startswith("UPDATE")]
+    assert len(updates) == 2, statements  # the second batch's three changes, and the first one's write
+    committed = database_rows(tmp_path / "state" / STORE_FILE)
+    assert committed == {b: as_columns(store, b) for b in (new.batch_id, second.batch_id)}
     store.close()
