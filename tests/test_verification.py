@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import msgpack
@@ -229,19 +230,22 @@ async def test_one_live_process_holds_a_worker_name(start_broker, connect) -> No
 
 
 async def test_a_sink_refused_its_name_gives_up_with_the_reason(start_broker, connect, tmp_path) -> None:
-    broker = await start_broker(heartbeats=FAST_HEARTBEATS)
+    # A liveness of 1 s, with the holder beating every 0.1 s: beside other tests on 2 cores, a liveness of
+    # 0.3 s once let the holder be declared dead while its beats waited, and the sink was (rightly) let in.
+    heartbeats = replace(FAST_HEARTBEATS, liveness=10)
+    broker = await start_broker(heartbeats=heartbeats)
     holder = await connect(b"holder", endpoint=broker.endpoint)
     await holder.send(SinkReady(sink_id="sink-a", instance="aaaa"))
 
     async def keep_beating() -> None:
         while True:
             await holder.send(Heartbeat())
-            await asyncio.sleep(FAST_HEARTBEATS.interval_s)
+            await asyncio.sleep(heartbeats.interval_s)
 
     beating = asyncio.create_task(keep_beating())
     try:
         sink = Sink(
-            SinkConfig(out_dir=tmp_path / "out", broker=broker.endpoint, sink_id="sink-a", heartbeats=FAST_HEARTBEATS)
+            SinkConfig(out_dir=tmp_path / "out", broker=broker.endpoint, sink_id="sink-a", heartbeats=heartbeats)
         )
         with pytest.raises(RegistrationRefused, match="sink id 'sink-a' is in use by another live sink"):
             await asyncio.wait_for(sink.run(), 10)
