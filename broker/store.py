@@ -95,13 +95,19 @@ CREATE TABLE IF NOT EXISTS batches (
     deliveries INTEGER NOT NULL DEFAULT 0,
     worker BLOB,
     sink BLOB,
-    payload BLOB,                       -- the Batch (msgpack), dropped once written
+    payload BLOB,                       -- unused: an older broker kept the Batch here (moved to payloads)
     result BLOB,                        -- the BatchResult (msgpack), until written
     error TEXT,
     pairs INTEGER NOT NULL DEFAULT 0,   -- claims in the batch (kept after the payload is dropped)
     content TEXT,                       -- digest of what the batch computes (content_digest), kept too
     root TEXT,                          -- a part of a split batch: the producer's batch it came from
     settled INTEGER NOT NULL DEFAULT 0  -- a split batch: pairs of its parts written or recorded failed
+);
+-- The claims of each batch not yet written, apart from its row: a row changes status four times or more, and
+-- SQLite rewrites a row whole, with every overflow page of a large blob in it.
+CREATE TABLE IF NOT EXISTS payloads (
+    seq INTEGER PRIMARY KEY,            -- the batch's seq
+    payload BLOB NOT NULL               -- the Batch (msgpack), dropped once written
 );
 CREATE INDEX IF NOT EXISTS batches_queued ON batches (context_id, queue_key) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS batches_done ON batches (seq) WHERE status = 'done';
@@ -269,13 +275,13 @@ class BrokerStore:
             self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")  # a restarted log is cut back to this
             self._db.execute("PRAGMA cache_size=-16384")  # 16 MiB of page cache, whatever the queue holds
             self._db.executescript(_SCHEMA)
-            self._add_missing_columns()
+            self._upgrade()
             self._db.commit()
             self._checkpointer: sqlite3.Connection | None = None
             #: Batches per status, and queued batches per context, kept in step with every change.
             self.status_counts: Counter[BatchStatus] = Counter()
             self.queued: Counter[str] = Counter()
-            self._min_key = self._max_key = 0
+            self._min_key = self._max_key = self._max_seq = 0
             #: Jobs changed since the last commit: written once, at the commit, however many batches of the
             #: job the turn touched (a job's record was written once per batch, a third of a small batch's
             #: cost).
@@ -381,16 +387,25 @@ class BrokerStore:
         rows = self._rows
         if inserted:
             self._db.executemany(_INSERT, [
-                (*_insert_fields(rows[batch_id]), extra["queue_key"], extra["payload"], extra.get("result"))
+                (*_insert_fields(rows[batch_id]), extra["seq"], extra["queue_key"], extra.get("result"))
                 for batch_id, extra in inserted.items()
             ])  # fmt: skip
+            claims = [(extra["seq"], extra["payload"]) for extra in inserted.values() if extra["payload"] is not None]
+            self._db.executemany("INSERT INTO payloads VALUES (?, ?)", claims)
         by_shape: dict[tuple[str, ...], list[tuple]] = {}
+        dropped = []
         for batch_id, extra in updated.items():
+            if extra.pop("payload", ...) is None:
+                dropped.append((batch_id,))
             row = rows[batch_id]
             values = (row.status, row.attempts, row.deliveries, row.worker, row.sink, row.error, row.settled)
             by_shape.setdefault(tuple(extra), []).append((*values, *extra.values(), batch_id))
         for shape, values in by_shape.items():
             self._db.executemany(_update_statement(shape), values)
+        if dropped:
+            self._db.executemany(
+                "DELETE FROM payloads WHERE seq = (SELECT seq FROM batches WHERE batch_id = ?)", dropped
+            )
 
     def checkpoint(self) -> bool:
         """Copy the write-ahead log into the database file. Blocking: call on a thread (it has its own
@@ -409,10 +424,14 @@ class BrokerStore:
         self.commit()
         self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
-    def _add_missing_columns(self) -> None:
-        """State written by an older broker lacks ``pairs`` and ``content``: added, as 0 and NULL for the
-        batches already there."""
+    def _upgrade(self) -> None:
+        """State written by an older broker lacks ``pairs`` and ``content`` (added, as 0 and NULL for the
+        batches already there), and keeps claims in the batch's row (moved to ``payloads``, once)."""
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(batches)")}
+        if self.meta("payloads_apart") is None:
+            self._db.execute("INSERT INTO payloads SELECT seq, payload FROM batches WHERE payload IS NOT NULL")
+            self._db.execute("UPDATE batches SET payload = NULL WHERE payload IS NOT NULL")
+            self.save_meta("payloads_apart", True)
         if "pairs" not in columns:
             self._db.execute("ALTER TABLE batches ADD COLUMN pairs INTEGER NOT NULL DEFAULT 0")
         if "content" not in columns:
@@ -426,8 +445,8 @@ class BrokerStore:
             self.status_counts[BatchStatus(status)] = count
         query = "SELECT context_id, count(*) FROM batches WHERE status = 'queued' GROUP BY context_id"
         self.queued.update(dict(self._db.execute(query).fetchall()))
-        query = "SELECT coalesce(min(queue_key), 0), coalesce(max(queue_key), 0) FROM batches"
-        self._min_key, self._max_key = self._db.execute(query).fetchone()
+        query = "SELECT coalesce(min(queue_key), 0), coalesce(max(queue_key), 0), coalesce(max(seq), 0) FROM batches"
+        self._min_key, self._max_key, self._max_seq = self._db.execute(query).fetchone()
 
     # --- recovery --------------------------------------------------------------------------------
 
@@ -506,7 +525,8 @@ class BrokerStore:
         if held is not None:
             return held
         self._flush()
-        (payload,) = self._db.execute("SELECT payload FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+        query = "SELECT payload FROM payloads WHERE seq = (SELECT seq FROM batches WHERE batch_id = ?)"
+        (payload,) = self._db.execute(query, (batch_id,)).fetchone()
         return _batch_decoder.decode(payload)
 
     def result(self, batch_id: str) -> BatchResult:
@@ -538,8 +558,8 @@ class BrokerStore:
     def _read_head(self, context_id: str) -> _QueueHead:
         self._flush()
         found = self._db.execute(
-            f"SELECT {_ROW}, payload FROM batches WHERE status = 'queued' AND context_id = ?"
-            " ORDER BY queue_key LIMIT ?",
+            f"SELECT {_ROW}, payloads.payload FROM batches JOIN payloads USING (seq)"
+            " WHERE status = 'queued' AND context_id = ? ORDER BY queue_key LIMIT ?",
             (context_id, QUEUE_READ_AHEAD),
         ).fetchall()
         entries = deque((_stored(row[:-1]), row[-1]) for row in found)
@@ -592,7 +612,8 @@ class BrokerStore:
         content = content_digest(batch)
         row = StoredBatch(batch.batch_id, batch.job_id, context_id, BatchStatus.QUEUED, 0, 0, None, None, None,
                           len(batch.claims), content, root)  # fmt: skip
-        self._inserted[batch.batch_id] = {"queue_key": queue_key, "payload": _encoder.encode(batch)}
+        self._max_seq += 1
+        self._inserted[batch.batch_id] = {"seq": self._max_seq, "queue_key": queue_key, "payload": _encoder.encode(batch)}
         self._rows[batch.batch_id] = row
         self._changed.append(batch.batch_id)
         self._count(None, BatchStatus.QUEUED, context_id)
@@ -722,7 +743,7 @@ _IN_FLIGHT = frozenset({BatchStatus.ASSIGNED, BatchStatus.DELIVERED})
 _DROP_CONTENT: dict[str, object] = {"payload": None, "result": None}
 #: A row's fields that change after it is inserted, in the order of ``_update_statement``'s values.
 _CHANGING = ("status", "attempts", "deliveries", "worker", "sink", "error", "settled")
-_INSERT = f"INSERT INTO batches ({_ROW}, queue_key, payload, result) VALUES ({', '.join('?' * (_ROW.count(',') + 4))})"
+_INSERT = f"INSERT INTO batches ({_ROW}, seq, queue_key, result) VALUES ({', '.join('?' * (_ROW.count(',') + 4))})"
 
 
 def _insert_fields(row: StoredBatch) -> tuple:

@@ -19,7 +19,10 @@ from pervade.protocol import Batch
 from tests.test_broker import batch, result_for
 
 CONTEXT = batch("j", 0).context.context_id
-COLUMNS = "batch_id, status, attempts, deliveries, worker, sink, error, payload IS NOT NULL, result IS NOT NULL"
+COLUMNS = (
+    "batch_id, status, attempts, deliveries, worker, sink, error,"
+    " EXISTS (SELECT 1 FROM payloads WHERE payloads.seq = batches.seq), result IS NOT NULL"
+)
 
 
 def database_rows(path: Path) -> dict[str, tuple]:
@@ -153,8 +156,8 @@ def test_a_turn_writes_each_changed_batch_once(tmp_path) -> None:
     done = store.complete(store.get(new.batch_id), result_for(held))
     store.deliver(done, b"sink")
     store.commit()
-    writes = [s.split()[0] for s in statements if s.split()[0] in ("INSERT", "UPDATE")]
-    assert writes == ["INSERT"], statements
+    writes = [s.split()[:3] for s in statements if s.split()[0] in ("INSERT", "UPDATE")]
+    assert writes == [["INSERT", "INTO", "batches"], ["INSERT", "INTO", "payloads"]], statements
     assert database_rows(tmp_path / "state" / STORE_FILE)[new.batch_id] == as_columns(store, new.batch_id)
     second = batch("j", 1)
     store.add(second)
@@ -170,3 +173,35 @@ def test_a_turn_writes_each_changed_batch_once(tmp_path) -> None:
     committed = database_rows(tmp_path / "state" / STORE_FILE)
     assert committed == {b: as_columns(store, b) for b in (new.batch_id, second.batch_id)}
     store.close()
+
+
+def test_claims_kept_in_the_row_by_an_older_broker_move_to_their_own_table(tmp_path) -> None:
+    """An older broker kept a batch's claims in its row: opened by this one, they move to ``payloads`` once,
+    the batch is assigned with them, and they are dropped when it is written."""
+    store = BrokerStore.open(tmp_path / "state")
+    queued, written = batch("j", 0), batch("j", 1)
+    store.add(queued)
+    store.add(written)
+    store.commit()
+    store.close()
+    path = tmp_path / "state" / STORE_FILE
+    with closing(sqlite3.connect(path)) as db:  # the older layout: claims in the row, no payloads table
+        db.execute("UPDATE batches SET payload = (SELECT payload FROM payloads WHERE payloads.seq = batches.seq)")
+        db.execute("DROP TABLE payloads")
+        db.execute("DELETE FROM meta WHERE key = 'payloads_apart'")
+        db.commit()
+    store = BrokerStore.open(tmp_path / "state")
+    row, held = store.next_queued_batch(CONTEXT)
+    assert held == queued
+    store.assign(row, b"w")
+    store.deliver(store.complete(store.get(queued.batch_id), result_for(queued)), b"sink")
+    store.written(store.get(queued.batch_id))
+    store.commit()
+    store.close()
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT count(*) FROM batches WHERE payload IS NOT NULL").fetchone() == (0,)
+        moved = db.execute("SELECT batch_id FROM batches JOIN payloads USING (seq)").fetchall()
+    assert moved == [(written.batch_id,)]
+    reopened = BrokerStore.open(tmp_path / "state")
+    assert reopened.batch(written.batch_id) == written
+    reopened.close()
