@@ -117,3 +117,23 @@ class Report:
         if draw is not None and self.rows:
             written.append(self.write_plot(draw, title or self.name))
         print("# wrote " + ", ".join(str(p) for p in written), flush=True)
+
+
+def stacked_bars(
+    label: str, parts: Sequence[str], xlabel: str, ylabel: str
+) -> Callable[[Any, list[dict[str, Any]]], None]:
+    """A ``Report.finish`` drawing: one bar per row, labelled by its ``label`` column, stacking the columns
+    ``PART_us`` for each of ``parts`` in order."""
+
+    def draw(axes: Any, rows: list[dict[str, Any]]) -> None:
+        labels = [str(row[label]) for row in rows]
+        bottom = [0.0] * len(rows)
+        for part in parts:
+            heights = [row[f"{part}_us"] for row in rows]
+            axes.bar(labels, heights, bottom=bottom, label=part)
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel(ylabel)
+        axes.legend()
+
+    return draw

@@ -37,7 +37,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchkit import DEFAULT_OUT_DIR, Report
+from benchkit import DEFAULT_OUT_DIR, Report, stacked_bars
+from store_lifecycle import make_batches
 
 from pervade.broker.config import BrokerConfig
 from pervade.broker.parts import BrokerParts, build_parts
@@ -49,7 +50,6 @@ from pervade.protocol import (
     Assign,
     Batch,
     BatchResult,
-    Claim,
     Completed,
     Deliver,
     DeviceInfo,
@@ -86,16 +86,6 @@ class Peers:
             inbox[identity].extend(decode_body(body) for body in bodies(frames))
         self.sent = []
         return inbox
-
-
-def make_batches(count: int, claims: int, spec: ContextSpec) -> list[Batch]:
-    now = time.time()
-    return [
-        Batch(batch_id=f"job/{n}", job_id="job", context=spec, template_id="t", template="Claim: {claim}\nAnswer:",
-              claims=[Claim(claim_id=f"{n}-{i}", text=f"claim {n}-{i} says something checkable") for i in range(claims)],
-              submitted_at=now)
-        for n in range(count)
-    ]  # fmt: skip
 
 
 def result_of(batch: Batch, worker_id: str) -> BatchResult:
@@ -225,17 +215,7 @@ def main() -> int:
         report.add(batches=args.batches, claims=claims, workers=args.workers, **best,
                    claims_per_s_one_core=round(claims * 1e6 / best["total_us"]))  # fmt: skip
 
-    def draw(axes, rows) -> None:
-        labels = [str(row["claims"]) for row in rows]
-        bottom = [0.0] * len(rows)
-        for phase in PHASES:
-            heights = [row[f"{phase}_us"] for row in rows]
-            axes.bar(labels, heights, bottom=bottom, label=phase)
-            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-        axes.set_xlabel("claims per batch")
-        axes.set_ylabel("broker CPU, us per batch")
-        axes.legend()
-
+    draw = stacked_bars("claims", PHASES, "claims per batch", "broker CPU, us per batch")
     report.finish(draw, title=f"broker verbs, {args.batches:,} batches, {args.workers} workers")
     return 0
 

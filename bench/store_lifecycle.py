@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchkit import DEFAULT_OUT_DIR, Report
+from benchkit import DEFAULT_OUT_DIR, Report, stacked_bars
 
 from pervade.broker.store import BrokerStore
 from pervade.context import ContextSpec
@@ -112,17 +112,7 @@ def main() -> int:
             figures = run(batches, per_commit, Path(directory) / "state")
         report.add(batches=args.batches, claims=args.claims, per_commit=per_commit, **figures)
 
-    def draw(axes, rows) -> None:
-        bottom = [0.0] * len(rows)
-        labels = [str(row["per_commit"]) for row in rows]
-        for phase in PHASES:
-            heights = [row[f"{phase}_us"] for row in rows]
-            axes.bar(labels, heights, bottom=bottom, label=phase)
-            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-        axes.set_xlabel("batches per commit")
-        axes.set_ylabel("us per batch")
-        axes.legend()
-
+    draw = stacked_bars("per_commit", PHASES, "batches per commit", "us per batch")
     report.finish(draw, title=f"broker store, {args.batches:,} batches of {args.claims}")
     return 0
 
