@@ -179,7 +179,9 @@ def fastest(runs: list[dict[str, float]]) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=30_000, help="batches through the broker (default: 30,000)")
-    parser.add_argument("--claims", type=int, nargs="+", default=[1, 32], help="claims per batch, a row each (default: 1 32)")
+    parser.add_argument(
+        "--claims", type=int, nargs="+", default=[1, 32], help="claims per batch, a row each (default: 1 32)"
+    )
     parser.add_argument("--workers", type=int, default=100, help="workers holding the context (default: 100)")
     parser.add_argument("--credit", type=int, default=8, help="batches each worker asks for at once (default: 8)")
     parser.add_argument("--per-turn", type=int, default=256, help="batches the producer submits a turn (default: 256)")

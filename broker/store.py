@@ -613,7 +613,11 @@ class BrokerStore:
         row = StoredBatch(batch.batch_id, batch.job_id, context_id, BatchStatus.QUEUED, 0, 0, None, None, None,
                           len(batch.claims), content, root)  # fmt: skip
         self._max_seq += 1
-        self._inserted[batch.batch_id] = {"seq": self._max_seq, "queue_key": queue_key, "payload": _encoder.encode(batch)}
+        self._inserted[batch.batch_id] = {
+            "seq": self._max_seq,
+            "queue_key": queue_key,
+            "payload": _encoder.encode(batch),
+        }
         self._rows[batch.batch_id] = row
         self._changed.append(batch.batch_id)
         self._count(None, BatchStatus.QUEUED, context_id)

@@ -133,7 +133,9 @@ def test_a_split_whose_part_id_a_producer_took_is_refused_before_any_change(tmp_
     store.commit()
     row, held = store.next_queued_batch(CONTEXT)
     store.assign(row, b"w")
-    parts = [replace(held, batch_id=f"j/0~{i * 2}-{i * 2 + 2}", claims=held.claims[i * 2 : i * 2 + 2]) for i in range(2)]
+    parts = [
+        replace(held, batch_id=f"j/0~{i * 2}-{i * 2 + 2}", claims=held.claims[i * 2 : i * 2 + 2]) for i in range(2)
+    ]
     with pytest.raises(StateError, match="already holds j/0~0-2"):
         store.split(store.get(whole.batch_id), parts)
     assert store.get(whole.batch_id).status is BatchStatus.ASSIGNED
