@@ -38,7 +38,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from benchkit import DEFAULT_OUT_DIR, Report, stacked_bars
-from store_lifecycle import make_batches
+from store_lifecycle import make_batches, result_of
 
 from pervade.broker.config import BrokerConfig
 from pervade.broker.parts import BrokerParts, build_parts
@@ -49,7 +49,6 @@ from pervade.logs import configure_logging
 from pervade.protocol import (
     Assign,
     Batch,
-    BatchResult,
     Completed,
     Deliver,
     DeviceInfo,
@@ -59,7 +58,6 @@ from pervade.protocol import (
     SinkAck,
     SinkReady,
     Submit,
-    Verdict,
     WorkerReady,
     bodies,
     decode_body,
@@ -86,16 +84,6 @@ class Peers:
             inbox[identity].extend(decode_body(body) for body in bodies(frames))
         self.sent = []
         return inbox
-
-
-def result_of(batch: Batch, worker_id: str) -> BatchResult:
-    now = time.time()
-    return BatchResult(
-        batch_id=batch.batch_id, job_id=batch.job_id, context_id=batch.context.context_id, model=batch.context.model,
-        template_id=batch.template_id, worker_id=worker_id, device="cpu", submitted_at=batch.submitted_at,
-        started_at=now, finished_at=now,
-        verdicts=[Verdict(claim_id=c.claim_id, verdict="SUPPORTS", scores=[-0.1, -2.3, -3.0]) for c in batch.claims],
-    )  # fmt: skip
 
 
 def run(
@@ -144,12 +132,12 @@ def _run(
     inbox = turn()
     for phase in PHASES:  # set-up is not a batch's cost
         spent[phase] = 0.0
-    written = 0
-    pending = list(batches)
+    written = submitted = 0
     while written < len(batches):
-        if pending and sum(store.queued.values()) < backlog:
-            group, pending = pending[:per_turn], pending[per_turn:]
+        group = batches[submitted : submitted + per_turn] if sum(store.queued.values()) < backlog else []
+        if group:
             deliver(b"producer", [Submit(batch=b) for b in group], "submit")
+            submitted += len(group)
         for identity, messages in inbox.items():
             if identity == b"sink":
                 ids = [m.result.batch_id for m in messages if isinstance(m, Deliver)]
@@ -159,10 +147,11 @@ def _run(
             elif identity != b"producer":
                 assigned = [m.batch for m in messages if isinstance(m, Assign)]
                 if assigned:
-                    answers: list[Message] = [Completed(result=result_of(b, identity.decode())) for b in assigned]
+                    worker_id = identity.decode()
+                    answers: list[Message] = [Completed(result=result_of(b, context_id, worker_id)) for b in assigned]
                     deliver(identity, [*answers, Pull(credit=len(assigned))], "complete")
         inbox = turn()
-        if not inbox and not pending and written < len(batches):
+        if not inbox and not group and written < len(batches):  # nothing sent, nothing to answer: stuck
             raise SystemExit(f"the broker stalled with {written:,} of {len(batches):,} batches written")
     if store.status_counts[BatchStatus.WRITTEN] != len(batches):
         raise SystemExit(f"{store.status_counts[BatchStatus.WRITTEN]:,} batches written, not {len(batches):,}")

@@ -43,11 +43,13 @@ def make_batches(count: int, claims: int, spec: ContextSpec) -> list[Batch]:
     ]  # fmt: skip
 
 
-def result_of(batch: Batch, context_id: str) -> BatchResult:
+def result_of(batch: Batch, context_id: str, worker_id: str = "w") -> BatchResult:
+    """A null model's result for ``batch`` (``context_id``: its context's id, computed once by the caller)."""
     now = time.time()
     return BatchResult(
         batch_id=batch.batch_id, job_id=batch.job_id, context_id=context_id, model=batch.context.model,
-        template_id=batch.template_id, worker_id="w", device="cpu", submitted_at=now, started_at=now, finished_at=now,
+        template_id=batch.template_id, worker_id=worker_id, device="cpu", submitted_at=batch.submitted_at,
+        started_at=now, finished_at=now,
         verdicts=[Verdict(claim_id=c.claim_id, verdict="SUPPORTS", scores=[-0.1, -2.3, -3.0]) for c in batch.claims],
     )  # fmt: skip
 

@@ -44,6 +44,7 @@ import enum
 import functools
 import hashlib
 import json
+import operator
 import shutil
 import sqlite3
 import tempfile
@@ -53,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
-from msgspec.structs import replace
+from msgspec.structs import astuple, replace
 
 from pervade.batchset import BatchSet
 from pervade.broker.statelock import StateLock
@@ -203,7 +204,8 @@ def _job_json(job: JobRecord) -> str:
     return json.dumps({k: v for k, v in job.__dict__.items() if k != "producers"})
 
 
-_ROW = "batch_id, job_id, context_id, status, attempts, deliveries, worker, sink, error, pairs, content, root, settled"
+#: The row's columns: the fields of ``StoredBatch``, of the same names, in its order.
+_ROW = ", ".join(StoredBatch.__struct_fields__)
 _encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(Batch)
 _result_decoder = msgspec.msgpack.Decoder(BatchResult)
@@ -226,8 +228,8 @@ class _QueueHead:
 class BrokerStore:
     """SQLite-backed state. Not thread-safe: only the broker's event loop calls it (``checkpoint`` aside).
 
-    A turn's changes are kept in memory and written together at ``commit`` (``executemany`` over each run of
-    the same statement), and the rows a turn needs are read from memory where it can: every row changed since
+    A turn's changes are kept in memory and written together at ``commit`` (each changed row once, as it is
+    then), and the rows a turn needs are read from memory where it can: every row changed since
     the last commit, and every batch in flight (assigned, delivered: as many as workers hold and sinks have
     not yet acknowledged), with the claims of the assigned ones and the read-ahead front of each queue.
     Anything else is read from the database, after the changes still in memory are written to it."""
@@ -387,7 +389,7 @@ class BrokerStore:
         rows = self._rows
         if inserted:
             self._db.executemany(_INSERT, [
-                (*_insert_fields(rows[batch_id]), extra["seq"], extra["queue_key"], extra.get("result"))
+                (*astuple(rows[batch_id]), extra["seq"], extra["queue_key"], extra.get("result"))
                 for batch_id, extra in inserted.items()
             ])  # fmt: skip
             claims = [(extra["seq"], extra["payload"]) for extra in inserted.values() if extra["payload"] is not None]
@@ -395,11 +397,10 @@ class BrokerStore:
         by_shape: dict[tuple[str, ...], list[tuple]] = {}
         dropped = []
         for batch_id, extra in updated.items():
-            if extra.pop("payload", ...) is None:
+            if "payload" in extra:  # only ever dropped: the claims are in their own table
+                del extra["payload"]
                 dropped.append((batch_id,))
-            row = rows[batch_id]
-            values = (row.status, row.attempts, row.deliveries, row.worker, row.sink, row.error, row.settled)
-            by_shape.setdefault(tuple(extra), []).append((*values, *extra.values(), batch_id))
+            by_shape.setdefault(tuple(extra), []).append((*_changing(rows[batch_id]), *extra.values(), batch_id))
         for shape, values in by_shape.items():
             self._db.executemany(_update_statement(shape), values)
         if dropped:
@@ -747,12 +748,10 @@ _IN_FLIGHT = frozenset({BatchStatus.ASSIGNED, BatchStatus.DELIVERED})
 _DROP_CONTENT: dict[str, object] = {"payload": None, "result": None}
 #: A row's fields that change after it is inserted, in the order of ``_update_statement``'s values.
 _CHANGING = ("status", "attempts", "deliveries", "worker", "sink", "error", "settled")
-_INSERT = f"INSERT INTO batches ({_ROW}, seq, queue_key, result) VALUES ({', '.join('?' * (_ROW.count(',') + 4))})"
-
-
-def _insert_fields(row: StoredBatch) -> tuple:
-    return (row.batch_id, row.job_id, row.context_id, row.status, row.attempts, row.deliveries, row.worker, row.sink,
-            row.error, row.pairs, row.content, row.root, row.settled)  # fmt: skip
+_changing = operator.attrgetter(*_CHANGING)
+#: A new batch: its row's fields, then the columns the row does not carry.
+_INSERTED = (*StoredBatch.__struct_fields__, "seq", "queue_key", "result")
+_INSERT = f"INSERT INTO batches ({', '.join(_INSERTED)}) VALUES ({', '.join('?' * len(_INSERTED))})"
 
 
 @functools.cache

@@ -66,9 +66,9 @@ def damage_a_committed_frame_of(path: Path) -> None:
     nothing, as the broker rightly finds.)"""
     scan = scan_log(path)
     assert scan is not None and scan.commit_frames, "the write-ahead log holds no commit to damage"
-    page_size = int.from_bytes(path.read_bytes()[8:12], "big")
     frame = max(1, scan.commit_frames[-1] // 2)
     with open(path, "r+b") as handle:
+        page_size = int.from_bytes(handle.read(12)[8:], "big")  # the log header's page size
         handle.seek(HEADER_BYTES + (frame - 1) * (FRAME_HEADER_BYTES + page_size) + FRAME_HEADER_BYTES)
         handle.write(os.urandom(page_size))
 

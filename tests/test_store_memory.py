@@ -145,9 +145,9 @@ def test_a_split_whose_part_id_a_producer_took_is_refused_before_any_change(tmp_
 
 
 def test_a_turn_writes_each_changed_batch_once(tmp_path) -> None:
-    """A batch submitted, assigned, completed and delivered in one turn is one INSERT of its last state; one
-    completed and delivered in the next is one UPDATE: a row is written once per commit, however often it
-    changed (each write of a row is a B-tree update and a log page)."""
+    """A batch submitted, assigned, completed and delivered in one turn is one INSERT of its last state (and
+    one of its claims, beside it); one completed and delivered in the next is one UPDATE: a row is written
+    once per commit, however often it changed (each write of a row is a B-tree update and a log page)."""
     store = BrokerStore.open(tmp_path / "state")
     statements: list[str] = []
     store._db.set_trace_callback(statements.append)
