@@ -57,6 +57,7 @@ import msgspec
 from msgspec.structs import astuple, replace
 
 from pervade.batchset import BatchSet
+from pervade.broker.seen import SeenIds
 from pervade.broker.statelock import StateLock
 from pervade.broker.wal import scan_log
 from pervade.context import ContextSpec
@@ -289,6 +290,8 @@ class BrokerStore:
             #: cost).
             self._dirty_jobs: dict[str, JobRecord] = {}
             self._load_counts()
+            #: Every batch id the database holds may be in it, and no other: a new id costs no query.
+            self._seen = SeenIds(batch_id for (batch_id,) in self._db.execute("SELECT batch_id FROM batches"))
         except sqlite3.Error as exc:
             with contextlib.suppress(Exception):
                 self._db.close()
@@ -517,6 +520,8 @@ class BrokerStore:
         row = self._rows.get(batch_id)
         if row is not None:
             return row
+        if batch_id not in self._seen:  # surely new (most submissions): no query
+            return None
         # Not changed since the last commit (a changed row is in memory until then): the database has it.
         found = self._db.execute(f"SELECT {_ROW} FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
         return None if found is None else _stored(found)
@@ -620,6 +625,7 @@ class BrokerStore:
             "payload": _encoder.encode(batch),
         }
         self._rows[batch.batch_id] = row
+        self._seen.add(batch.batch_id)
         self._changed.append(batch.batch_id)
         self._count(None, BatchStatus.QUEUED, context_id)
         return row

@@ -13,6 +13,7 @@ import pytest
 from msgspec.structs import replace
 
 from pervade.broker import store as store_module
+from pervade.broker.seen import SeenIds
 from pervade.broker.store import STORE_FILE, BatchStatus, BrokerStore
 from pervade.errors import StateError
 from pervade.protocol import Batch
@@ -207,3 +208,34 @@ def test_claims_kept_in_the_row_by_an_older_broker_move_to_their_own_table(tmp_p
     reopened = BrokerStore.open(tmp_path / "state")
     assert reopened.batch(written.batch_id) == written
     reopened.close()
+
+
+def test_a_new_batch_id_costs_no_query_and_a_known_one_is_found_after_a_restart(tmp_path) -> None:
+    """``get`` of an id the store never held answers from its filter of seen ids, without a query (every
+    submission asks); an id it holds is found in the database, before and after the store is opened again
+    (the filter is rebuilt from the rows), so a producer's resend after a broker restart is still a
+    duplicate."""
+    store = BrokerStore.open(tmp_path / "state")
+    known = [batch("j", n) for n in range(50)]
+    for each in known:
+        store.add(each)
+    store.commit()  # their rows leave memory: found in the database from now on
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    assert all(store.get(f"never-{n}") is None for n in range(200))
+    assert len(statements) < 20, statements  # a rare false positive asks the database, and finds nothing
+    assert store.get(known[7].batch_id).batch_id == known[7].batch_id
+    assert [s for s in statements if "SELECT" in s][-1:], "a known id is looked up in the database"
+    store.close()
+    reopened = BrokerStore.open(tmp_path / "state")
+    assert all(reopened.get(each.batch_id) is not None for each in known)
+    reopened.close()
+
+
+def test_the_filter_of_seen_ids_never_forgets_one() -> None:
+    """No false negative over many ids, and few false positives among as many others."""
+    ids = [f"job-{n:08d}" for n in range(100_000)]
+    seen = SeenIds(ids)
+    assert all(batch_id in seen for batch_id in ids)
+    wrong = sum(f"other-{n:08d}" in seen for n in range(100_000))
+    assert wrong < 1_000  # about 0.01% at this size; a filter that said yes to everything would fail
