@@ -19,7 +19,8 @@ even when it is a few percent:
   for the credit they used), and the sink acknowledges what it was delivered in one ``sink_ack``, as the
   real peers do;
 - a turn is what the broker's loop does: the messages handled, one dispatch, one commit, the sends;
-- the broker logs as deployed (``--log-level``, JSON lines), into a file in the temporary directory.
+- the broker logs as deployed (``--log-level``, JSON lines), into a file in the temporary directory, and
+  its garbage collector is set as deployed (``broker/server.py``'s ``collect_garbage_rarely``).
 
 Only the broker's calls are timed (``time.process_time``: CPU, not wall; the peers' encoding and decoding
 is not counted): ``handle`` of each verb's messages, ``dispatch``, and ``flush`` (commit and send). The
@@ -31,10 +32,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 from benchkit import DEFAULT_OUT_DIR, Report, stacked_bars
@@ -42,6 +45,7 @@ from store_lifecycle import make_batches, result_of
 
 from pervade.broker.config import BrokerConfig
 from pervade.broker.parts import BrokerParts, build_parts
+from pervade.broker.server import collect_garbage_rarely
 from pervade.broker.state import BrokerState
 from pervade.broker.store import BatchStatus, BrokerStore
 from pervade.context import ContextSpec
@@ -93,7 +97,22 @@ def run(
     lines go to ``directory``/broker.log)."""
     directory.mkdir(parents=True)
     with open(directory / "broker.log", "w") as log_file, contextlib.redirect_stderr(log_file):
-        return _run(batches, workers, credit, per_turn, backlog, directory)
+        with garbage_collected_as_deployed():
+            return _run(batches, workers, credit, per_turn, backlog, directory)
+
+
+@contextlib.contextmanager
+def garbage_collected_as_deployed() -> Iterator[None]:
+    """The collector set as ``run_broker`` sets it (``collect_garbage_rarely``), and restored after: at the
+    default threshold, this process's own objects (the batches, the peers' messages) made the broker's calls
+    pay for collections the deployed broker does not make."""
+    saved = gc.get_threshold()
+    collect_garbage_rarely()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*saved)
 
 
 def _run(
