@@ -149,6 +149,8 @@ class StoredBatch(msgspec.Struct, frozen=True):
     root: str | None = None
     #: A producer's batch that was split: pairs of its parts already written or recorded failed.
     settled: int = 0
+    #: Its row's key (arrival order): a change is written by it, not by a search of the batch ids' index.
+    seq: int = 0
 
     @property
     def failed(self) -> bool:
@@ -392,24 +394,26 @@ class BrokerStore:
         rows = self._rows
         if inserted:
             self._db.executemany(_INSERT, [
-                (*astuple(rows[batch_id]), extra["seq"], extra["queue_key"], extra.get("result"))
+                (*astuple(rows[batch_id]), extra["queue_key"], extra.get("result"))
                 for batch_id, extra in inserted.items()
             ])  # fmt: skip
-            claims = [(extra["seq"], extra["payload"]) for extra in inserted.values() if extra["payload"] is not None]
+            claims = [
+                (rows[batch_id].seq, extra["payload"]) for batch_id, extra in inserted.items()
+                if extra["payload"] is not None
+            ]  # fmt: skip
             self._db.executemany("INSERT INTO payloads VALUES (?, ?)", claims)
         by_shape: dict[tuple[str, ...], list[tuple]] = {}
         dropped = []
         for batch_id, extra in updated.items():
+            row = rows[batch_id]
             if "payload" in extra:  # only ever dropped: the claims are in their own table
                 del extra["payload"]
-                dropped.append((batch_id,))
-            by_shape.setdefault(tuple(extra), []).append((*_changing(rows[batch_id]), *extra.values(), batch_id))
+                dropped.append((row.seq,))
+            by_shape.setdefault(tuple(extra), []).append((*_changing(row), *extra.values(), row.seq))
         for shape, values in by_shape.items():
             self._db.executemany(_update_statement(shape), values)
         if dropped:
-            self._db.executemany(
-                "DELETE FROM payloads WHERE seq = (SELECT seq FROM batches WHERE batch_id = ?)", dropped
-            )
+            self._db.executemany("DELETE FROM payloads WHERE seq = ?", dropped)
 
     def checkpoint(self) -> bool:
         """Copy the write-ahead log into the database file. Blocking: call on a thread (it has its own
@@ -616,11 +620,10 @@ class BrokerStore:
 
     def _insert(self, batch: Batch, context_id: str, queue_key: int, root: str | None) -> StoredBatch:
         content = content_digest(batch)
-        row = StoredBatch(batch.batch_id, batch.job_id, context_id, BatchStatus.QUEUED, 0, 0, None, None, None,
-                          len(batch.claims), content, root)  # fmt: skip
         self._max_seq += 1
+        row = StoredBatch(batch.batch_id, batch.job_id, context_id, BatchStatus.QUEUED, 0, 0, None, None, None,
+                          len(batch.claims), content, root, seq=self._max_seq)  # fmt: skip
         self._inserted[batch.batch_id] = {
-            "seq": self._max_seq,
             "queue_key": queue_key,
             "payload": _encoder.encode(batch),
         }
@@ -756,15 +759,15 @@ _DROP_CONTENT: dict[str, object] = {"payload": None, "result": None}
 _CHANGING = ("status", "attempts", "deliveries", "worker", "sink", "error", "settled")
 _changing = operator.attrgetter(*_CHANGING)
 #: A new batch: its row's fields, then the columns the row does not carry.
-_INSERTED = (*StoredBatch.__struct_fields__, "seq", "queue_key", "result")
+_INSERTED = (*StoredBatch.__struct_fields__, "queue_key", "result")
 _INSERT = f"INSERT INTO batches ({', '.join(_INSERTED)}) VALUES ({', '.join('?' * len(_INSERTED))})"
 
 
 @functools.cache
 def _update_statement(columns: tuple[str, ...]) -> str:
-    """The UPDATE of a row's changing fields and of ``columns`` (values in that order, then the batch id)."""
+    """The UPDATE of a row's changing fields and of ``columns`` (values in that order, then the row's seq)."""
     assignments = ", ".join(f"{column} = ?" for column in (*_CHANGING, *columns))
-    return f"UPDATE batches SET {assignments} WHERE batch_id = ?"
+    return f"UPDATE batches SET {assignments} WHERE seq = ?"
 
 
 def _stored(row: tuple) -> StoredBatch:
