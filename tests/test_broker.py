@@ -40,6 +40,7 @@ from pervade.protocol import (
     Verdict,
     WorkerReady,
 )
+from tests.waiting import until_state
 
 #: When the test batches were "submitted": a true time, so the broker takes it as given (it moves times
 #: from a clock set wrong onto its own).
@@ -252,6 +253,8 @@ async def test_a_leaving_worker_has_its_batches_requeued_to_another(connect, liv
     assigned = await w2.receive()
     assert isinstance(assigned, Assign) and assigned.batch.batch_id == "j5/0"
     await w2.send(Completed(result=result_for(assigned.batch, "w2")))
+    # Two connections: the broker may read w1's next message before this one unless it is counted first.
+    await until_state(lambda: live_broker.store.get("j5/0").status is not BatchStatus.ASSIGNED, "w2's answer")
     # a late answer from the departed worker, and an answer repeated, are duplicates: suppressed
     await w1.send(Completed(result=result_for(assigned.batch, "w1")))
     assert await w1.receive() == Disconnect(reason=REGISTER_AGAIN)  # and w1 is told to register again

@@ -30,6 +30,7 @@ from pervade.protocol import (
 )
 from tests.conftest import FAST_HEARTBEATS
 from tests.test_broker import CPU, CTX_A, assign_one, batch, end_job, register_worker, result_for
+from tests.waiting import until_state
 
 
 async def test_a_silent_worker_is_declared_dead_and_its_batches_go_to_another(start_broker, connect) -> None:
@@ -167,15 +168,6 @@ async def test_a_waiting_producer_reconnects_to_a_restarted_broker_and_gets_its_
     assert producer.session.reconnects >= 1 and second.counters["unknown_peer_messages"] >= 1
 
 
-async def until(condition, timeout_s: float = 5.0) -> None:
-    """Wait for a condition on the broker's state that no message announces (a peer declared dead)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
-
-
 async def test_a_batch_that_kills_its_workers_fails_but_the_batches_behind_it_do_not(start_broker, connect) -> None:
     broker = await start_broker(heartbeats=FAST_HEARTBEATS)  # 2 attempts
     producer = await connect(b"p", producer=True, endpoint=broker.endpoint)
@@ -187,7 +179,8 @@ async def test_a_batch_that_kills_its_workers_fails_but_the_batches_behind_it_do
         await register_worker(worker, name.decode(), credit=2, contexts=[CTX_A.context_id])
         held = [(await worker.receive()).batch.batch_id for _ in range(2)]
         assert held == ["j6/0", "j6/1"]  # requeued in their order: the one in hand comes first again
-        await until(lambda death=death: broker.counters["workers_declared_dead"] == death)  # SIGKILLed: silence
+        # SIGKILLed: silence
+        await until_state(lambda d=death: broker.counters["workers_declared_dead"] == d, f"death {death}")
     poison, behind = broker.store.get("j6/0"), broker.store.get("j6/1")
     assert poison.status is BatchStatus.DONE and "died while running it (attempts: 2)" in poison.error
     assert behind.status is BatchStatus.QUEUED and behind.attempts == 0
@@ -203,7 +196,8 @@ async def test_workers_dying_while_loading_a_context_fail_it_only_if_it_never_wo
         await register_worker(worker, name.decode(), credit=1)
         assert isinstance(await worker.receive(), LoadContext)
         assert isinstance(await worker.receive(), Assign)
-        await until(lambda death=death: broker.counters["workers_declared_dead"] == death)  # died loading the model
+        # died loading the model
+        await until_state(lambda d=death: broker.counters["workers_declared_dead"] == d, f"death {death}")
     row = broker.store.get("j7/0")
     assert row.status is BatchStatus.DONE and "2 workers died while loading it" in row.error
     assert row.attempts == 0  # the batch itself was never run

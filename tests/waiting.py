@@ -16,3 +16,14 @@ async def wait_until(predicate: Callable[[], object], timeout_s: float, what: st
                 await asyncio.sleep(0.1)
     except TimeoutError:
         raise AssertionError(f"after {timeout_s:g} s: {what}") from None
+
+
+async def until_state(condition: Callable[[], object], what: str, timeout_s: float = 5.0) -> None:
+    """Poll a condition on an in-process broker's state (a peer declared dead, a result counted), which no
+    message announces to the test. On the loop, not a thread: the broker's store is the loop's alone."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        if loop.time() >= deadline:
+            raise AssertionError(f"after {timeout_s:g} s: {what}")
+        await asyncio.sleep(0.02)
