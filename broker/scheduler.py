@@ -85,25 +85,32 @@ class Scheduler:
         end of a job. A worker still loading the context is copied from too: a replacement for a preempted GPU
         takes its window while it loads for minutes.
         The worker with the most batches not yet copied is copied from first; only at the end of a queue (a
-        tail), so the scan of in-flight batches costs nothing while there is work to hand out."""
+        tail), so the scan of in-flight batches costs nothing while there is work to hand out. That scan is
+        made once per context and call, then kept up to date as copies are taken: scanned again for each idle
+        worker, it took 0.8 s of the broker's time when 93 A10s fell idle beside 93 TITAN X Pascals holding
+        512 batches each (the paper's replay at batch size 1)."""
         store, workers = self.state.store, self.state.workers
         candidates, self.state.maybe_idle = self.state.maybe_idle, set()
         idle = [workers[i] for i in candidates if i in workers]
+        scanned: dict[str, dict[bytes, list[str]]] = {}  # per context: each holder's uncopied batches, last first
         for worker in (w for w in idle if w.credit > 0 and not w.leaving and not w.in_flight and w.loaded):
             for context_id in worker.loaded:
                 if store.queued.get(context_id, 0) or worker.credit <= 0:
                     continue
-                uncopied = {
-                    w.identity: [b for b in reversed(w.in_flight) if b not in self.state.speculated]
-                    for w in workers.values()
-                    if w is not worker and context_id in w.contexts and w.in_flight  # loading counts too
-                }
-                uncopied = {identity: batches for identity, batches in uncopied.items() if batches}
-                if not uncopied:
+                uncopied = scanned.get(context_id)
+                if uncopied is None:
+                    uncopied = scanned[context_id] = self.uncopied(context_id)
+                holders = [identity for identity in uncopied if identity != worker.identity]
+                if not holders:
                     continue
-                busiest = workers[max(uncopied, key=lambda identity: len(uncopied[identity]))]
+                busiest = workers[max(holders, key=lambda identity: len(uncopied[identity]))]
                 tail = uncopied[busiest.identity]
-                for batch_id in tail[: min(worker.credit, max(1, len(tail) // 2))]:
+                taken = tail[: min(worker.credit, max(1, len(tail) // 2))]
+                if len(taken) < len(tail):
+                    uncopied[busiest.identity] = tail[len(taken) :]
+                else:
+                    del uncopied[busiest.identity]
+                for batch_id in taken:
                     found = store.get_with_batch(batch_id)
                     if found is None or found[1] is None:
                         continue
@@ -115,6 +122,17 @@ class Scheduler:
                     self.state.speculated[batch_id] = busiest.identity
                     self.state.counters["speculative_assignments"] += 1
                     self.assign(worker, row, batch, copy_of=busiest)
+
+    def uncopied(self, context_id: str) -> dict[bytes, list[str]]:
+        """The batches each worker holding (or loading) ``context_id`` has in flight and nobody has a copy of,
+        the last of its window first; workers with none are left out."""
+        speculated = self.state.speculated
+        found = {
+            w.identity: [b for b in reversed(w.in_flight) if b not in speculated]
+            for w in self.state.workers.values()
+            if context_id in w.contexts and w.in_flight  # loading counts too
+        }
+        return {identity: batches for identity, batches in found.items() if batches}
 
     def _workers_in_turn(self) -> list[WorkerRecord]:
         """The workers, starting one further along at each call (round robin across calls)."""

@@ -232,6 +232,26 @@ def test_an_idle_worker_copies_what_a_slow_one_holds_unstarted_and_the_first_res
     assert not broker.state.workers[b"slow"].in_flight and not broker.state.workers[b"fast"].in_flight
 
 
+def test_idle_workers_of_one_turn_copy_from_the_busiest_holders_each_batch_once(broker) -> None:
+    """Several workers fall idle in one turn: each copies half of what the holder with the most uncopied
+    batches holds, as counted after the copies before it, and no batch is copied twice."""
+    for n in range(3):
+        broker.worker(f"slow{n}".encode(), contexts=[A], credit=4)
+    broker.submit(*[batch("j", n) for n in range(12)])
+    held = {peer: [] for peer in (b"slow0", b"slow1", b"slow2")}
+    for peer, batch_id in assigned(broker.turn()):
+        held[peer].append(batch_id)
+    for n in range(4):
+        broker.worker(f"idle{n}".encode(), contexts=[A], credit=2)
+    copies = assigned(broker.turn())
+    copied = [batch_id for _, batch_id in copies]
+    assert len(copied) == len(set(copied)) == 7  # half of each of the three holders' 4, then half of 2 left
+    by_holder = {peer: [b for b in copied if b in ids] for peer, ids in held.items()}
+    assert sorted(len(c) for c in by_holder.values()) == [2, 2, 3]
+    for peer, ids in held.items():  # each holder is copied from the last of its window first
+        assert by_holder[peer] == list(reversed(ids))[: len(by_holder[peer])]
+
+
 def test_what_a_worker_still_loading_holds_is_copied_to_an_idle_one(broker) -> None:
     """A replacement for a preempted GPU takes its window while it loads for minutes: an idle worker copies it."""
     broker.worker(b"loading", credit=4)  # holds nothing: told to load, and given batches behind the load
