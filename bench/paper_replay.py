@@ -288,11 +288,12 @@ class GpuHost:
         if worker.loading is not None:
             self.send(worker, [ContextLoaded(context_id=worker.loading, seconds=self.timing.load_s)])
             worker.loading, worker.loaded = None, True
-        if worker.running:
-            self.send(worker, [Completed(result=self.result(worker, batch)) for batch in worker.running])
+        if worker.running:  # answered as gpuworker/runner.py answers a run: the results, and the Pull it frees
+            answers: list[Message] = [Completed(result=self.result(worker, batch)) for batch in worker.running]
             self.stats["completed"] += len(worker.running)
             worker.running = []
-            self.top_up(worker)
+            credit = worker.window.top_up(held=len(worker.queue))
+            self.send(worker, [*answers, Pull(credit=credit)] if credit else answers)
         if not worker.loaded or not worker.queue:
             return
         if self.mode == "full":  # a run: queued batches up to one pass of claims, at least one batch

@@ -155,11 +155,16 @@ class BrokerLink:
 
     async def top_up_credit(self, send: Callable[[Pull], Awaitable[object]] | None = None) -> None:
         """Ask for more batches when the window (``gpuworker/intake.py``) runs short, unless leaving."""
+        if (pull := self.pull_due()) is not None:
+            await (send or self.session.send)(pull)
+
+    def pull_due(self, answered: int = 0) -> Pull | None:
+        """The credit to ask for now, when the window runs short (None while leaving, or when it does not).
+        ``answered``: orders in hand whose answers go with it, no longer held. Counted as granted: send it."""
         if self.lifecycle.stopping.is_set():
-            return
-        grant = self.window.top_up(held=len(self.queue) + len(self._in_hand.orders))
-        if grant:
-            await (send or self.session.send)(Pull(credit=grant))
+            return None
+        grant = self.window.top_up(held=len(self.queue) + len(self._in_hand.orders) - answered)
+        return Pull(credit=grant) if grant else None
 
     async def find_sources(self, digest: str, exclude: list[str]) -> Sources:
         """Ask the broker whom to fetch ``digest`` from; ask again if no answer comes in a while."""

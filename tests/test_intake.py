@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import asyncio
 
-from pervade.gpuworker.intake import MAX_PULL_CREDIT, MAX_WINDOW_BATCHES, WINDOW_RUNS, CreditWindow, WorkQueue
+import zmq.asyncio
+
+from pervade.gpuworker.config import WorkerConfig
+from pervade.gpuworker.intake import (
+    MAX_PULL_CREDIT,
+    MAX_WINDOW_BATCHES,
+    MIN_RUN_CLAIMS,
+    WINDOW_RUNS,
+    CreditWindow,
+    WorkQueue,
+)
+from pervade.gpuworker.lifecycle import Lifecycle
+from pervade.gpuworker.link import BrokerLink
+from pervade.gpuworker.orders import InHand
+from pervade.protocol import Pull
 
 
 def queue_of(*orders: tuple[str, int]) -> WorkQueue[tuple[str, int]]:
@@ -97,3 +111,23 @@ def test_a_reconnection_forgets_the_credit_granted() -> None:
     window.top_up(held=0)
     window.reset()
     assert window.top_up(held=0) == 2
+
+
+def test_a_run_s_answers_carry_the_credit_it_freed() -> None:
+    """The Pull the compute loop sends with a run's answers (``BrokerLink.pull_due``) counts the answered
+    orders as no longer held, so it asks for their places at once: a broker reads one message from each
+    connection in turn, and a Pull sent after the answers waited behind every other worker's answers. A
+    worker that is leaving asks for nothing."""
+    config = WorkerConfig(broker="tcp://127.0.0.1:1")
+    lifecycle, in_hand = Lifecycle(config), InHand()
+    ctx = zmq.asyncio.Context()  # the link's session is never opened: no socket, no broker
+    link = BrokerLink(ctx, config, lifecycle, in_hand, describe=None, tokenize_ahead=print)  # type: ignore[arg-type]
+    for _ in range(8):
+        link.window.arrived(1)  # eight batches of one claim: a window of two runs of 256 claims
+    in_hand.orders = [None] * 8  # the run being answered (pull_due counts orders, whatever they are)
+    assert link.pull_due(answered=8) == Pull(credit=2 * MIN_RUN_CLAIMS)
+    assert link.pull_due() is None  # asked for already: the window is full again
+    link.window.reset()
+    lifecycle.stop("test")
+    assert link.pull_due(answered=8) is None
+    ctx.term()
