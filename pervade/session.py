@@ -121,6 +121,11 @@ class BrokerSession:
         await self._connect()
 
     @property
+    def registered(self) -> bool:
+        """Registered with the broker now: a send goes out at once, on this connection."""
+        return self._registered.is_set()
+
+    @property
     def silent_s(self) -> float:
         """Seconds since the broker was last heard (or since ``open``), whatever the reconnections."""
         return time.monotonic() - self._heard_at
