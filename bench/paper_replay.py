@@ -277,9 +277,12 @@ class GpuHost:
         self.top_up(worker)
 
     def top_up(self, worker: SimGpu) -> None:
+        self.send(worker, self.pull_due(worker))
+
+    def pull_due(self, worker: SimGpu) -> list[Message]:
+        """The Pull the window asks for now, if any (as ``BrokerLink.pull_due``)."""
         credit = worker.window.top_up(held=len(worker.queue) + len(worker.running))
-        if credit:
-            self.send(worker, [Pull(credit=credit)])
+        return [Pull(credit=credit)] if credit else []
 
     def step(self, worker: SimGpu, now: float) -> None:
         """Finish what is due, then start the next load or run."""
@@ -292,8 +295,7 @@ class GpuHost:
             answers: list[Message] = [Completed(result=self.result(worker, batch)) for batch in worker.running]
             self.stats["completed"] += len(worker.running)
             worker.running = []
-            credit = worker.window.top_up(held=len(worker.queue))
-            self.send(worker, [*answers, Pull(credit=credit)] if credit else answers)
+            self.send(worker, [*answers, *self.pull_due(worker)])
         if not worker.loaded or not worker.queue:
             return
         if self.mode == "full":  # a run: queued batches up to one pass of claims, at least one batch

@@ -127,12 +127,12 @@ class Scheduler:
         """The batches each worker holding (or loading) ``context_id`` has in flight and nobody has a copy of,
         the last of its window first; workers with none are left out."""
         speculated = self.state.speculated
-        found = {
-            w.identity: [b for b in reversed(w.in_flight) if b not in speculated]
+        return {
+            w.identity: batches
             for w in self.state.workers.values()
-            if context_id in w.contexts and w.in_flight  # loading counts too
+            if context_id in w.contexts  # loading counts too
+            and (batches := [b for b in reversed(w.in_flight) if b not in speculated])
         }
-        return {identity: batches for identity, batches in found.items() if batches}
 
     def _workers_in_turn(self) -> list[WorkerRecord]:
         """The workers, starting one further along at each call (round robin across calls)."""

@@ -28,14 +28,16 @@ class SeenIds:
             self.add(batch_id)
 
     def add(self, batch_id: str) -> None:
-        h = hash(batch_id)
-        first, second = h & _MASK, (h >> 32) & _MASK
         bits = self._bits
-        bits[first >> 3] |= 1 << (first & 7)
-        bits[second >> 3] |= 1 << (second & 7)
+        for position in _positions(batch_id):
+            bits[position >> 3] |= 1 << (position & 7)
 
     def __contains__(self, batch_id: object) -> bool:
-        h = hash(batch_id)
-        first, second = h & _MASK, (h >> 32) & _MASK
         bits = self._bits
-        return bool(bits[first >> 3] & (1 << (first & 7))) and bool(bits[second >> 3] & (1 << (second & 7)))
+        return all(bits[position >> 3] & (1 << (position & 7)) for position in _positions(batch_id))
+
+
+def _positions(batch_id: object) -> tuple[int, int]:
+    """The id's two bits: the low and the high half of its hash."""
+    h = hash(batch_id)
+    return h & _MASK, (h >> 32) & _MASK

@@ -158,6 +158,12 @@ class BrokerLink:
         if (pull := self.pull_due()) is not None:
             await (send or self.session.send)(pull)
 
+    def pull_with_answers(self, answered: int) -> Pull | None:
+        """``pull_due`` for a run's answers (``answered`` orders in hand), or None while reconnecting: the
+        grant would count against the old connection's window, and the new one asks for its own when it
+        registers."""
+        return self.pull_due(answered) if self.session.registered else None
+
     def pull_due(self, answered: int = 0) -> Pull | None:
         """The credit to ask for now, when the window runs short (None while leaving, or when it does not).
         ``answered``: orders in hand whose answers go with it, no longer held. Counted as granted: send it."""

@@ -123,9 +123,8 @@ class Runner:
         # run freed in it: a broker reads one message from each connection in turn, so a Pull sent apart was
         # read only after every other worker's answers (24,000 completions at 186 GPUs and batch size 1), and
         # the refills waited for all of them. Sent even if the connection changed meanwhile: the broker takes
-        # each result whose batch is still open. Not while reconnecting: the grant would count against the old
-        # connection's window, and the new one asks for its own when it registers.
-        if self.link.session.registered and (pull := self.link.pull_due(answered=len(group))) is not None:
+        # each result whose batch is still open.
+        if (pull := self.link.pull_with_answers(answered=len(group))) is not None:
             answers.append(pull)
         await self.link.send_group(answers)
         self.batches_done += len(group)

@@ -125,6 +125,7 @@ def test_a_run_s_answers_carry_the_credit_it_freed() -> None:
     for _ in range(8):
         link.window.arrived(1)  # eight batches of one claim: a window of two runs of 256 claims
     in_hand.orders = [None] * 8  # the run being answered (pull_due counts orders, whatever they are)
+    assert link.pull_with_answers(answered=8) is None  # not registered (reconnecting): the new connection asks
     assert link.pull_due(answered=8) == Pull(credit=2 * MIN_RUN_CLAIMS)
     assert link.pull_due() is None  # asked for already: the window is full again
     link.window.reset()
