@@ -57,6 +57,8 @@ class WorkerRecord(PeerRecord):
 @dataclass
 class SinkRecord(PeerRecord):
     unacked: set[str] = field(default_factory=set)
+    #: Delivered to since it was last told nothing more is coming (``RollNow``).
+    awaiting_roll: bool = False
 
 
 @dataclass

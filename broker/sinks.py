@@ -22,6 +22,7 @@ from pervade.protocol import (
     Deliver,
     DeliverFailure,
     Disconnect,
+    RollNow,
     SinkAck,
     SinkReady,
 )
@@ -90,7 +91,23 @@ class Sinks:
         if sink.key is not None:
             self.state.delivered_to.setdefault(batch_id, set()).add(sink.key.public)
         sink.unacked.add(batch_id)
+        sink.awaiting_roll = True
         self.outbox.post(sink.identity, message, on_fail=lambda: self.undeliver(batch_id, sink))
+
+    def roll_now_if_nothing_more(self) -> None:
+        """Tell the sinks delivered to since they were last told (``RollNow``) to make what they hold durable
+        now, when nothing more is on its way: no batch is queued, running or waiting for a sink, and every
+        open job is ended (a job still being submitted may bring more, and its sink waits for its idle roll
+        rather than close a file per batch). Called once per turn: a few counter reads unless it sends."""
+        counts = self.state.store.status_counts
+        if counts[BatchStatus.QUEUED] or counts[BatchStatus.ASSIGNED] or counts[BatchStatus.DONE]:
+            return
+        waiting = [sink for sink in self.state.sinks.values() if sink.awaiting_roll]
+        if not waiting or not all(job.ended for job in self.state.jobs.values() if not job.done_reported):
+            return
+        for sink in waiting:
+            sink.awaiting_roll = False
+            self.outbox.post(sink.identity, RollNow())
 
     def delivery_for(self, row: StoredBatch, result: BatchResult | None = None) -> Deliver | DeliverFailure:
         store = self.state.store

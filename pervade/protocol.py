@@ -383,6 +383,12 @@ class DeliverFailure(Message, tag="deliver_failure"):
     redelivery: bool = False
 
 
+class RollNow(Message, tag="roll_now"):
+    """Broker to a sink it delivered to: every open job is ended and none of its batches is left to deliver,
+    so nothing more is on its way. The sink makes what it holds durable now (and acknowledges it) instead of
+    waiting ``idle_roll_seconds`` for a delivery that will not come: a job ends that much sooner."""
+
+
 class SinkAck(Message, tag="sink_ack"):
     """Sink has written these batches durably: verdict rows in a final Parquet file, or failures in an
     fsynced failures file."""
@@ -526,7 +532,7 @@ AnyMessage = Union[
     ProducerReady, Submit, Accepted, Rejected, EndJob, JobEnded, AbortJob, JobDone, DeclareContext,
     WorkerReady, Pull, LoadContext, ContextLoaded, ContextFailed, Assign, Completed, BatchFailed, Release,
     Drained, FindSources, Sources, PeerKeys, FilesHeld, FilesDropped,
-    Disconnect, SinkReady, Deliver, DeliverFailure, SinkAck,
+    Disconnect, SinkReady, Deliver, DeliverFailure, RollNow, SinkAck,
     StatusRequest, StatusReply, ProgressRequest, ProgressReply,
     Heartbeat, Error, Refused,
 ]  # fmt: skip

@@ -13,7 +13,8 @@ it had not made durable, steps away from the broker (which delivers those batche
 or to this one when it returns), and registers again after a back-off that doubles up to a minute.
 
 Files roll when they reach ``file_rows`` rows, when the oldest unacknowledged outcome is ``roll_seconds``
-old, when nothing has arrived for ``idle_roll_seconds``, and on shutdown. With ``until_done`` the sink
+old, when nothing has arrived for ``idle_roll_seconds``, when the broker says nothing more is coming
+(``RollNow``: every open job ended and delivered), and on shutdown. With ``until_done`` the sink
 exits once the broker reports every job complete.
 """
 
@@ -43,6 +44,7 @@ from pervade.protocol import (
     JobDone,
     ProgressReply,
     ProgressRequest,
+    RollNow,
     RunProgress,
     SinkAck,
     SinkReady,
@@ -157,6 +159,9 @@ class Sink:
                 message = await self.session.receive(timeout_s=0.1)
                 if isinstance(message, (Deliver, DeliverFailure)):
                     await self.accept(message)
+                elif isinstance(message, RollNow):
+                    if self.holding():  # nothing more is coming: waiting for the idle roll would only delay
+                        await self.roll()
                 elif isinstance(message, JobDone):
                     self.job_done(message)
                 elif isinstance(message, ProgressReply):

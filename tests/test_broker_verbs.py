@@ -39,6 +39,7 @@ from pervade.protocol import (
     ProgressReply,
     ProgressRequest,
     Pull,
+    RollNow,
     SinkAck,
     SinkReady,
     StatusReply,
@@ -412,6 +413,25 @@ def test_a_sink_ack_completes_the_job_and_its_producer_hears_job_done(broker) ->
     done = JobDone(job_id="j", batches=2, pairs=4, batches_written=2, pairs_written=4)
     assert (b"p", done) in sent and (b"s", done) in sent
     assert broker.status("j/0") is BatchStatus.WRITTEN and broker.state.jobs["j"].done_reported
+
+
+def test_a_sink_is_told_to_roll_once_every_open_job_is_ended_and_delivered(broker) -> None:
+    broker(b"s", SinkReady(sink_id="s"))
+    broker.worker(b"w", contexts=[A], credit=2)
+    broker.submit(batch("j", 0), batch("j", 1))
+    broker.turn()
+
+    def told_to_roll() -> list[bytes]:
+        broker.parts.sinks.roll_now_if_nothing_more()
+        return [peer for peer, message in broker.turn() if isinstance(message, RollNow)]
+
+    broker(b"w", Completed(result=result_for(batch("j", 0))))
+    assert told_to_roll() == []  # j/1 is still running
+    broker(b"w", Completed(result=result_for(batch("j", 1))))
+    assert told_to_roll() == []  # the job is open: its producer may send more
+    broker(b"p", EndJob(job_id="j", batches=2, pairs=4, digest=broker.state.jobs["j"].holds().digest))
+    assert told_to_roll() == [b"s"]
+    assert told_to_roll() == []  # once, until something more is delivered to it
 
 
 def test_a_failed_batch_acknowledged_makes_a_job_done_with_its_error(broker) -> None:

@@ -72,6 +72,7 @@ from pervade.protocol import (
     Pull,
     Rejected,
     Release,
+    RollNow,
     SinkAck,
     SinkReady,
     Submit,
@@ -270,7 +271,7 @@ def _encodable(message: Message) -> bool:
 
 #: Messages only a broker sends: a broker receiving one refuses it, whatever its fields.
 refused_messages: SearchStrategy[Message] = st.one_of(
-    *(st.from_type(cls) for cls in (Accepted, Rejected, JobDone, LoadContext, Assign, Deliver, DeliverFailure))
+    *(st.from_type(cls) for cls in (Accepted, Rejected, JobDone, LoadContext, Assign, Deliver, DeliverFailure, RollNow))
 ).filter(_encodable)
 messages = accepted_messages | refused_messages
 

@@ -24,6 +24,7 @@ from pervade.protocol import (
     Heartbeat,
     JobDone,
     Message,
+    RollNow,
     SinkAck,
     SinkReady,
     decode,
@@ -112,6 +113,21 @@ async def test_a_batch_delivered_again_is_acknowledged_and_never_written_twice(b
 
     assert read_verdicts(out).num_rows == 2
     assert first.duplicates_skipped == other.duplicates_skipped == restarted.duplicates_skipped == 1
+
+
+async def test_told_nothing_more_is_coming_a_sink_acknowledges_without_waiting_for_its_idle_roll(
+    broker_side, tmp_path
+) -> None:
+    out = tmp_path / "out"
+    sink, task, identity = await start_sink(broker_side, out, "s", idle_roll_seconds=60.0, roll_seconds=60.0)
+    await broker_side.send(identity, Deliver(result=result_for(batch("j1", 0))))
+    await broker_side.send(identity, RollNow())
+    _, ack = await broker_side.receive(SinkAck, timeout_s=10.0)  # the timers alone would take a minute
+    assert ack.batch_ids == ["j1/0"] and read_verdicts(out).num_rows == 2
+    await broker_side.send(identity, RollNow())  # holding nothing: no empty file, no second ack
+    sink.stop()
+    await task
+    assert sink.files_written == 1
 
 
 async def test_failures_are_recorded_beside_the_output_and_until_done_exits(broker_side, tmp_path) -> None:
