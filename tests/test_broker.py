@@ -34,6 +34,7 @@ from pervade.protocol import (
     LoadContext,
     Pull,
     Rejected,
+    RollNow,
     SinkAck,
     SinkReady,
     Submit,
@@ -116,6 +117,7 @@ async def test_a_job_flows_from_producer_to_worker_to_sink_and_back(connect) -> 
         await worker.send(Completed(result=result_for(a.batch)))
     delivered = [await sink.receive(), await sink.receive()]
     assert all(isinstance(d, Deliver) for d in delivered)
+    assert await sink.receive() == RollNow()  # the job is ended and nothing more is coming: no idle wait
     await producer.expect_silence()  # not done until the sink says the rows are durable
     await sink.send(SinkAck(batch_ids=[d.result.batch_id for d in delivered]))
     done = JobDone(job_id="j1", batches=2, pairs=4, batches_written=2, pairs_written=4)
