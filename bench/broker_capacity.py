@@ -103,6 +103,7 @@ import psutil
 import zmq
 from benchkit import DEFAULT_OUT_DIR, Report
 
+from pervade.collector import collect_garbage_rarely
 from pervade.constants import LABELS
 from pervade.context import ContextSpec, ResolvedContext, make_context
 from pervade.errors import PervadeError
@@ -918,6 +919,7 @@ def main() -> int:
             f"broker, sink, producer and simulators share this machine's {os.cpu_count()} cores "
             f"(1-minute load average at the start: {os.getloadavg()[0]:.1f})",
         )
+        collect_garbage_rarely()  # the producer runs in this process: its collector as `pervade produce` sets it
         asyncio.run(measure(args, setup, report))
     except PervadeError as exc:
         print(f"broker_capacity: error: {exc}\n(logs kept in {root})", file=sys.stderr)

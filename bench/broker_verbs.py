@@ -20,7 +20,7 @@ even when it is a few percent:
   real peers do;
 - a turn is what the broker's loop does: the messages handled, one dispatch, one commit, the sends;
 - the broker logs as deployed (``--log-level``, JSON lines), into a file in the temporary directory, and
-  its garbage collector is set as deployed (``broker/server.py``'s ``collect_garbage_rarely``).
+  its garbage collector is set as deployed (``pervade/collector.py``'s ``collect_garbage_rarely``).
 
 Only the broker's calls are timed (``time.process_time``: CPU, not wall; the peers' encoding and decoding
 is not counted): ``handle`` of each verb's messages, ``dispatch``, and ``flush`` (commit and send). The
@@ -45,9 +45,9 @@ from store_lifecycle import make_batches, result_of
 
 from pervade.broker.config import BrokerConfig
 from pervade.broker.parts import BrokerParts, build_parts
-from pervade.broker.server import collect_garbage_rarely
 from pervade.broker.state import BrokerState
 from pervade.broker.store import BatchStatus, BrokerStore
+from pervade.collector import collect_garbage_rarely
 from pervade.context import ContextSpec
 from pervade.logs import configure_logging
 from pervade.protocol import (

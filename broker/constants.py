@@ -12,9 +12,6 @@ DELIVER_PER_TURN = 1000
 #: Messages the loop reads (grouped or not) before it dispatches, commits and sends: no reply of a turn waits
 #: for more than this many others to be read.
 RECEIVE_PER_TURN = 4096
-#: Allocations between two collections of the garbage collector's young generation in the broker (Python's
-#: default is 700): see ``broker.server.collect_garbage_rarely``.
-GC_YOUNG_THRESHOLD = 50_000
 #: A peer's time this far ahead of the broker's, or a result finished this long ago, is a clock set wrong:
 #: the broker keeps the result and moves its times onto its own clock (a result can arrive late, after a
 #: reconnection, but not from the future, and not a day late).

@@ -25,7 +25,6 @@ however malformed, escapes the router.
 from __future__ import annotations
 
 import asyncio
-import gc
 import signal
 import sqlite3
 import time
@@ -38,7 +37,7 @@ import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
 from pervade.broker.config import BrokerConfig
-from pervade.broker.constants import GC_YOUNG_THRESHOLD, RECEIVE_PER_TURN
+from pervade.broker.constants import RECEIVE_PER_TURN
 from pervade.broker.keyguard import KeyChanges, KeyGuard
 from pervade.broker.metrics import METRICS_REFRESH_S, MetricsExporter
 from pervade.broker.outbox import socket_sender
@@ -46,6 +45,7 @@ from pervade.broker.parts import BrokerParts, build_parts
 from pervade.broker.records import ProducerRecord, SinkRecord, WorkerRecord
 from pervade.broker.state import BrokerState
 from pervade.broker.store import BatchStatus, BrokerStore, JobRecord, state_error
+from pervade.collector import collect_garbage_rarely
 from pervade.context import ContextSpec
 from pervade.errors import ConfigError
 from pervade.keyring import KeyHolder, KeyRing
@@ -349,17 +349,6 @@ def listen(
     except zmq.ZMQError:
         auth.stop()
         raise
-
-
-def collect_garbage_rarely() -> None:
-    """The broker allocates a few dozen objects per message and frees them by reference counting (its data
-    holds no cycles), so at the collector's default threshold (700 allocations) it collected thousands of
-    times a second at batch size 1, each time walking what it keeps: peers, rows in flight, read-ahead. What
-    it holds once started is frozen out of the collector's walks, and the young generation is collected
-    every ``GC_YOUNG_THRESHOLD`` allocations instead: cycles, if any, are still found."""
-    gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 async def run_broker(config: BrokerConfig) -> None:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pervade.collector import collect_garbage_rarely
 from pervade.constants import DEFAULT_BROKER_CONNECT
 from pervade.options import SECURITY_SECTION, add_config_options, build_config, section
 
@@ -110,6 +111,7 @@ def run_produce(args: argparse.Namespace) -> int:
     request = build_config(ProduceRequest, args, context=model.spec(), keys=client_keys(args, "producer"))
     request = dataclasses.replace(request, context=model.resolve())
     import_claims_reader()
+    collect_garbage_rarely()
     print(asyncio.run(produce(request)).describe())
     return 0
 
