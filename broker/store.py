@@ -129,7 +129,7 @@ class BatchStatus(enum.StrEnum):  # a str: hashed in C, and the store counts sta
     SPLIT = "split"  # it failed and its claims were split into two parts, queued as batches of their own
 
 
-class StoredBatch(msgspec.Struct, frozen=True):
+class StoredBatch(msgspec.Struct, frozen=True, gc=False):
     """A batch's bookkeeping row (without its claims or verdicts). A struct: a change of status copies it
     (``msgspec.structs.replace``) several times per batch."""
 

@@ -49,7 +49,7 @@ class ContextMode(str, enum.Enum):
     FULL = "full"
 
 
-class ContextSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class ContextSpec(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
     """The model a batch needs. Travels inside every batch, so it stays small: the manifest itself goes
     to the broker once (``DeclareContext``) and to a worker with ``LoadContext``."""
 

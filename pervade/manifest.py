@@ -35,7 +35,7 @@ Sha256 = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
 RelativePath = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
 
 
-class FileEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class FileEntry(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
     """One file of a context: where it goes relative to the model directory, and its content."""
 
     path: RelativePath
@@ -50,7 +50,7 @@ class FileEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self.sha256.hex()
 
 
-class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Manifest(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
     """Every file of a context, sorted by path."""
 
     files: Annotated[list[FileEntry], msgspec.Meta(min_length=1, max_length=MAX_FILES)]

@@ -42,7 +42,7 @@ SCORING = "answer_logprob"
 CONTENT_FREE_CLAIM = "N/A"
 
 
-class PromptTemplate(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+class PromptTemplate(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True, omit_defaults=True):
     """One prompt template of a sweep (see the module's docstring for each field)."""
 
     text: str

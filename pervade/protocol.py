@@ -44,7 +44,7 @@ LabelScores = Annotated[list[float | None], msgspec.Meta(min_length=len(LABELS),
 PublicKey = Annotated[str, msgspec.Meta(min_length=40, max_length=40)]
 
 
-class _Part(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+class _Part(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True, omit_defaults=True):
     """Base of the structures nested inside messages."""
 
 
@@ -133,7 +133,7 @@ class BatchFailure(_Part):
     attempts: int
 
 
-class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True, tag_field="kind"):
+class Message(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True, omit_defaults=True, tag_field="kind"):
     """Base of every message; the class's tag is the message's ``kind`` on the wire."""
 
 
