@@ -242,9 +242,11 @@ class GpuHost:
         self.start_worker(victim.gpu)
 
     def send(self, worker: SimGpu, messages: list[Message]) -> None:
+        """Send ``messages`` (nothing when empty: an empty send is no sign of life, and must not put off the
+        next heartbeat)."""
         for frames in encode_group(messages):
             worker.socket.send_multipart(frames, flags=zmq.NOBLOCK)
-        worker.last_sent = time.monotonic()
+            worker.last_sent = time.monotonic()
 
     def context_id(self, spec: ContextSpec) -> str:
         if spec not in self._context_ids:
