@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import duckdb
+import msgspec
 import pandas as pd
 import polars as pl
 
@@ -60,6 +61,21 @@ def test_rows_columns_and_readers(tmp_path) -> None:
     assert pl.read_parquet(tmp_path / "*.parquet").height == 12
     assert duckdb.sql(f"select count(*) from '{tmp_path}/*.parquet'").fetchall() == [(12,)]
     assert duckdb.sql(f"select count(distinct batch_id) from '{tmp_path}/*.parquet'").fetchall() == [(4,)]
+
+
+def test_each_row_carries_its_own_batch_s_fields_in_a_row_group_of_batches_of_every_size(tmp_path) -> None:
+    writer = RollingParquetWriter(OutputDirectory(tmp_path), "v", row_group_rows=100)
+    for b, n in enumerate([1, 3, 1, 2]):
+        writer.add(msgspec.structs.replace(
+            result(b, n=n), worker_id=f"w{b}", worker_key="k" if b % 2 else "", started_at=1_700_000_000.0 + b,
+        ))  # fmt: skip
+    writer.roll()
+    rows = pl.read_parquet(tmp_path).to_dicts()
+    assert sorted(row["claim_id"] for row in rows) == ["0-0", "1-0", "1-1", "1-2", "2-0", "3-0", "3-1"]
+    for row in rows:
+        b = int(row["claim_id"].split("-")[0])
+        assert (row["batch_id"], row["worker_id"], row["worker_key"]) == (f"b{b}", f"w{b}", "k" if b % 2 else None)
+        assert row["started_at"].timestamp() == 1_700_000_000.0 + b
 
 
 def test_summary_counts_accuracy_on_labelled_rows_only(tmp_path) -> None:
