@@ -39,8 +39,11 @@ heartbeat). The columns:
 - ``claims_per_s``: claims / ``wall_s``, where ``wall_s`` runs from the first batch submitted to the job
   done: with a sink, the producer's ``JobDone``, sent once every batch is durably written (the sink's
   Parquet file renamed into place and acknowledged); without a sink, the last ``completed`` sent by a
-  simulated worker. With a sink, the wall time includes the sink closing its last file after
-  ``--idle-roll-seconds`` (0.5 s by default) without new results.
+  simulated worker. With a sink, the wall time includes the sink closing and publishing its last file,
+  which it does as soon as the broker says nothing more is coming (``roll_now``: the job ended and every
+  batch delivered), not after ``--idle-roll-seconds`` without new results as before. A short row (30,000
+  claims at batch 32 take a quarter of a second) is still mostly its start and its end: use ``--claims``
+  of a few hundred thousand for the steady rate.
 - ``submit_s``: first batch submitted to the broker's ``accepted`` for the last one (the producer's part).
   When it is close to ``wall_s``, the producer's window of ``--max-unacked`` batches paces the row.
 - per-batch latency, p50 and p99 over every batch, in ms, on one clock (one machine):

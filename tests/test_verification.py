@@ -39,6 +39,7 @@ from pervade.protocol import (
     Pull,
     Refused,
     Rejected,
+    RollNow,
     SinkAck,
     SinkReady,
     Submit,
@@ -162,6 +163,7 @@ async def test_a_sweep_whose_input_turns_bad_midway_is_aborted_and_closed(connec
     assert job.ended and "record 5" in job.aborted and live_broker.counters["jobs_aborted"] == 1
     failures = [await sink.receive() for _ in range(2)]  # the two batches sent: recorded failed, never run
     assert all(isinstance(f, DeliverFailure) and "job aborted by its producer" in f.failure.error for f in failures)
+    assert await sink.receive() == RollNow()  # the job is closed: nothing more is coming
     await sink.send(SinkAck(batch_ids=[f.failure.batch_id for f in failures]))
     done = await sink.receive()  # so a sink run --until-done does not wait for it for ever
     assert isinstance(done, JobDone) and done.job_id == "ja" and done.open_jobs == 0 and done.pairs_failed == 4
