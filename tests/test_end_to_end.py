@@ -127,7 +127,15 @@ async def test_later_batches_go_to_the_workers_already_holding_the_model(cluster
     table = read_verdicts(cluster.out_dir)
     second_job = table.filter(pc.invert(pc.is_in(table["job_id"], pc.unique(table.slice(0, rows_before)["job_id"]))))
     assert second_job.num_rows == 400
-    assert set(pc.unique(second_job["worker_id"]).to_pylist()) == set(WORKERS)
+    writers = set(pc.unique(second_job["worker_id"]).to_pylist())
+    if writers != set(WORKERS):
+        # The broker hands the batches to both workers in turn; a worker that falls idle first copies what the
+        # other holds unstarted (Scheduler.speculate) and may answer all of it first, as the suite's load can
+        # make it. Then its rows stand for copies the broker made, never for a worker passed over.
+        snapshot = msgspec.json.decode(
+            await pervade_output("status", "--broker", cluster.endpoint, "--json"), type=StatusSnapshot
+        )
+        assert writers < set(WORKERS) and snapshot.counters["speculative_assignments"] > 0
 
     for name in WORKERS:
         assert len(cluster.events(name, "context_loaded")) == 1, f"{name} loaded the model more than once"
