@@ -9,6 +9,9 @@ REGISTER_AGAIN = "unknown peer: register again"
 MAX_JOB_ERRORS = 20
 #: Completed batches handed to sinks per turn of the loop.
 DELIVER_PER_TURN = 1000
+#: Fewest seconds between two ``RollNow`` to one sink: a stream of small jobs, each ended before the next begins,
+#: would otherwise close a file per job. Between two hints the sink's own idle roll closes its file as before.
+ROLL_NOW_MIN_INTERVAL_S = 2.0
 #: Messages the loop reads (grouped or not) before it dispatches, commits and sends: no reply of a turn waits
 #: for more than this many others to be read.
 RECEIVE_PER_TURN = 4096

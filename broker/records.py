@@ -57,8 +57,13 @@ class WorkerRecord(PeerRecord):
 @dataclass
 class SinkRecord(PeerRecord):
     unacked: set[str] = field(default_factory=set)
-    #: Delivered to since it was last told nothing more is coming (``RollNow``).
+    #: The jobs of what it was delivered since it last held nothing unacknowledged. It is told nothing more
+    #: is coming (``RollNow``) only once they are all ended: a job abandoned open holds back no later job's
+    #: hint once its own batches are acknowledged.
+    delivered_jobs: set[str] = field(default_factory=set)
+    #: Delivered to since it was last told (``RollNow``), and when it was last told (``time.monotonic``).
     awaiting_roll: bool = False
+    told_to_roll_at: float = float("-inf")
 
 
 @dataclass

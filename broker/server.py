@@ -231,7 +231,7 @@ class BrokerServer:
                     next_beat = now + beat
                 if parts.state.sinks and store.status_counts[BatchStatus.DONE]:
                     parts.sinks.deliver_held()
-                parts.sinks.roll_now_if_nothing_more()
+                parts.sinks.roll_now_if_nothing_more(now)
                 parts.outbox.flush()
                 checkpoints.step(now)
                 if now >= next_stats:

@@ -1,5 +1,6 @@
 """A sink's verbs, and the delivery of batch outcomes to sinks: register, take a batch's verdicts or
-failure (``Deliver``, ``DeliverFailure``), acknowledge it durably written (``SinkAck``).
+failure (``Deliver``, ``DeliverFailure``), acknowledge it durably written (``SinkAck``), and hear that nothing
+more is coming (``RollNow``), so it need not wait for its idle roll.
 
 A batch with an outcome goes to a sink round robin; until the sink acknowledges it the broker keeps it and
 delivers it again if the sink leaves. Acknowledged batches count towards their job, which is reported done
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import structlog
 
-from pervade.broker.constants import DELIVER_PER_TURN, MAX_JOB_ERRORS, REGISTER_AGAIN
+from pervade.broker.constants import DELIVER_PER_TURN, MAX_JOB_ERRORS, REGISTER_AGAIN, ROLL_NOW_MIN_INTERVAL_S
 from pervade.broker.job_reports import JobReports
 from pervade.broker.outbox import Outbox
 from pervade.broker.records import SinkRecord
@@ -91,23 +92,31 @@ class Sinks:
         if sink.key is not None:
             self.state.delivered_to.setdefault(batch_id, set()).add(sink.key.public)
         sink.unacked.add(batch_id)
+        sink.delivered_jobs.add(row.job_id)
         sink.awaiting_roll = True
         self.outbox.post(sink.identity, message, on_fail=lambda: self.undeliver(batch_id, sink))
 
-    def roll_now_if_nothing_more(self) -> None:
-        """Tell the sinks delivered to since they were last told (``RollNow``) to make what they hold durable
-        now, when nothing more is on its way: no batch is queued, running or waiting for a sink, and every
-        open job is ended (a job still being submitted may bring more, and its sink waits for its idle roll
-        rather than close a file per batch). Called once per turn: a few counter reads unless it sends."""
+    def roll_now_if_nothing_more(self, now: float) -> None:
+        """Tell each sink delivered to since it was last told (``RollNow``) to make what it holds durable now,
+        when nothing more is on its way: no batch is queued, running or waiting for a sink, and every job of
+        what it was delivered is ended. A job still being submitted may bring more: its sink waits for its
+        idle roll rather than close a file per batch. At most one hint per sink every
+        ``ROLL_NOW_MIN_INTERVAL_S``. Called once per turn: a few counter reads unless some sink waits."""
         counts = self.state.store.status_counts
         if counts[BatchStatus.QUEUED] or counts[BatchStatus.ASSIGNED] or counts[BatchStatus.DONE]:
             return
-        waiting = [sink for sink in self.state.sinks.values() if sink.awaiting_roll]
-        if not waiting or not all(job.ended for job in self.state.jobs.values() if not job.done_reported):
-            return
-        for sink in waiting:
-            sink.awaiting_roll = False
-            self.outbox.post(sink.identity, RollNow())
+        jobs = self.state.jobs
+        for sink in self.state.sinks.values():
+            if not sink.awaiting_roll or now - sink.told_to_roll_at < ROLL_NOW_MIN_INTERVAL_S:
+                continue
+            if all(job_id not in jobs or jobs[job_id].ended for job_id in sink.delivered_jobs):
+                sink.awaiting_roll, sink.told_to_roll_at = False, now
+                self.outbox.post(sink.identity, RollNow(), on_fail=lambda sink=sink: self._roll_not_told(sink))
+
+    @staticmethod
+    def _roll_not_told(sink: SinkRecord) -> None:
+        """A ``RollNow`` that could not be sent (the sink not keeping up): told again at the next chance."""
+        sink.awaiting_roll, sink.told_to_roll_at = True, float("-inf")
 
     def delivery_for(self, row: StoredBatch, result: BatchResult | None = None) -> Deliver | DeliverFailure:
         store = self.state.store
@@ -149,6 +158,8 @@ class Sinks:
             holder = self.state.sinks.get(row.sink or b"")
             if holder is not None:
                 holder.unacked.discard(batch_id)
+                if not holder.unacked:  # all it was delivered is durable: those jobs no longer concern it
+                    holder.delivered_jobs.clear()
             store.written(row)
             job = self.state.jobs[row.job_id]
             if row.root is None:

@@ -17,8 +17,10 @@ def collect_garbage_rarely(young_threshold: int = YOUNG_THRESHOLD) -> None:
     frozen out of the collector's walks, and the young generation is collected every ``young_threshold``
     allocations instead: cycles, if any, are still found.
 
-    For a process's entry point only: a library call (the producer's API in a user's script) leaves the
-    user's collector alone."""
+    For a process's entry point only (a command, once what it starts with is loaded): a library call (the
+    producer's API in a user's script) leaves the user's collector alone. Garbage made while starting is
+    collected first, not frozen for the process's life."""
+    gc.collect()
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(young_threshold, middle, old)

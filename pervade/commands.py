@@ -126,7 +126,9 @@ def sink_options(parser: argparse.ArgumentParser) -> None:
 def run_sink(args: argparse.Namespace) -> int:
     from pervade.sinks.sink import SinkConfig, run_sink
 
-    asyncio.run(run_sink(build_config(SinkConfig, args, keys=client_keys(args, "sink"))))
+    config = build_config(SinkConfig, args, keys=client_keys(args, "sink"))
+    collect_garbage_rarely()
+    asyncio.run(run_sink(config))
     return 0
 
 

@@ -37,6 +37,10 @@ def _micros(seconds: float) -> int:
     return int(round(seconds * 1_000_000))
 
 
+#: A result's calibration columns when its template does not calibrate.
+_NOT_CALIBRATED = (None,) * len(CALIBRATION_COLUMNS)
+
+
 @dataclass
 class _Columns:
     """Results buffered whole, and turned into columns once per row group, a pass per column. Appending each
@@ -71,10 +75,6 @@ class _Columns:
             columns[name] = [verdict.scores[position] for verdict in verdicts]
         columns["score_kind"] = [SCORING] * len(verdicts)
         return pa.Table.from_pydict({name: columns[name] for name in SCHEMA.names}, schema=SCHEMA)
-
-
-#: A result's calibration columns when its template does not calibrate.
-_NOT_CALIBRATED = (None,) * len(CALIBRATION_COLUMNS)
 
 
 class RollingParquetWriter:

@@ -32,7 +32,6 @@ from typing import TypeVar
 import structlog
 import zmq.asyncio
 
-from pervade.collector import collect_garbage_rarely
 from pervade.keys import ClientKeys
 from pervade.monitor import format_duration
 from pervade.options import POSITIVE, at_least, broker_option, check_options, nested, option, progress_option
@@ -336,7 +335,6 @@ async def run_sink(config: SinkConfig) -> None:
     """Run a sink until SIGTERM or SIGINT (or every job is done, with ``until_done``); the open file is
     finished and acknowledged before exit."""
     sink = Sink(config)
-    collect_garbage_rarely()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, sink.stop)

@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from pervade.broker.config import BrokerConfig
-from pervade.broker.constants import REGISTER_AGAIN
+from pervade.broker.constants import REGISTER_AGAIN, ROLL_NOW_MIN_INTERVAL_S
 from pervade.broker.parts import BrokerParts, build_parts
 from pervade.broker.state import BrokerState
 from pervade.broker.store import BatchStatus, BrokerStore
@@ -415,23 +415,44 @@ def test_a_sink_ack_completes_the_job_and_its_producer_hears_job_done(broker) ->
     assert broker.status("j/0") is BatchStatus.WRITTEN and broker.state.jobs["j"].done_reported
 
 
-def test_a_sink_is_told_to_roll_once_every_open_job_is_ended_and_delivered(broker) -> None:
+def test_a_sink_is_told_to_roll_once_nothing_more_is_coming_for_the_jobs_it_was_delivered(broker) -> None:
     broker(b"s", SinkReady(sink_id="s"))
-    broker.worker(b"w", contexts=[A], credit=2)
-    broker.submit(batch("j", 0), batch("j", 1))
-    broker.turn()
+    broker.worker(b"w", contexts=[A], credit=1)
 
-    def told_to_roll() -> list[bytes]:
-        broker.parts.sinks.roll_now_if_nothing_more()
+    def told_to_roll(now: float) -> list[bytes]:
+        broker.parts.sinks.roll_now_if_nothing_more(now)
         return [peer for peer, message in broker.turn() if isinstance(message, RollNow)]
 
+    def end_job(job: str) -> None:
+        held = broker.state.jobs[job].holds()
+        broker(b"p", EndJob(job_id=job, batches=held.batches, pairs=held.pairs, digest=held.digest))
+
+    broker.submit(batch("j", 0), batch("j", 1))
+    end_job("j")
+    broker.turn()
     broker(b"w", Completed(result=result_for(batch("j", 0))))
-    assert told_to_roll() == []  # j/1 is still running
-    broker(b"w", Completed(result=result_for(batch("j", 1))))
-    assert told_to_roll() == []  # the job is open: its producer may send more
-    broker(b"p", EndJob(job_id="j", batches=2, pairs=4, digest=broker.state.jobs["j"].holds().digest))
-    assert told_to_roll() == [b"s"]
-    assert told_to_roll() == []  # once, until something more is delivered to it
+    assert told_to_roll(10.0) == []  # j/1 is queued
+    broker(b"w", Pull(credit=1))
+    broker.turn()
+    assert told_to_roll(20.0) == []  # j/1 is running
+    broker(b"w", Completed(result=result_for(batch("j", 1))), Pull(credit=1))
+    assert told_to_roll(30.0) == [b"s"]
+    assert told_to_roll(40.0) == []  # once, until something more is delivered to it
+
+    broker.submit(batch("k", 0))  # a job its producer keeps open: it may send more
+    broker.turn()
+    broker(b"w", Completed(result=result_for(batch("k", 0))), Pull(credit=1))
+    assert told_to_roll(50.0) == []  # its sink waits for its idle roll, which acknowledges everything
+    broker(b"s", SinkAck(batch_ids=["j/0", "j/1", "k/0"]))
+    broker.turn()
+
+    for job, now in (("m", 60.0), ("n", 60.5)):  # the open job k no longer holds back the others' hints
+        broker.submit(batch(job, 0))
+        end_job(job)
+        broker.turn()
+        broker(b"w", Completed(result=result_for(batch(job, 0))), Pull(credit=1))
+        assert told_to_roll(now) == ([b"s"] if job == "m" else [])  # n: too soon after m's hint
+    assert told_to_roll(60.5 + ROLL_NOW_MIN_INTERVAL_S) == [b"s"]
 
 
 def test_a_failed_batch_acknowledged_makes_a_job_done_with_its_error(broker) -> None:

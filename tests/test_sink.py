@@ -125,6 +125,8 @@ async def test_told_nothing_more_is_coming_a_sink_acknowledges_without_waiting_f
     _, ack = await broker_side.receive(SinkAck, timeout_s=10.0)  # the timers alone would take a minute
     assert ack.batch_ids == ["j1/0"] and read_verdicts(out).num_rows == 2
     await broker_side.send(identity, RollNow())  # holding nothing: no empty file, no second ack
+    with pytest.raises(TimeoutError):
+        await broker_side.receive(SinkAck, timeout_s=1.0)
     sink.stop()
     await task
     assert sink.files_written == 1
