@@ -384,9 +384,10 @@ class DeliverFailure(Message, tag="deliver_failure"):
 
 
 class RollNow(Message, tag="roll_now"):
-    """Broker to a sink it delivered to: every open job is ended and none of its batches is left to deliver,
-    so nothing more is on its way. The sink makes what it holds durable now (and acknowledges it) instead of
-    waiting ``idle_roll_seconds`` for a delivery that will not come: a job ends that much sooner."""
+    """Broker to a sink it delivered to: no batch is queued, running or left to deliver, and every job of what
+    the sink was delivered is ended, so nothing more is on its way. The sink makes what it holds durable now
+    (and acknowledges it) instead of waiting ``idle_roll_seconds`` for a delivery that will not come: a job
+    ends that much sooner."""
 
 
 class SinkAck(Message, tag="sink_ack"):

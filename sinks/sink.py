@@ -14,7 +14,7 @@ or to this one when it returns), and registers again after a back-off that doubl
 
 Files roll when they reach ``file_rows`` rows, when the oldest unacknowledged outcome is ``roll_seconds``
 old, when nothing has arrived for ``idle_roll_seconds``, when the broker says nothing more is coming
-(``RollNow``: every open job ended and delivered), and on shutdown. With ``until_done`` the sink
+(``RollNow``: every job of what it holds ended and delivered), and on shutdown. With ``until_done`` the sink
 exits once the broker reports every job complete.
 """
 
