@@ -195,6 +195,8 @@ class SimGpu:
     loading: str | None = None  # the context being loaded, until busy_until
     loaded: bool = False
     busy_until: float = 0.0
+    #: When the run in hand started (wall clock): its results' ``started_at``, as a real worker's runs.
+    run_started: float = 0.0
     last_sent: float = 0.0
     heard: bool = False
 
@@ -294,7 +296,8 @@ class GpuHost:
             self.send(worker, [ContextLoaded(context_id=worker.loading, seconds=self.timing.load_s)])
             worker.loading, worker.loaded = None, True
         if worker.running:  # answered as gpuworker/runner.py answers a run: the results, and the Pull it frees
-            answers: list[Message] = [Completed(result=self.result(worker, batch)) for batch in worker.running]
+            finished = time.time()  # one run: its batches share a start and a finish, as a real worker's
+            answers: list[Message] = [Completed(result=self.result(worker, batch, finished)) for batch in worker.running]
             self.stats["completed"] += len(worker.running)
             worker.running = []
             self.send(worker, [*answers, *self.pull_due(worker)])
@@ -312,15 +315,16 @@ class GpuHost:
             self.stats["loads"] += 1
         seconds = self.timing.rebuild_s(self.mode) + self.timing.pass_s(worker.gpu, claims)
         worker.running, worker.busy_until = run, now + seconds / self.speedup
+        worker.run_started = time.time()
 
-    def result(self, worker: SimGpu, batch: Batch) -> BatchResult:
-        now = time.time()
+    def result(self, worker: SimGpu, batch: Batch, finished: float) -> BatchResult:
         verdicts = [Verdict(claim_id=c.claim_id, verdict=NULL_VERDICT, scores=NULL_SCORES, gold_label=c.gold_label)
                     for c in batch.claims]  # fmt: skip
         return BatchResult(
             batch_id=batch.batch_id, job_id=batch.job_id, context_id=self.context_id(batch.context),
             model=batch.context.model, template_id=batch.template_id, worker_id=worker.name, device=worker.gpu.name,
-            submitted_at=batch.submitted_at, started_at=now, finished_at=now, verdicts=verdicts, dtype="bfloat16",
+            submitted_at=batch.submitted_at, started_at=min(worker.run_started, finished), finished_at=finished,
+            verdicts=verdicts, dtype="bfloat16",
         )  # fmt: skip
 
     def note_error(self, error: str) -> None:

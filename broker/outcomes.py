@@ -109,11 +109,12 @@ class Outcomes:
                 holder.in_flight.pop(row.batch_id, None)  # its own answer will be a duplicate
         row = state.store.complete(row, result)
         state.given_to.pop(row.batch_id, None)
-        original = state.workers.get(state.speculated.pop(row.batch_id, b""))
-        if original is not None:  # a copy answered first: its original holder's answer is not waited for
-            original.in_flight.pop(row.batch_id, None)
-            if not original.in_flight:
-                state.maybe_idle.add(original.identity)
+        for identity in state.speculated.pop(row.batch_id, ()):  # a copy answered first: the others are not
+            holder = state.workers.get(identity)  # waited for (their answers will be duplicates)
+            if holder is not None and identity != by:
+                holder.in_flight.pop(row.batch_id, None)
+                if not holder.in_flight:
+                    state.maybe_idle.add(identity)
         state.load_deaths.pop(row.context_id, None)  # the context works: earlier load deaths were bad luck
         claims = len(result.verdicts)
         state.throughput.add(claims)

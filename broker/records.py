@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from pervade.keyring import KeyHolder
 from pervade.protocol import DeviceInfo
-from pervade.rates import RateMeter
+from pervade.rates import ComputePace, RateMeter
 
 
 @dataclass
@@ -46,6 +46,8 @@ class WorkerRecord(PeerRecord):
     batches_done: int = 0
     #: Claims of the batches it completed: total and recent rate.
     claims: RateMeter = field(default_factory=RateMeter)
+    #: Claims per second of its own compute, from its results' times: how fast its device is.
+    pace: ComputePace = field(default_factory=ComputePace)
     #: Said it is leaving (preempted): gets no more work.
     leaving: bool = False
     #: Where it serves model files to peers ("" if it does not).

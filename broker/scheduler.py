@@ -8,9 +8,11 @@ context, or a worker is told to load the context first (``tell_to_load``); the w
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import structlog
 
+from pervade.broker.constants import COPY_SPEED_RATIO
 from pervade.broker.outbox import Outbox
 from pervade.broker.policy import choose_context
 from pervade.broker.records import WorkerRecord
@@ -79,49 +81,69 @@ class Scheduler:
         """The queue of a context ran dry while its workers finish at different speeds: a worker with nothing
         left to do takes a copy of batches another worker holds (the last of its window first, which it would
         run last): half of what that worker holds, and at least one, so even the last batch a slow GPU is
-        computing is copied once (MapReduce's backup tasks). Whichever result comes first counts, the other
-        is a duplicate and is dropped (``Workers.on_completed``), so the copy costs only otherwise idle time. A
+        computing is copied once (MapReduce's backup tasks). Whichever result comes first counts, the others
+        are duplicates and are dropped (``Workers.on_completed``), so a copy costs only otherwise idle time. A
         slow GPU's window (two runs of claims, or one batch of 512 it computes for seconds) no longer sets the
         end of a job. A worker still loading the context is copied from too: a replacement for a preempted GPU
         takes its window while it loads for minutes.
-        The worker with the most batches not yet copied is copied from first; only at the end of a queue (a
-        tail), so the scan of in-flight batches costs nothing while there is work to hand out. That scan is
-        made once per context and call, then kept up to date as copies are taken: scanned again for each idle
-        worker, it took 0.8 s of the broker's time when 93 A10s fell idle beside 93 TITAN X Pascals holding
-        512 batches each (the paper's replay at batch size 1)."""
-        store, workers = self.state.store, self.state.workers
-        candidates, self.state.maybe_idle = self.state.maybe_idle, set()
-        idle = [workers[i] for i in candidates if i in workers]
-        scanned: dict[str, dict[bytes, list[str]]] = {}  # per context: each holder's uncopied batches, last first
-        for worker in (w for w in idle if w.credit > 0 and not w.leaving and not w.in_flight and w.loaded):
-            for context_id in worker.loaded:
-                if store.queued.get(context_id, 0) or worker.credit <= 0:
+
+        Speeds decide who copies what (``ComputePace``: claims per second of a worker's own compute). The
+        fastest idle workers choose first; the worker with the most batches not yet copied is copied from
+        first, but not by one ``COPY_SPEED_RATIO`` times slower than it (it would not finish sooner). Once every
+        batch in flight has a copy, a worker that many times faster than the holder of a copy copies it again,
+        and idle workers that found nothing are looked at again after the next copy. Copied once at most, a
+        batch of 512 claims a TITAN X Pascal computes for 8 s was copied by another TITAN X falling idle, and
+        the job waited on the two while 93 A10s stood idle: a 30,000-claim replay at 186 GPUs took 26.7 s
+        against 11.6 (docs/benchmarks.md).
+
+        Only at the end of a queue (a tail), so the scan of in-flight batches costs nothing while there is work
+        to hand out. That scan is made once per context and call, then kept up to date as copies are taken:
+        scanned again for each idle worker, it took 0.8 s of the broker's time when 93 A10s fell idle beside 93
+        TITAN X Pascals holding 512 batches each."""
+        state = self.state
+        candidates, state.maybe_idle = state.maybe_idle, set()
+        idle = [
+            w for i in candidates
+            if (w := state.workers.get(i)) is not None and w.credit > 0 and not w.leaving and not w.in_flight and w.loaded
+        ]  # fmt: skip
+        idle.sort(key=_fastest_first)  # the fastest choose first: the slow take what is left
+        tails = _Tails(self)
+        copies = 0
+        for worker in idle:
+            taken = self.copy_for(worker, tails)
+            if not taken:
+                state.passed_over.add(worker.identity)
+            copies += taken
+        if copies:  # what they found nothing in may now hold a copy a faster one should take again
+            state.maybe_idle |= state.passed_over
+            state.passed_over = set()
+
+    def copy_for(self, worker: WorkerRecord, tails: _Tails) -> int:
+        """Give an idle ``worker`` copies of what others hold, in each of its contexts whose queue is dry;
+        returns how many."""
+        store = self.state.store
+        copies = 0
+        for context_id in worker.loaded:
+            if store.queued.get(context_id, 0) or worker.credit <= 0:
+                continue
+            found = tails.take(worker, context_id)
+            if found is None:
+                continue
+            holder, taken = found
+            for batch_id in taken:
+                found_batch = store.get_with_batch(batch_id)
+                if found_batch is None or found_batch[1] is None:
                     continue
-                uncopied = scanned.get(context_id)
-                if uncopied is None:
-                    uncopied = scanned[context_id] = self.uncopied(context_id)
-                holders = [identity for identity in uncopied if identity != worker.identity]
-                if not holders:
+                row, batch = found_batch
+                if row.status is not BatchStatus.ASSIGNED or row.worker != holder.identity:
                     continue
-                busiest = workers[max(holders, key=lambda identity: len(uncopied[identity]))]
-                tail = uncopied[busiest.identity]
-                taken = tail[: min(worker.credit, max(1, len(tail) // 2))]
-                if len(taken) < len(tail):
-                    uncopied[busiest.identity] = tail[len(taken) :]
-                else:
-                    del uncopied[busiest.identity]
-                for batch_id in taken:
-                    found = store.get_with_batch(batch_id)
-                    if found is None or found[1] is None:
-                        continue
-                    row, batch = found
-                    if row.status is not BatchStatus.ASSIGNED or row.worker != busiest.identity:
-                        continue
-                    if row.context_id != context_id:
-                        continue
-                    self.state.speculated[batch_id] = busiest.identity
-                    self.state.counters["speculative_assignments"] += 1
-                    self.assign(worker, row, batch, copy_of=busiest)
+                if row.context_id != context_id:
+                    continue
+                self.state.speculated.setdefault(batch_id, []).append(holder.identity)
+                self.state.counters["speculative_assignments"] += 1
+                self.assign(worker, row, batch, copy_of=holder)
+                copies += 1
+        return copies
 
     def uncopied(self, context_id: str) -> dict[bytes, list[str]]:
         """The batches each worker holding (or loading) ``context_id`` has in flight and nobody has a copy of,
@@ -132,6 +154,21 @@ class Scheduler:
             for w in self.state.workers.values()
             if context_id in w.contexts  # loading counts too
             and (batches := [b for b in reversed(w.in_flight) if b not in speculated])
+        }
+
+    def copies_held(self, context_id: str) -> dict[bytes, list[str]]:
+        """The copies each worker holding ``context_id`` has in flight and is the latest holder of (copied to
+        it, and not copied again from it), the last of its window first; workers with none are left out."""
+        speculated = self.state.speculated
+        return {
+            w.identity: batches
+            for w in self.state.workers.values()
+            if context_id in w.contexts
+            and (
+                batches := [
+                    b for b in reversed(w.in_flight) if (earlier := speculated.get(b)) and w.identity not in earlier
+                ]
+            )
         }
 
     def _workers_in_turn(self) -> list[WorkerRecord]:
@@ -174,8 +211,69 @@ class Scheduler:
         row = store.get(batch_id)
         if row is not None and row.status is BatchStatus.ASSIGNED and row.worker == worker.identity:
             if copy_of is not None and copy_of.identity in self.state.workers:
-                store.assign(row, copy_of.identity, count_attempt=False)  # the original holder still has it
+                store.assign(row, copy_of.identity, count_attempt=False)  # the holder copied from still has it
+                earlier = self.state.speculated.get(batch_id)
+                if earlier and earlier[-1] == copy_of.identity:  # and may be copied from again
+                    earlier.pop()
+                    if not earlier:
+                        del self.state.speculated[batch_id]
             else:
                 store.requeue(row, count_attempt=copy_of is not None)  # nothing charged: nothing to uncount
             worker.in_flight.pop(batch_id, None)
             worker.credit += 1
+
+
+class _Tails:
+    """What the idle workers of one ``Scheduler.speculate`` call may copy, per context: each holder's batches
+    in flight without a copy (``uncopied``), and, once there are none, each holder's copies
+    (``copies_held``); scanned once per context and call, and kept up to date as copies are taken."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+        self._uncopied: dict[str, dict[bytes, list[str]]] = {}
+        self._copies: dict[str, dict[bytes, list[str]]] = {}
+        self._paces: dict[bytes, float | None] = {}
+
+    def take(self, worker: WorkerRecord, context_id: str) -> tuple[WorkerRecord, list[str]] | None:
+        """The holder ``worker`` copies from, and the batches it takes (half of that holder's tail, at least
+        one, within its credit); None when there is nothing worth copying."""
+        pace = self._pace(worker.identity)
+        uncopied = self._scan(self._uncopied, context_id, self._scheduler.uncopied)
+        holders = [i for i in uncopied if i != worker.identity and not _outpaces(self._pace(i), pace)]
+        if not holders and not any(i != worker.identity for i in uncopied):
+            uncopied = self._scan(self._copies, context_id, self._scheduler.copies_held)
+            holders = [i for i in uncopied if i != worker.identity and _outpaces(pace, self._pace(i))]
+        if not holders:
+            return None
+        busiest = max(holders, key=lambda identity: len(uncopied[identity]))
+        tail = uncopied[busiest]
+        taken = tail[: min(worker.credit, max(1, len(tail) // 2))]
+        if len(taken) < len(tail):
+            uncopied[busiest] = tail[len(taken) :]
+        else:
+            del uncopied[busiest]
+        return self._scheduler.state.workers[busiest], taken
+
+    def _scan(
+        self, cache: dict[str, dict[bytes, list[str]]], context_id: str, scan: Callable[[str], dict[bytes, list[str]]]
+    ) -> dict[bytes, list[str]]:
+        found = cache.get(context_id)
+        if found is None:
+            found = cache[context_id] = scan(context_id)
+        return found
+
+    def _pace(self, identity: bytes) -> float | None:
+        if identity not in self._paces:
+            self._paces[identity] = self._scheduler.state.workers[identity].pace.per_second()
+        return self._paces[identity]
+
+
+def _fastest_first(worker: WorkerRecord) -> tuple[bool, float]:
+    pace = worker.pace.per_second()
+    return (pace is None, -(pace or 0.0))
+
+
+def _outpaces(pace: float | None, other: float | None) -> bool:
+    """Whether a worker of ``pace`` is ``COPY_SPEED_RATIO`` times faster than one of ``other`` (claims per
+    second of compute); False when either is not known yet."""
+    return pace is not None and other is not None and pace >= COPY_SPEED_RATIO * other

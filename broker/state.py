@@ -63,12 +63,16 @@ class BrokerState:
         #: written (another sink key's ack would end a job whose rows nobody wrote).
         self.delivered_to: dict[str, set[str]] = {}
         #: Batches also assigned to an idle worker while another still held them (``Scheduler.speculate``),
-        #: with that other worker: copied once at most, and once either answers, the other's answer is no
-        #: longer waited for. In memory: after a restart every assigned batch is requeued anyway.
-        self.speculated: dict[str, bytes] = {}
+        #: with the workers that held them before, the original first: the batch's row names the holder of the
+        #: latest copy. Once any of them answers, the others' answers are no longer waited for. In memory:
+        #: after a restart every assigned batch is requeued anyway.
+        self.speculated: dict[str, list[bytes]] = {}
         #: Workers that may have run out of work since the last dispatch (their last batch answered, credit or a
         #: context gained): the only ones ``Scheduler.speculate`` looks at, so a turn costs nothing per worker.
         self.maybe_idle: set[bytes] = set()
+        #: Idle workers ``Scheduler.speculate`` found nothing to copy for: looked at again once it next makes a
+        #: copy (one given to a slow worker may be worth copying again to a fast one).
+        self.passed_over: set[bytes] = set()
 
     def peer(self, identity: bytes) -> PeerRecord | None:
         return self.workers.get(identity) or self.sinks.get(identity) or self.producers.get(identity)

@@ -193,6 +193,7 @@ class Workers:
             worker.in_flight.pop(result.batch_id, None)
             if not worker.in_flight:
                 self.state.maybe_idle.add(identity)
+            worker.pace.add(len(result.verdicts), result.started_at, result.finished_at)  # a duplicate's too
         store = self.state.store
         row = store.get(result.batch_id)
         if row is None:

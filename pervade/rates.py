@@ -43,3 +43,25 @@ class RateMeter:
     def _forget_before(self, second: int) -> None:
         while self._buckets and self._buckets[0][0] <= second:
             self._buckets.popleft()
+
+
+class ComputePace:
+    """Claims per second of a worker's own compute: the claims of its results over the time its runs took
+    (the batches of one run share their start and finish; the run's time is counted once). How fast its
+    device is, whatever share of the work it was given: a starved worker's throughput is low, its pace is not."""
+
+    def __init__(self) -> None:
+        self.claims = 0
+        self.seconds = 0.0
+        self._last_run: tuple[float, float] | None = None
+
+    def add(self, claims: int, started_at: float, finished_at: float) -> None:
+        run = (started_at, finished_at)
+        if run != self._last_run:
+            self._last_run = run
+            self.seconds += max(0.0, finished_at - started_at)
+        self.claims += claims
+
+    def per_second(self) -> float | None:
+        """Claims per second of compute; None until a run with a duration was seen."""
+        return self.claims / self.seconds if self.seconds > 0 else None

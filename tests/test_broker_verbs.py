@@ -263,6 +263,58 @@ def test_what_a_worker_still_loading_holds_is_copied_to_an_idle_one(broker) -> N
     assert assigned(broker.turn()) == [(b"ready", "j/3"), (b"ready", "j/2")]
 
 
+def with_paces(broker: Broker, seconds_per_batch: dict[bytes, float]) -> None:
+    """Register each worker (context A loaded) and have it compute one batch of two claims in the given
+    seconds, as its result's times say: the broker learns each one's pace. They are left without credit."""
+    for identity in seconds_per_batch:
+        broker.worker(identity, contexts=[A], credit=1)
+    broker.submit(*[batch("warm-up", n) for n in range(len(seconds_per_batch))])
+    for peer, batch_id in assigned(broker.turn()):
+        result = result_for(batch("warm-up", int(batch_id.split("/")[1])), worker_id=peer.decode())
+        seconds = seconds_per_batch[peer]
+        broker(peer, Completed(result=msgspec.structs.replace(result, started_at=T0 - seconds, finished_at=T0)))
+    assert broker.state.counters["claims_completed"] == 2 * len(seconds_per_batch)
+
+
+def test_a_copy_held_by_a_much_slower_worker_is_copied_again_by_a_much_faster_one(broker) -> None:
+    """TITAN X Pascals falling idle copy each other's windows; an A10 (ten times faster) falling idle after
+    them copies what a TITAN X holds as a copy, where a worker of like pace copies nothing more. The first
+    answer counts; the other holders' are no longer waited for."""
+    broker(b"s", SinkReady(sink_id="s"))
+    with_paces(broker, {b"slow": 1.0, b"slow-copier": 1.0, b"like": 1.0, b"fast": 0.1})
+    broker(b"slow", Pull(credit=1))
+    broker.submit(batch("j", 0))
+    assert assigned(broker.turn()) == [(b"slow", "j/0")]
+    broker(b"slow-copier", Pull(credit=1))
+    assert assigned(broker.turn()) == [(b"slow-copier", "j/0")]  # a first copy, between equals
+    broker(b"like", Pull(credit=1))
+    assert assigned(broker.turn()) == []  # every batch has a copy, held by a worker as fast as this one
+    broker(b"fast", Pull(credit=1))
+    assert assigned(broker.turn()) == [(b"fast", "j/0")]
+    assert broker.state.counters["speculative_assignments"] == 2
+    assert broker.store.get("j/0").attempts == 1  # copies are not attempts
+    broker(b"fast", Completed(result=result_for(batch("j", 0), worker_id="fast")))
+    delivered = [m.result for _, m in broker.turn() if isinstance(m, Deliver)]
+    assert [(r.batch_id, r.worker_id) for r in delivered if r.job_id == "j"] == [("j/0", "fast")]
+    assert not broker.state.workers[b"slow"].in_flight and not broker.state.workers[b"slow-copier"].in_flight
+    broker(b"slow", Completed(result=result_for(batch("j", 0), worker_id="slow")))
+    broker(b"slow-copier", Completed(result=result_for(batch("j", 0), worker_id="slow-copier")))
+    assert broker.state.counters["duplicate_results"] == 2
+    assert not [m for _, m in broker.turn() if isinstance(m, Deliver)]
+
+
+def test_a_worker_much_slower_than_a_holder_copies_nothing_from_it(broker) -> None:
+    """It would finish its half of the holder's window no sooner than the holder finishes all of it."""
+    with_paces(broker, {b"fast": 0.1, b"slow": 1.0})
+    broker(b"fast", Pull(credit=4))
+    broker.submit(*[batch("j", n) for n in range(4)])
+    assert len(assigned(broker.turn())) == 4
+    broker(b"slow", Pull(credit=4))
+    assert assigned(broker.turn()) == []
+    broker.worker(b"new", contexts=[A], credit=4)  # pace not known yet: copies as before
+    assert assigned(broker.turn()) == [(b"new", "j/3"), (b"new", "j/2")]
+
+
 def test_an_assignment_that_cannot_be_sent_goes_back_to_the_front_of_its_queue(broker) -> None:
     broker.worker(b"w", contexts=[A], credit=1)
     broker.submit(batch("j", 0), batch("j", 1))

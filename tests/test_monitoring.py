@@ -25,7 +25,7 @@ from pervade.protocol import (
     Submit,
     WorkerReady,
 )
-from pervade.rates import RateMeter
+from pervade.rates import ComputePace, RateMeter
 from tests.test_broker import CPU, CTX_A, batch, end_job, result_for
 
 
@@ -60,6 +60,18 @@ def test_the_rate_counts_the_last_window_only() -> None:
     assert meter.rate() == pytest.approx(10.0)  # the first 100 fell out of the window
     clock.now += 30
     assert meter.rate() == 0.0 and meter.total == 200
+
+
+def test_a_pace_counts_each_run_s_time_once_and_ignores_idle_time() -> None:
+    pace = ComputePace()
+    assert pace.per_second() is None
+    pace.add(2, started_at=100.0, finished_at=100.0)  # no duration: nothing to go by yet
+    assert pace.per_second() is None
+    for _ in range(4):  # one run of four batches of 10 claims, 2 s: they share its start and finish
+        pace.add(10, started_at=100.0, finished_at=102.0)
+    assert pace.per_second() == pytest.approx(42 / 2)
+    pace.add(58, started_at=500.0, finished_at=501.0)  # idle for minutes in between: not counted
+    assert pace.per_second() == pytest.approx(100 / 3)
 
 
 async def test_the_snapshot_follows_a_batch_from_queue_to_worker_to_done(live_broker, connect) -> None:
