@@ -12,11 +12,10 @@ DELIVER_PER_TURN = 1000
 #: Fewest seconds between two ``RollNow`` to one sink: a stream of small jobs, each ended before the next begins,
 #: would otherwise close a file per job. Between two hints the sink's own idle roll closes its file as before.
 ROLL_NOW_MIN_INTERVAL_S = 2.0
-#: Speeds (claims per second of compute, ``ComputePace``) this far apart decide what an idle worker copies
-#: (``Scheduler.speculate``): a worker this many times faster than the holder of a copy copies that batch
-#: again (an A10 falling idle while a TITAN X Pascal, a tenth of its speed, computes what it copied from
-#: another TITAN X), and one this many times slower than a holder copies nothing from it (it would finish
-#: its half of the tail no sooner than the holder finishes all of it).
+#: How much faster (claims per second of compute on the context, ``WorkerRecord.pace``) an idle worker must
+#: be than the holder of a batch's copy to copy that batch again (``Scheduler.speculate``): an A10 falling idle
+#: while a TITAN X Pascal, a tenth of its speed, computes what it copied from another TITAN X. Between workers
+#: of like speed a second copy would only duplicate work.
 COPY_SPEED_RATIO = 2.0
 #: Messages the loop reads (grouped or not) before it dispatches, commits and sends: no reply of a turn waits
 #: for more than this many others to be read.
@@ -39,7 +38,7 @@ COUNTERS = (
     "workers_declared_dead",  # workers that missed their heartbeats
     "sinks_declared_dead",
     "batches_failed",  # batches given up on after max_attempts
-    "speculative_assignments",  # batches also given to an idle worker while a slower one held them
+    "speculative_assignments",  # batches also given to an idle worker while another held them (end of a queue)
     "batches_split",  # failed batches of several claims split in two parts, each retried
     "files_fetched",  # contexts' files fetched into a worker's node cache
     "origin_bytes",  # model-file bytes workers read from the origin (shared file system, hub)

@@ -36,13 +36,43 @@ class Outcomes:
     def requeue(self, row: StoredBatch, counted_as: str = "requeues") -> None:
         """Back to the front of its queue, no attempt charged: the worker left, died waiting behind another
         batch, could not load the context, or handed it back (``counted_as="released"``), none of which is
-        the batch's fault."""
+        the batch's fault. A copy goes back to the worker it was copied from instead (``hand_back``)."""
+        if self.hand_back(row):
+            return
         self.state.store.requeue(row, count_attempt=False)
         self.state.counters[counted_as] += 1
 
+    def hand_back(self, row: StoredBatch) -> bool:
+        """The latest holder of a copied batch will not answer it (it died, left, failed it or answered it
+        wrongly): give it back to the last earlier holder still running it, with no attempt charged, rather
+        than requeue (or fail) a batch a live worker is computing. False when there is none."""
+        earlier = self.state.speculated.get(row.batch_id)
+        while earlier:
+            holder = self.state.workers.get(earlier.pop())
+            if holder is not None and row.batch_id in holder.in_flight:
+                self.state.store.assign(row, holder.identity, count_attempt=False)
+                if not earlier:
+                    del self.state.speculated[row.batch_id]
+                return True
+        self.state.speculated.pop(row.batch_id, None)
+        return False
+
+    def forget_copies(self, batch_id: str, answered_by: bytes | None = None) -> None:
+        """The batch needs no more answers (done, failed or split): its earlier holders' are not waited for
+        (they will be duplicates), so each may fall idle."""
+        for identity in self.state.speculated.pop(batch_id, ()):
+            holder = self.state.workers.get(identity)
+            if holder is not None and identity != answered_by:
+                holder.in_flight.pop(batch_id, None)
+                if not holder.in_flight:
+                    self.state.maybe_idle.add(identity)
+
     def scoring_failed(self, row: StoredBatch, error: str) -> None:
         """The worker could not score the batch (``BatchFailed``): split it if it holds several claims, so
-        the claim at fault is found; a single claim is retried, then failed."""
+        the claim at fault is found; a single claim is retried, then failed. A copy goes back to the worker
+        it was copied from instead, which may yet score it (``hand_back``)."""
+        if self.hand_back(row):
+            return
         if row.pairs > 1 and self.split(row, error):
             return
         self.retry_or_fail(row, error)
@@ -50,7 +80,10 @@ class Outcomes:
     def retry_or_fail(self, row: StoredBatch, error: str) -> None:
         """The attempt failed: requeue the batch, or give up on it after ``max_attempts``. (A worker that
         died running it, or answered it wrongly, says nothing about which claim is at fault: the batch is
-        retried whole.)"""
+        retried whole.) A copy goes back to the worker it was copied from instead, no attempt charged
+        (``hand_back``): that worker is running it, and its answer is as good as any."""
+        if self.hand_back(row):
+            return
         if row.attempts >= self.state.config.max_attempts:
             self.fail(row, error)
         else:
@@ -76,6 +109,7 @@ class Outcomes:
             return False
         store.split(row, parts)
         self.state.given_to.pop(row.batch_id, None)
+        self.forget_copies(row.batch_id)
         self.state.counters["batches_split"] += 1
         log.warning("batch_split", batch_id=row.batch_id, claims=len(batch.claims), error=error,
                     parts=[part.batch_id for part in parts])  # fmt: skip
@@ -86,7 +120,7 @@ class Outcomes:
         error = f"{error} (attempts: {row.attempts})"
         self.state.store.fail(row, error)
         self.state.given_to.pop(row.batch_id, None)
-        self.state.speculated.pop(row.batch_id, None)
+        self.forget_copies(row.batch_id)
         self.state.counters["batches_failed"] += 1
         log.error("batch_given_up", batch_id=row.batch_id, error=error)
         self.sinks.deliver(row.batch_id)
@@ -107,14 +141,11 @@ class Outcomes:
             holder = state.workers.get(row.worker or b"")
             if holder is not None:
                 holder.in_flight.pop(row.batch_id, None)  # its own answer will be a duplicate
+                if not holder.in_flight:
+                    state.maybe_idle.add(holder.identity)
         row = state.store.complete(row, result)
         state.given_to.pop(row.batch_id, None)
-        for identity in state.speculated.pop(row.batch_id, ()):  # a copy answered first: the others are not
-            holder = state.workers.get(identity)  # waited for (their answers will be duplicates)
-            if holder is not None and identity != by:
-                holder.in_flight.pop(row.batch_id, None)
-                if not holder.in_flight:
-                    state.maybe_idle.add(identity)
+        self.forget_copies(row.batch_id, answered_by=by)
         state.load_deaths.pop(row.context_id, None)  # the context works: earlier load deaths were bad luck
         claims = len(result.verdicts)
         state.throughput.add(claims)

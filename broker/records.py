@@ -46,14 +46,20 @@ class WorkerRecord(PeerRecord):
     batches_done: int = 0
     #: Claims of the batches it completed: total and recent rate.
     claims: RateMeter = field(default_factory=RateMeter)
-    #: Claims per second of its own compute, from its results' times: how fast its device is.
-    pace: ComputePace = field(default_factory=ComputePace)
+    #: Claims per second of its own compute, per context, from the times of the results it was given: how
+    #: fast its device runs each model (a small model on a slow GPU can outpace a large one on a fast GPU).
+    paces: dict[str, ComputePace] = field(default_factory=dict)
     #: Said it is leaving (preempted): gets no more work.
     leaving: bool = False
     #: Where it serves model files to peers ("" if it does not).
     file_endpoint: str = ""
     #: Its results came timed by a clock set wrong (noted once, corrected every time).
     clock_skewed: bool = False
+
+    def pace(self, context_id: str) -> float | None:
+        """Its claims per second of compute on ``context_id``; None until it ran a batch of it."""
+        pace = self.paces.get(context_id)
+        return None if pace is None else pace.per_second()
 
 
 @dataclass

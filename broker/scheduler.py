@@ -87,14 +87,15 @@ class Scheduler:
         end of a job. A worker still loading the context is copied from too: a replacement for a preempted GPU
         takes its window while it loads for minutes.
 
-        Speeds decide who copies what (``ComputePace``: claims per second of a worker's own compute). The
-        fastest idle workers choose first; the worker with the most batches not yet copied is copied from
-        first, but not by one ``COPY_SPEED_RATIO`` times slower than it (it would not finish sooner). Once every
-        batch in flight has a copy, a worker that many times faster than the holder of a copy copies it again,
-        and idle workers that found nothing are looked at again after the next copy. Copied once at most, a
-        batch of 512 claims a TITAN X Pascal computes for 8 s was copied by another TITAN X falling idle, and
-        the job waited on the two while 93 A10s stood idle: a 30,000-claim replay at 186 GPUs took 26.7 s
-        against 11.6 (docs/benchmarks.md).
+        Speeds decide who copies what (``WorkerRecord.pace``: claims per second of a worker's own compute on
+        the context). The fastest idle workers choose first, and the worker with the most batches not yet
+        copied is copied from first (by any idle worker: a fast holder may have stalled). Once every batch in
+        flight has a copy, a worker ``COPY_SPEED_RATIO`` times faster than the holder of a copy, or than one not
+        timed yet, copies it again (``_may_copy_again``), and idle workers that found nothing are looked at
+        again after the next copy. Copied once at most, a TITAN X Pascal's window was copied by another TITAN X
+        falling idle, and the job waited on the two while A10s stood idle: a 30,000-claim replay at 186 GPUs and
+        batch size 32 took 10.7 to 13.2 s, against 10.6 to 10.7 with these rules (ideal 10.4;
+        docs/benchmarks.md).
 
         Only at the end of a queue (a tail), so the scan of in-flight batches costs nothing while there is work
         to hand out. That scan is made once per context and call, then kept up to date as copies are taken:
@@ -232,17 +233,17 @@ class _Tails:
         self._scheduler = scheduler
         self._uncopied: dict[str, dict[bytes, list[str]]] = {}
         self._copies: dict[str, dict[bytes, list[str]]] = {}
-        self._paces: dict[bytes, float | None] = {}
+        self._paces: dict[tuple[bytes, str], float | None] = {}
 
     def take(self, worker: WorkerRecord, context_id: str) -> tuple[WorkerRecord, list[str]] | None:
         """The holder ``worker`` copies from, and the batches it takes (half of that holder's tail, at least
         one, within its credit); None when there is nothing worth copying."""
-        pace = self._pace(worker.identity)
         uncopied = self._scan(self._uncopied, context_id, self._scheduler.uncopied)
-        holders = [i for i in uncopied if i != worker.identity and not _outpaces(self._pace(i), pace)]
-        if not holders and not any(i != worker.identity for i in uncopied):
+        holders = [i for i in uncopied if i != worker.identity]
+        if not holders:
+            pace = worker.pace(context_id)
             uncopied = self._scan(self._copies, context_id, self._scheduler.copies_held)
-            holders = [i for i in uncopied if i != worker.identity and _outpaces(pace, self._pace(i))]
+            holders = [i for i in uncopied if i != worker.identity and _may_copy_again(pace, self._pace(i, context_id))]
         if not holders:
             return None
         busiest = max(holders, key=lambda identity: len(uncopied[identity]))
@@ -262,18 +263,22 @@ class _Tails:
             found = cache[context_id] = scan(context_id)
         return found
 
-    def _pace(self, identity: bytes) -> float | None:
-        if identity not in self._paces:
-            self._paces[identity] = self._scheduler.state.workers[identity].pace.per_second()
-        return self._paces[identity]
+    def _pace(self, identity: bytes, context_id: str) -> float | None:
+        key = (identity, context_id)
+        if key not in self._paces:
+            self._paces[key] = self._scheduler.state.workers[identity].pace(context_id)
+        return self._paces[key]
 
 
 def _fastest_first(worker: WorkerRecord) -> tuple[bool, float]:
-    pace = worker.pace.per_second()
-    return (pace is None, -(pace or 0.0))
+    """Sorts workers fastest first (by their best pace on any context), those not timed yet last."""
+    paces = [pace for context_id in worker.loaded if (pace := worker.pace(context_id)) is not None]
+    return (not paces, -max(paces, default=0.0))
 
 
-def _outpaces(pace: float | None, other: float | None) -> bool:
-    """Whether a worker of ``pace`` is ``COPY_SPEED_RATIO`` times faster than one of ``other`` (claims per
-    second of compute); False when either is not known yet."""
-    return pace is not None and other is not None and pace >= COPY_SPEED_RATIO * other
+def _may_copy_again(pace: float | None, holder_pace: float | None) -> bool:
+    """Whether a worker of ``pace`` copies again what a holder of ``holder_pace`` holds as a copy (claims per
+    second of compute on the context): when it is ``COPY_SPEED_RATIO`` times faster, or when the holder has not
+    finished a batch of the context yet (a TITAN X that copied a batch as the pool started, whose speed nobody
+    knows for its first 8 s); never for a worker not timed itself."""
+    return pace is not None and (holder_pace is None or pace >= COPY_SPEED_RATIO * holder_pace)

@@ -21,6 +21,7 @@ from pervade.broker.store import BatchStatus
 from pervade.errors import ProtocolError
 from pervade.protocol import (
     BatchFailed,
+    BatchResult,
     Completed,
     ContextFailed,
     ContextLoaded,
@@ -30,6 +31,7 @@ from pervade.protocol import (
     Release,
     WorkerReady,
 )
+from pervade.rates import ComputePace
 
 log = structlog.get_logger("broker")
 
@@ -91,6 +93,7 @@ class Workers:
         behind a model load, did nothing wrong. A death during a load counts against the context."""
         store = self.state.store
         self.state.workers.pop(worker.identity, None)
+        self.state.passed_over.discard(worker.identity)
         self.files.left(worker.identity)
         in_hand = next(iter(worker.in_flight), None)
         requeued = 0
@@ -193,7 +196,6 @@ class Workers:
             worker.in_flight.pop(result.batch_id, None)
             if not worker.in_flight:
                 self.state.maybe_idle.add(identity)
-            worker.pace.add(len(result.verdicts), result.started_at, result.finished_at)  # a duplicate's too
         store = self.state.store
         row = store.get(result.batch_id)
         if row is None:
@@ -204,10 +206,13 @@ class Workers:
             # by its row alone: the claims of a batch done and not yet written are on disk, not worth a read.
             self.state.counters["duplicate_results"] += 1
             log.debug("duplicate_result_suppressed", batch_id=result.batch_id, worker_id=result.worker_id)
+            if len(result.verdicts) == row.pairs:  # computed all the same: it tells the pace
+                note_pace(worker, row.context_id, result)
         elif (problem := self.results.mismatch(row, store.batch(row.batch_id), result)) is not None:
             self.results.refuse(identity, row.batch_id, problem)
             raise ProtocolError(problem)
         else:
+            note_pace(worker, row.context_id, result)
             result = self.results.stamped(self.results.on_broker_clock(result, worker))
             self.outcomes.complete(row, result, by=identity)
         if worker is None:
@@ -215,10 +220,22 @@ class Workers:
 
     def on_batch_failed(self, identity: bytes, message: BatchFailed) -> None:
         worker = self.state.workers[identity]
+        worker.in_flight.pop(message.batch_id, None)  # it will not answer it, whatever became of the batch
+        if not worker.in_flight:
+            self.state.maybe_idle.add(identity)
         row = self.state.store.get(message.batch_id)
         if row is None or row.status is not BatchStatus.ASSIGNED or row.worker != identity:
             log.info("stale_batch_failed_ignored", batch_id=message.batch_id, worker_id=worker.name)
             return
-        worker.in_flight.pop(message.batch_id, None)
         log.warning("batch_failed", batch_id=message.batch_id, worker_id=worker.name, error=message.error)
         self.outcomes.scoring_failed(row, message.error)
+
+
+def note_pace(worker: WorkerRecord | None, context_id: str, result: BatchResult) -> None:
+    """A result that answers its batch (checked, or a duplicate with the batch's count of claims): its claims
+    and run time count towards the worker's pace on the context (``ComputePace``). A result for an unknown
+    batch, or one that does not answer its batch, is left out. A worker may misreport its times: that only
+    changes which copies it makes or is given at the end of a queue (``Scheduler.speculate``), never a result."""
+    if worker is not None:
+        worker.paces.setdefault(context_id, ComputePace()).add(len(result.verdicts), result.started_at,
+                                                               result.finished_at)  # fmt: skip

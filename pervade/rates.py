@@ -56,10 +56,14 @@ class ComputePace:
         self._last_run: tuple[float, float] | None = None
 
     def add(self, claims: int, started_at: float, finished_at: float) -> None:
+        """A result of ``claims`` claims, of the run that started and finished then; one without a duration
+        says nothing of the pace and is left out."""
+        if finished_at <= started_at:
+            return
         run = (started_at, finished_at)
         if run != self._last_run:
             self._last_run = run
-            self.seconds += max(0.0, finished_at - started_at)
+            self.seconds += finished_at - started_at
         self.claims += claims
 
     def per_second(self) -> float | None:

@@ -303,16 +303,81 @@ def test_a_copy_held_by_a_much_slower_worker_is_copied_again_by_a_much_faster_on
     assert not [m for _, m in broker.turn() if isinstance(m, Deliver)]
 
 
-def test_a_worker_much_slower_than_a_holder_copies_nothing_from_it(broker) -> None:
-    """It would finish its half of the holder's window no sooner than the holder finishes all of it."""
+def test_a_slow_idle_worker_still_copies_from_a_fast_holder_which_may_have_stalled(broker) -> None:
+    """A fast worker can hang on a batch while its heartbeats go on: its pace is no reason to wait for it."""
     with_paces(broker, {b"fast": 0.1, b"slow": 1.0})
     broker(b"fast", Pull(credit=4))
     broker.submit(*[batch("j", n) for n in range(4)])
     assert len(assigned(broker.turn())) == 4
     broker(b"slow", Pull(credit=4))
-    assert assigned(broker.turn()) == []
-    broker.worker(b"new", contexts=[A], credit=4)  # pace not known yet: copies as before
-    assert assigned(broker.turn()) == [(b"new", "j/3"), (b"new", "j/2")]
+    assert assigned(broker.turn()) == [(b"slow", "j/3"), (b"slow", "j/2")]
+
+
+def test_the_fastest_idle_worker_chooses_first(broker) -> None:
+    with_paces(broker, {b"holder": 1.0, b"slow": 1.0, b"fast": 0.1})
+    broker(b"holder", Pull(credit=1))
+    broker.submit(batch("j", 0))
+    assert assigned(broker.turn()) == [(b"holder", "j/0")]
+    broker(b"slow", Pull(credit=1))
+    broker(b"fast", Pull(credit=1))  # both idle in the same turn: one batch to copy
+    assert assigned(broker.turn()) == [(b"fast", "j/0")]
+
+
+def test_a_pace_comes_only_from_results_that_answer_their_batch(broker) -> None:
+    """A result for an unknown batch, or one that does not answer its batch, is refused and says nothing of
+    the worker's speed, however short a time it claims."""
+    with_paces(broker, {b"w": 1.0})
+    assert broker.state.workers[b"w"].pace(A) == pytest.approx(2.0)
+    broker(b"w", Pull(credit=1))
+    broker.submit(batch("j", 0))
+    assert assigned(broker.turn()) == [(b"w", "j/0")]
+    for result in (result_for(batch("k", 0)), result_for(batch("j", 0), claims=1)):  # unknown; one verdict short
+        broker(b"w", Completed(result=msgspec.structs.replace(result, started_at=T0 - 1e-6, finished_at=T0)))
+    assert broker.state.counters["invalid_messages"] == 2
+    assert broker.state.workers[b"w"].pace(A) == pytest.approx(2.0)
+
+
+def test_a_copy_held_by_a_worker_not_timed_yet_is_copied_again_by_a_timed_one(broker) -> None:
+    """As a pool starts, a TITAN X may copy a batch before anyone knows its speed: an A10 falling idle later
+    copies it again rather than wait on it."""
+    with_paces(broker, {b"holder": 1.0, b"fast": 0.1})
+    broker(b"holder", Pull(credit=1))
+    broker.submit(batch("j", 0))
+    assert assigned(broker.turn()) == [(b"holder", "j/0")]
+    broker.worker(b"untimed", contexts=[A], credit=1)
+    assert assigned(broker.turn()) == [(b"untimed", "j/0")]
+    broker.worker(b"untimed-too", contexts=[A], credit=1)
+    assert assigned(broker.turn()) == []  # not timed itself: no second copy
+    broker(b"fast", Pull(credit=1))
+    assert assigned(broker.turn()) == [(b"fast", "j/0")]
+
+
+def test_a_copy_whose_holder_dies_goes_back_to_the_worker_still_running_it(broker) -> None:
+    """Not requeued, and not charged an attempt: the worker it was copied from is computing it, and with
+    max_attempts=2 a requeue charged for the death could have failed a batch a live worker was about to answer."""
+    broker(b"s", SinkReady(sink_id="s"))
+    broker.worker(b"slow", contexts=[A], credit=1)
+    broker.submit(batch("j", 0))
+    assert assigned(broker.turn()) == [(b"slow", "j/0")]
+    broker.worker(b"copier", contexts=[A], credit=1)
+    assert assigned(broker.turn()) == [(b"copier", "j/0")]
+    broker.parts.workers.drop_worker(broker.state.workers[b"copier"], "died", count_attempts=True)
+    row = broker.store.get("j/0")
+    assert (row.status, row.worker, row.attempts) == (BatchStatus.ASSIGNED, b"slow", 1)
+    assert broker.state.counters["requeues"] == 0 and "j/0" not in broker.state.speculated
+    broker(b"slow", Completed(result=result_for(batch("j", 0), worker_id="slow")))
+    assert [m.result.worker_id for _, m in broker.turn() if isinstance(m, Deliver)] == ["slow"]
+
+
+def test_a_failure_reported_for_a_batch_taken_elsewhere_still_frees_the_worker(broker) -> None:
+    broker.worker(b"slow", contexts=[A], credit=1)
+    broker.submit(batch("j", 0))
+    assert assigned(broker.turn()) == [(b"slow", "j/0")]
+    broker.worker(b"copier", contexts=[A], credit=1)
+    assert assigned(broker.turn()) == [(b"copier", "j/0")]
+    broker(b"slow", BatchFailed(batch_id="j/0", error="out of memory"))  # the copy is the batch's holder now
+    assert not broker.state.workers[b"slow"].in_flight
+    assert broker.store.get("j/0").worker == b"copier"
 
 
 def test_an_assignment_that_cannot_be_sent_goes_back_to_the_front_of_its_queue(broker) -> None:

@@ -65,12 +65,13 @@ def test_the_rate_counts_the_last_window_only() -> None:
 def test_a_pace_counts_each_run_s_time_once_and_ignores_idle_time() -> None:
     pace = ComputePace()
     assert pace.per_second() is None
-    pace.add(2, started_at=100.0, finished_at=100.0)  # no duration: nothing to go by yet
+    pace.add(2, started_at=100.0, finished_at=100.0)  # no duration: says nothing, claims left out too
+    pace.add(100_000, started_at=101.0, finished_at=99.0)
     assert pace.per_second() is None
     for _ in range(4):  # one run of four batches of 10 claims, 2 s: they share its start and finish
         pace.add(10, started_at=100.0, finished_at=102.0)
-    assert pace.per_second() == pytest.approx(42 / 2)
-    pace.add(58, started_at=500.0, finished_at=501.0)  # idle for minutes in between: not counted
+    assert pace.per_second() == pytest.approx(40 / 2)
+    pace.add(60, started_at=500.0, finished_at=501.0)  # idle for minutes in between: not counted
     assert pace.per_second() == pytest.approx(100 / 3)
 
 
