@@ -49,7 +49,7 @@ class Outcomes:
         earlier = self.state.speculated.get(row.batch_id)
         while earlier:
             holder = self.state.workers.get(earlier.pop())
-            if holder is not None and row.batch_id in holder.in_flight:
+            if holder is not None and row.batch_id in holder.in_flight and row.context_id in holder.contexts:
                 self.state.store.assign(row, holder.identity, count_attempt=False)
                 if not earlier:
                     del self.state.speculated[row.batch_id]

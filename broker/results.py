@@ -46,13 +46,13 @@ class Results:
     def refuse(self, identity: bytes, batch_id: str, reason: str) -> None:
         """A result the broker cannot take: the batch must not stay assigned to a worker that believes it
         answered. Requeued (or failed after its attempts); the caller tells the worker why."""
+        worker = self.state.workers.get(identity)
+        if worker is not None:
+            worker.in_flight.pop(batch_id, None)  # it believes it answered: it will not answer again
         row = self.state.store.get(batch_id)
         if row is None or row.status is not BatchStatus.ASSIGNED or row.worker != identity:
             return
         self.state.counters["results_refused"] += 1
-        worker = self.state.workers.get(identity)
-        if worker is not None:
-            worker.in_flight.pop(row.batch_id, None)
         log.error("result_refused", batch_id=row.batch_id, worker_id=worker.name if worker else None, reason=reason)
         self.outcomes.retry_or_fail(row, f"its result was refused: {reason}")
 

@@ -208,20 +208,25 @@ class Scheduler:
         )
 
     def unassign(self, batch_id: str, worker: WorkerRecord, copy_of: WorkerRecord | None = None) -> None:
+        """An ``Assign`` that could not be sent: the worker never saw the batch, so it leaves the worker's
+        window and its credit comes back (even if the batch was copied elsewhere meanwhile), and the batch
+        goes back to the holder it was copied from, else to the front of its queue."""
+        worker.in_flight.pop(batch_id, None)
+        worker.credit += 1
         store = self.state.store
         row = store.get(batch_id)
-        if row is not None and row.status is BatchStatus.ASSIGNED and row.worker == worker.identity:
-            if copy_of is not None and copy_of.identity in self.state.workers:
-                store.assign(row, copy_of.identity, count_attempt=False)  # the holder copied from still has it
-                earlier = self.state.speculated.get(batch_id)
-                if earlier and earlier[-1] == copy_of.identity:  # and may be copied from again
-                    earlier.pop()
-                    if not earlier:
-                        del self.state.speculated[batch_id]
-            else:
-                store.requeue(row, count_attempt=copy_of is not None)  # nothing charged: nothing to uncount
-            worker.in_flight.pop(batch_id, None)
-            worker.credit += 1
+        if row is None or row.status is not BatchStatus.ASSIGNED or row.worker != worker.identity:
+            return
+        earlier = self.state.speculated.get(batch_id)
+        if copy_of is not None and copy_of.identity in self.state.workers:
+            store.assign(row, copy_of.identity, count_attempt=False)  # the holder copied from still has it
+            if earlier and earlier[-1] == copy_of.identity:  # and may be copied from again
+                earlier.pop()
+                if not earlier:
+                    del self.state.speculated[batch_id]
+        else:
+            store.requeue(row, count_attempt=copy_of is not None)  # nothing charged: nothing to uncount
+            self.state.speculated.pop(batch_id, None)  # queued again: copyable as any other
 
 
 class _Tails:

@@ -118,10 +118,10 @@ class Workers:
         store = self.state.store
         worker = self.state.workers[identity]
         for batch_id in message.batch_ids:
+            worker.in_flight.pop(batch_id, None)  # it will not run it, whoever holds the batch now
             row = store.get(batch_id)
             if row is not None and row.status is BatchStatus.ASSIGNED and row.worker == identity:
                 self.outcomes.requeue(row, counted_as="released")
-                worker.in_flight.pop(batch_id, None)
         if message.leaving and not worker.leaving:
             worker.leaving, worker.credit = True, 0
             self.files.leaving(identity)
@@ -158,13 +158,14 @@ class Workers:
             self.files.abandoned(identity, spec.files)
         for batch_id in list(worker.in_flight):
             row = state.store.get(batch_id)
-            if row is None or row.context_id != context_id or row.worker != identity:
+            if row is None or row.context_id != context_id:
                 continue
-            worker.in_flight.pop(batch_id, None)
-            worker.credit += 1  # the worker will never answer these, so their credit comes back
-            # Not the batch's fault, and never tried: no attempt is charged. A context that loads nowhere
-            # fails its batches below, once every worker has refused it.
-            self.outcomes.requeue(row)
+            worker.in_flight.pop(batch_id, None)  # the worker drops them all, copied elsewhere or not
+            worker.credit += 1  # and will never answer them, so their credit comes back
+            if row.status is BatchStatus.ASSIGNED and row.worker == identity:
+                # Not the batch's fault, and never tried: no attempt is charged. A context that loads nowhere
+                # fails its batches below, once every worker has refused it.
+                self.outcomes.requeue(row)
         if all(context_id in w.refused for w in state.workers.values()):
             self.fail_context(context_id, message.error)
 

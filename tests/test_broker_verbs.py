@@ -25,6 +25,7 @@ from pervade.protocol import (
     BatchResult,
     Claim,
     Completed,
+    ContextFailed,
     Deliver,
     DeliverFailure,
     DeviceInfo,
@@ -39,6 +40,7 @@ from pervade.protocol import (
     ProgressReply,
     ProgressRequest,
     Pull,
+    Release,
     RollNow,
     SinkAck,
     SinkReady,
@@ -368,6 +370,46 @@ def test_a_copy_whose_holder_dies_goes_back_to_the_worker_still_running_it(broke
     broker(b"slow", Completed(result=result_for(batch("j", 0), worker_id="slow")))
     assert [m.result.worker_id for _, m in broker.turn() if isinstance(m, Deliver)] == ["slow"]
 
+
+def test_a_copy_never_goes_back_to_a_worker_whose_context_failed(broker) -> None:
+    """That worker dropped every batch of the context, copied elsewhere or not: handed back a copy whose holder
+    then dies, it would hold it for good, and the job would never end."""
+    broker.worker(b"loading", credit=4)  # given j/0..j/3 behind its load
+    broker.submit(*[batch("j", n) for n in range(4)])
+    broker.turn()
+    broker.worker(b"ready", contexts=[A], credit=2)
+    assert assigned(broker.turn()) == [(b"ready", "j/3"), (b"ready", "j/2")]
+    broker(b"loading", ContextFailed(context_id=A, error="cannot load"))
+    assert not broker.state.workers[b"loading"].in_flight
+    broker.parts.workers.drop_worker(broker.state.workers[b"ready"], "died", count_attempts=True)
+    assert {broker.status(f"j/{n}") for n in range(4)} == {BatchStatus.QUEUED}
+
+
+def test_a_copy_never_goes_back_to_a_worker_that_released_it(broker) -> None:
+    broker.worker(b"leaver", contexts=[A], credit=1)
+    broker.submit(batch("j", 0))
+    assert assigned(broker.turn()) == [(b"leaver", "j/0")]
+    broker.worker(b"copier", contexts=[A], credit=1)
+    assert assigned(broker.turn()) == [(b"copier", "j/0")]
+    broker(b"leaver", Release(batch_ids=["j/0"], leaving=True))  # the copy holds it: nothing to requeue
+    assert not broker.state.workers[b"leaver"].in_flight
+    broker.parts.workers.drop_worker(broker.state.workers[b"copier"], "died", count_attempts=False)
+    assert broker.status("j/0") is BatchStatus.QUEUED
+
+
+def test_an_assign_never_sent_leaves_the_worker_s_window_whoever_holds_the_batch_now(broker) -> None:
+    """The first holder's Assign fails while the other worker, idle in the same turn, copied the batch: the
+    first never saw it, keeps its credit, and is not handed the batch back later."""
+    broker.worker(b"c", contexts=[A], credit=1)
+    broker.worker(b"o", contexts=[A], credit=1)  # the first turn starts one worker along: at o
+    broker.gone.add(b"o")
+    broker.submit(batch("j", 0))
+    broker.turn()
+    o, row = broker.state.workers[b"o"], broker.store.get("j/0")
+    assert (row.status, row.worker) == (BatchStatus.ASSIGNED, b"c")
+    assert not o.in_flight and o.credit == 1
+    broker.parts.workers.drop_worker(broker.state.workers[b"c"], "died", count_attempts=False)
+    assert broker.status("j/0") is BatchStatus.QUEUED
 
 def test_a_failure_reported_for_a_batch_taken_elsewhere_still_frees_the_worker(broker) -> None:
     broker.worker(b"slow", contexts=[A], credit=1)
