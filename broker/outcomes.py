@@ -63,9 +63,7 @@ class Outcomes:
         for identity in self.state.speculated.pop(batch_id, ()):
             holder = self.state.workers.get(identity)
             if holder is not None and identity != answered_by:
-                holder.in_flight.pop(batch_id, None)
-                if not holder.in_flight:
-                    self.state.maybe_idle.add(identity)
+                self.state.take_off_window(holder, batch_id)
 
     def scoring_failed(self, row: StoredBatch, error: str) -> None:
         """The worker could not score the batch (``BatchFailed``): split it if it holds several claims, so
@@ -140,9 +138,7 @@ class Outcomes:
             state.counters["late_results_accepted"] += 1
             holder = state.workers.get(row.worker or b"")
             if holder is not None:
-                holder.in_flight.pop(row.batch_id, None)  # its own answer will be a duplicate
-                if not holder.in_flight:
-                    state.maybe_idle.add(holder.identity)
+                state.take_off_window(holder, row.batch_id)  # its own answer will be a duplicate
         row = state.store.complete(row, result)
         state.given_to.pop(row.batch_id, None)
         self.forget_copies(row.batch_id, answered_by=by)

@@ -150,26 +150,26 @@ class Scheduler:
         """The batches each worker holding (or loading) ``context_id`` has in flight and nobody has a copy of,
         the last of its window first; workers with none are left out."""
         speculated = self.state.speculated
-        return {
-            w.identity: batches
-            for w in self.state.workers.values()
-            if context_id in w.contexts  # loading counts too
-            and (batches := [b for b in reversed(w.in_flight) if b not in speculated])
-        }
+        return self._in_flight(context_id, lambda worker, batch_id: batch_id not in speculated)
 
     def copies_held(self, context_id: str) -> dict[bytes, list[str]]:
         """The copies each worker holding ``context_id`` has in flight and is the latest holder of (copied to
         it, and not copied again from it), the last of its window first; workers with none are left out."""
         speculated = self.state.speculated
+
+        def latest_copy(worker: WorkerRecord, batch_id: str) -> bool:
+            earlier = speculated.get(batch_id)
+            return bool(earlier) and worker.identity not in earlier  # type: ignore[operator]
+
+        return self._in_flight(context_id, latest_copy)
+
+    def _in_flight(self, context_id: str, keep: Callable[[WorkerRecord, str], bool]) -> dict[bytes, list[str]]:
+        """Per worker holding (or loading) ``context_id``, the batches of its window ``keep`` keeps, the last
+        first; workers with none are left out."""
         return {
             w.identity: batches
             for w in self.state.workers.values()
-            if context_id in w.contexts
-            and (
-                batches := [
-                    b for b in reversed(w.in_flight) if (earlier := speculated.get(b)) and w.identity not in earlier
-                ]
-            )
+            if context_id in w.contexts and (batches := [b for b in reversed(w.in_flight) if keep(w, b)])
         }
 
     def _workers_in_turn(self) -> list[WorkerRecord]:

@@ -74,6 +74,13 @@ class BrokerState:
         #: copy (one given to a slow worker may be worth copying again to a fast one).
         self.passed_over: set[bytes] = set()
 
+    def take_off_window(self, worker: WorkerRecord, batch_id: str) -> None:
+        """``worker`` will not answer ``batch_id`` (it did, failed it, or another's answer came first): off its
+        window, and once the window is empty it may copy others' work (``maybe_idle``)."""
+        worker.in_flight.pop(batch_id, None)
+        if not worker.in_flight:
+            self.maybe_idle.add(worker.identity)
+
     def peer(self, identity: bytes) -> PeerRecord | None:
         return self.workers.get(identity) or self.sinks.get(identity) or self.producers.get(identity)
 

@@ -194,9 +194,7 @@ class Workers:
         result = message.result
         worker = self.state.workers.get(identity)
         if worker is not None:
-            worker.in_flight.pop(result.batch_id, None)
-            if not worker.in_flight:
-                self.state.maybe_idle.add(identity)
+            self.state.take_off_window(worker, result.batch_id)
         store = self.state.store
         row = store.get(result.batch_id)
         if row is None:
@@ -221,9 +219,7 @@ class Workers:
 
     def on_batch_failed(self, identity: bytes, message: BatchFailed) -> None:
         worker = self.state.workers[identity]
-        worker.in_flight.pop(message.batch_id, None)  # it will not answer it, whatever became of the batch
-        if not worker.in_flight:
-            self.state.maybe_idle.add(identity)
+        self.state.take_off_window(worker, message.batch_id)  # whatever became of the batch
         row = self.state.store.get(message.batch_id)
         if row is None or row.status is not BatchStatus.ASSIGNED or row.worker != identity:
             log.info("stale_batch_failed_ignored", batch_id=message.batch_id, worker_id=worker.name)

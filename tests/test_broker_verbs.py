@@ -354,15 +354,20 @@ def test_a_copy_held_by_a_worker_not_timed_yet_is_copied_again_by_a_timed_one(br
     assert assigned(broker.turn()) == [(b"fast", "j/0")]
 
 
+def held_and_copied(broker: Broker, holder: bytes) -> None:
+    """``holder`` is given j/0, then a worker ``copier`` falling idle copies it (the batch's holder now)."""
+    broker.worker(holder, contexts=[A], credit=1)
+    broker.submit(batch("j", 0))
+    assert assigned(broker.turn()) == [(holder, "j/0")]
+    broker.worker(b"copier", contexts=[A], credit=1)
+    assert assigned(broker.turn()) == [(b"copier", "j/0")]
+
+
 def test_a_copy_whose_holder_dies_goes_back_to_the_worker_still_running_it(broker) -> None:
     """Not requeued, and not charged an attempt: the worker it was copied from is computing it, and with
     max_attempts=2 a requeue charged for the death could have failed a batch a live worker was about to answer."""
     broker(b"s", SinkReady(sink_id="s"))
-    broker.worker(b"slow", contexts=[A], credit=1)
-    broker.submit(batch("j", 0))
-    assert assigned(broker.turn()) == [(b"slow", "j/0")]
-    broker.worker(b"copier", contexts=[A], credit=1)
-    assert assigned(broker.turn()) == [(b"copier", "j/0")]
+    held_and_copied(broker, b"slow")
     broker.parts.workers.drop_worker(broker.state.workers[b"copier"], "died", count_attempts=True)
     row = broker.store.get("j/0")
     assert (row.status, row.worker, row.attempts) == (BatchStatus.ASSIGNED, b"slow", 1)
@@ -386,11 +391,7 @@ def test_a_copy_never_goes_back_to_a_worker_whose_context_failed(broker) -> None
 
 
 def test_a_copy_never_goes_back_to_a_worker_that_released_it(broker) -> None:
-    broker.worker(b"leaver", contexts=[A], credit=1)
-    broker.submit(batch("j", 0))
-    assert assigned(broker.turn()) == [(b"leaver", "j/0")]
-    broker.worker(b"copier", contexts=[A], credit=1)
-    assert assigned(broker.turn()) == [(b"copier", "j/0")]
+    held_and_copied(broker, b"leaver")
     broker(b"leaver", Release(batch_ids=["j/0"], leaving=True))  # the copy holds it: nothing to requeue
     assert not broker.state.workers[b"leaver"].in_flight
     broker.parts.workers.drop_worker(broker.state.workers[b"copier"], "died", count_attempts=False)
@@ -411,12 +412,9 @@ def test_an_assign_never_sent_leaves_the_worker_s_window_whoever_holds_the_batch
     broker.parts.workers.drop_worker(broker.state.workers[b"c"], "died", count_attempts=False)
     assert broker.status("j/0") is BatchStatus.QUEUED
 
+
 def test_a_failure_reported_for_a_batch_taken_elsewhere_still_frees_the_worker(broker) -> None:
-    broker.worker(b"slow", contexts=[A], credit=1)
-    broker.submit(batch("j", 0))
-    assert assigned(broker.turn()) == [(b"slow", "j/0")]
-    broker.worker(b"copier", contexts=[A], credit=1)
-    assert assigned(broker.turn()) == [(b"copier", "j/0")]
+    held_and_copied(broker, b"slow")
     broker(b"slow", BatchFailed(batch_id="j/0", error="out of memory"))  # the copy is the batch's holder now
     assert not broker.state.workers[b"slow"].in_flight
     assert broker.store.get("j/0").worker == b"copier"
