@@ -25,6 +25,10 @@ A batch moves through these statuses (``BatchStatus``):
                       "parts"; the producer's batch they came from, their ``root``, is written once every part
                       is written or recorded failed)
 
+An assignment lives in memory only: the database keeps an assigned batch as queued, with the attempts
+before the one in hand (``_durable``), as a broker restarted after a crash would requeue it anyway. So
+assigning a batch writes nothing, and its read-ahead skips the batches in flight.
+
 ``done`` means the outcome is known: verdicts (``result``) or, after repeated failures, an ``error``. Either
 goes to a sink and is ``written`` once the sink acknowledges it durable; then the claims and verdicts are
 dropped from the store, and only the batch id and a digest of its content stay, so a resubmission is
@@ -50,6 +54,7 @@ import sqlite3
 import tempfile
 import time
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,16 +221,24 @@ _spec_decoder = msgspec.msgpack.Decoder(ContextSpec)
 _manifest_decoder = msgspec.msgpack.Decoder(Manifest)
 
 
+#: Before every queue key (keys go below zero as batches are requeued in front).
+_FRONT = -(2**63)
+
+
 @dataclass
 class _QueueHead:
     """The front of one context's queue, read ahead: rows in queue order, each with its batch (decoded or
     not yet). Exact by construction: a batch that leaves the queue at the front is popped, one that leaves
     from elsewhere drops the whole head (read again when next needed), requeued ones go in front and new
-    ones at the back while the head is the whole queue."""
+    ones at the back while the head is the whole queue. Every queued batch up to ``after_key`` is in it, so
+    the next read starts after that key: the batches in flight, which the database keeps as queued
+    (``_durable``), are not read again each time."""
 
     entries: deque[tuple[StoredBatch, Batch | bytes]]
     #: The head holds the context's whole queue (its last read found fewer than ``QUEUE_READ_AHEAD``).
     whole: bool
+    #: The largest queue key read into the head (or added to it while whole).
+    after_key: int = _FRONT
 
 
 class BrokerStore:
@@ -256,6 +269,9 @@ class BrokerStore:
         #: since (with such columns a change set).
         self._inserted: dict[str, dict[str, object]] = {}
         self._updated: dict[str, dict[str, object]] = {}
+        #: For each row in ``_updated``: what the database holds for it (``_durable`` of the row as it was at
+        #: its first change since the flush), so a change it would not see (an assignment) is not written.
+        self._stored_as: dict[str, StoredBatch] = {}
         self._heads: dict[str, _QueueHead] = {}
         wal = path.with_name(path.name + "-wal")
         log_scan = scan_log(wal)
@@ -391,10 +407,11 @@ class BrokerStore:
         statement."""
         inserted, self._inserted = self._inserted, {}  # a statement that fails is not run again at the next flush
         updated, self._updated = self._updated, {}
+        stored_as, self._stored_as = self._stored_as, {}
         rows = self._rows
         if inserted:
             self._db.executemany(_INSERT, [
-                (*astuple(rows[batch_id]), extra["queue_key"], extra.get("result"))
+                (*astuple(_durable(rows[batch_id])), extra["queue_key"], extra.get("result"))
                 for batch_id, extra in inserted.items()
             ])  # fmt: skip
             claims = [
@@ -405,7 +422,9 @@ class BrokerStore:
         by_shape: dict[tuple[str, ...], list[tuple]] = {}
         dropped = []
         for batch_id, extra in updated.items():
-            row = rows[batch_id]
+            row = _durable(rows[batch_id])
+            if not extra and row == stored_as[batch_id]:  # assigned, or copied: the database keeps it queued
+                continue
             if "payload" in extra:  # only ever dropped: the claims are in their own table
                 del extra["payload"]
                 dropped.append((row.seq,))
@@ -459,9 +478,10 @@ class BrokerStore:
     # --- recovery --------------------------------------------------------------------------------
 
     def recover(self) -> tuple[int, int]:
-        """After a restart no worker or sink of the old broker is known: batches they held go back to
-        the front of their queues (not counted as attempts: the broker failed, not the batch), and
-        deliveries never acknowledged will be redelivered. Returns (requeued, to_redeliver)."""
+        """After a restart no worker or sink of the old broker is known: batches they held are queued (the
+        database never held their assignments, ``_durable``; a state written by an older broker may, and
+        those go back to the front of their queues, not counted as attempts: the broker failed, not the
+        batch), and deliveries never acknowledged will be redelivered. Returns (requeued, to_redeliver)."""
         self._flush()
         base = self._min_key - 1 - (self._db.execute("SELECT coalesce(max(seq), 0) FROM batches").fetchone()[0])
         requeued = self._db.execute(
@@ -554,7 +574,10 @@ class BrokerStore:
             return None
         head = self._heads.get(context_id)
         if head is None or not head.entries:
-            head = self._heads[context_id] = self._read_head(context_id)
+            # A head that held the whole queue and ran out while batches are counted queued is not trusted:
+            # read from the front.
+            after_key = head.after_key if head is not None and not head.whole else _FRONT
+            head = self._heads[context_id] = self._read_head(context_id, after_key)
             if not head.entries:
                 return None
         row, batch = head.entries[0]
@@ -565,15 +588,29 @@ class BrokerStore:
         self._changed.append(row.batch_id)
         return row, batch
 
-    def _read_head(self, context_id: str) -> _QueueHead:
+    def _read_head(self, context_id: str, after_key: int) -> _QueueHead:
+        """The queue's next batches after ``after_key``, ``QUEUE_READ_AHEAD`` at a time. The database keeps
+        batches in flight as queued (``_durable``): those are skipped, page after page if need be (only a
+        read from the front meets them, when a batch left the middle of the queue)."""
         self._flush()
-        found = self._db.execute(
-            f"SELECT {_ROW}, payloads.payload FROM batches JOIN payloads USING (seq)"
-            " WHERE status = 'queued' AND context_id = ? ORDER BY queue_key LIMIT ?",
-            (context_id, QUEUE_READ_AHEAD),
-        ).fetchall()
-        entries = deque((_stored(row[:-1]), row[-1]) for row in found)
-        return _QueueHead(entries, whole=len(entries) < QUEUE_READ_AHEAD)
+        entries: deque[tuple[StoredBatch, Batch | bytes]] = deque()
+        rows = self._rows
+        while True:
+            found = self._db.execute(
+                f"SELECT {_ROW}, queue_key, payloads.payload FROM batches JOIN payloads USING (seq)"
+                " WHERE status = 'queued' AND context_id = ? AND queue_key > ? ORDER BY queue_key LIMIT ?",
+                (context_id, after_key, QUEUE_READ_AHEAD),
+            ).fetchall()
+            for row in found:
+                held = rows.get(row[0])
+                if held is None:
+                    entries.append((_stored(row[:-2]), row[-1]))
+                elif held.status is _QUEUED:
+                    entries.append((held, row[-1]))
+            if found:
+                after_key = found[-1][-2]
+            if entries or len(found) < QUEUE_READ_AHEAD:
+                return _QueueHead(entries, whole=len(found) < QUEUE_READ_AHEAD, after_key=after_key)
 
     def get_with_batch(self, batch_id: str) -> tuple[StoredBatch, Batch | None] | None:
         """A batch's row and, while the store still holds it (until written), the batch."""
@@ -587,13 +624,18 @@ class BrokerStore:
     def queued_ids(self, context_id: str) -> list[str]:
         self._flush()
         query = "SELECT batch_id FROM batches WHERE status = 'queued' AND context_id = ? ORDER BY queue_key"
-        return [r[0] for r in self._db.execute(query, (context_id,))]
+        return self._still_queued(r[0] for r in self._db.execute(query, (context_id,)))
 
     def queued_ids_of_job(self, job_id: str) -> list[str]:
         """A job's queued batches (a scan: only an aborted job asks)."""
         self._flush()
         query = "SELECT batch_id FROM batches WHERE status = 'queued' AND job_id = ? ORDER BY seq"
-        return [r[0] for r in self._db.execute(query, (job_id,))]
+        return self._still_queued(r[0] for r in self._db.execute(query, (job_id,)))
+
+    def _still_queued(self, batch_ids: Iterable[str]) -> list[str]:
+        """Of batches the database holds as queued, those not in flight (``_durable``)."""
+        rows = self._rows
+        return [batch_id for batch_id in batch_ids if (row := rows.get(batch_id)) is None or row.status is _QUEUED]
 
     def done_ids(self, limit: int) -> list[str]:
         """Batches with a known outcome not yet with a sink, oldest first."""
@@ -615,6 +657,7 @@ class BrokerStore:
         if head is not None and head.whole:  # else it is behind what the head holds, read when reached
             if len(head.entries) < QUEUE_READ_AHEAD:
                 head.entries.append((stored, batch))
+                head.after_key = self._max_key
             else:
                 head.whole = False
 
@@ -714,7 +757,10 @@ class BrokerStore:
         self._changed.append(batch_id)
         unwritten = self._inserted.get(batch_id)
         if unwritten is None:
-            unwritten = self._updated.setdefault(batch_id, {})
+            unwritten = self._updated.get(batch_id)
+            if unwritten is None:  # its first change since the flush: the database holds it as it was
+                unwritten = self._updated[batch_id] = {}
+                self._stored_as[batch_id] = _durable(current)
         if columns:
             unwritten.update(columns)
         if current.status is _QUEUED and moved.status is not _QUEUED:
@@ -748,6 +794,15 @@ class BrokerStore:
 
 #: Read at every change of a batch: a module constant is a faster read than an Enum class's attribute.
 _QUEUED = BatchStatus.QUEUED
+_ASSIGNED = BatchStatus.ASSIGNED
+def _durable(row: StoredBatch) -> StoredBatch:
+    """A row as the database keeps it. An assignment is not written: it dies with the broker, whose successor
+    would requeue the batch without counting the attempt (``recover``), so the database keeps an assigned
+    batch as that: queued, with the attempts before this one. Each batch's row was written when it was
+    assigned, four times per batch in all; now three."""
+    if row.status is not _ASSIGNED:
+        return row
+    return replace(row, status=_QUEUED, worker=None, attempts=max(row.attempts - 1, 0))
 #: Statuses of a batch a peer holds: their rows stay in memory, bounded by workers' and sinks' windows. (A done
 #: batch is delivered in the turn it completes when a sink is there; without one, it waits on disk.)
 _IN_FLIGHT = frozenset({BatchStatus.ASSIGNED, BatchStatus.DELIVERED})

@@ -39,10 +39,14 @@ def database_queue(path: Path) -> list[str]:
 
 
 def as_columns(store: BrokerStore, batch_id: str) -> tuple:
+    """A row as the database must hold it: an assignment is never written, so an assigned batch is held as
+    queued, with the attempts before the one in hand."""
     row = store.get(batch_id)
     assert row is not None
     holds_claims = row.status not in (BatchStatus.WRITTEN, BatchStatus.SPLIT)  # a written batch drops them
     holds_verdicts = row.status in (BatchStatus.DONE, BatchStatus.DELIVERED) and row.error is None
+    if row.status is BatchStatus.ASSIGNED:
+        return "queued", max(row.attempts - 1, 0), row.deliveries, None, row.sink, row.error, True, False
     return row.status.value, row.attempts, row.deliveries, row.worker, row.sink, row.error, holds_claims, holds_verdicts
 
 
@@ -92,13 +96,27 @@ def test_rows_in_memory_match_the_database_through_a_random_run(tmp_path, monkey
             store.commit()
             committed = database_rows(path)
             assert committed == {batch_id: as_columns(store, batch_id) for batch_id in batches}, f"step {step}"
-            assert database_queue(path) == queue
+            assert [i for i in database_queue(path) if i not in assigned] == queue
+            assert store.queued_ids(CONTEXT) == queue
     store.commit()
     counts = dict(store.status_counts)
     store.close()
     reopened = BrokerStore.open(tmp_path / "state")
+    assert reopened.recover() == (0, len(delivered))
+    counts[BatchStatus.QUEUED] += counts.pop(BatchStatus.ASSIGNED, 0)  # assignments die with the broker
+    counts[BatchStatus.DONE] += counts.pop(BatchStatus.DELIVERED, 0)  # and deliveries not acknowledged
     assert {status: n for status, n in reopened.status_counts.items() if n} == {s: n for s, n in counts.items() if n}
-    assert reopened.queued_ids(CONTEXT) == queue
+    requeued = set(assigned)
+    assert sorted(reopened.queued_ids(CONTEXT)) == sorted(queue + assigned)
+    assert [i for i in reopened.queued_ids(CONTEXT) if i not in requeued] == queue
+    assert [i for i in database_queue(path) if i in requeued] == [i for i in reopened.queued_ids(CONTEXT) if i in requeued]
+    expected, order = reopened.queued_ids(CONTEXT), []
+    while (front := reopened.next_queued_batch(CONTEXT)) is not None:  # read ahead, skipping what is in flight
+        order.append(front[0].batch_id)
+        reopened.assign(front[0], b"w2")
+        if len(order) % 3 == 0:
+            reopened.commit()
+    assert order == expected and reopened.queued_ids(CONTEXT) == [] and not reopened.queued
     reopened.close()
 
 
