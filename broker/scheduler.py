@@ -34,10 +34,11 @@ class Scheduler:
         return Counter(context_id for worker in self.state.workers.values() for context_id in worker.contexts)
 
     def dispatch(self) -> None:
-        """Match queued batches with worker credit, by affinity (see broker/policy.py), one batch per worker
-        in turn, starting each call one worker further along. Workers ask for deep windows when batches are
-        small (gpuworker/intake.py): filling the first worker's window before the next would leave the
-        others idle on a short queue, and batches trickling in one at a time would all go to one worker."""
+        """Match queued batches with worker credit, by affinity (see broker/policy.py), a fair share per
+        worker in turn (one batch, when the queue is shorter than the workers ready), starting each call one
+        worker further along. Workers ask for deep windows when batches are small (gpuworker/intake.py):
+        filling the first worker's window before the next would leave the others idle on a short queue, and
+        batches trickling in one at a time would all go to one worker."""
         self.assign_queued()
         self.speculate()
 
@@ -67,10 +68,14 @@ class Scheduler:
                 if choice.load:
                     hosts.subtract(self.tell_to_load(worker, choice.context_id))
                     hosts[choice.context_id] += 1
-                front = store.next_queued_batch(choice.context_id)
-                if front is None:  # the policy only chooses contexts with queued batches
-                    continue
-                self.assign(worker, *front)
+                # Its share of the queue at once: the policy's choice holds until the queue runs short, and
+                # asked again for every batch it was a third of the dispatch at one claim a batch.
+                share = max(1, store.queued.get(choice.context_id, 0) // len(ready))
+                for _ in range(min(worker.credit, share)):
+                    front = store.next_queued_batch(choice.context_id)
+                    if front is None:  # the policy only chooses contexts with queued batches
+                        break
+                    self.assign(worker, *front)
                 if worker.credit > 0 and not worker.leaving:
                     served.append(worker)
                 if not store.queued:
@@ -150,27 +155,25 @@ class Scheduler:
         """The batches each worker holding (or loading) ``context_id`` has in flight and nobody has a copy of,
         the last of its window first; workers with none are left out."""
         speculated = self.state.speculated
-        return self._in_flight(context_id, lambda worker, batch_id: batch_id not in speculated)
+        return {
+            w.identity: batches for w in self._holders(context_id)
+            if (batches := [b for b in reversed(w.in_flight) if b not in speculated])
+        }  # fmt: skip
 
     def copies_held(self, context_id: str) -> dict[bytes, list[str]]:
         """The copies each worker holding ``context_id`` has in flight and is the latest holder of (copied to
         it, and not copied again from it), the last of its window first; workers with none are left out."""
         speculated = self.state.speculated
-
-        def latest_copy(worker: WorkerRecord, batch_id: str) -> bool:
-            earlier = speculated.get(batch_id)
-            return bool(earlier) and worker.identity not in earlier  # type: ignore[operator]
-
-        return self._in_flight(context_id, latest_copy)
-
-    def _in_flight(self, context_id: str, keep: Callable[[WorkerRecord, str], bool]) -> dict[bytes, list[str]]:
-        """Per worker holding (or loading) ``context_id``, the batches of its window ``keep`` keeps, the last
-        first; workers with none are left out."""
         return {
-            w.identity: batches
-            for w in self.state.workers.values()
-            if context_id in w.contexts and (batches := [b for b in reversed(w.in_flight) if keep(w, b)])
-        }
+            w.identity: batches for w in self._holders(context_id)
+            if (batches := [b for b in reversed(w.in_flight) if (e := speculated.get(b)) and w.identity not in e])
+        }  # fmt: skip
+
+    def _holders(self, context_id: str) -> list[WorkerRecord]:
+        """The workers holding (or loading) ``context_id``. Their windows are scanned with the test inline
+        (``uncopied``, ``copies_held``): with a function called for each batch, a scan of 186 windows of 512
+        batches took 4.9 ms instead of 3.0, at every turn of the end of a job."""
+        return [w for w in self.state.workers.values() if context_id in w.contexts]
 
     def _workers_in_turn(self) -> list[WorkerRecord]:
         """The workers, starting one further along at each call (round robin across calls)."""
