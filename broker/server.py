@@ -318,8 +318,10 @@ class Checkpoints:
 
 
 def open_state(config: BrokerConfig) -> BrokerState:
-    """The state directory opened, what a previous broker left recovered (assigned batches requeued,
-    delivered ones to deliver again), and a damaged write-ahead log reported."""
+    """The state directory opened, what a previous broker left recovered (the batches it had in flight to
+    workers are queued in the state already, as the database never holds an assignment; ``requeued`` counts
+    the assigned rows an older broker wrote; delivered ones are to deliver again), and a damaged write-ahead
+    log reported."""
     store = BrokerStore.open(config.state_dir, fsync=config.fsync)
     requeued, redeliver = store.recover()
     state = BrokerState(config, store)
