@@ -795,14 +795,17 @@ class BrokerStore:
 #: Read at every change of a batch: a module constant is a faster read than an Enum class's attribute.
 _QUEUED = BatchStatus.QUEUED
 _ASSIGNED = BatchStatus.ASSIGNED
+
+
 def _durable(row: StoredBatch) -> StoredBatch:
     """A row as the database keeps it. An assignment is not written: it dies with the broker, whose successor
     would requeue the batch without counting the attempt (``recover``), so the database keeps an assigned
-    batch as that: queued, with the attempts before this one. Each batch's row was written when it was
-    assigned, four times per batch in all; now three."""
+    batch as that: queued, with the attempts before this one (one write fewer per batch)."""
     if row.status is not _ASSIGNED:
         return row
     return replace(row, status=_QUEUED, worker=None, attempts=max(row.attempts - 1, 0))
+
+
 #: Statuses of a batch a peer holds: their rows stay in memory, bounded by workers' and sinks' windows. (A done
 #: batch is delivered in the turn it completes when a sink is there; without one, it waits on disk.)
 _IN_FLIGHT = frozenset({BatchStatus.ASSIGNED, BatchStatus.DELIVERED})
