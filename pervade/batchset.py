@@ -15,7 +15,8 @@ import hashlib
 DIGEST_HEX = 32
 
 
-def _id_hash(batch_id: str) -> int:
+def id_hash(batch_id: str) -> int:
+    """What one id adds to (XORs into) a digest."""
     return int.from_bytes(hashlib.sha256(batch_id.encode()).digest()[: DIGEST_HEX // 2], "big")
 
 
@@ -23,15 +24,17 @@ class BatchSet:
     """Count and digest of a set of distinct batch ids and their pairs. Adding an id twice is the
     caller's mistake: each caller adds an id once, when it first accepts or stores it."""
 
-    def __init__(self, batches: int = 0, pairs: int = 0, digest: str = "") -> None:
+    def __init__(self, batches: int = 0, pairs: int = 0, digest: str = "", digest_value: int = 0) -> None:
+        """A set of ``batches`` ids with ``pairs`` pairs, digested as ``digest`` (hex), or as ``digest_value``
+        (the number it stands for)."""
         self.batches = batches
         self.pairs = pairs
-        self._value = int(digest, 16) if digest else 0
+        self._value = int(digest, 16) if digest else digest_value
 
     def add(self, batch_id: str, pairs: int) -> None:
         self.batches += 1
         self.pairs += pairs
-        self._value ^= _id_hash(batch_id)
+        self._value ^= id_hash(batch_id)
 
     @property
     def digest(self) -> str:

@@ -14,6 +14,7 @@ peer has them.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -64,11 +65,7 @@ class ContextSpec(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=T
     @property
     def context_id(self) -> str:
         """A stable id: the same files in the same dtype hash to the same id, on every machine."""
-        if self.files is not None:
-            canonical = msgspec.msgpack.encode(("files", self.files, self.dtype))
-        else:
-            canonical = msgspec.msgpack.encode((self.model, self.revision or "", self.dtype))
-        return "ctx-" + hashlib.sha256(canonical).hexdigest()[:16]
+        return _context_id(self.model, self.revision, self.dtype, self.files)
 
     def validate(self) -> ContextSpec:
         if not self.model:
@@ -126,3 +123,14 @@ def hub_snapshot(model: str, revision: str | None) -> tuple[Path, str]:
         snapshot_download(model, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS)
     )
     return path, path.name  # the hub cache names a snapshot by its commit hash
+
+
+@functools.lru_cache(maxsize=1024)
+def _context_id(model: str, revision: str | None, dtype: str, files: str | None) -> str:
+    """``ContextSpec.context_id``, cached: every batch carries its context, and a broker asks for the id of
+    each one it is sent: a sha256 per batch, saved."""
+    if files is not None:
+        canonical = msgspec.msgpack.encode(("files", files, dtype))
+    else:
+        canonical = msgspec.msgpack.encode((model, revision or "", dtype))
+    return "ctx-" + hashlib.sha256(canonical).hexdigest()[:16]
