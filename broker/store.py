@@ -61,7 +61,7 @@ from pathlib import Path
 import msgspec
 from msgspec.structs import astuple, replace
 
-from pervade.batchset import BatchSet
+from pervade.batchset import BatchSet, id_hash
 from pervade.broker.seen import SeenIds
 from pervade.broker.statelock import StateLock
 from pervade.broker.wal import scan_log
@@ -187,8 +187,9 @@ class JobRecord:
     #: Pairs of the batches written, and of those recorded failed (what ``pervade status`` counts done).
     pairs_written: int = 0
     pairs_failed: int = 0
-    #: ``pervade.batchset`` digest of the job's batch ids (None: stored by an older broker, not kept).
-    digest: str | None = BatchSet().digest
+    #: ``pervade.batchset``'s digest of the job's batch ids, as a number (None: stored by an older broker, not
+    #: kept). Saved as ``digest``, in hex.
+    ids_xor: int | None = 0
     #: Why the producer aborted the job (its input turned out bad midway), if it did.
     aborted: str | None = None
 
@@ -196,20 +197,33 @@ class JobRecord:
     def complete(self) -> bool:
         return self.ended and self.written + self.failed >= self.batches
 
+    @property
+    def digest(self) -> str | None:
+        return None if self.ids_xor is None else BatchSet(digest_value=self.ids_xor).digest
+
     def holds(self) -> BatchSet:
         """The batches the broker holds for this job, as a producer counts them."""
-        return BatchSet(self.batches, self.pairs, self.digest or "")
+        return BatchSet(self.batches, self.pairs, digest_value=self.ids_xor or 0)
 
     def add(self, batch_id: str, pairs: int) -> None:
-        held = self.holds()
-        held.add(batch_id, pairs)
-        self.batches, self.pairs = held.batches, held.pairs
-        if self.digest is not None:
-            self.digest = held.digest
+        """Count a batch the broker now holds (once per batch: at every submission, so kept to a few
+        operations)."""
+        self.batches += 1
+        self.pairs += pairs
+        if self.ids_xor is not None:
+            self.ids_xor ^= id_hash(batch_id)
 
 
 def _job_json(job: JobRecord) -> str:
-    return json.dumps({k: v for k, v in job.__dict__.items() if k != "producers"})
+    record = {k: v for k, v in job.__dict__.items() if k not in ("producers", "ids_xor")}
+    return json.dumps({**record, "digest": job.digest})
+
+
+def _job_record(text: str) -> JobRecord:
+    record = json.loads(text)
+    record.pop("producer", None)  # an older broker kept the last producer's connection
+    digest = record.pop("digest", None)  # an older broker kept no digest: counts are checked alone
+    return JobRecord(**record, ids_xor=None if digest is None else int(digest or "0", 16))
 
 
 #: The row's columns: the fields of ``StoredBatch``, of the same names, in its order.
@@ -421,9 +435,14 @@ class BrokerStore:
             self._db.executemany("INSERT INTO payloads VALUES (?, ?)", claims)
         by_shape: dict[tuple[str, ...], list[tuple]] = {}
         dropped = []
+        written = []
         for batch_id, extra in updated.items():
             row = _durable(rows[batch_id])
-            if not extra and row == stored_as[batch_id]:  # assigned, or copied: the database keeps it queued
+            stored = stored_as[batch_id]
+            if not extra and row == stored:  # assigned, or copied: the database keeps it queued
+                continue
+            if extra == _DROP_CONTENT and row == replace(stored, status=_WRITTEN, sink=None):
+                written.append(row.seq)  # nothing else changed: written by ranges of seqs, below
                 continue
             if "payload" in extra:  # only ever dropped: the claims are in their own table
                 del extra["payload"]
@@ -433,6 +452,12 @@ class BrokerStore:
             self._db.executemany(_update_statement(shape), values)
         if dropped:
             self._db.executemany("DELETE FROM payloads WHERE seq = ?", dropped)
+        if written:
+            # A sink acknowledges its file's batches together, most of them neighbours in arrival order: a
+            # statement per run of seqs, not per row (SQLite's per-statement cost was most of a written batch's).
+            runs = _runs(sorted(written))
+            self._db.executemany(_WRITTEN_RUN, runs)
+            self._db.executemany("DELETE FROM payloads WHERE seq BETWEEN ? AND ?", runs)
 
     def checkpoint(self) -> bool:
         """Copy the write-ahead log into the database file. Blocking: call on a thread (it has its own
@@ -525,10 +550,7 @@ class BrokerStore:
     def jobs(self) -> dict[str, JobRecord]:
         jobs = {}
         for job_id, text in self._db.execute("SELECT job_id, record FROM jobs"):
-            record = json.loads(text)
-            record.pop("producer", None)  # an older broker kept the last producer's connection
-            record.setdefault("digest", None)  # an older broker kept no digest: counts are checked alone
-            jobs[job_id] = JobRecord(**record)
+            jobs[job_id] = _job_record(text)
         return jobs
 
     def save_meta(self, key: str, value: object) -> None:
@@ -795,6 +817,7 @@ class BrokerStore:
 #: Read at every change of a batch: a module constant is a faster read than an Enum class's attribute.
 _QUEUED = BatchStatus.QUEUED
 _ASSIGNED = BatchStatus.ASSIGNED
+_WRITTEN = BatchStatus.WRITTEN
 
 
 def _durable(row: StoredBatch) -> StoredBatch:
@@ -806,6 +829,19 @@ def _durable(row: StoredBatch) -> StoredBatch:
     return replace(row, status=_QUEUED, worker=None, attempts=max(row.attempts - 1, 0))
 
 
+def _runs(seqs: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct ``seqs`` as runs of consecutive numbers, (first, last) each."""
+    runs = []
+    first = last = seqs[0]
+    for seq in seqs[1:]:
+        if seq != last + 1:
+            runs.append((first, last))
+            first = seq
+        last = seq
+    runs.append((first, last))
+    return runs
+
+
 #: Statuses of a batch a peer holds: their rows stay in memory, bounded by workers' and sinks' windows. (A done
 #: batch is delivered in the turn it completes when a sink is there; without one, it waits on disk.)
 _IN_FLIGHT = frozenset({BatchStatus.ASSIGNED, BatchStatus.DELIVERED})
@@ -813,6 +849,8 @@ _IN_FLIGHT = frozenset({BatchStatus.ASSIGNED, BatchStatus.DELIVERED})
 
 #: What a written or split batch drops: its claims and verdicts (the row stays, with its digest).
 _DROP_CONTENT: dict[str, object] = {"payload": None, "result": None}
+#: Batches written with no other change since the last flush, a run of seqs at a time (``_flush``).
+_WRITTEN_RUN = "UPDATE batches SET status = 'written', sink = NULL, result = NULL WHERE seq BETWEEN ? AND ?"
 #: A row's fields that change after it is inserted, in the order of ``_update_statement``'s values.
 _CHANGING = ("status", "attempts", "deliveries", "worker", "sink", "error", "settled")
 _changing = operator.attrgetter(*_CHANGING)
