@@ -19,7 +19,7 @@ import zmq
 import zmq.asyncio
 
 from pervade.broker.state import BrokerState
-from pervade.protocol import Message, encode_group
+from pervade.protocol import Message, encode_group, message_count
 
 log = structlog.get_logger("broker")
 
@@ -63,7 +63,7 @@ class Outbox:
         for identity, posted in per_peer.items():
             start = 0
             for frames in encode_group([message for message, _ in posted]):
-                end = start + len(frames) - 1
+                end = start + message_count(frames)
                 if not self._send(identity, frames):
                     for _, on_fail in posted[start:end]:
                         if on_fail is not None:
@@ -88,7 +88,7 @@ def socket_sender(sock: zmq.asyncio.Socket) -> Send:
                 plain.send(frame, more)
             plain.send(frames[-1], last)
         except zmq.ZMQError as error:
-            log.warning("send_failed", peer=identity.decode(errors="replace"), messages=len(frames) - 1,
+            log.warning("send_failed", peer=identity.decode(errors="replace"), messages=message_count(frames),
                         error=str(error))  # fmt: skip
             return False
         return True

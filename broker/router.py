@@ -72,15 +72,16 @@ class Router:
         #: (key, kind) refusals already logged: a hostile client repeating one is counted, not logged again.
         self._refusals_logged: set[tuple[str, str]] = set()
 
-    def handle(self, frames: list[bytes], sender: KeyHolder | None = None) -> None:
+    def handle(self, frames: list[bytes], sender: KeyHolder | None = None) -> int:
         """Decode one envelope, a group of messages, and run each one's verb in order, as ``sender`` (the key
         that sent it; None on a broker without keys). Bad input is logged and answered, never raised: a
-        message that does not decode is refused alone, the rest of its group still runs."""
+        message that does not decode is refused alone, the rest of its group still runs. Returns how many
+        messages the envelope held (1 for one refused whole)."""
         counters = self.state.counters
         if len(frames) < 2:
             counters["invalid_messages"] += 1
             log.warning("dropped_invalid_envelope", frames=len(frames))
-            return
+            return 1
         identity = frames[0]
         try:
             group = bodies(frames[1:])
@@ -88,9 +89,10 @@ class Router:
             counters["invalid_messages"] += 1
             log.warning("rejected_message", peer=identity.decode(errors="replace"), error=str(exc))
             self.outbox.post(identity, Error(reason=str(exc)))
-            return
+            return 1
         for body in group:
             self.handle_body(identity, body, sender)
+        return max(1, len(group))  # an empty group is still a message read
 
     def handle_body(self, identity: bytes, body: bytes, sender: KeyHolder | None) -> None:
         """Decode one message of a group and run its verb."""

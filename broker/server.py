@@ -260,11 +260,12 @@ class BrokerServer:
                 frames = plain.recv_multipart(zmq.NOBLOCK, copy=guard is None)
             except zmq.Again:
                 break
-            taken += max(1, len(frames) - 2)
             if guard is None:
-                router.handle(frames)
+                taken += router.handle(frames)
             elif (sender := guard.sender(frames[0])) is not None:
-                router.handle([frame.bytes for frame in frames], sender)
+                taken += router.handle([frame.bytes for frame in frames], sender)
+            else:
+                taken += 1
 
     def apply(self, changes: KeyChanges) -> None:
         """What a reading of ``authorized/`` changed: revoked keys cut off; new worker keys told to workers."""

@@ -6,9 +6,10 @@ import signal
 
 #: The header frame of every message. A peer speaking another version is refused with an error. Version 2:
 #: templates as objects (labels, chat, calibration) and whole-answer scores, null for a label left out.
-#: Version 3: a ZeroMQ message carries a group of messages, one frame each, after the header.
-PROTOCOL_HEADER = b"pervade/3"
-PROTOCOL_VERSION = 3
+#: Version 3: a ZeroMQ message carries a group of messages, one frame each, after the header. Version 4: a
+#: group travels as one frame, a msgpack array of its messages.
+PROTOCOL_HEADER = b"pervade/4"
+PROTOCOL_VERSION = 4
 
 #: FEVER's three labels, in the order the scores are reported everywhere (wire, Parquet, summaries).
 LABELS: tuple[str, ...] = ("SUPPORTS", "REFUTES", "NOT ENOUGH INFO")

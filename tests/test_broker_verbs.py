@@ -52,6 +52,7 @@ from pervade.protocol import (
     bodies,
     decode_body,
     encode,
+    message_count,
 )
 
 T0 = time.time()
@@ -100,7 +101,7 @@ class Broker:
     def _send(self, identity: bytes, frames: list[bytes]) -> bool:
         """The outbox's send: the frames of one ZeroMQ message (a group), read back as the peer would."""
         self.committed_when_sent.append(not self.store._db.in_transaction)
-        self.groups.append((identity, len(frames) - 1))
+        self.groups.append((identity, message_count(frames)))
         if identity in self.gone:
             return False
         self.sent.extend((identity, decode_body(body)) for body in bodies(frames))

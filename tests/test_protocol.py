@@ -5,9 +5,9 @@ from __future__ import annotations
 import msgpack
 import pytest
 
+from pervade import protocol as PROTO
 from pervade.constants import PROTOCOL_HEADER
 from pervade.context import ContextSpec, make_context
-from pervade import protocol as PROTO
 from pervade.errors import ConfigError, ProtocolError
 from pervade.protocol import (
     ALL_MESSAGES,
@@ -25,6 +25,7 @@ from pervade.protocol import (
     bodies,
     decode,
     decode_body,
+    decode_group,
     encode,
     encode_group,
     kind_of,
@@ -58,7 +59,8 @@ def test_batch_messages_round_trip_exactly() -> None:
 def test_a_group_carries_messages_in_order_within_its_limits() -> None:
     small = [Pull(credit=1 + k % 1024) for k in range(PROTO.MAX_GROUP_MESSAGES + 1)]
     groups = encode_group(small)
-    assert [len(frames) - 1 for frames in groups] == [PROTO.MAX_GROUP_MESSAGES, 1]
+    assert [len(frames) for frames in groups] == [2, 2]  # the header, then the group as one frame
+    assert [len(bodies(frames)) for frames in groups] == [PROTO.MAX_GROUP_MESSAGES, 1]
     assert [decode_body(body) for frames in groups for body in bodies(frames)] == small
     big = Submit(batch=make_batch(8000))  # one message larger than GROUP_BYTES travels alone
     assert len(encode(big)[1]) > PROTO.GROUP_BYTES
@@ -68,6 +70,22 @@ def test_a_group_carries_messages_in_order_within_its_limits() -> None:
         decode([PROTOCOL_HEADER, encode(Pull(credit=1))[1], encode(Pull(credit=2))[1]])
     with pytest.raises(ProtocolError, match="at most 4096 are read"):
         bodies([PROTOCOL_HEADER] + [b"x"] * (PROTO.MAX_GROUP_MESSAGES + 1))
+
+
+def test_a_group_frame_is_read_within_its_limits_and_each_message_alone() -> None:
+    packed = encode_group([Pull(credit=1), Pull(credit=2), Pull(credit=3)])[0][1]
+    # Frames of one message each, as a version-3 peer sent them, and packed groups, mixed: read in order.
+    mixed = [PROTOCOL_HEADER, encode(Pull(credit=9))[1], packed]
+    assert [decode_body(b) for b in bodies(mixed)] == [Pull(credit=c) for c in (9, 1, 2, 3)]
+    with pytest.raises(ProtocolError, match="not msgpack"):
+        bodies([PROTOCOL_HEADER, packed[:-1]])  # cut short: none of it is read
+    with pytest.raises(ProtocolError, match="a group of 65535 messages; at most 4096 are read"):
+        bodies([PROTOCOL_HEADER, b"\xdc\xff\xff" + packed[1:]])  # refused on its declared length, unread
+    # A message of a group that does not decode costs itself alone.
+    bad = msgpack.packb({"kind": "pull", "credit": "lots"})
+    group = b"\x93" + encode(Pull(credit=1))[1] + bad + encode(Pull(credit=2))[1]
+    messages, errors = decode_group([PROTOCOL_HEADER, group])
+    assert messages == [Pull(credit=1), Pull(credit=2)] and len(errors) == 1 and "Expected `int`" in errors[0]
 
 
 def test_every_message_kind_is_distinct_and_named() -> None:
@@ -94,7 +112,8 @@ def test_body_is_plain_msgpack_with_a_kind_field() -> None:
         ([PROTOCOL_HEADER, msgpack.packb({"kind": "pull", "credit": "lots"})], "Expected `int`, got `str`"),
         ([PROTOCOL_HEADER, msgpack.packb({"kind": "pull", "credit": 0})], "Expected `int` >= 1"),
         ([PROTOCOL_HEADER, msgpack.packb({"kind": "pull", "credit": 1, "extra": 1})], "unknown field"),
-        ([PROTOCOL_HEADER, msgpack.packb([1, 2, 3])], "invalid message"),
+        ([PROTOCOL_HEADER, msgpack.packb("a string")], "invalid message"),  # an array is a group (of 3 here)
+        ([PROTOCOL_HEADER, msgpack.packb([1, 2, 3])], "expected one message, got a group of 3"),
         # found by the fuzz test: invalid UTF-8 in a string, and a time no Parquet file can hold
         ([PROTOCOL_HEADER, b"\x81\xa4kind\xa2\xff\xfe"], "invalid message"),
         ([PROTOCOL_HEADER, msgpack.packb({"kind": "deliver", "result": {
