@@ -19,7 +19,9 @@ Time is the pipeline clock: first batch submitted to every pair durably written 
 sensitivity is (slowest - fastest) / fastest over the batch sizes of a mode; the issue's target for full
 mode is under 5%. On a shared 2-core machine one run varies by several per cent from the next, so
 ``--repeats N`` runs each point N times and reports the median (and the range); the CSV is then
-``rq2_batch_size_xN.csv``.
+``rq2_batch_size_xN.csv``. The repeats go round the batch sizes (1, 2, ... 512, then 1, 2, ... again), not
+one size's runs after the other's: a machine that slows down or speeds up over the minutes a sweep takes
+then weighs on every size alike, instead of on the sizes that ran last.
 """
 
 from __future__ import annotations
@@ -64,15 +66,15 @@ def main() -> int:
         "extrapolated from the pairs done",
     )
     for mode in args.modes:
-        for batch_size in args.batch_sizes:
-            point = dataclasses.replace(workload, batch_size=batch_size)
-            runs = [
-                asyncio.run(
+        runs_of: dict[int, list[PipelineRun]] = {batch_size: [] for batch_size in args.batch_sizes}
+        for repeat in range(args.repeats):
+            for batch_size in args.batch_sizes:
+                point = dataclasses.replace(workload, batch_size=batch_size)
+                runs_of[batch_size].append(asyncio.run(
                     run_pipeline(point, base / f"{mode}-{batch_size}-{repeat}", workers=args.workers,
                                  threads=args.threads, mode=mode, limit_s=args.limit_s)
-                )
-                for repeat in range(args.repeats)
-            ]  # fmt: skip
+                ))  # fmt: skip
+        for batch_size, runs in runs_of.items():
             times = sorted(total_seconds(run, len(workload.expected)) for run in runs)
             median = statistics.median(times)
             middle = runs[len(runs) // 2]
