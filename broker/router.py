@@ -75,24 +75,30 @@ class Router:
     def handle(self, frames: list[bytes], sender: KeyHolder | None = None) -> int:
         """Decode one envelope, a group of messages, and run each one's verb in order, as ``sender`` (the key
         that sent it; None on a broker without keys). Bad input is logged and answered, never raised: a
-        message that does not decode is refused alone, the rest of its group still runs. Returns how many
-        messages the envelope held (1 for one refused whole)."""
+        message that does not decode is refused alone, the rest of its group still runs. Returns what the
+        envelope counts towards ``RECEIVE_PER_TURN``: its messages, and at least its frames."""
         counters = self.state.counters
         if len(frames) < 2:
             counters["invalid_messages"] += 1
             log.warning("dropped_invalid_envelope", frames=len(frames))
             return 1
         identity = frames[0]
+        read = max(1, len(frames) - 2)  # every frame counts towards a turn's reads, even one that holds nothing
         try:
             group = bodies(frames[1:])
         except ProtocolError as exc:
             counters["invalid_messages"] += 1
             log.warning("rejected_message", peer=identity.decode(errors="replace"), error=str(exc))
             self.outbox.post(identity, Error(reason=str(exc)))
-            return 1
+            return read
+        except Exception as exc:  # a bug must cost one envelope, not the broker
+            counters["invalid_messages"] += 1
+            log.exception("envelope_unreadable", peer=identity.decode(errors="replace"))
+            self.outbox.post(identity, Error(reason="internal broker error", detail=repr(exc)))
+            return read
         for body in group:
             self.handle_body(identity, body, sender)
-        return max(1, len(group))  # an empty group is still a message read
+        return max(read, len(group))
 
     def handle_body(self, identity: bytes, body: bytes, sender: KeyHolder | None) -> None:
         """Decode one message of a group and run its verb."""

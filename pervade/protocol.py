@@ -547,9 +547,12 @@ _decoder = msgspec.msgpack.Decoder(AnyMessage)
 
 #: Messages one ZeroMQ message may carry (a group); a receiver refuses more, unread.
 MAX_GROUP_MESSAGES = 4096
-#: Bytes a sender puts in one group before it starts another (a single larger message travels alone). Well
-#: below any ``--max-message-bytes`` a broker is given, so grouping never makes a peer's message too big.
+#: Bytes a sender puts in one group before it starts another (a single larger message travels alone). A
+#: group is one frame: a broker refuses a ``--max-message-bytes`` below ``MIN_MESSAGE_BYTES``, so grouping
+#: never makes a peer's frame too big.
 GROUP_BYTES = 256 * 1024
+#: The smallest frame limit a broker accepts: a group's frame, with room to spare.
+MIN_MESSAGE_BYTES = 2 * GROUP_BYTES
 
 
 def encode(message: Message) -> list[bytes]:
@@ -607,6 +610,8 @@ def bodies(frames: list[bytes]) -> list[bytes]:
     if header != PROTOCOL_HEADER:
         shown = bytes(header[:32]).decode("utf-8", "replace")
         raise ProtocolError(f"unsupported protocol header {shown!r}; this peer speaks {PROTOCOL_HEADER.decode()}")
+    if len(frames) > MAX_GROUP_MESSAGES + 1:  # each frame holds a message at least: refused before any is read
+        raise ProtocolError(f"a group of {len(frames) - 1} messages or more; at most {MAX_GROUP_MESSAGES} are read")
     count = message_count(frames)
     if count > MAX_GROUP_MESSAGES:
         raise ProtocolError(f"a group of {count} messages; at most {MAX_GROUP_MESSAGES} are read")
@@ -619,8 +624,8 @@ def bodies(frames: list[bytes]) -> list[bytes]:
             continue
         try:
             found.extend(_split_group.decode(frame))
-        except msgspec.DecodeError as exc:
-            raise ProtocolError(f"a group of messages that is not msgpack: {exc}") from None
+        except (msgspec.DecodeError, RecursionError) as exc:  # splitting still walks nested values: a frame of
+            raise ProtocolError(f"a group of messages that is not msgpack: {exc}") from None  # deep arrays recurses
     return found
 
 
@@ -687,7 +692,7 @@ def completed_batch_id(frame: bytes) -> str | None:
     then requeues that batch and tells the worker why, instead of leaving it assigned for ever."""
     try:
         body = msgspec.msgpack.decode(frame)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
     result = body.get("result") if isinstance(body, dict) and body.get("kind") == "completed" else None
     batch_id = result.get("batch_id") if isinstance(result, dict) else None

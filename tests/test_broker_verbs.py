@@ -6,15 +6,18 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
+from types import SimpleNamespace
 
 import msgspec
 import pytest
 
 from pervade.broker.config import BrokerConfig
-from pervade.broker.constants import REGISTER_AGAIN, ROLL_NOW_MIN_INTERVAL_S
+from pervade.broker.constants import RECEIVE_PER_TURN, REGISTER_AGAIN, ROLL_NOW_MIN_INTERVAL_S
 from pervade.broker.parts import BrokerParts, build_parts
+from pervade.broker.server import BrokerServer
 from pervade.broker.state import BrokerState
 from pervade.broker.store import BatchStatus, BrokerStore
+from pervade.constants import PROTOCOL_HEADER
 from pervade.context import ContextSpec
 from pervade.keyring import KeyHolder
 from pervade.protocol import (
@@ -32,6 +35,7 @@ from pervade.protocol import (
     Disconnect,
     EndJob,
     Error,
+    Heartbeat,
     JobDone,
     JobEnded,
     LoadContext,
@@ -52,6 +56,7 @@ from pervade.protocol import (
     bodies,
     decode_body,
     encode,
+    encode_group,
     message_count,
 )
 
@@ -429,6 +434,51 @@ def test_an_assignment_that_cannot_be_sent_goes_back_to_the_front_of_its_queue(b
     worker = broker.state.workers[b"w"]
     assert broker.status("j/0") is BatchStatus.QUEUED and worker.credit == 1 and not worker.in_flight
     assert broker.store.next_queued(A).batch_id == "j/0" and broker.store.get("j/0").attempts == 0
+
+
+def test_every_message_of_a_group_that_cannot_be_sent_is_failed(broker) -> None:
+    """A group travels as one frame: a send that fails fails each of its messages (the outbox counts them
+    from the group's declared length, not from its frames)."""
+    broker.worker(b"w", contexts=[A], credit=3)
+    broker.submit(*[batch("j", n) for n in range(3)])
+    broker.gone.add(b"w")
+    assert assigned(broker.turn()) == []
+    assert (b"w", 3) in broker.groups  # one ZeroMQ message carried the three assignments
+    worker = broker.state.workers[b"w"]
+    assert [broker.status(f"j/{n}") for n in range(3)] == [BatchStatus.QUEUED] * 3
+    assert worker.credit == 3 and not worker.in_flight
+
+
+def test_an_envelope_counts_its_messages_and_at_least_its_frames_towards_a_turn(broker) -> None:
+    (frames,) = encode_group([Heartbeat()] * 5)
+    assert broker.parts.router.handle([b"p", *frames]) == 5
+    assert broker.parts.router.handle([b"p", PROTOCOL_HEADER, b"\x90"]) == 1  # an empty group
+    assert broker.parts.router.handle([b"p", PROTOCOL_HEADER] + [b"\x90"] * 100) == 100
+    assert broker.parts.router.handle([b"p", PROTOCOL_HEADER, b"\xdc\xff\xff"]) == 1  # refused unread
+    assert broker.parts.router.handle([b"p", PROTOCOL_HEADER, b"\x91" * 1000 + b"\xc0"]) == 1  # refused
+    assert sum(isinstance(message, Error) for _, message in broker.turn()) == 2
+
+
+def test_a_turn_reads_a_bounded_number_of_messages_even_from_keys_not_admitted() -> None:
+    """``BrokerServer.receive`` over a socket that always has more to read: the turn ends at
+    ``RECEIVE_PER_TURN`` messages, whether they are handled or dropped (a key not admitted)."""
+
+    class EndlessSocket:
+        reads = 0
+
+        def recv_multipart(self, flags: int, copy: bool = True) -> list[bytes]:
+            self.reads += 1
+            assert self.reads <= 2 * RECEIVE_PER_TURN, "the turn never ended"
+            return [b"x", *encode(Heartbeat())]
+
+    class NoKeyAdmitted:
+        def sender(self, identity: bytes) -> None:
+            return None
+
+    server = BrokerServer.__new__(BrokerServer)  # its socket and key guard alone: no broker behind them
+    server.parts, server.guard, server.plain = SimpleNamespace(router=None), NoKeyAdmitted(), EndlessSocket()
+    server.receive()
+    assert server.plain.reads == RECEIVE_PER_TURN
 
 
 # --- what happens to a batch ---------------------------------------------------------------------------

@@ -241,6 +241,7 @@ def test_every_flag_reaches_its_field(command, classes, required, _) -> None:
     ("argv", "flag"),
     [
         (["broker", "--max-attempts", "0"], "--max-attempts must be at least 1"),
+        (["broker", "--max-message-bytes", "65536"], "--max-message-bytes must be at least 524288"),
         (["broker", "--drain-grace", "-1"], "--drain-grace must be 0 or more"),
         (["broker", "--heartbeat-liveness", "0"], "--heartbeat-liveness must be at least 1"),
         (["worker", "--grace-seconds", "-1"], "--grace-seconds must be positive"),

@@ -49,6 +49,7 @@ from pervade.producer.claims import ClaimsSource, read_claims
 from pervade.producer.templates import dump_templates, load_templates
 from pervade.protocol import (
     ALL_MESSAGES,
+    MIN_MESSAGE_BYTES,
     Accepted,
     Assign,
     Batch,
@@ -87,8 +88,8 @@ from pervade.sinks.failures import read_failures
 from pervade.sinks.summary import read_verdicts
 from tests.reference import reference_verdicts
 
-#: The broker's frame limit: small, so that oversized frames are cheap to send.
-MAX_MESSAGE_BYTES = 64 * 1024
+#: The broker's frame limit: the smallest it accepts, so that oversized frames are cheap to send.
+MAX_MESSAGE_BYTES = MIN_MESSAGE_BYTES
 #: Every process beats every 0.2 s and is declared dead after 3 missed beats.
 HEARTBEATS = ("--heartbeat-interval", "0.2", "--heartbeat-liveness", "3")
 #: Hypothesis examples; each sends a few frames (several thousand in all).

@@ -81,6 +81,14 @@ def test_a_group_frame_is_read_within_its_limits_and_each_message_alone() -> Non
         bodies([PROTOCOL_HEADER, packed[:-1]])  # cut short: none of it is read
     with pytest.raises(ProtocolError, match="a group of 65535 messages; at most 4096 are read"):
         bodies([PROTOCOL_HEADER, b"\xdc\xff\xff" + packed[1:]])  # refused on its declared length, unread
+    with pytest.raises(ProtocolError, match="at most 4096"):  # empty groups count: each frame is read
+        bodies([PROTOCOL_HEADER] + [b"\x90"] * (PROTO.MAX_GROUP_MESSAGES + 1))
+    pull = encode(Pull(credit=1))[1]
+    assert len(bodies([PROTOCOL_HEADER, b"\xdd\x00\x00\x00\x02" + pull + pull])) == 2  # a 32-bit length too
+    with pytest.raises(ProtocolError, match="at most 4096"):
+        bodies([PROTOCOL_HEADER, b"\xdd\x00\x01\x00\x00" + pull])
+    with pytest.raises(ProtocolError, match="not msgpack"):  # splitting walks nested values: deep ones
+        bodies([PROTOCOL_HEADER, b"\x91" * 1000 + b"\xc0"])  # raised RecursionError, not a refusal
     # A message of a group that does not decode costs itself alone.
     bad = msgpack.packb({"kind": "pull", "credit": "lots"})
     group = b"\x93" + encode(Pull(credit=1))[1] + bad + encode(Pull(credit=2))[1]

@@ -196,6 +196,37 @@ def test_a_turn_writes_each_changed_batch_once(tmp_path) -> None:
     store.close()
 
 
+def test_batches_written_by_runs_and_alone_are_written_whole(tmp_path) -> None:
+    """Batches written with no other change go by runs of seqs (``_flush``), a batch delivered and written in
+    one flush goes alone; the database must hold each whole: checked against the expected columns, not
+    ``store.get`` (which reads a written batch back from that same database)."""
+    store = BrokerStore.open(tmp_path / "state")
+    for n in range(4):
+        store.add(batch("j", n))
+    store.commit()
+    for _ in range(3):
+        row, held = store.next_queued_batch(CONTEXT)
+        store.assign(row, b"w")
+        store.complete(store.get(row.batch_id), result_for(held))
+    store.commit()
+    store.deliver(store.get("j/0"), b"s")
+    store.deliver(store.get("j/2"), b"s")
+    store.commit()
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    store.written(store.get("j/0"))  # two runs of one seq each, around j/1
+    store.written(store.get("j/2"))
+    store.deliver(store.get("j/1"), b"s")  # delivered and written in one flush: its deliveries changed
+    store.written(store.get("j/1"))
+    store.commit()
+    written = ("written", 1, 1, None, None, None, False, False)
+    assert database_rows(tmp_path / "state" / STORE_FILE) == {
+        "j/0": written, "j/1": written, "j/2": written, "j/3": ("queued", 0, 0, None, None, None, True, False),
+    }  # fmt: skip
+    assert sum("BETWEEN" in s and s.startswith("UPDATE") for s in statements) == 2, statements
+    store.close()
+
+
 def test_claims_kept_in_the_row_by_an_older_broker_move_to_their_own_table(tmp_path) -> None:
     """An older broker kept a batch's claims in its row: opened by this one, they move to ``payloads`` once,
     the batch is assigned with them, and they are dropped when it is written."""
