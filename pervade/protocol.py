@@ -615,8 +615,6 @@ def bodies(frames: list[bytes]) -> list[bytes]:
     count = message_count(frames)
     if count > MAX_GROUP_MESSAGES:
         raise ProtocolError(f"a group of {count} messages; at most {MAX_GROUP_MESSAGES} are read")
-    if len(frames) == 2 and _group_length(frames[1]) is None:
-        return [frames[1]]
     found: list[bytes] = []
     for frame in frames[1:]:
         if _group_length(frame) is None:
