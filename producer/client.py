@@ -74,6 +74,8 @@ MAX_RESUBMISSIONS = 3
 ABORT_CONFIRM_S = 5.0
 #: Pairs a producer reads ahead per trip to its reading thread (in whole chunks, at least one).
 READ_AHEAD_PAIRS = 4096
+#: How long one wait of the receiving loop for the broker's next message lasts (heartbeats are kept in it).
+RECEIVE_POLL_S = 0.5
 
 
 class Producer:
@@ -120,6 +122,10 @@ class Producer:
     async def __aexit__(self, *exc_info: object) -> None:
         self._closing.set()
         if self._receiver is not None:
+            # Cancelled, not left to finish its wait: a producer whose job was done exited RECEIVE_POLL_S
+            # later (half a second of every `produce --wait`). The loop's only await is the session's receive:
+            # a cancel there loses at most a message that nobody waits for now.
+            self._receiver.cancel()
             await asyncio.gather(self._receiver, return_exceptions=True)
         await self.session.send_if_connected(Disconnect(reason="done"))
         self.session.close()
@@ -143,7 +149,7 @@ class Producer:
 
     async def _receive_loop(self) -> None:
         while not self._closing.is_set():
-            message = await self.session.receive(timeout_s=0.5)
+            message = await self.session.receive(timeout_s=RECEIVE_POLL_S)
             if isinstance(message, (Accepted, Rejected)):
                 self._acknowledge(message)
             elif isinstance(message, JobEnded):

@@ -370,3 +370,21 @@ async def test_the_producer_api_refuses_a_claim_the_broker_would_refuse(live_bro
         with pytest.raises(InputError, match=r"gold_label"):
             await producer.submit_sweep(claims, {"t": "{claim}"}, CTX_A)
     assert live_broker.queued_total() == 0 and live_broker.counters["invalid_messages"] == 0
+
+
+async def test_a_producer_exits_without_waiting_out_its_receive_poll(start_broker, monkeypatch) -> None:
+    from pervade.producer import client
+    from pervade.session import Heartbeats
+
+    # A poll and heartbeats (both sides') far longer than the test's bound: nothing wakes the producer's
+    # receiving loop, so an exit that waited for its poll to end (as it once did, for half a second after
+    # every job) fails here.
+    slow = Heartbeats(interval_s=60.0)
+    broker = await start_broker(heartbeats=slow)
+    monkeypatch.setattr(client, "RECEIVE_POLL_S", 60.0)
+    producer = client.Producer(broker.endpoint, heartbeats=slow)
+    async with producer:
+        await producer.submit_sweep([Claim(claim_id="1", text="fine")], {"t": "{claim}"}, CTX_A)
+        exiting = time.monotonic()
+    assert time.monotonic() - exiting < 5.0
+    assert broker.queued_total() == 1
