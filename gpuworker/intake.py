@@ -3,10 +3,10 @@
 The producer's batch size is the user's choice (1 claim or 512), the device's best batch is the hardware's.
 The worker bridges the two: it asks the broker for enough batches to hold a few runs' worth of claims
 (``CreditWindow``; a run is a device pass, or 256 claims if that is more), and the compute loop takes a run
-of queued batches of the same context and template at once (``WorkQueue.take_run``: a producer interleaves
-its templates, so the run skips batches of other templates, which keep their places) and scores them as
-one, cut into micro-batches for the device. One large batch is never held back, and many small ones never
-cost a forward pass each.
+of queued batches of the same context and template at once (``WorkQueue.take_run``: the run skips batches
+of other templates, which keep their places; a producer sends the claims it read a template at a time, so
+they seldom interleave) and scores them as one, cut into micro-batches for the device. One large batch is
+never held back, and many small ones never cost a forward pass each.
 """
 
 from __future__ import annotations

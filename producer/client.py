@@ -256,7 +256,7 @@ class Producer:
         # A chunk that cannot be read stops the pass after the chunks read before it are sent.
         while True:
             taken, failure = await asyncio.to_thread(read_ahead, claims, READ_AHEAD_PAIRS // len(sweep.templates))
-            batches: list[Batch] = []
+            checked: list[tuple[int, bytes, list[Claim]]] = []
             for chunk in taken:
                 digest = chunk_digest(chunk)
                 if expected is not None and (index >= len(expected) or expected[index] != digest):
@@ -267,17 +267,9 @@ class Producer:
                     )
                     break
                 recorded.append(digest)
-                submitted_at = time.time()
-                batches.extend(
-                    Batch(
-                        batch_id=batch_id_for(sweep.job_id, index, template_id, digest, template, sweep.context),
-                        job_id=sweep.job_id, context=sweep.context, template_id=template_id, template=template,
-                        claims=chunk, submitted_at=submitted_at,
-                    )  # fmt: skip
-                    for template_id, template in sweep.templates.items()
-                )
+                checked.append((index, digest, chunk))
                 index += 1
-            await self._send_batches(batches, sweep.report, first)
+            await self._send_batches(self._trip_batches(sweep, checked), sweep.report, first)
             if failure is not None:
                 raise failure
             if not taken:
@@ -289,6 +281,25 @@ class Producer:
             sweep.chunk_digests = recorded
         await self._all_acked.wait()
         self._raise_if_refused()
+
+    @staticmethod
+    def _trip_batches(sweep: Sweep, chunks_read: list[tuple[int, bytes, list[Claim]]]) -> list[Batch]:
+        """The batches of the chunks one trip read, a template at a time: every chunk under the first template,
+        then under the next. A worker scores a run of one template's claims at once (gpuworker/intake.py) and
+        holds about two runs' worth: with the templates interleaved chunk by chunk, batches of one claim under
+        two templates made runs of about 200 claims of 256, under ten templates runs of 51 to 102, where
+        batches of 512 fill each run whole (RQ2, docs/benchmarks.md). A trip holds READ_AHEAD_PAIRS pairs, so
+        the templates still advance together."""
+        submitted_at = time.time()
+        return [
+            Batch(
+                batch_id=batch_id_for(sweep.job_id, index, template_id, digest, template, sweep.context),
+                job_id=sweep.job_id, context=sweep.context, template_id=template_id, template=template,
+                claims=chunk, submitted_at=submitted_at,
+            )  # fmt: skip
+            for template_id, template in sweep.templates.items()
+            for index, digest, chunk in chunks_read
+        ]
 
     async def _end(self, sweep: Sweep) -> None:
         """End the job once the broker holds exactly what it accepted; resubmit while it holds less."""

@@ -388,3 +388,17 @@ async def test_a_producer_exits_without_waiting_out_its_receive_poll(start_broke
         exiting = time.monotonic()
     assert time.monotonic() - exiting < 5.0
     assert broker.queued_total() == 1
+
+
+async def test_a_producer_sends_what_it_read_a_template_at_a_time(live_broker) -> None:
+    from pervade.producer.client import Producer
+
+    # A worker scores one template's claims in a run: small batches of interleaved templates left its runs
+    # a fraction full, where large batches fill them (docs/benchmarks.md, RQ2).
+    claims = [Claim(claim_id=str(i), text=f"claim {i}") for i in range(3)]
+    async with Producer(live_broker.endpoint) as producer:
+        await producer.submit_sweep(claims, {"a": "A {claim}", "b": "B {claim}"}, CTX_A, batch_size=1)
+    queued = live_broker.state.store.queued_ids(CTX_A.context_id)
+    assert [batch_id.split("/")[1:3] for batch_id in queued] == [
+        ["0000000", "a"], ["0000001", "a"], ["0000002", "a"], ["0000000", "b"], ["0000001", "b"], ["0000002", "b"],
+    ]  # fmt: skip
