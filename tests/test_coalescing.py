@@ -3,21 +3,18 @@ for its device, and the verdicts are the reference ones.
 
 The batches are queued before the worker starts (as after a producer ran ahead of the workers), so what the
 worker does with a deep queue of one-claim batches is deterministic: it widens its credit window to a few
-runs' worth of claims and takes a run of them per call, one template's claims at a time (the producer
-sends two templates' batches, a template at a time; gathering a template's batches from between another's is
-tested in test_intake.py).
+runs' worth of claims and takes a run of one template's claims per call, gathered from wherever they are
+queued (two templates here).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from pervade.gpuworker.intake import MIN_RUN_CLAIMS
 from pervade.jobs.cluster import LocalCluster
 from pervade.producer.claims import ClaimsSource, read_claims
 from pervade.producer.templates import dump_templates, load_templates
@@ -52,10 +49,7 @@ async def test_one_claim_batches_are_scored_in_a_few_passes_with_the_reference_v
     rows = read_verdicts(cluster.out_dir).to_pylist()
     assert len(rows) == PAIRS and len({r["batch_id"] for r in rows}) == PAIRS
     assert sum(p["batches"] for p in passes) == PAIRS
-    # A run is one template's, of up to MIN_RUN_CLAIMS claims: the producer sends what it read a template at a
-    # time, so each template's 300 claims make two runs (with the templates interleaved batch by batch they
-    # made up to 12).
-    assert len(passes) <= 2 * math.ceil(CLAIMS / MIN_RUN_CLAIMS), f"{PAIRS} one-claim batches took {len(passes)} passes: {[p['batches'] for p in passes]}"
+    assert len(passes) <= 12, f"{PAIRS} one-claim batches took {len(passes)} passes: {[p['batches'] for p in passes]}"
     by_start = Counter(r["started_at"] for r in rows)
     assert sorted(by_start.values()) == sorted(p["batches"] for p in passes), "rows of a pass share its start time"
 
