@@ -106,24 +106,30 @@ class Producers:
         self.outbox.post(identity, Rejected(batch_id=batch.batch_id, reason=reason))
 
     def on_declare_context(self, identity: bytes, message: DeclareContext) -> None:
-        """Keep a context's manifest, so workers told to load it know its files. Idempotent."""
+        """Keep a context's manifest, so workers told to load it know its files, and note a context new to the
+        broker: its batches follow, and idle workers may start loading it now (``Scheduler.prewarm``).
+        Idempotent."""
         manifest = message.manifest
         if message.context.files != manifest.digest:
             raise ProtocolError("declare_context: the manifest's digest is not the context's files")
-        if manifest.digest in self.state.manifests:
-            return
-        try:
-            manifest.validate()
-        except ConfigError as exc:
-            raise ProtocolError(f"declare_context: {exc}") from None
-        self.state.manifests[manifest.digest] = manifest
-        self.state.store.save_manifest(manifest)
-        log.info(
-            "context_declared",
-            context_id=message.context.context_id,
-            files=len(manifest.files),
-            bytes=manifest.total_bytes,
-        )
+        if manifest.digest not in self.state.manifests:
+            try:
+                manifest.validate()
+            except ConfigError as exc:
+                raise ProtocolError(f"declare_context: {exc}") from None
+            self.state.manifests[manifest.digest] = manifest
+            self.state.store.save_manifest(manifest)
+            log.info(
+                "context_declared",
+                context_id=message.context.context_id,
+                files=len(manifest.files),
+                bytes=manifest.total_bytes,
+            )
+        context_id = message.context.context_id
+        if context_id not in self.state.specs:
+            self.state.specs[context_id] = message.context
+            self.state.store.save_context(message.context)
+            self.state.declared.add(context_id)
 
     def on_end_job(self, identity: bytes, message: EndJob) -> None:
         """End the job if the broker holds exactly the batches the producer counted; otherwise say what it

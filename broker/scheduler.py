@@ -40,6 +40,7 @@ class Scheduler:
         filling the first worker's window before the next would leave the others idle on a short queue, and
         batches trickling in one at a time would all go to one worker."""
         self.assign_queued()
+        self.prewarm()
         self.speculate()
 
     def assign_queued(self) -> None:
@@ -81,6 +82,25 @@ class Scheduler:
                 if not store.queued:
                     break
             ready = served
+
+    def prewarm(self) -> None:
+        """``dispatch``'s second part: a context a producer declared (``DeclareContext``, sent before its first
+        batch) is loaded now by the workers holding no context, which its first batch would tell to load it
+        anyway (``choose_context``). The load then overlaps what the producer does before that batch (reading
+        its claims, a first trip of thousands of batches) instead of following it. Only workers holding
+        nothing, and only while nothing is queued: no context is evicted, and no worker taken from queued
+        work, for work not yet queued; a context declared but never used costs otherwise idle workers a load.
+        Once per context new to the broker."""
+        declared, self.state.declared = self.state.declared, set()
+        if not declared or not self.state.workers or self.state.store.queued:
+            return
+        hosts = self.hosts()
+        for context_id in declared:
+            if hosts[context_id] or context_id in self.state.failed_contexts:
+                continue
+            for worker in self.state.workers.values():
+                if not worker.contexts and not worker.leaving and context_id not in worker.refused:
+                    self.tell_to_load(worker, context_id)
 
     def speculate(self) -> None:
         """The queue of a context ran dry while its workers finish at different speeds: a worker with nothing

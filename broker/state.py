@@ -73,6 +73,9 @@ class BrokerState:
         #: Idle workers ``Scheduler.speculate`` found nothing to copy for: looked at again once it next makes a
         #: copy (one given to a slow worker may be worth copying again to a fast one).
         self.passed_over: set[bytes] = set()
+        #: Contexts a producer declared since the last dispatch, whose batches are on their way: workers holding
+        #: no context start loading them then (``Scheduler.prewarm``).
+        self.declared: set[str] = set()
 
     def take_off_window(self, worker: WorkerRecord, batch_id: str) -> None:
         """``worker`` will not answer ``batch_id`` (it did, failed it, or another's answer came first): off its

@@ -20,6 +20,7 @@ from pervade.broker.store import BatchStatus, BrokerStore
 from pervade.constants import PROTOCOL_HEADER
 from pervade.context import ContextSpec
 from pervade.keyring import KeyHolder
+from pervade.manifest import FileEntry, Manifest
 from pervade.protocol import (
     Accepted,
     Assign,
@@ -29,6 +30,8 @@ from pervade.protocol import (
     Claim,
     Completed,
     ContextFailed,
+    ContextLoaded,
+    DeclareContext,
     Deliver,
     DeliverFailure,
     DeviceInfo,
@@ -180,6 +183,42 @@ def test_a_worker_is_told_to_load_a_context_no_worker_hosts(broker) -> None:
     broker.submit(batch("j", 0))
     assert broker.to(b"w") == [LoadContext(context=CTX_A, evict=[]), Assign(batch=batch("j", 0))]
     assert list(broker.state.workers[b"w"].contexts) == [A]
+
+
+def declared_context(model: str) -> DeclareContext:
+    """A producer's declaration of a context with files (one file of one piece)."""
+    manifest = Manifest(files=[FileEntry(path="model.bin", size=1, sha256=b"\x01" * 32, pieces=[b"\x02" * 32])])
+    return DeclareContext(context=ContextSpec(model=model, files=manifest.digest), manifest=manifest)
+
+
+def test_a_declared_context_is_loaded_by_workers_holding_none_before_its_first_batch(broker) -> None:
+    declared = declared_context("model-d")
+    broker.worker(b"idle", credit=4)
+    broker.worker(b"busy", contexts=[A], credit=4)
+    broker(b"p", ProducerReady(producer_id="p"), declared)
+    sent = broker.turn()
+    # The idle worker starts loading at once, with the files it needs; the one holding another context keeps it.
+    assert [(peer, m) for peer, m in sent if isinstance(m, LoadContext)] == [
+        (b"idle", LoadContext(context=declared.context, manifest=declared.manifest, evict=[]))
+    ]
+    assert list(broker.state.workers[b"busy"].contexts) == [A]
+    # Declared again (every reconnection), or by another producer: nobody is told twice.
+    broker(b"p2", ProducerReady(producer_id="p2"), declared)
+    assert not [m for _, m in broker.turn() if isinstance(m, LoadContext)]
+    # Its first batch then goes to the worker loading it, once loaded, and is not a second load.
+    broker(b"idle", ContextLoaded(context_id=declared.context.context_id, seconds=0.1))
+    broker.submit(batch("j", 0, context=declared.context))
+    assert broker.to(b"idle") == [Assign(batch=batch("j", 0, context=declared.context))]
+
+
+def test_a_declared_context_takes_no_worker_while_other_work_is_queued(broker) -> None:
+    broker.submit(batch("j", 0))  # queued, and no worker yet
+    broker.turn()
+    broker.worker(b"new")  # holds nothing, and its credit is still to come: the queued batch is its work
+    broker(b"p", declared_context("model-d"))
+    assert not [m for _, m in broker.turn() if isinstance(m, LoadContext)]
+    broker(b"new", Pull(credit=1))
+    assert broker.to(b"new") == [LoadContext(context=CTX_A, evict=[]), Assign(batch=batch("j", 0))]
 
 
 def test_a_full_worker_evicts_its_oldest_context_to_load_one_nobody_hosts(broker) -> None:
