@@ -127,6 +127,7 @@ class Producer:
             # a cancel there loses at most a message that nobody waits for now.
             self._receiver.cancel()
             await asyncio.gather(self._receiver, return_exceptions=True)
+        self._fail_waiters()
         await self.session.send_if_connected(Disconnect(reason="done"))
         self.session.close()
 
@@ -161,7 +162,7 @@ class Producer:
                     future.set_result(message)
             elif isinstance(message, Error):
                 log.error("broker_error", reason=message.reason, detail=message.detail)
-                self._fail_pending(message.reason)
+                self._fail_pending(f"the broker refused a message: {message.reason}")
 
     def _job_ended(self, message: JobEnded) -> None:
         sweep = self._sweeps.get(message.job_id)
@@ -176,11 +177,24 @@ class Producer:
             sweep.lost_signal.set()
 
     def _fail_pending(self, reason: str) -> None:
-        """The broker refused something it could not name: whatever waits on an answer stops waiting."""
+        """The broker refused something it could not name, or the producer closed: whatever waits on an answer
+        stops waiting, and fails with ``reason``."""
         self._refusal = reason
         self._window.clear()
         self._unanswered.clear()
         self._all_acked.set()
+
+    def _fail_waiters(self) -> None:
+        """Closed: nothing reads the broker's answers any more, so whatever another task still awaits (a job's
+        end or its ``wait``, room to submit) fails now with JobFailed instead of waiting for ever."""
+        if self._refusal is None:
+            self._fail_pending("the producer was closed before the broker answered")
+        futures = [*self._done.values(), *(s.done for s in self._sweeps.values())]
+        futures += [s.ended for s in self._sweeps.values() if s.ended is not None]
+        for future in futures:
+            if not future.done():
+                future.set_exception(JobFailed(self._refusal))
+                future.exception()  # retrieved here: nobody may be awaiting it, and that is no error
 
     def _acknowledge(self, message: Accepted | Rejected) -> None:
         pending = self._unanswered.pop(message.batch_id, None)
@@ -385,7 +399,7 @@ class Producer:
 
     def _raise_if_refused(self) -> None:
         if self._refusal is not None:
-            raise JobFailed(f"the broker refused a message: {self._refusal}")
+            raise JobFailed(self._refusal)
 
     async def _send_batches(self, batches: list[Batch], report: SubmitReport, first_pass: bool) -> None:
         """Send batches in order, as many per message as the window has room for. Each is checked first: one

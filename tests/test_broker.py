@@ -402,3 +402,17 @@ async def test_a_producer_sends_what_it_read_a_template_at_a_time(live_broker) -
     assert [batch_id.split("/")[1:3] for batch_id in queued] == [
         ["0000000", "a"], ["0000001", "a"], ["0000002", "a"], ["0000000", "b"], ["0000001", "b"], ["0000002", "b"],
     ]  # fmt: skip
+
+
+async def test_a_task_waiting_on_a_producer_that_closes_fails_instead_of_waiting_for_ever(live_broker) -> None:
+    import asyncio
+
+    from pervade.errors import JobFailed
+    from pervade.producer.client import Producer
+
+    async with Producer(live_broker.endpoint) as producer:
+        report = await producer.submit_sweep([Claim(claim_id="1", text="fine")], {"t": "{claim}"}, CTX_A)
+        waiting = asyncio.create_task(producer.wait(report.job_id))  # no worker: the job never ends
+        await asyncio.sleep(0)  # a yield: the task is awaiting the job when the producer closes
+    with pytest.raises(JobFailed, match="closed before the broker answered"):
+        await asyncio.wait_for(waiting, 10)
