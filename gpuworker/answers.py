@@ -17,9 +17,11 @@ Only the positions that predict an answer token go through the output head, neve
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel
 
@@ -67,19 +69,21 @@ def score_answers(
     rows = len(token_ids)
     known = len(prefix) if prefix is not None else 0
     width = max(len(ids) for ids in token_ids) + packed_tokens(answers)
-    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    positions = torch.zeros((rows, width), dtype=torch.long)
-    allowed = torch.zeros((rows, width, known + width), dtype=torch.bool)
+    # Laid out in numpy, then handed to torch whole: a row takes a dozen small writes, and each cost a torch
+    # call's overhead (59 us a row in all, on the compute thread, before every pass; docs/benchmarks.md).
+    input_ids = np.full((rows, width), pad_id, dtype=np.int64)
+    positions = np.zeros((rows, width), dtype=np.int64)
+    allowed = np.zeros((rows, width, known + width), dtype=np.bool_)
     allowed[:, :, :known] = True  # every token sees the template prefix
     read = _Scored([], [])
     for row, ids in enumerate(token_ids):
         _pack_row(row, list(ids), answers, known, input_ids, positions, allowed, read)
     dtype = model.get_output_embeddings().weight.dtype
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~torch.from_numpy(allowed), torch.finfo(dtype).min)
     hidden = model.base_model(
-        input_ids=input_ids.to(device),
+        input_ids=torch.from_numpy(input_ids).to(device),
         attention_mask=mask[:, None].to(device),  # 4D: used as given, no causal mask of its own
-        position_ids=positions.to(device),
+        position_ids=torch.from_numpy(positions).to(device),
         past_key_values=prefix.cache_for(rows, model.config) if prefix is not None else None,
         use_cache=prefix is not None,
     )[0]
@@ -98,17 +102,17 @@ def _pack_row(
     ids: list[int],
     answers: Sequence[tuple[int, ...] | None],
     known: int,
-    input_ids: torch.Tensor,
-    positions: torch.Tensor,
-    allowed: torch.Tensor,
+    input_ids: np.ndarray,
+    positions: np.ndarray,
+    allowed: np.ndarray,
     read: _Scored,
 ) -> None:
     """Lay out one row: the prompt, then each answer but its last token, with what each token may attend to
     (columns: the ``known`` prefix tokens, then this row's tokens) and where each answer token is read."""
     length = len(ids)
-    input_ids[row, :length] = torch.tensor(ids)
-    positions[row, :length] = known + torch.arange(length)
-    allowed[row, :length, known : known + length] = torch.ones(length, length, dtype=torch.bool).tril()
+    input_ids[row, :length] = ids
+    positions[row, :length] = _counting(known + length)[known:]
+    allowed[row, :length, known : known + length] = _lower_triangle(length)
     read.add(row, length - 1, [(a[0], label) for label, a in enumerate(answers) if a is not None])
     start = length
     for label, answer in enumerate(answers):
@@ -117,15 +121,47 @@ def _pack_row(
         fed = len(answer) - 1
         if fed:
             end = start + fed
-            input_ids[row, start:end] = torch.tensor(answer[:-1])
-            positions[row, start:end] = known + length + torch.arange(fed)
+            input_ids[row, start:end] = answer[:-1]
+            positions[row, start:end] = _counting(known + length + fed)[known + length :]
             allowed[row, start:end, known : known + length] = True
-            allowed[row, start:end, known + start : known + end] = torch.ones(fed, fed, dtype=torch.bool).tril()
+            allowed[row, start:end, known + start : known + end] = _lower_triangle(fed)
             for k in range(1, len(answer)):
                 read.add(row, start + k - 1, [(answer[k], label)])
             start = end
-    padding = torch.arange(start, input_ids.shape[1])
+    padding = _counting(input_ids.shape[1])[start:]
     allowed[row, padding, known + padding] = True  # a pad token sees itself: no row of the mask is empty
+
+
+def _lower_triangle(size: int) -> np.ndarray:
+    """``size`` x ``size``, True on and below the diagonal: each token sees itself and those before it (a
+    read-only view)."""
+    return _triangle(_power_of_two_at_least(size))[:size, :size]
+
+
+def _counting(size: int) -> np.ndarray:
+    """0, 1, ... ``size`` - 1 (a read-only view)."""
+    return _numbers(_power_of_two_at_least(size))[:size]
+
+
+def _power_of_two_at_least(size: int) -> int:
+    """What the two caches below are built for: sizes rounded up to a power of two, so that a worker seeing
+    prompts of every length keeps one array per power, not one per length (a triangle per length up to 8,192
+    tokens would be gigabytes)."""
+    return 1 << max(0, size - 1).bit_length()
+
+
+@functools.cache
+def _triangle(size: int) -> np.ndarray:
+    triangle = np.tri(size, dtype=np.bool_)
+    triangle.flags.writeable = False
+    return triangle
+
+
+@functools.cache
+def _numbers(size: int) -> np.ndarray:
+    numbers = np.arange(size, dtype=np.int64)
+    numbers.flags.writeable = False
+    return numbers
 
 
 @torch.inference_mode()
