@@ -17,7 +17,7 @@ from pervade.options import (
     nested,
     option,
 )
-from pervade.protocol import MIN_MESSAGE_BYTES
+from pervade.protocol import GROUP_BYTES, MIN_MESSAGE_BYTES
 from pervade.session import Heartbeats
 from pervade.transport import is_loopback
 
@@ -38,8 +38,9 @@ class BrokerConfig:
     #: Frames larger than this make libzmq drop the sender's connection. At least ``MIN_MESSAGE_BYTES``: peers
     #: send a group of messages as one frame of up to ``GROUP_BYTES`` (pervade/protocol.py).
     max_message_bytes: int = option(
-        DEFAULT_MAX_MESSAGE_BYTES, "drop peers sending larger frames (at least 524288: peers send groups of "
-        "messages as frames of up to 256 KiB)", flag="--max-message-bytes", check=at_least(MIN_MESSAGE_BYTES)
+        DEFAULT_MAX_MESSAGE_BYTES, f"drop peers sending larger frames (at least {MIN_MESSAGE_BYTES}: peers send "
+        f"groups of messages as frames of up to {GROUP_BYTES // 1024} KiB)", flag="--max-message-bytes",
+        check=at_least(MIN_MESSAGE_BYTES),
     )
     #: A batch that fails this many times (or whose worker dies this many times) is recorded as failed.
     max_attempts: int = option(3, "a batch failing this many times is recorded as failed", flag="--max-attempts",

@@ -70,7 +70,7 @@ def score_answers(
     known = len(prefix) if prefix is not None else 0
     width = max(len(ids) for ids in token_ids) + packed_tokens(answers)
     # Laid out in numpy, then handed to torch whole: a row takes a dozen small writes, and each cost a torch
-    # call's overhead (59 us a row in all, on the compute thread, before every pass; docs/benchmarks.md).
+    # call's overhead (55 us a row in all, on the compute thread, before every pass; docs/benchmarks.md).
     input_ids = np.full((rows, width), pad_id, dtype=np.int64)
     positions = np.zeros((rows, width), dtype=np.int64)
     allowed = np.zeros((rows, width, known + width), dtype=np.bool_)
