@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pervade.broker.constants import DEFAULT_SLICE_CLAIMS
 from pervade.constants import DEFAULT_BROKER_BIND, DEFAULT_MAX_MESSAGE_BYTES
 from pervade.errors import ConfigError
 from pervade.options import (
@@ -45,6 +46,13 @@ class BrokerConfig:
     #: A batch that fails this many times (or whose worker dies this many times) is recorded as failed.
     max_attempts: int = option(3, "a batch failing this many times is recorded as failed", flag="--max-attempts",
                                check=at_least(1))  # fmt: skip
+    #: Small batches a producer submits together (same job, context and template) travel as one *slice* of up to
+    #: this many claims: one row, assignment, result and delivery instead of one per batch (``BrokerStore.add``).
+    slice_claims: int = option(
+        DEFAULT_SLICE_CLAIMS, "claims a slice of small batches holds at most: submitted together, they travel as "
+        "one; each keeps its id and rows (0: every batch travels alone)", flag="--slice-claims",
+        check=between(0, 4096),
+    )  # fmt: skip
     #: Queued batches per host at which an idle worker leaves its context for another (see policy.py).
     rebalance_backlog: int = option(
         8,

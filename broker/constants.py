@@ -7,6 +7,9 @@ from __future__ import annotations
 REGISTER_AGAIN = "unknown peer: register again"
 #: Errors kept per job for JobDone (all of them are in the failures files).
 MAX_JOB_ERRORS = 20
+#: Claims a slice holds at most by default (``--slice-claims``; ``BrokerStore.add``): a worker's run
+#: (``gpuworker/intake.py``'s ``MIN_RUN_CLAIMS``), so a slice is one pass and a worker's window holds two.
+DEFAULT_SLICE_CLAIMS = 256
 #: Completed batches handed to sinks per turn of the loop.
 DELIVER_PER_TURN = 1000
 #: Fewest seconds between two ``RollNow`` to one sink: a stream of small jobs, each ended before the next begins,
@@ -59,5 +62,6 @@ COUNTERS = (
     "unadmitted_messages",  # messages from a key not admitted (any more): revoked, never acted on
     "role_refusals",  # messages a key's role may not send (a producer key's pull): refused, never acted on
     "keys_revoked",
+    "slices_dissolved",  # slices that failed, requeued as the producer batches they held (each on its own)
     "sink_acks_refused",  # acknowledgements from a sink key the batch was not delivered to: not counted written  # admitted keys removed from authorized/ while the broker ran: their peers cut off
 )

@@ -71,6 +71,9 @@ class Outcomes:
         it was copied from instead, which may yet score it (``hand_back``)."""
         if self.hand_back(row):
             return
+        if row.members:
+            self.dissolve(row, error)
+            return
         if row.pairs > 1 and self.split(row, error):
             return
         self.retry_or_fail(row, error)
@@ -83,7 +86,10 @@ class Outcomes:
         if self.hand_back(row):
             return
         if row.attempts >= self.state.config.max_attempts:
-            self.fail(row, error)
+            if row.members:  # the fault is one of its batches': each gets attempts of its own
+                self.dissolve(row, error)
+            else:
+                self.fail(row, error)
         else:
             self.state.store.requeue(row, count_attempt=True)
             self.state.counters["requeues"] += 1
@@ -113,8 +119,24 @@ class Outcomes:
                     parts=[part.batch_id for part in parts])  # fmt: skip
         return True
 
+    def dissolve(self, row: StoredBatch, error: str) -> list[StoredBatch]:
+        """A slice failed: its producer batches are queued again, each as a batch of its own (at the front, no
+        attempt charged), so the one at fault fails or splits alone and the others get their verdicts.
+        Returns their rows."""
+        rows = self.state.store.dissolve(row)
+        self.state.given_to.pop(row.batch_id, None)
+        self.forget_copies(row.batch_id)
+        self.state.counters["slices_dissolved"] += 1
+        log.warning("slice_dissolved", batch_id=row.batch_id, batches=len(rows), error=error)
+        return rows
+
     def fail(self, row: StoredBatch, error: str) -> None:
-        """Give up on a batch: its failure goes to a sink to be recorded, like a result."""
+        """Give up on a batch: its failure goes to a sink to be recorded, like a result. A slice is failed
+        batch by batch, as the producer's batches it holds (a failure is recorded under a producer's id)."""
+        if row.members:
+            for member in self.dissolve(row, error):
+                self.fail(member, error)
+            return
         error = f"{error} (attempts: {row.attempts})"
         self.state.store.fail(row, error)
         self.state.given_to.pop(row.batch_id, None)

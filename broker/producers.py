@@ -50,8 +50,17 @@ class Producers:
         state, store = self.state, self.state.store
         batch = message.batch
         job = state.job(batch.job_id, identity)
-        known = store.get(batch.batch_id)
+        if batch.members:
+            self.refuse_submission(identity, batch, "a producer's batch cannot name members: slices are the broker's")
+            return
+        known = store.submitted(batch.batch_id)
         if known is not None:
+            if known.is_slice:
+                reason = (
+                    f"batch id {batch.batch_id} is the broker's name for a slice of other batches: rename the batch"
+                )
+                self.refuse_submission(identity, batch, reason)
+                return
             if known.content is not None and known.content != content_digest(batch):
                 reason = (
                     f"batch id {batch.batch_id} was submitted before with other claims or another template: "
@@ -84,7 +93,7 @@ class Producers:
                 "producer_clock_skewed", batch_id=batch.batch_id, skew_s=round(time.time() - batch.submitted_at)
             )
             batch = msgspec.structs.replace(batch, submitted_at=time.time())
-        store.add(batch, context_id)
+        store.add(batch, context_id, state.config.slice_claims)
         state.drained_sent = False  # new work: the run is not over
         job.add(batch.batch_id, len(batch.claims))
         store.save_job(job)

@@ -71,12 +71,17 @@ class Scheduler:
                     hosts[choice.context_id] += 1
                 # Its share of the queue at once: the policy's choice holds until the queue runs short, and
                 # asked again for every batch it was a third of the dispatch at one claim a batch.
+                # In producer batches, as credit and the queue count them (a slice counts its members).
                 share = max(1, store.queued.get(choice.context_id, 0) // len(ready))
-                for _ in range(min(worker.credit, share)):
+                while share > 0 and worker.credit > 0:
                     front = store.next_queued_batch(choice.context_id)
                     if front is None:  # the policy only chooses contexts with queued batches
                         break
-                    self.assign(worker, *front)
+                    row, batch = front
+                    if row.weight > min(share, worker.credit):  # a slice: its share and credit's worth of it
+                        row, batch = store.carve(row, batch, max(1, min(share, worker.credit)))
+                    self.assign(worker, row, batch)
+                    share -= row.weight
                 if worker.credit > 0 and not worker.leaving:
                     served.append(worker)
                 if not store.queued:
@@ -157,6 +162,8 @@ class Scheduler:
                 continue
             holder, taken = found
             for batch_id in taken:
+                if worker.credit <= 0:  # a slice uses a credit per batch it holds
+                    break
                 found_batch = store.get_with_batch(batch_id)
                 if found_batch is None or found_batch[1] is None:
                     continue
@@ -219,23 +226,29 @@ class Scheduler:
     ) -> None:
         """Send a batch to a worker; if the send fails the batch goes back to the front of its queue (a copy:
         back to ``copy_of``, which still holds it) and the worker keeps its credit (it never saw the batch).
-        A copy is not an attempt."""
+        A copy is not an attempt. A credit is a producer batch: a slice uses one for each batch it holds, up
+        to what the worker granted (its window, in ``gpuworker/intake.py``, counts the same way)."""
         store = self.state.store
         store.assign(row, worker.identity, count_attempt=copy_of is None)
         if worker.key is not None:
             self.state.given_to.setdefault(row.batch_id, set()).add(worker.key.public)
-        worker.credit -= 1
+        charged = min(worker.credit, row.weight)
+        worker.credit -= charged
         worker.in_flight[row.batch_id] = None
         self.outbox.post(
-            worker.identity, Assign(batch=batch), on_fail=lambda: self.unassign(row.batch_id, worker, copy_of)
+            worker.identity,
+            Assign(batch=batch),
+            on_fail=lambda: self.unassign(row.batch_id, worker, copy_of, charged),
         )
 
-    def unassign(self, batch_id: str, worker: WorkerRecord, copy_of: WorkerRecord | None = None) -> None:
+    def unassign(
+        self, batch_id: str, worker: WorkerRecord, copy_of: WorkerRecord | None = None, charged: int = 1
+    ) -> None:
         """An ``Assign`` that could not be sent: the worker never saw the batch, so it leaves the worker's
         window and its credit comes back (even if the batch was copied elsewhere meanwhile), and the batch
         goes back to the holder it was copied from, else to the front of its queue."""
         worker.in_flight.pop(batch_id, None)
-        worker.credit += 1
+        worker.credit += charged
         store = self.state.store
         row = store.get(batch_id)
         if row is None or row.status is not BatchStatus.ASSIGNED or row.worker != worker.identity:

@@ -122,7 +122,8 @@ class Sinks:
         store = self.state.store
         redelivery = row.deliveries > 0
         if row.error is None:
-            return Deliver(result=result or store.result(row.batch_id), redelivery=redelivery)
+            members = store.batch(row.batch_id).members if row.members else []  # a slice: whose rows are whose
+            return Deliver(result=result or store.result(row.batch_id), redelivery=redelivery, members=members)
         batch = store.batch(row.batch_id)
         failure = BatchFailure(
             batch_id=row.batch_id, job_id=row.job_id, context_id=row.context_id, model=batch.context.model,
@@ -199,5 +200,5 @@ def count_written(job: JobRecord, row: StoredBatch) -> None:
         if len(job.errors) < MAX_JOB_ERRORS:
             job.errors.append(f"{row.batch_id}: {row.error}")
     else:
-        job.written += 1
+        job.written += row.members or 1  # a slice: the producer batches it holds
         job.pairs_written += row.pairs

@@ -25,6 +25,12 @@ A batch moves through these statuses (``BatchStatus``):
                       "parts"; the producer's batch they came from, their ``root``, is written once every part
                       is written or recorded failed)
 
+Small batches of one job, context and template queued in one turn form a *slice* (``add``): one row, with the
+claims of all of them, which the broker assigns, completes, delivers and marks written as one batch. Each
+producer batch in it (a *member*) keeps its id and content digest in the ``members`` table, so it is found
+by ``submitted`` like any batch; a slice is cut at dispatch (``carve``) and, if it fails, dissolved back into
+its members, each queued as a batch of its own (``dissolve``). Its status counts count its members.
+
 An assignment lives in memory only: the database keeps an assigned batch as queued, with the attempts
 before the one in hand (``_durable``), as a broker restarted after a crash would requeue it anyway. So
 assigning a batch writes nothing, and its read-ahead skips the batches in flight.
@@ -49,6 +55,7 @@ import functools
 import hashlib
 import json
 import operator
+import secrets
 import shutil
 import sqlite3
 import tempfile
@@ -68,7 +75,7 @@ from pervade.broker.wal import scan_log
 from pervade.context import ContextSpec
 from pervade.errors import StateError
 from pervade.manifest import Manifest
-from pervade.protocol import Batch, BatchResult
+from pervade.protocol import Batch, BatchResult, Member
 
 STORE_FILE = "broker.sqlite3"
 #: Once the write-ahead log holds more than this, the broker finishes a checkpoint between two of its own
@@ -77,6 +84,11 @@ WAL_LIMIT_BYTES = 64 * 1024 * 1024
 #: Batches of a context's queue read ahead in one query (with their claims): the scheduler then takes them
 #: from memory. A small bound, so a queue of millions stays on disk.
 QUEUE_READ_AHEAD = 256
+#: A slice holds at most about this many bytes of claims, so an ``Assign`` stays far below any peer's message
+#: bound (its claims at most the broker's ``--slice-claims``).
+SLICE_BYTES = 64 * 1024
+#: A slice's id: ``slice~TOKEN~SEQ``, the token drawn once per state, so no id repeats after a reset.
+SLICE_PREFIX = "slice~"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS contexts (
@@ -108,7 +120,8 @@ CREATE TABLE IF NOT EXISTS batches (
     pairs INTEGER NOT NULL DEFAULT 0,   -- claims in the batch (kept after the payload is dropped)
     content TEXT,                       -- digest of what the batch computes (content_digest), kept too
     root TEXT,                          -- a part of a split batch: the producer's batch it came from
-    settled INTEGER NOT NULL DEFAULT 0  -- a split batch: pairs of its parts written or recorded failed
+    settled INTEGER NOT NULL DEFAULT 0, -- a split batch: pairs of its parts written or recorded failed
+    members INTEGER NOT NULL DEFAULT 0  -- a slice: the producer's batches it holds (0: a batch of its own)
 );
 -- The claims of each batch not yet written, apart from its row: a row changes status four times or more, and
 -- SQLite rewrites a row whole, with every overflow page of a large blob in it.
@@ -116,6 +129,12 @@ CREATE TABLE IF NOT EXISTS payloads (
     seq INTEGER PRIMARY KEY,            -- the batch's seq
     payload BLOB NOT NULL               -- the Batch (msgpack), dropped once written
 );
+-- The producer's batches queued inside a slice (``BrokerStore.add``): a resubmission is recognised by them.
+CREATE TABLE IF NOT EXISTS members (
+    batch_id TEXT PRIMARY KEY,          -- the producer's batch
+    slice TEXT NOT NULL,                -- the slice it was queued in (carved or dissolved since, perhaps)
+    content TEXT NOT NULL               -- its content_digest
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS batches_queued ON batches (context_id, queue_key) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS batches_done ON batches (seq) WHERE status = 'done';
 CREATE TABLE IF NOT EXISTS meta (
@@ -154,12 +173,19 @@ class StoredBatch(msgspec.Struct, frozen=True, gc=False):
     root: str | None = None
     #: A producer's batch that was split: pairs of its parts already written or recorded failed.
     settled: int = 0
+    #: A slice (``BrokerStore.add``): how many producer batches it holds; 0 for a batch of its own.
+    members: int = 0
     #: Its row's key (arrival order): a change is written by it, not by a search of the batch ids' index.
     seq: int = 0
 
     @property
     def failed(self) -> bool:
         return self.error is not None
+
+    @property
+    def weight(self) -> int:
+        """Producer batches the row stands for: what the status counts count."""
+        return self.members or 1
 
 
 def content_digest(batch: Batch) -> str:
@@ -239,6 +265,19 @@ _manifest_decoder = msgspec.msgpack.Decoder(Manifest)
 _FRONT = -(2**63)
 
 
+@dataclass(frozen=True)
+class Submitted:
+    """A producer's batch id the store holds (``BrokerStore.submitted``)."""
+
+    #: Its ``content_digest`` (None: stored by an older broker, or the id is a slice's).
+    content: str | None
+    #: The slice it was queued in, if any (its own row, once carved off alone or dissolved, comes first);
+    #: for a slice's own id: itself.
+    slice_id: str | None
+    #: The id is the broker's name of a slice, not a producer's batch.
+    is_slice: bool = False
+
+
 @dataclass
 class _QueueHead:
     """The front of one context's queue, read ahead: rows in queue order, each with its batch (decoded or
@@ -287,6 +326,10 @@ class BrokerStore:
         #: its first change since the flush), so a change it would not see (an assignment) is not written.
         self._stored_as: dict[str, StoredBatch] = {}
         self._heads: dict[str, _QueueHead] = {}
+        #: The slice (or batch) queued last, while more batches may still join it: until the next flush.
+        self._open_slice: str | None = None
+        #: Producer batches queued inside a slice since the last flush: id -> (slice id, content digest).
+        self._members_unwritten: dict[str, tuple[str, str]] = {}
         wal = path.with_name(path.name + "-wal")
         log_scan = scan_log(wal)
         try:
@@ -324,6 +367,14 @@ class BrokerStore:
             self._load_counts()
             #: Every batch id the database holds may be in it, and no other: a new id costs no query.
             self._seen = SeenIds(batch_id for (batch_id,) in self._db.execute("SELECT batch_id FROM batches"))
+            for (member_id,) in self._db.execute("SELECT batch_id FROM members"):
+                self._seen.add(member_id)
+            token = self.meta("slice_token")
+            if token is None:
+                token = secrets.token_hex(4)
+                self.save_meta("slice_token", token)
+                self._db.commit()
+            self._slice_prefix = f"{SLICE_PREFIX}{token}~"
         except sqlite3.Error as exc:
             with contextlib.suppress(Exception):
                 self._db.close()
@@ -422,19 +473,27 @@ class BrokerStore:
         inserted, self._inserted = self._inserted, {}  # a statement that fails is not run again at the next flush
         updated, self._updated = self._updated, {}
         stored_as, self._stored_as = self._stored_as, {}
+        members, self._members_unwritten = self._members_unwritten, {}
+        self._open_slice = None  # what is written no longer grows
         rows = self._rows
         if inserted:
             self._db.executemany(_INSERT, [
                 (*astuple(_durable(rows[batch_id])), extra["queue_key"], extra.get("result"))
                 for batch_id, extra in inserted.items()
             ])  # fmt: skip
+            # Encoded now, once: a slice grew until this flush.
             claims = [
-                (rows[batch_id].seq, extra["payload"]) for batch_id, extra in inserted.items()
+                (rows[batch_id].seq, _encoder.encode(extra["payload"])) for batch_id, extra in inserted.items()
                 if extra["payload"] is not None
             ]  # fmt: skip
             self._db.executemany("INSERT INTO payloads VALUES (?, ?)", claims)
+        if members:
+            self._db.executemany(
+                "INSERT INTO members VALUES (?, ?, ?)",
+                [(member_id, slice_id, content) for member_id, (slice_id, content) in members.items()],
+            )
         by_shape: dict[tuple[str, ...], list[tuple]] = {}
-        dropped = []
+        dropped, replaced = [], []
         written = []
         for batch_id, extra in updated.items():
             row = _durable(rows[batch_id])
@@ -444,14 +503,19 @@ class BrokerStore:
             if extra == _DROP_CONTENT and row == replace(stored, status=_WRITTEN, sink=None):
                 written.append(row.seq)  # nothing else changed: written by ranges of seqs, below
                 continue
-            if "payload" in extra:  # only ever dropped: the claims are in their own table
-                del extra["payload"]
-                dropped.append((row.seq,))
+            if "payload" in extra:  # the claims are in their own table: dropped, or a carved slice's rest
+                payload = extra.pop("payload")
+                if payload is None:
+                    dropped.append((row.seq,))
+                else:
+                    replaced.append((_encoder.encode(payload), row.seq))
             by_shape.setdefault(tuple(extra), []).append((*_changing(row), *extra.values(), row.seq))
         for shape, values in by_shape.items():
             self._db.executemany(_update_statement(shape), values)
         if dropped:
             self._db.executemany("DELETE FROM payloads WHERE seq = ?", dropped)
+        if replaced:
+            self._db.executemany("UPDATE payloads SET payload = ? WHERE seq = ?", replaced)
         if written:
             # A sink acknowledges its file's batches together, most of them neighbours in arrival order: a
             # statement per run of seqs, not per row (SQLite's per-statement cost was most of a written batch's).
@@ -491,11 +555,14 @@ class BrokerStore:
         if "root" not in columns:
             self._db.execute("ALTER TABLE batches ADD COLUMN root TEXT")
             self._db.execute("ALTER TABLE batches ADD COLUMN settled INTEGER NOT NULL DEFAULT 0")
+        if "members" not in columns:
+            self._db.execute("ALTER TABLE batches ADD COLUMN members INTEGER NOT NULL DEFAULT 0")
 
     def _load_counts(self) -> None:
-        for status, count in self._db.execute("SELECT status, count(*) FROM batches GROUP BY status"):
+        weight = "sum(max(members, 1))"  # a slice counts the producer batches it holds
+        for status, count in self._db.execute(f"SELECT status, {weight} FROM batches GROUP BY status"):
             self.status_counts[BatchStatus(status)] = count
-        query = "SELECT context_id, count(*) FROM batches WHERE status = 'queued' GROUP BY context_id"
+        query = f"SELECT context_id, {weight} FROM batches WHERE status = 'queued' GROUP BY context_id"
         self.queued.update(dict(self._db.execute(query).fetchall()))
         query = "SELECT coalesce(min(queue_key), 0), coalesce(max(queue_key), 0), coalesce(max(seq), 0) FROM batches"
         self._min_key, self._max_key, self._max_seq = self._db.execute(query).fetchone()
@@ -667,14 +734,25 @@ class BrokerStore:
 
     # --- batches: changing -----------------------------------------------------------------------
 
-    def add(self, batch: Batch, context_id: str | None = None) -> None:
+    def add(self, batch: Batch, context_id: str | None = None, slice_claims: int = 0) -> None:
         """Queue a new batch at the back of its context's queue (``context_id``: its context's id, when the
-        caller has it at hand)."""
+        caller has it at hand).
+
+        A small batch that follows one of the same job, context and template queued since the last flush
+        joins it in a *slice*: one row, one assignment, one result and one delivery for many producer
+        batches, up to ``slice_claims`` claims (0: none). A producer's batch of one claim would otherwise cost every
+        hop a row, a message and a commit of its own (issue 21: the broker's cost per batch is the pipeline's
+        bound at batch size 1). The slice closes at the flush, before anything reads it back, so a turn's
+        submissions slice and nothing waits for more to come. Each producer batch keeps its id, its content
+        digest (the ``members`` table: a resubmission is recognised) and its own row in the output."""
         context_id = context_id or batch.context.context_id
+        if slice_claims and self._join_open_slice(batch, context_id, slice_claims):
+            return
         if not self.queued.get(context_id):  # an empty queue is read ahead whole: no query to find the batch
             self._heads[context_id] = _QueueHead(deque(), whole=True)
         self._max_key += 1
         stored = self._insert(batch, context_id, self._max_key, root=None)
+        self._open_slice = batch.batch_id
         head = self._heads.get(context_id)
         if head is not None and head.whole:  # else it is behind what the head holds, read when reached
             if len(head.entries) < QUEUE_READ_AHEAD:
@@ -684,19 +762,120 @@ class BrokerStore:
                 head.whole = False
 
     def _insert(self, batch: Batch, context_id: str, queue_key: int, root: str | None) -> StoredBatch:
-        content = content_digest(batch)
+        """A new queued row for ``batch`` (a slice when it names members)."""
+        members = len(batch.members)
+        content = None if members else content_digest(batch)
         self._max_seq += 1
         row = StoredBatch(batch.batch_id, batch.job_id, context_id, BatchStatus.QUEUED, 0, 0, None, None, None,
-                          len(batch.claims), content, root, seq=self._max_seq)  # fmt: skip
+                          len(batch.claims), content, root, members=members, seq=self._max_seq)  # fmt: skip
         self._inserted[batch.batch_id] = {
             "queue_key": queue_key,
-            "payload": _encoder.encode(batch),
+            "payload": batch,  # encoded at the flush
+            "bytes": _claim_bytes(batch),
         }
         self._rows[batch.batch_id] = row
         self._seen.add(batch.batch_id)
         self._changed.append(batch.batch_id)
-        self._count(None, BatchStatus.QUEUED, context_id)
+        self._count(None, BatchStatus.QUEUED, context_id, members or 1)
         return row
+
+    def carve(self, row: StoredBatch, batch: Batch, batches: int) -> tuple[StoredBatch, Batch]:
+        """Cut the first ``batches`` producer batches off the slice at the front of its queue (``row`` and
+        ``batch``, as ``next_queued_batch`` gave them), as a row of their own in front of the rest: a worker is
+        given its share of the queue and its credit's worth, no more (``Scheduler.dispatch``), and a small job
+        still spreads over the idle workers. Returns the front part (a slice, or a batch alone)."""
+        if batches >= row.members:
+            return row, batch
+        front_members = batch.members[:batches]
+        cut = sum(member.claims for member in front_members)
+        if batches == 1:
+            front = msgspec.structs.replace(batch, batch_id=front_members[0].batch_id, members=[],
+                                            claims=batch.claims[:cut])  # fmt: skip
+        else:
+            front_id = f"{self._slice_prefix}{self._max_seq + 1}"  # the seq _insert gives it
+            if front_id in self._seen:  # a producer's batch took the name: the slice goes whole
+                return row, batch
+            front = msgspec.structs.replace(batch, batch_id=front_id, members=front_members, claims=batch.claims[:cut])
+        rest = msgspec.structs.replace(batch, members=batch.members[batches:], claims=batch.claims[cut:])
+        kept = {"payload": rest, "pairs": len(rest.claims), "members": len(rest.members)}
+        rest_row = self._move(row, kept, pairs=len(rest.claims), members=len(rest.members))
+        self.status_counts[_QUEUED] -= len(front_members)  # counted again by the front part's insert
+        self.queued[row.context_id] -= len(front_members)  # (the rest holds one at least: never zero here)
+        self._min_key -= 1
+        front_row = self._insert(front, row.context_id, self._min_key, root=None)
+        self._batches[front.batch_id], self._batches[rest.batch_id] = front, rest  # as next_queued_batch keeps
+        self._open_slice = None
+        head = self._heads.get(row.context_id)
+        if head is not None and head.entries and head.entries[0][0].batch_id == row.batch_id:
+            head.entries[0] = (rest_row, rest)
+            head.entries.appendleft((front_row, front))
+        else:  # not read ahead as the front (never, from dispatch): read the head again when needed
+            self._heads.pop(row.context_id, None)
+        return front_row, front
+
+    def _join_open_slice(self, batch: Batch, context_id: str, slice_claims: int) -> bool:
+        """Add ``batch`` to the slice queued last, when it may join it; False when it may not."""
+        open_id = self._open_slice
+        if open_id is None:
+            return False
+        extra = self._inserted.get(open_id)
+        row = self._rows.get(open_id)
+        if extra is None or row is None or row.status is not _QUEUED or row.root is not None:
+            return False
+        held: Batch = extra["payload"]  # type: ignore[assignment]
+        size = _claim_bytes(batch)
+        if (
+            row.pairs + len(batch.claims) > slice_claims
+            or extra["bytes"] + size > SLICE_BYTES  # type: ignore[operator]
+            or row.context_id != context_id
+            or held.job_id != batch.job_id
+            or held.template_id != batch.template_id
+            or held.template != batch.template
+        ):
+            return False
+        if not row.members:  # the open batch becomes a slice: renamed before anything outside the store saw it
+            slice_id = f"{self._slice_prefix}{row.seq}"
+            if slice_id in self._seen:  # a producer's batch took the name: no slice
+                return False
+            first = held
+            held = msgspec.structs.replace(
+                first, batch_id=slice_id, claims=list(first.claims), members=[Member(first.batch_id, len(first.claims))]
+            )
+            extra["payload"] = held
+            del self._inserted[open_id], self._rows[open_id]
+            self._inserted[slice_id] = extra
+            self._members_unwritten[first.batch_id] = (slice_id, row.content or "")
+            row = replace(row, batch_id=slice_id, content=None, members=1)
+            self._seen.add(slice_id)
+            self._open_slice = open_id = slice_id
+            self._changed.append(slice_id)
+        content = content_digest(batch)
+        held.claims.extend(batch.claims)  # the slice's own lists (copied above): nobody else holds them
+        held.members.append(Member(batch.batch_id, len(batch.claims)))
+        extra["bytes"] += size  # type: ignore[operator]
+        row = self._rows[open_id] = replace(row, pairs=row.pairs + len(batch.claims), members=row.members + 1)
+        self._members_unwritten[batch.batch_id] = (open_id, content)
+        self._seen.add(batch.batch_id)
+        self._count(None, _QUEUED, context_id)
+        head = self._heads.get(context_id)
+        if head is not None and head.entries and head.entries[-1][0].seq == row.seq:
+            head.entries[-1] = (row, held)
+        return True
+
+    def submitted(self, batch_id: str) -> Submitted | None:
+        """What the store holds under a producer's batch id: a batch of its own, or a member of a slice (its
+        content digest, and the slice it was queued in). None for an id never submitted."""
+        row = self.get(batch_id)
+        if row is not None:
+            return Submitted(row.content, None if not row.members else row.batch_id, is_slice=bool(row.members))
+        member = self._members_unwritten.get(batch_id)
+        if member is None and batch_id in self._seen:
+            member = self._db.execute("SELECT slice, content FROM members WHERE batch_id = ?", (batch_id,)).fetchone()
+        return None if member is None else Submitted(member[1], member[0])
+
+    def taken(self, batch_id: str) -> bool:
+        """Whether the id names anything the store holds: a batch, a slice, or a batch inside a slice."""
+        return self.submitted(batch_id) is not None
 
     def assign(self, row: StoredBatch, worker: bytes, count_attempt: bool = True) -> None:
         """Hand the batch to ``worker``: an attempt, unless it is a copy of one already running elsewhere."""
@@ -725,7 +904,7 @@ class BrokerStore:
     def split(self, row: StoredBatch, parts: list[Batch]) -> None:
         """Replace a failed batch by ``parts`` (its claims in pieces), queued at the front in their order;
         the batch keeps only its bookkeeping. Each part names the producer's batch it came from (``root``)."""
-        taken = [part.batch_id for part in parts if self.get(part.batch_id) is not None]
+        taken = [part.batch_id for part in parts if self.taken(part.batch_id)]
         if taken:  # checked before any change: an insert that fails at the commit would fail the whole turn
             raise StateError(f"cannot split batch {row.batch_id}: the state already holds {', '.join(taken)}")
         split = self._move(row, _DROP_CONTENT, status=BatchStatus.SPLIT, worker=None)
@@ -736,6 +915,28 @@ class BrokerStore:
             stored = self._insert(part, split.context_id, self._min_key, root=root)
             if head is not None:
                 head.entries.appendleft((stored, part))
+
+    def dissolve(self, row: StoredBatch) -> list[StoredBatch]:
+        """Replace a slice by the producer's batches it holds, each queued at the front again as a batch of its
+        own (in order, with no attempt counted), so a failure is pinned on a batch, not on its neighbours. The
+        slice keeps only its bookkeeping (``split``, counted towards no job). Returns the batches' rows."""
+        batch = self.batch(row.batch_id)
+        dissolved = self._move(row, _DROP_CONTENT, status=BatchStatus.SPLIT, worker=None)
+        parts, start = [], 0
+        for member in batch.members:
+            claims = batch.claims[start : start + member.claims]
+            start += member.claims
+            parts.append(msgspec.structs.replace(batch, batch_id=member.batch_id, claims=claims, members=[]))
+        head = self._heads.get(dissolved.context_id)
+        rows = []
+        for part in reversed(parts):
+            self._min_key -= 1
+            stored = self._insert(part, dissolved.context_id, self._min_key, root=None)
+            rows.append(stored)
+            if head is not None:
+                head.entries.appendleft((stored, part))
+        self._open_slice = None
+        return rows[::-1]
 
     def settle_part(self, part: StoredBatch) -> StoredBatch:
         """A part of a split batch is written (verdicts or failure): count its pairs towards its root, which is
@@ -787,7 +988,7 @@ class BrokerStore:
             unwritten.update(columns)
         if current.status is _QUEUED and moved.status is not _QUEUED:
             self._left_queue(moved)
-        self._count(current.status, moved.status, moved.context_id)
+        self._count(current.status, moved.status, moved.context_id, moved.members or 1)
         return moved
 
     def _left_queue(self, row: StoredBatch) -> None:
@@ -799,25 +1000,31 @@ class BrokerStore:
         else:  # from the middle of the queue (a job aborted, a context failed): read the head again when needed
             del self._heads[row.context_id]
 
-    def _count(self, old: BatchStatus | None, new: BatchStatus, context_id: str) -> None:
+    def _count(self, old: BatchStatus | None, new: BatchStatus, context_id: str, weight: int = 1) -> None:
+        """Move ``weight`` producer batches (a slice's members, or 1) from status ``old`` to ``new``."""
         counts, queued = self.status_counts, self.queued
         if old is not None:
-            counts[old] -= 1
+            counts[old] -= weight
             if old is _QUEUED:
-                left = queued[context_id] - 1
+                left = queued[context_id] - weight
                 if left:
                     queued[context_id] = left
                 else:
                     del queued[context_id]
-        counts[new] += 1
+        counts[new] += weight
         if new is _QUEUED:
-            queued[context_id] += 1
+            queued[context_id] += weight
 
 
 #: Read at every change of a batch: a module constant is a faster read than an Enum class's attribute.
 _QUEUED = BatchStatus.QUEUED
 _ASSIGNED = BatchStatus.ASSIGNED
 _WRITTEN = BatchStatus.WRITTEN
+
+
+def _claim_bytes(batch: Batch) -> int:
+    """About the bytes a batch's claims take in a message (what bounds a slice)."""
+    return sum(len(claim.text) + len(claim.claim_id) + 16 for claim in batch.claims)
 
 
 def _durable(row: StoredBatch) -> StoredBatch:

@@ -161,7 +161,7 @@ class Workers:
             if row is None or row.context_id != context_id:
                 continue
             worker.in_flight.pop(batch_id, None)  # the worker drops them all, copied elsewhere or not
-            worker.credit += 1  # and will never answer them, so their credit comes back
+            worker.credit += row.weight  # and will never answer them, so their credit comes back
             if row.status is BatchStatus.ASSIGNED and row.worker == identity:
                 # Not the batch's fault, and never tried: no attempt is charged. A context that loads nowhere
                 # fails its batches below, once every worker has refused it.

@@ -175,6 +175,12 @@ class Scored:
         """Claims ``start:end`` (a run scored as one, given back per batch)."""
         return Scored(self.verdicts[start:end], self.scores[start:end], self.calibration)
 
+    @staticmethod
+    def concat(parts: list[Scored]) -> Scored:
+        """Parts scored apart under one template, in order, as one (a slice scored batch by batch)."""
+        verdicts = [verdict for part in parts for verdict in part.verdicts]
+        return Scored(verdicts, [scores for part in parts for scores in part.scores], parts[0].calibration)
+
 
 @dataclass
 class EncodedClaims:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -77,6 +77,9 @@ class WorkQueue(Generic[Item]):
         self._items.extendleft(reversed(kept))
         return taken
 
+    def __iter__(self) -> Iterator[Item]:
+        return iter(self._items)
+
     def drain(self) -> list[Item]:
         taken = list(self._items)
         self._items.clear()
@@ -90,6 +93,7 @@ class WorkQueue(Generic[Item]):
 class CreditWindow:
     """How many batches to ask the broker for, so the worker holds about ``WINDOW_RUNS`` runs of
     ``run_claims`` claims whatever the producer's batch size, and never fewer than ``min_batches`` batches.
+    Counted in the producer's batches: a slice of many (``pervade.protocol.Batch``) uses a credit for each.
 
     ``outstanding`` is credit granted and not yet used by an Assign; the broker forgets it when the worker
     reconnects (``reset``)."""
@@ -109,12 +113,13 @@ class CreditWindow:
     def reset(self) -> None:
         self.outstanding = 0
 
-    def arrived(self, claims: int) -> None:
-        """An Assign of ``claims`` claims used one credit."""
-        self.outstanding = max(0, self.outstanding - 1)
+    def arrived(self, claims: int, batches: int = 1) -> None:
+        """An Assign of ``claims`` claims in ``batches`` producer batches (a slice holds many) used a credit per
+        batch, as the broker counts it (never below zero: it charges no more than it was granted)."""
+        self.outstanding = max(0, self.outstanding - batches)
         self._seen += 1
-        mean = self.claims_per_batch
-        self.claims_per_batch = claims if mean is None else mean + (claims - mean) / min(self._seen, 64)
+        mean, size = self.claims_per_batch, claims / batches
+        self.claims_per_batch = size if mean is None else mean + (size - mean) / min(self._seen, 64)
 
     @property
     def batches_wanted(self) -> int:

@@ -149,7 +149,7 @@ class BrokerLink:
             self.queue.put(LoadOrder(message, generation))
             return
         work = BatchWork(message, generation)
-        self.window.arrived(work.claims)
+        self.window.arrived(work.claims, work.batches)
         self._tokenize_ahead(work)
         self.queue.put(work)
 
@@ -159,17 +159,19 @@ class BrokerLink:
             await (send or self.session.send)(pull)
 
     def pull_with_answers(self, answered: int) -> Pull | None:
-        """``pull_due`` for a run's answers (``answered`` orders in hand), or None while reconnecting: the
+        """``pull_due`` for a run's answers (``answered`` batches in hand), or None while reconnecting: the
         grant would count against the old connection's window, and the new one asks for its own when it
         registers."""
         return self.pull_due(answered) if self.session.registered else None
 
     def pull_due(self, answered: int = 0) -> Pull | None:
         """The credit to ask for now, when the window runs short (None while leaving, or when it does not).
-        ``answered``: orders in hand whose answers go with it, no longer held. Counted as granted: send it."""
+        ``answered``: batches in hand whose answers go with it, no longer held (a slice counts its members).
+        Counted as granted: send it."""
         if self.lifecycle.stopping.is_set():
             return None
-        grant = self.window.top_up(held=len(self.queue) + len(self._in_hand.orders) - answered)
+        held = sum(order.batches for order in self.queue) + sum(order.batches for order in self._in_hand.orders)
+        grant = self.window.top_up(held=held - answered)
         return Pull(credit=grant) if grant else None
 
     async def find_sources(self, digest: str, exclude: list[str]) -> Sources:

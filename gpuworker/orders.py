@@ -22,6 +22,11 @@ class LoadOrder:
     def claims(self) -> int:
         return 0
 
+    @property
+    def batches(self) -> int:
+        """What it counts for in the credit window: an order, like a batch."""
+        return 1
+
 
 @dataclass
 class BatchWork:
@@ -52,6 +57,19 @@ class BatchWork:
     @property
     def texts(self) -> list[str]:
         return [claim.text for claim in self.assign.batch.claims]
+
+    @property
+    def batches(self) -> int:
+        """The producer's batches it holds: a slice's members, or 1."""
+        return len(self.assign.batch.members) or 1
+
+    def spans(self) -> list[tuple[int, int]]:
+        """Each producer batch's claims, as (start, end) offsets: a slice's members in order, or the whole."""
+        spans, start = [], 0
+        for member in self.assign.batch.members or ():
+            spans.append((start, start + member.claims))
+            start += member.claims
+        return spans or [(0, self.claims)]
 
     def same_run(self, first: BatchWork) -> bool:
         """Whether this batch may be tokenized and scored in one call with ``first``: same context and template."""

@@ -124,13 +124,14 @@ class Runner:
         # read only after every other worker's answers (24,000 completions at 186 GPUs and batch size 1), and
         # the refills waited for all of them. Sent even if the connection changed meanwhile: the broker takes
         # each result whose batch is still open.
-        if (pull := self.link.pull_with_answers(answered=len(group))) is not None:
+        if (pull := self.link.pull_with_answers(answered=sum(work.batches for work in group))) is not None:
             answers.append(pull)
         await self.link.send_group(answers)
-        self.batches_done += len(group)
         seconds = finished - started
-        self.batch_seconds = seconds if self.batches_done == len(group) else 0.8 * self.batch_seconds + 0.2 * seconds
-        log.debug("batches_done", batches=len(group), claims=sum(w.claims for w in group), seconds=round(seconds, 4))
+        self.batch_seconds = seconds if not self.batches_done else 0.8 * self.batch_seconds + 0.2 * seconds
+        batches = sum(work.batches for work in group)  # the producer's batches: a slice counts its members
+        self.batches_done += batches
+        log.debug("batches_done", batches=batches, claims=sum(w.claims for w in group), seconds=round(seconds, 4))
 
     def _result(self, work: BatchWork, scored: Scored, dtype: str, started: float, finished: float) -> BatchResult:
         batch = work.batch
@@ -181,14 +182,19 @@ class Runner:
             return exc
 
     async def _score_per_batch(self, held: HeldContext, work: BatchWork) -> Scored | Exception:
-        """Partial and agnostic modes: the model is built for this batch alone, on the compute thread."""
-        contexts = self.contexts
+        """Partial and agnostic modes: the model is built for this batch alone, on the compute thread; for
+        each producer batch of a slice, which is what those modes measure."""
+        contexts, texts = self.contexts, work.texts
         try:
-            return await self._on_compute_thread(
-                _load_and_score, held, contexts.device, contexts.device_info, work.batch.template, work.texts
-            )
+            parts = [
+                await self._on_compute_thread(
+                    _load_and_score, held, contexts.device, contexts.device_info, work.batch.template, texts[a:b]
+                )
+                for a, b in work.spans()
+            ]
         except Exception as exc:
             return exc
+        return Scored.concat(parts)
 
     async def _on_compute_thread(self, function: Callable[..., Result], *args: object) -> Result:
         return await asyncio.get_running_loop().run_in_executor(self._compute, function, *args)

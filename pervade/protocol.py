@@ -57,8 +57,19 @@ class Claim(_Part):
     gold_label: Label | None = None
 
 
+class Member(_Part):
+    """A producer's batch inside a slice: its id and how many of the slice's claims, in order, are its."""
+
+    batch_id: Id
+    claims: Annotated[int, msgspec.Meta(ge=1)]
+
+
 class Batch(_Part):
-    """Claims to score under one prompt template with one model. The unit of scheduling."""
+    """Claims to score under one prompt template with one model. The unit of scheduling.
+
+    A *slice* is a batch the broker made of small batches a producer submitted together (same job, context
+    and template): it travels, is assigned, answered and delivered as one, and ``members`` names the
+    producer's batches it holds, in claim order. A producer never sets ``members``."""
 
     batch_id: Id
     job_id: Id
@@ -68,6 +79,7 @@ class Batch(_Part):
     template: PromptTemplate | str
     claims: Annotated[list[Claim], msgspec.Meta(min_length=1)]
     submitted_at: Timestamp
+    members: list[Member] = []
 
     @property
     def prompt(self) -> PromptTemplate:
@@ -375,6 +387,8 @@ class Deliver(Message, tag="deliver"):
 
     result: BatchResult
     redelivery: bool = False
+    #: A slice's producer batches, in claim order: each row names its own batch (empty for a plain batch).
+    members: list[Member] = []
 
 
 class DeliverFailure(Message, tag="deliver_failure"):

@@ -22,7 +22,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pervade.prompts import SCORING
-from pervade.protocol import BatchResult
+from pervade.protocol import BatchResult, Member
 from pervade.sinks.schema import CALIBRATION_COLUMNS, SCHEMA, SCORE_COLUMNS
 from pervade.sinks.staging import StagedFile, staged_name
 
@@ -50,8 +50,18 @@ class _Columns:
 
     results: list[BatchResult] = field(default_factory=list)
     rows: int = 0
+    #: Each row's batch id, where a result of a slice named its producer batches (None: every row's batch id
+    #: is its result's).
+    row_batch_ids: list[str] | None = None
 
-    def add(self, result: BatchResult) -> None:
+    def add(self, result: BatchResult, members: list[Member] | None = None) -> None:
+        if members or self.row_batch_ids is not None:
+            if self.row_batch_ids is None:
+                self.row_batch_ids = [r.batch_id for r in self.results for _ in r.verdicts]
+            if members:
+                self.row_batch_ids += [m.batch_id for m in members for _ in range(m.claims)]
+            else:
+                self.row_batch_ids += [result.batch_id] * len(result.verdicts)
         self.results.append(result)
         self.rows += len(result.verdicts)
 
@@ -69,6 +79,8 @@ class _Columns:
         columns: dict[str, list | pa.Array] = {
             name: pa.array(values, SCHEMA.field(name).type).take(owner) for name, values in per_result.items()
         }
+        if self.row_batch_ids is not None:
+            columns["batch_id"] = self.row_batch_ids
         for name in ("claim_id", "gold_label", "verdict"):
             columns[name] = list(map(attrgetter(name), verdicts))
         for position, name in enumerate(SCORE_COLUMNS):  # the protocol checks there is one score per label
@@ -102,9 +114,15 @@ class RollingParquetWriter:
     def buffered_rows(self) -> int:
         return self._buffer.rows
 
-    def add(self, result: BatchResult) -> None:
-        self._buffer.add(result)
-        self.batches_in_file[result.batch_id] = None
+    def add(self, result: BatchResult, members: list[Member] | None = None) -> None:
+        """Buffer a result's rows: each under its batch, or, for a slice, under the producer batch of
+        ``members`` it belongs to (they cover the verdicts in order)."""
+        self._buffer.add(result, members)
+        if members:
+            for member in members:
+                self.batches_in_file[member.batch_id] = None
+        else:
+            self.batches_in_file[result.batch_id] = None
         self.rows_in_file += len(result.verdicts)
 
     def _final_path(self) -> Path:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import msgspec
 import structlog
 import zmq.asyncio
 
@@ -127,6 +128,9 @@ class Sink:
             stopping=self._stopping,
             keys=config.keys,
         )
+        #: The producer batches of the slices held and not yet acknowledged: batch id -> its slice's id. Rows,
+        #: the output's index and its ledger name producer batches; the broker is answered with slice ids.
+        self._slice_of: dict[str, list[str]] = {}
         self._oldest_unacked: float | None = None
         self._last_delivery = 0.0
         self._all_jobs_done = False
@@ -209,8 +213,13 @@ class Sink:
         )
 
     async def accept(self, message: Deliver | DeliverFailure) -> None:
+        if isinstance(message, Deliver) and message.members:
+            await self.accept_slice(message)
+            return
         batch_id = message.result.batch_id if isinstance(message, Deliver) else message.failure.batch_id
         if batch_id in self.writer.batches_in_file or batch_id in self.failures.pending:
+            if batch_id in self._slice_of:  # held as part of a slice: acknowledged as itself too
+                self._acknowledge_with(batch_id, batch_id)
             return  # delivered again before our roll: the roll acknowledges it
         if message.redelivery and batch_id not in self.index:
             await asyncio.to_thread(self.index.refresh)  # another sink (or our former self) may have it
@@ -223,6 +232,59 @@ class Sink:
             self.writer.add(message.result)
         else:
             self.failures.add(message.failure)
+        await self._held()
+
+    async def accept_slice(self, message: Deliver) -> None:
+        """A slice's verdicts: each row under its producer batch. Batches of it already in the output (written
+        before the broker lost its state and sliced them otherwise, say) are skipped one by one, so every
+        producer batch is written once, however it was sliced."""
+        result, members = message.result, message.members
+        slice_id = result.batch_id
+        if sum(member.claims for member in members) != len(result.verdicts):
+            log.error("slice_delivery_malformed", batch_id=slice_id, members=len(members), rows=len(result.verdicts))
+            return
+        if slice_id in self._slice_of.get(members[0].batch_id, ()):
+            return  # delivered again before our roll: the roll acknowledges it
+        if message.redelivery and any(member.batch_id not in self.index for member in members):
+            await asyncio.to_thread(self.index.refresh)
+        in_file = self.writer.batches_in_file
+        # Each batch: durable already (skipped), held in the file being written (acknowledged with it), or new.
+        written = [member.batch_id in self.index for member in members]
+        held = [member.batch_id in in_file and not done for member, done in zip(members, written, strict=True)]
+        if any(written) or any(held):
+            self.duplicates_skipped += written.count(True) + held.count(True)
+            log.info("duplicate_delivery_skipped", batch_id=slice_id, batches=written.count(True) + held.count(True))
+            waiting = [member.batch_id for member, keep in zip(members, held, strict=True) if keep]
+            verdicts, start, fresh = [], 0, []
+            for member, done, kept in zip(members, written, held, strict=True):
+                if not done and not kept:
+                    verdicts += result.verdicts[start : start + member.claims]
+                    fresh.append(member)
+                start += member.claims
+            if not fresh and not waiting:
+                await self.session.send(SinkAck(batch_ids=[slice_id]))
+                return
+            for batch_id in waiting:
+                self._acknowledge_with(batch_id, slice_id)
+            if not fresh:
+                return
+            result, members = msgspec.structs.replace(result, verdicts=verdicts), fresh
+        self.writer.add(result, members)
+        slice_of = self._slice_of
+        for member in members:
+            slice_of[member.batch_id] = [slice_id]
+        await self._held()
+
+    def _acknowledge_with(self, batch_id: str, ack_id: str) -> None:
+        """Acknowledge ``ack_id`` too once ``batch_id``, held in the current file, is durable."""
+        acks = self._slice_of.get(batch_id)
+        if acks is None:  # held as a batch of its own: acknowledged as itself as well
+            acks = self._slice_of[batch_id] = [batch_id]
+        if ack_id not in acks:
+            acks.append(ack_id)
+
+    async def _held(self) -> None:
+        """A delivery is held: roll or flush when the file or the row group is full."""
         self._last_delivery = time.monotonic()
         if self._oldest_unacked is None:
             self._oldest_unacked = self._last_delivery
@@ -255,7 +317,17 @@ class Sink:
         if failed:
             log.info("failures_recorded", batches=len(failed), path=str(self.failures.path))
         if durable:
-            await self.session.send(SinkAck(batch_ids=durable))
+            await self.session.send(SinkAck(batch_ids=self._acknowledged(durable)))
+
+    def _acknowledged(self, durable: list[str]) -> list[str]:
+        """The ids to acknowledge for these durable producer batches: a slice's for its batches, once."""
+        if not self._slice_of:
+            return durable
+        ids: dict[str, None] = {}
+        for batch_id in durable:
+            for acknowledged in self._slice_of.pop(batch_id, (batch_id,)):
+                ids[acknowledged] = None
+        return list(ids)
 
     async def while_alive(self, work: Callable[[], T]) -> T:
         """Run blocking output work on a thread, heartbeating meanwhile: a sink waiting for another's commit
@@ -284,6 +356,7 @@ class Sink:
         except OSError as exc:
             log.warning("discard_failed", error=str(exc))
         self.failures.discard()
+        self._slice_of.clear()
         self._oldest_unacked = None
         await self.session.send_if_connected(Disconnect(reason=f"cannot write its output: {error.strerror or error}"))
         self.session.close()

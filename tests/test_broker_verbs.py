@@ -22,6 +22,7 @@ from pervade.context import ContextSpec
 from pervade.keyring import KeyHolder
 from pervade.manifest import FileEntry, Manifest
 from pervade.protocol import (
+    AbortJob,
     Accepted,
     Assign,
     Batch,
@@ -42,11 +43,13 @@ from pervade.protocol import (
     JobDone,
     JobEnded,
     LoadContext,
+    Member,
     Message,
     ProducerReady,
     ProgressReply,
     ProgressRequest,
     Pull,
+    Rejected,
     Release,
     RollNow,
     SinkAck,
@@ -95,6 +98,7 @@ class Broker:
             "max_attempts": 2,
             "drain_grace_s": 0.0,
             "state_dir": state_dir,
+            "slice_claims": 0,  # each batch on its own, as each test names them; slices have tests of their own
             **config,
         }
         self.store = BrokerStore.open(state_dir)
@@ -845,3 +849,128 @@ def test_a_progress_reply_lists_the_jobs_alone_whatever_the_pool(broker) -> None
     assert size(many_progress) == size(few_progress)  # the same bytes with 501 workers as with one
     assert size(many_status) > 50 * size(many_progress)  # the snapshot lists each of them
     assert broker.state.counters["progress_requests"] == 2
+
+
+# --- slices ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def slicing(tmp_path) -> Iterator[Broker]:
+    """A broker that slices: up to 6 claims, three of the 2-claim batches ``batch`` makes."""
+    b = Broker(tmp_path / "state", slice_claims=6)
+    yield b
+    b.store.close()
+
+
+def sent_of(sent: list[tuple[bytes, Message]], kind: type[Message], peer: bytes | None = None) -> list:
+    return [m for p, m in sent if isinstance(m, kind) and (peer is None or p == peer)]
+
+
+def test_small_batches_submitted_together_travel_as_a_slice_and_are_counted_as_themselves(slicing) -> None:
+    broker = slicing
+    broker(b"s", SinkReady(sink_id="s"))
+    broker.worker(b"w", contexts=[A], credit=5)  # a credit per producer batch: 3 for the slice, 2 for the others
+    broker.submit(*[batch("j", n) for n in range(4)], batch("k", 0), batch("j", 4, context=CTX_B))
+    held = broker.state.jobs["j"].holds()
+    broker(b"p", EndJob(job_id="j", batches=5, pairs=10, digest=held.digest))
+    sent = broker.turn()
+    assert sent_of(sent, Accepted) == [Accepted(batch_id=i) for i in ("j/0", "j/1", "j/2", "j/3", "k/0", "j/4")]
+    assert sent_of(sent, JobEnded)[0].agreed  # the job holds its five batches, sliced or not
+    assigns = sent_of(sent, Assign, b"w")
+    # Up to 6 claims, one job, one context: j/3 starts a slice of its own, which k/0 (another job) cannot join.
+    assert [(a.batch.batch_id.startswith("slice~"), [m.batch_id for m in a.batch.members]) for a in assigns] == [
+        (True, ["j/0", "j/1", "j/2"]), (False, []), (False, [])
+    ]  # fmt: skip
+    assert [c.claim_id for c in assigns[0].batch.claims] == ["0-0", "0-1", "1-0", "1-1", "2-0", "2-1"]
+    assert [a.batch.batch_id for a in assigns[1:]] == ["j/3", "k/0"]
+    assert broker.state.queued_total() == 1 and broker.store.status_counts[BatchStatus.ASSIGNED] == 5
+    assert broker.state.workers[b"w"].credit == 0
+    slice_id = assigns[0].batch.batch_id
+
+    broker(b"w", *[Completed(result=result_for(a.batch)) for a in assigns[:2]])
+    deliveries = sent_of(broker.turn(), Deliver, b"s")
+    assert [(d.result.batch_id, [m.batch_id for m in d.members]) for d in deliveries] == [
+        (slice_id, ["j/0", "j/1", "j/2"]), ("j/3", [])
+    ]  # fmt: skip
+    broker(b"s", SinkAck(batch_ids=[slice_id, "j/3"]))
+    sent = broker.turn()
+    assert sent_of(sent, JobDone, b"p") == []  # j/4 is still to come
+    assert broker.state.jobs["j"].written == 4 and broker.state.jobs["j"].pairs_written == 8
+    assert broker.status(slice_id) is BatchStatus.WRITTEN
+
+
+def test_a_batch_of_a_slice_is_known_by_its_id_after_a_restart_and_a_slice_s_id_is_no_producer_s(tmp_path) -> None:
+    broker = Broker(tmp_path / "state", slice_claims=6)
+    broker.submit(batch("j", 0), batch("j", 1))
+    broker.turn()
+    found = broker.store.submitted("j/1")
+    assert found is not None and found.slice_id is not None and found.slice_id.startswith("slice~")
+    broker.store.close()
+
+    broker = Broker(tmp_path / "state", slice_claims=6)
+    broker.submit(batch("j", 1))  # a resend: acknowledged, not queued again
+    changed = msgspec.structs.replace(batch("j", 0), claims=[Claim(claim_id="0-0", text="another claim")])
+    broker.submit(changed, producer=b"q")
+    broker.submit(msgspec.structs.replace(batch("k", 0), batch_id=found.slice_id), producer=b"r")
+    named = msgspec.structs.replace(batch("k", 1), members=[Member(batch_id="k/9", claims=2)])
+    broker.submit(named, producer=b"t")
+    sent = broker.turn()
+    assert sent_of(sent, Accepted, b"p") == [Accepted(batch_id="j/1", duplicate=True)]
+    assert "submitted before with other claims" in sent_of(sent, Rejected, b"q")[0].reason
+    assert "the broker's name for a slice" in sent_of(sent, Rejected, b"r")[0].reason
+    assert "cannot name members" in sent_of(sent, Rejected, b"t")[0].reason
+    assert broker.state.queued_total() == 2 and broker.state.counters["conflicting_submissions"] == 3
+    broker.store.close()
+
+
+def test_a_slice_that_fails_is_dissolved_and_only_the_batch_at_fault_fails(slicing) -> None:
+    broker = slicing
+    broker(b"s", SinkReady(sink_id="s"))
+    broker.worker(b"w", contexts=[A], credit=3)
+    broker.submit(*[batch("j", n, claims=1) for n in range(3)])
+    [(_, slice_id)] = assigned(broker.turn())
+    broker(b"w", BatchFailed(batch_id=slice_id, error="claim 1-0 is too long"), Pull(credit=3))
+    assert assigned(broker.turn()) == [(b"w", "j/0"), (b"w", "j/1"), (b"w", "j/2")]  # at the front, in order
+    assert broker.status(slice_id) is BatchStatus.SPLIT and broker.state.counters["slices_dissolved"] == 1
+    assert broker.store.get("j/1").attempts == 1  # its own first attempt: the slice's failure is not charged
+
+    broker(
+        b"w",
+        Completed(result=result_for(batch("j", 0, claims=1))),
+        Completed(result=result_for(batch("j", 2, claims=1))),
+    )
+    broker(b"w", BatchFailed(batch_id="j/1", error="claim 1-0 is too long"), Pull(credit=1))
+    broker.turn()
+    broker(b"w", BatchFailed(batch_id="j/1", error="claim 1-0 is too long"))
+    sent = broker.turn()
+    assert [f.failure.batch_id for f in sent_of(sent, DeliverFailure, b"s")] == ["j/1"]
+    broker(b"s", SinkAck(batch_ids=["j/0", "j/2", "j/1"]))
+    broker(b"p", EndJob(job_id="j", batches=3, pairs=3, digest=broker.state.jobs["j"].holds().digest))
+    [done] = sent_of(broker.turn(), JobDone, b"p")
+    assert (done.batches_written, done.failed_batches, done.pairs_written, done.pairs_failed) == (2, 1, 2, 1)
+
+
+def test_an_aborted_job_s_slice_is_recorded_failed_batch_by_batch(slicing) -> None:
+    broker = slicing
+    broker(b"s", SinkReady(sink_id="s"))
+    broker.submit(*[batch("j", n) for n in range(3)])
+    broker.turn()
+    broker(b"p", AbortJob(job_id="j", reason="bad input"))
+    failures = sent_of(broker.turn(), DeliverFailure, b"s")
+    assert [f.failure.batch_id for f in failures] == ["j/0", "j/1", "j/2"]
+    assert [f.failure.claim_ids for f in failures] == [["0-0", "0-1"], ["1-0", "1-1"], ["2-0", "2-1"]]
+    assert broker.state.queued_total() == 0
+
+
+def test_idle_workers_share_a_slice_and_none_gets_more_than_its_credit(slicing) -> None:
+    broker = slicing
+    broker.worker(b"a", contexts=[A], credit=8)
+    broker.worker(b"b", contexts=[A], credit=2)
+    broker.submit(*[batch("j", n, claims=1) for n in range(6)])  # one slice of six batches
+    held: dict[bytes, list[str]] = {b"a": [], b"b": []}
+    for peer, assign in [(p, m) for p, m in broker.turn() if isinstance(m, Assign)]:
+        held[peer] += [m.batch_id for m in assign.batch.members] or [assign.batch.batch_id]
+    assert sorted(held[b"a"] + held[b"b"]) == [f"j/{n}" for n in range(6)] and broker.state.queued_total() == 0
+    assert len(held[b"b"]) == 2 and len(held[b"a"]) == 4  # b's credit, and the rest: a share at a time
+    assert broker.state.workers[b"a"].credit == 4 and broker.state.workers[b"b"].credit == 0
+    assert broker.store.status_counts[BatchStatus.ASSIGNED] == 6

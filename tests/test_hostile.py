@@ -126,7 +126,9 @@ async def test_a_stalled_sink_does_not_write_what_another_sink_wrote_meanwhile(
     claims = write_claims(fever_claims, tmp_path / "claims.jsonl", 0, 300)
     cluster = LocalCluster(tmp_path, heartbeat_interval_s=0.25)
     try:
-        await cluster.start_broker()
+        # Slices of four batches: many deliveries, so each sink holds some when one stalls, and the stalled
+        # one's file holds slices whose batches the other wrote (skipped batch by batch).
+        await cluster.start_broker("--slice-claims", "12")
         await cluster.start_sink("--roll-seconds", "0.5", name="fast")
         await cluster.start_sink("--roll-seconds", "600", "--idle-roll-seconds", "600", name="stalled")
         await cluster.start_worker("--device", "cpu", "--threads", "1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import zmq.asyncio
 
@@ -124,7 +125,7 @@ def test_a_run_s_answers_carry_the_credit_it_freed() -> None:
     link = BrokerLink(ctx, config, lifecycle, in_hand, describe=None, tokenize_ahead=print)  # type: ignore[arg-type]
     for _ in range(8):
         link.window.arrived(1)  # eight batches of one claim: a window of two runs of 256 claims
-    in_hand.orders = [None] * 8  # the run being answered (pull_due counts orders, whatever they are)
+    in_hand.orders = [SimpleNamespace(batches=1)] * 8  # the run being answered (pull_due counts their batches)
     assert link.pull_with_answers(answered=8) is None  # not registered (reconnecting): the new connection asks
     assert link.pull_due(answered=8) == Pull(credit=2 * MIN_RUN_CLAIMS)
     assert link.pull_due() is None  # asked for already: the window is full again
@@ -132,3 +133,15 @@ def test_a_run_s_answers_carry_the_credit_it_freed() -> None:
     lifecycle.stop("test")
     assert link.pull_due(answered=8) is None
     ctx.term()
+
+
+def test_a_slice_uses_a_credit_for_each_batch_it_holds() -> None:
+    """The broker charges a slice a credit per producer batch in it (``Scheduler.assign``), and the window
+    counts the same, so what it asks for stays in the producer's batches whatever the slicing."""
+    window = CreditWindow(min_batches=2)
+    assert window.top_up(held=0) == 2
+    window.arrived(claims=6, batches=3)  # a slice of three 2-claim batches, charged the two credits granted
+    assert window.outstanding == 0 and window.claims_per_batch == 2.0
+    assert window.batches_wanted == WINDOW_RUNS * MIN_RUN_CLAIMS // 2
+    window.arrived(claims=4, batches=1)
+    assert window.claims_per_batch == 3.0  # one 4-claim batch after the slice's 2-claim ones

@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 import pytest_asyncio
 import zmq
@@ -17,12 +18,14 @@ import zmq.asyncio
 
 from pervade.errors import ConfigError
 from pervade.protocol import (
+    Batch,
     BatchFailure,
     Deliver,
     DeliverFailure,
     Disconnect,
     Heartbeat,
     JobDone,
+    Member,
     Message,
     RollNow,
     SinkAck,
@@ -113,6 +116,39 @@ async def test_a_batch_delivered_again_is_acknowledged_and_never_written_twice(b
 
     assert read_verdicts(out).num_rows == 2
     assert first.duplicates_skipped == other.duplicates_skipped == restarted.duplicates_skipped == 1
+
+
+def slice_delivery(slice_id: str, *batches: Batch, redelivery: bool = False) -> Deliver:
+    """What the broker delivers for a slice of ``batches``: one result, its rows' batches named in order."""
+    merged = msgspec.structs.replace(batches[0], batch_id=slice_id, claims=[c for b in batches for c in b.claims])
+    members = [Member(batch_id=b.batch_id, claims=len(b.claims)) for b in batches]
+    return Deliver(result=result_for(merged), members=members, redelivery=redelivery)
+
+
+async def test_a_slice_s_rows_are_written_under_its_batches_and_each_batch_once_however_sliced(
+    broker_side, tmp_path
+) -> None:
+    out = tmp_path / "out"
+    sink, task, identity = await start_sink(broker_side, out, "s")
+    b0, b1, b2 = (batch("j1", n) for n in range(3))
+
+    def rows() -> list[tuple[str, str]]:
+        table = read_verdicts(out)
+        return sorted(zip(table["batch_id"].to_pylist(), table["claim_id"].to_pylist(), strict=True))
+
+    await broker_side.send(identity, slice_delivery("slice~a~1", b0, b1))
+    assert (await broker_side.receive(SinkAck))[1].batch_ids == ["slice~a~1"]  # the broker's name for it
+    assert rows() == [("j1/0", "0-0"), ("j1/0", "0-1"), ("j1/1", "1-0"), ("j1/1", "1-1")]
+    # The broker lost its state, and sliced the resubmitted batches otherwise: j1/1 is not written again.
+    await broker_side.send(identity, slice_delivery("slice~b~1", b1, b2))
+    assert (await broker_side.receive(SinkAck))[1].batch_ids == ["slice~b~1"]
+    # The first slice delivered again (its acknowledgement was lost): nothing is written.
+    await broker_side.send(identity, slice_delivery("slice~a~1", b0, b1, redelivery=True))
+    assert (await broker_side.receive(SinkAck))[1].batch_ids == ["slice~a~1"]
+    sink.stop()
+    await task
+    expected = [(f"j1/{n}", f"{n}-{i}") for n in range(3) for i in range(2)]
+    assert rows() == expected and sink.duplicates_skipped == 3
 
 
 async def test_told_nothing_more_is_coming_a_sink_acknowledges_without_waiting_for_its_idle_roll(

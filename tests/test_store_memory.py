@@ -288,3 +288,94 @@ def test_the_filter_of_seen_ids_never_forgets_one() -> None:
     assert all(batch_id in seen for batch_id in ids)
     wrong = sum(f"other-{n:08d}" in seen for n in range(100_000))
     assert wrong < 1_000  # about 0.01% at this size; a filter that said yes to everything would fail
+
+
+def members_of(store: BrokerStore, row_id: str) -> list[str]:
+    """The producer batches a row holds: a slice's members, or the batch itself."""
+    held = store.batch(row_id)
+    return [member.batch_id for member in held.members] or [row_id]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_every_batch_is_in_one_row_through_a_random_run_with_slices(tmp_path, monkeypatch, seed) -> None:
+    """Slices form, are carved, run, dissolve and are written; throughout, each producer batch is in exactly one row that
+    holds its claims (or is written), is found by its id with its content, and counts once in its status."""
+    monkeypatch.setattr(store_module, "QUEUE_READ_AHEAD", 4)
+    rng = random.Random(seed)
+    store = BrokerStore.open(tmp_path / "state")
+    path = tmp_path / "state" / STORE_FILE
+    produced: dict[str, Batch] = {}
+    slices: set[str] = set()
+    assigned: list[str] = []
+    written: set[str] = set()  # producer batches written
+    for step in range(800):
+        action = rng.choice(["add"] * 5 + ["commit", "assign", "assign", "carve", "complete", "dissolve", "requeue"])
+        if action == "add":
+            new = replace(batch(rng.choice("jk"), len(produced), claims=rng.randint(1, 3)),
+                          template_id=rng.choice("tu"))  # fmt: skip
+            produced[new.batch_id] = new
+            store.add(new, slice_claims=6)
+            found = store.submitted(new.batch_id)
+            assert found is not None and found.content == store_module.content_digest(new), f"step {step}"
+            if found.slice_id is not None:
+                slices.add(found.slice_id)
+        elif action == "commit":
+            store.commit()
+        elif action == "assign" and store.queued.get(CONTEXT):
+            row, _ = store.next_queued_batch(CONTEXT)
+            store.assign(row, b"w")
+            assigned.append(row.batch_id)
+        elif action == "carve" and store.queued.get(CONTEXT):  # a worker's share of the front slice
+            row, held = store.next_queued_batch(CONTEXT)
+            if row.members > 1:
+                row, held = store.carve(row, held, rng.randint(1, row.members - 1))
+                if row.members:
+                    slices.add(row.batch_id)
+            store.assign(row, b"w")
+            assigned.append(row.batch_id)
+        elif action == "complete" and assigned:  # done, delivered and written at once
+            row_id = assigned.pop(rng.randrange(len(assigned)))
+            held = store.batch(row_id)
+            row = store.complete(store.get(row_id), result_for(held))
+            store.deliver(row, b"sink")
+            written.update(members_of(store, row_id))
+            store.written(store.get(row_id))
+        elif action == "dissolve" and any(store.get(i).members for i in assigned):
+            row_id = rng.choice([i for i in assigned if store.get(i).members])
+            assigned.remove(row_id)
+            store.dissolve(store.get(row_id))
+        elif action == "requeue" and assigned:
+            store.requeue(store.get(assigned.pop(rng.randrange(len(assigned)))), count_attempt=False)
+        if action != "commit":
+            continue
+        row_ids = slices | {batch_id for batch_id in produced if store.get(batch_id) is not None}
+        committed = database_rows(path)
+        assert committed == {row_id: as_columns(store, row_id) for row_id in row_ids}, f"step {step}"
+        live: dict[str, str] = {}  # producer batch -> the row holding it, for rows neither written nor dissolved
+        weights: dict[BatchStatus, int] = {}
+        for row_id in row_ids:
+            row = store.get(row_id)
+            weights[row.status] = weights.get(row.status, 0) + (row.members or 1)
+            if row.status in (BatchStatus.WRITTEN, BatchStatus.SPLIT):
+                continue
+            held = store.batch(row_id)
+            members = members_of(store, row_id)
+            assert held.claims == [c for m in members for c in produced[m].claims], f"step {step}: {row_id}'s claims"
+            assert len({(produced[m].job_id, produced[m].template_id) for m in members}) == 1
+            assert row.pairs == len(held.claims) <= max(6, len(produced[members[0]].claims))
+            for member in members:
+                assert member not in live and member not in written, f"step {step}: {member} held twice"
+                live[member] = row_id
+        assert set(live) | written == set(produced) and not set(live) & written, f"step {step}"
+        assert {s: n for s, n in store.status_counts.items() if n} == weights, f"step {step}: status counts"
+    store.commit()
+    counts = {s: n for s, n in store.status_counts.items() if n}
+    store.close()
+    reopened = BrokerStore.open(tmp_path / "state")
+    reopened.recover()
+    for batch_id, each in produced.items():  # every id known after the restart (the filter of seen ids too)
+        found = reopened.submitted(batch_id)
+        assert found is not None and found.content == store_module.content_digest(each)
+    counts[BatchStatus.QUEUED] = counts.get(BatchStatus.QUEUED, 0) + counts.pop(BatchStatus.ASSIGNED, 0)
+    assert {s: n for s, n in reopened.status_counts.items() if n} == counts
+    reopened.close()
