@@ -182,7 +182,11 @@ class SimulatorStats:
     """What one simulator process saw; written as JSON to its ``--stats`` file when it stops."""
 
     workers: int = 0
+    #: Assignments received (a slice of many producer batches is one; a copy is one more).
     assigned: int = 0
+    #: Producer batches in those assignments (copies included), and each assigned id's count of them.
+    batches: int = 0
+    held: dict[str, int] = field(default_factory=dict)
     loads: int = 0
     disconnects: int = 0
     unexpected: int = 0
@@ -255,9 +259,11 @@ class NullWorkerHost:
         batch = assign.batch
         stats = self.stats
         stats.assigned += 1
+        stats.held[batch.batch_id] = len(batch.members) or 1
+        stats.batches += len(batch.members) or 1
         stats.queue_s.append(started - batch.submitted_at)
         granted = worker.grants.popleft() if worker.grants else started
-        worker.window.arrived(len(batch.claims))
+        worker.window.arrived(len(batch.claims), len(batch.members) or 1)
         stats.dispatch_s.append(started - max(granted, batch.submitted_at))
         verdicts = [
             Verdict(claim_id=c.claim_id, verdict=NULL_VERDICT, scores=NULL_SCORES, gold_label=c.gold_label)
@@ -344,11 +350,11 @@ class NullWorkerHost:
             if not ready and all(w.heard for w in self.workers.values()):
                 ready = True
                 print(json.dumps({"ready": True}), flush=True)
-            if now >= next_progress and self.stats.assigned != reported:
-                reported = self.stats.assigned
+            if now >= next_progress and self.stats.batches != reported:
+                reported = self.stats.batches
                 print(json.dumps({"done": reported, "last": self.stats.last_completed}), flush=True)
                 next_progress = now + PROGRESS_EVERY_S
-        print(json.dumps({"done": self.stats.assigned, "last": self.stats.last_completed}), flush=True)
+        print(json.dumps({"done": self.stats.batches, "last": self.stats.last_completed}), flush=True)
 
     def close(self) -> None:
         for worker in self.workers.values():
@@ -762,14 +768,18 @@ def broker_counter(broker: Child, name: str) -> int:
 
 
 def check_simulators(stats: list[SimulatorStats], batches: int, workers: int, copies: int = 0) -> None:
-    """Every batch assigned exactly once, besides the copies the broker made at the end of the queue (an idle
-    worker takes what another holds unstarted), to workers that never lost the broker, without protocol
-    errors."""
+    """Every batch assigned exactly once (alone or in a slice), besides the copies the broker made at the end
+    of the queue (an idle worker takes what another holds unstarted), to workers that never lost the broker,
+    without protocol errors."""
+    held: dict[str, int] = {}
+    for each in stats:
+        held.update(each.held)
     assigned = sum(s.assigned for s in stats)
     errors = [e for s in stats for e in s.errors]
     problems = []
-    if assigned != batches + copies:
-        problems.append(f"{assigned} batches assigned for {batches} submitted and {copies} copies")
+    if sum(held.values()) != batches or assigned != len(held) + copies:
+        problems.append(f"{sum(held.values())} batches in {assigned} assignments ({len(held)} distinct) for "
+                        f"{batches} submitted and {copies} copies")  # fmt: skip
     if errors:
         problems.append(f"{len(errors)} protocol errors, first: {errors[0]}")
     if sum(s.disconnects for s in stats):

@@ -169,6 +169,11 @@ class Timing:
         return {"agnostic": self.load_s, "partial": self.local_load_s, "full": 0.0}[mode]
 
 
+def batches_in(batch: Batch) -> int:
+    """The producer's batches an assignment holds: a slice's members, or 1 (what a worker's credit counts)."""
+    return len(batch.members) or 1
+
+
 def pool(gpus: int) -> list[Gpu]:
     """The paper's mix: half A10s, half TITAN X Pascals (the first half A10s)."""
     return [GPUS["a10"] if k < (gpus + 1) // 2 else GPUS["titanx"] for k in range(gpus)]
@@ -263,7 +268,7 @@ class GpuHost:
         for message in messages:
             if isinstance(message, Assign):
                 worker.queue.append(message.batch)
-                worker.window.arrived(len(message.batch.claims))
+                worker.window.arrived(len(message.batch.claims), batches_in(message.batch))
             elif isinstance(message, LoadContext):
                 self.stats["loads"] += 1
                 if self.mode == "full":  # loaded once, before any batch (batches queue behind it)
@@ -285,7 +290,8 @@ class GpuHost:
 
     def pull_due(self, worker: SimGpu) -> list[Message]:
         """The Pull the window asks for now, if any (as ``BrokerLink.pull_due``)."""
-        credit = worker.window.top_up(held=len(worker.queue) + len(worker.running))
+        held = sum(map(batches_in, worker.queue)) + sum(map(batches_in, worker.running))
+        credit = worker.window.top_up(held=held)
         return [Pull(credit=credit)] if credit else []
 
     def step(self, worker: SimGpu, now: float) -> None:
@@ -298,7 +304,7 @@ class GpuHost:
         if worker.running:  # answered as gpuworker/runner.py answers a run: the results, and the Pull it frees
             finished = time.time()  # one run: its batches share a start and a finish, as a real worker's
             answers: list[Message] = [Completed(result=self.result(worker, batch, finished)) for batch in worker.running]
-            self.stats["completed"] += len(worker.running)
+            self.stats["completed"] += sum(map(batches_in, worker.running))
             worker.running = []
             self.send(worker, [*answers, *self.pull_due(worker)])
         if not worker.loaded or not worker.queue:
@@ -309,11 +315,15 @@ class GpuHost:
             while worker.queue and claims + len(worker.queue[0].claims) <= MIN_RUN_CLAIMS:
                 run.append(worker.queue.popleft())
                 claims += len(run[-1].claims)
-        else:
+        else:  # the model built for each producer batch (each of a slice's), as gpuworker/runner.py does
             run = [worker.queue.popleft()]
             claims = len(run[0].claims)
-            self.stats["loads"] += 1
-        seconds = self.timing.rebuild_s(self.mode) + self.timing.pass_s(worker.gpu, claims)
+        if self.mode == "full":
+            seconds = self.timing.rebuild_s(self.mode) + self.timing.pass_s(worker.gpu, claims)
+        else:
+            parts = [member.claims for member in run[0].members] or [claims]
+            self.stats["loads"] += len(parts)
+            seconds = sum(self.timing.rebuild_s(self.mode) + self.timing.pass_s(worker.gpu, n) for n in parts)
         worker.running, worker.busy_until = run, now + seconds / self.speedup
         worker.run_started = time.time()
 
