@@ -109,7 +109,7 @@ class Outcomes:
             msgspec.structs.replace(batch, batch_id=f"{root_id}{PART_MARK}{first}-{first + len(claims)}", claims=claims)
             for first, claims in pieces
         ]
-        if any(len(part.batch_id) > MAX_ID_LENGTH or store.get(part.batch_id) is not None for part in parts):
+        if any(len(part.batch_id) > MAX_ID_LENGTH or store.taken(part.batch_id) for part in parts):
             return False
         store.split(row, parts)
         self.state.given_to.pop(row.batch_id, None)
@@ -170,6 +170,6 @@ class Outcomes:
         state.counters["claims_completed"] += claims
         worker = state.workers.get(by)
         if worker is not None:
-            worker.batches_done += 1
+            worker.batches_done += row.weight
             worker.claims.add(claims)
         self.sinks.deliver_row(row, result)

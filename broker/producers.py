@@ -49,10 +49,10 @@ class Producers:
     def on_submit(self, identity: bytes, message: Submit) -> None:
         state, store = self.state, self.state.store
         batch = message.batch
-        job = state.job(batch.job_id, identity)
-        if batch.members:
+        if batch.members:  # refused before its job is opened: a job of such batches alone would stay open
             self.refuse_submission(identity, batch, "a producer's batch cannot name members: slices are the broker's")
             return
+        job = state.job(batch.job_id, identity)
         known = store.submitted(batch.batch_id)
         if known is not None:
             if known.is_slice:

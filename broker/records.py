@@ -40,9 +40,10 @@ class WorkerRecord(PeerRecord):
     #: Contexts the worker reported loaded (or held when it registered).
     loaded: set[str] = field(default_factory=set)
     credit: int = 0
-    #: Batches assigned and not answered, oldest first: the worker runs them in this order, so the first
-    #: is the one in hand.
-    in_flight: dict[str, None] = field(default_factory=dict)
+    #: Batches assigned and not answered, oldest first (the worker runs them in this order, so the first
+    #: is the one in hand), each with the credit its assignment used (a slice's: one per batch it holds,
+    #: up to what the worker had granted), given back if the worker drops it unanswered.
+    in_flight: dict[str, int] = field(default_factory=dict)
     batches_done: int = 0
     #: Claims of the batches it completed: total and recent rate.
     claims: RateMeter = field(default_factory=RateMeter)

@@ -234,7 +234,7 @@ class Scheduler:
             self.state.given_to.setdefault(row.batch_id, set()).add(worker.key.public)
         charged = min(worker.credit, row.weight)
         worker.credit -= charged
-        worker.in_flight[row.batch_id] = None
+        worker.in_flight[row.batch_id] = charged
         self.outbox.post(
             worker.identity,
             Assign(batch=batch),
@@ -247,8 +247,7 @@ class Scheduler:
         """An ``Assign`` that could not be sent: the worker never saw the batch, so it leaves the worker's
         window and its credit comes back (even if the batch was copied elsewhere meanwhile), and the batch
         goes back to the holder it was copied from, else to the front of its queue."""
-        worker.in_flight.pop(batch_id, None)
-        worker.credit += charged
+        worker.credit += worker.in_flight.pop(batch_id, charged)
         store = self.state.store
         row = store.get(batch_id)
         if row is None or row.status is not BatchStatus.ASSIGNED or row.worker != worker.identity:

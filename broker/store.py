@@ -559,7 +559,8 @@ class BrokerStore:
             self._db.execute("ALTER TABLE batches ADD COLUMN members INTEGER NOT NULL DEFAULT 0")
 
     def _load_counts(self) -> None:
-        weight = "sum(max(members, 1))"  # a slice counts the producer batches it holds
+        # A slice counts the producer batches it holds; once dissolved, nothing (they count as themselves).
+        weight = "sum(CASE WHEN status = 'split' AND members > 0 THEN 0 ELSE max(members, 1) END)"
         for status, count in self._db.execute(f"SELECT status, {weight} FROM batches GROUP BY status"):
             self.status_counts[BatchStatus(status)] = count
         query = f"SELECT context_id, {weight} FROM batches WHERE status = 'queued' GROUP BY context_id"
@@ -919,9 +920,11 @@ class BrokerStore:
     def dissolve(self, row: StoredBatch) -> list[StoredBatch]:
         """Replace a slice by the producer's batches it holds, each queued at the front again as a batch of its
         own (in order, with no attempt counted), so a failure is pinned on a batch, not on its neighbours. The
-        slice keeps only its bookkeeping (``split``, counted towards no job). Returns the batches' rows."""
+        slice keeps only its bookkeeping (``split``, counted towards no job nor status). Returns the batches'
+        rows."""
         batch = self.batch(row.batch_id)
         dissolved = self._move(row, _DROP_CONTENT, status=BatchStatus.SPLIT, worker=None)
+        self.status_counts[BatchStatus.SPLIT] -= dissolved.weight  # its batches count as themselves below
         parts, start = [], 0
         for member in batch.members:
             claims = batch.claims[start : start + member.claims]

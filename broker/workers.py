@@ -160,8 +160,9 @@ class Workers:
             row = state.store.get(batch_id)
             if row is None or row.context_id != context_id:
                 continue
-            worker.in_flight.pop(batch_id, None)  # the worker drops them all, copied elsewhere or not
-            worker.credit += row.weight  # and will never answer them, so their credit comes back
+            # The worker drops them all, copied elsewhere or not, and will never answer them: their credit
+            # comes back, what each assignment used.
+            worker.credit += worker.in_flight.pop(batch_id, 1)
             if row.status is BatchStatus.ASSIGNED and row.worker == identity:
                 # Not the batch's fault, and never tried: no attempt is charged. A context that loads nowhere
                 # fails its batches below, once every worker has refused it.

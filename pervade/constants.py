@@ -8,7 +8,7 @@ import signal
 #: templates as objects (labels, chat, calibration) and whole-answer scores, null for a label left out.
 #: Version 3: a ZeroMQ message carries a group of messages, one frame each, after the header. Version 4: a
 #: group travels as one frame, a msgpack array of its messages.
-PROTOCOL_HEADER = b"pervade/4"
+PROTOCOL_HEADER = b"pervade/5"
 PROTOCOL_VERSION = 4
 
 #: FEVER's three labels, in the order the scores are reported everywhere (wire, Parquet, summaries).

@@ -247,10 +247,14 @@ class Sink:
             return  # delivered again before our roll: the roll acknowledges it
         if message.redelivery and any(member.batch_id not in self.index for member in members):
             await asyncio.to_thread(self.index.refresh)
-        in_file = self.writer.batches_in_file
-        # Each batch: durable already (skipped), held in the file being written (acknowledged with it), or new.
+        in_file, failing = self.writer.batches_in_file, self.failures.pending
+        # Each batch: durable already (skipped), held (in the file being written, or a failure to record:
+        # acknowledged with it), or new.
         written = [member.batch_id in self.index for member in members]
-        held = [member.batch_id in in_file and not done for member, done in zip(members, written, strict=True)]
+        held = [
+            not done and (member.batch_id in in_file or member.batch_id in failing)
+            for member, done in zip(members, written, strict=True)
+        ]
         if any(written) or any(held):
             self.duplicates_skipped += written.count(True) + held.count(True)
             log.info("duplicate_delivery_skipped", batch_id=slice_id, batches=written.count(True) + held.count(True))

@@ -974,3 +974,31 @@ def test_idle_workers_share_a_slice_and_none_gets_more_than_its_credit(slicing) 
     assert len(held[b"b"]) == 2 and len(held[b"a"]) == 4  # b's credit, and the rest: a share at a time
     assert broker.state.workers[b"a"].credit == 4 and broker.state.workers[b"b"].credit == 0
     assert broker.store.status_counts[BatchStatus.ASSIGNED] == 6
+
+
+def test_a_batch_named_like_a_part_inside_a_slice_has_the_failed_batch_retried_whole(slicing) -> None:
+    """A producer's batch named like another batch's part (``j/0~0-2``), queued inside a slice (no row of its
+    own), still keeps that batch from splitting into a taken name: it is retried whole, never left stuck."""
+    broker = slicing
+    broker.submit(batch("j", 0, claims=4))
+    broker.turn()
+    broker.submit(batch("j", 1, claims=1), msgspec.structs.replace(batch("j", 2, claims=1), batch_id="j/0~0-2"))
+    broker.turn()
+    broker.worker(b"w", contexts=[A], credit=1)
+    assert assigned(broker.turn()) == [(b"w", "j/0")]
+    broker(b"w", BatchFailed(batch_id="j/0", error="too long"), Pull(credit=1))
+    sent = broker.turn()
+    assert assigned(sent) == [(b"w", "j/0")] and sent_of(sent, Error) == []  # retried whole, at the front
+    assert broker.state.counters["batches_split"] == 0 and broker.store.get("j/0").attempts == 2
+
+
+def test_a_worker_dropping_a_slice_it_copied_gets_back_the_credit_it_used_and_no_more(slicing) -> None:
+    broker = slicing
+    broker.worker(b"a", contexts=[A], credit=5)
+    broker.submit(*[batch("j", n, claims=1) for n in range(5)])
+    [(_, slice_id)] = assigned(broker.turn())
+    broker.worker(b"b", contexts=[A], credit=1)  # idle, loaded, one credit: copies the whole slice
+    assert assigned(broker.turn()) == [(b"b", slice_id)] and broker.state.workers[b"b"].credit == 0
+    broker(b"b", ContextFailed(context_id=A, error="out of memory"))
+    broker.turn()
+    assert broker.state.workers[b"b"].credit == 1  # what it granted, not the five batches of the slice

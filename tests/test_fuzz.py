@@ -319,7 +319,7 @@ def _flipped(data: bytes, position: int, value: int) -> bytes:
 
 #: Headers of other protocols and versions.
 wrong_headers = st.sampled_from(
-    [b"pervade/0", b"pervade/1", b"pervade/2", b"pervade/3", b"pervade/40", b"pervade/4\x00", b"PERVADE/4", b"pervade", b""]
+    [b"pervade/0", b"pervade/3", b"pervade/4", b"pervade/50", b"pervade/5\x00", b"PERVADE/5", b"pervade", b""]
 ) | st.binary(max_size=40).filter(lambda header: header != PROTOCOL_HEADER)
 
 

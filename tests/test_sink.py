@@ -151,6 +151,31 @@ async def test_a_slice_s_rows_are_written_under_its_batches_and_each_batch_once_
     assert rows() == expected and sink.duplicates_skipped == 3
 
 
+async def test_a_batch_of_a_slice_held_as_a_failure_is_neither_written_nor_acknowledged_before_it_is_recorded(
+    broker_side, tmp_path
+) -> None:
+    out = tmp_path / "out"
+    sink, task, identity = await start_sink(broker_side, out, "s", idle_roll_seconds=60.0, roll_seconds=60.0)
+    b0, b1 = batch("j1", 0), batch("j1", 1)
+    failure = BatchFailure(
+        batch_id=b1.batch_id, job_id="j1", context_id=b1.context.context_id, model=b1.context.model,
+        template_id="t", claim_ids=[c.claim_id for c in b1.claims], error="prompt too long", attempts=3,
+    )  # fmt: skip
+    # A broker that lost its state resliced j1/1, whose failure this sink holds unrecorded.
+    await broker_side.send(identity, DeliverFailure(failure=failure))
+    await broker_side.send(identity, slice_delivery("slice~c~1", b0, b1))
+    with pytest.raises(TimeoutError):  # nothing is durable yet: nothing acknowledged
+        await broker_side.receive(SinkAck, timeout_s=0.5)
+    await broker_side.send(identity, RollNow())
+    acked: set[str] = set()
+    while acked != {"j1/1", "slice~c~1"}:
+        acked.update((await broker_side.receive(SinkAck))[1].batch_ids)
+    sink.stop()
+    await task
+    assert read_verdicts(out)["batch_id"].to_pylist() == ["j1/0", "j1/0"]  # j1/1 once: as its failure
+    assert {f["batch_id"] for f in read_failures(out)} == {"j1/1"}
+
+
 async def test_told_nothing_more_is_coming_a_sink_acknowledges_without_waiting_for_its_idle_roll(
     broker_side, tmp_path
 ) -> None:
