@@ -19,9 +19,12 @@ import zmq
 import zmq.asyncio
 
 from pervade.broker.state import BrokerState
-from pervade.protocol import Message, encode_group, message_count
+from pervade.protocol import Accepted, Message, encode_group, message_count
 
 log = structlog.get_logger("broker")
+
+#: Batches one ``Accepted`` names at most besides its first (the protocol's bound on ``more``).
+MAX_ACCEPTED_MORE = 4096
 
 #: Sends the frames of one ZeroMQ message (a group: header and bodies) to one peer now; False when the peer
 #: is gone or not keeping up.
@@ -36,10 +39,26 @@ class Outbox:
         self._send = send
         self._queued: deque[tuple[bytes, Message, Callable[[], None] | None]] = deque()
         self._saved_counters: dict[str, int] = {}
+        #: The last message queued for each peer this turn.
+        self._last: dict[bytes, Message] = {}
 
     def post(self, identity: bytes, message: Message, on_fail: Callable[[], None] | None = None) -> None:
         """Queue a message; ``flush`` sends it once the state it describes is committed. ``on_fail`` runs
-        if the peer turns out to be gone or not keeping up."""
+        if the peer turns out to be gone or not keeping up. A new batch's ``Accepted`` right after another
+        for the same peer joins it (``more``): one message for a turn's acceptances, where one each cost the
+        broker and the producer more than the rest of a one-claim batch's submission."""
+        last = self._last.get(identity)
+        if (
+            type(message) is Accepted
+            and type(last) is Accepted
+            and not message.duplicate
+            and not message.more
+            and not last.duplicate
+            and len(last.more) < MAX_ACCEPTED_MORE
+        ):
+            last.more.append(message.batch_id)  # the queued message's own list: not sent before the flush
+            return
+        self._last[identity] = message
         self._queued.append((identity, message, on_fail))
 
     @property
@@ -56,6 +75,7 @@ class Outbox:
             store.save_meta("counters", counters)
             self._saved_counters = dict(counters)
         store.commit()
+        self._last.clear()
         per_peer: dict[bytes, list[tuple[Message, Callable[[], None] | None]]] = {}
         while self._queued:
             identity, message, on_fail = self._queued.popleft()

@@ -160,10 +160,12 @@ class Submit(Message, tag="submit"):
 
 
 class Accepted(Message, tag="accepted"):
-    """Broker has queued the batch (or already had it: ``duplicate``)."""
+    """Broker has queued the batch (or already had it: ``duplicate``), and the batches of ``more`` after it,
+    in order (new ones all: a turn's acceptances for one producer travel as one message)."""
 
     batch_id: Id
     duplicate: bool = False
+    more: Annotated[list[Id], msgspec.Meta(max_length=4096)] = []
 
 
 class Rejected(Message, tag="rejected"):

@@ -197,6 +197,13 @@ class Producer:
                 future.exception()  # retrieved here: nobody may be awaiting it, and that is no error
 
     def _acknowledge(self, message: Accepted | Rejected) -> None:
+        self._answer(message)
+        if isinstance(message, Accepted):
+            for batch_id in message.more:  # accepted in the same turn, none of them a duplicate
+                self._answer(Accepted(batch_id=batch_id))
+
+    def _answer(self, message: Accepted | Rejected) -> None:
+        """One batch's answer: counted towards its job, and its place in the window freed."""
         pending = self._unanswered.pop(message.batch_id, None)
         if pending is None:
             return  # an answer to a resend we no longer wait for

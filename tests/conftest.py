@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import pytest
 import pytest_asyncio
 import zmq
@@ -18,7 +19,7 @@ from pervade.broker.config import BrokerConfig
 from pervade.broker.server import Broker
 from pervade.keys import ClientKeys
 from pervade.producer.claims import sample_claims_path
-from pervade.protocol import Heartbeat, Message, ProducerReady, decode_group, encode
+from pervade.protocol import Accepted, Heartbeat, Message, ProducerReady, decode_group, encode
 from pervade.session import Heartbeats
 
 FEVER_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fever" / "paper_dev.jsonl"
@@ -127,9 +128,17 @@ class Peer:
 
     @staticmethod
     def _decode(frames: list[bytes]) -> list[Message]:
+        """The messages of a group, an ``Accepted`` naming several batches as one for each (as a producer
+        takes it: how many the broker merged depends on how many submissions one of its turns read)."""
         messages, errors = decode_group(frames)
         assert not errors, f"the broker sent invalid messages: {errors}"
-        return messages
+        return [
+            each for message in messages
+            for each in (
+                [msgspec.structs.replace(message, more=[]), *(Accepted(batch_id=b) for b in message.more)]
+                if isinstance(message, Accepted) and message.more else [message]
+            )
+        ]  # fmt: skip
 
     def close(self) -> None:
         self.socket.close()

@@ -874,7 +874,8 @@ def test_small_batches_submitted_together_travel_as_a_slice_and_are_counted_as_t
     held = broker.state.jobs["j"].holds()
     broker(b"p", EndJob(job_id="j", batches=5, pairs=10, digest=held.digest))
     sent = broker.turn()
-    assert sent_of(sent, Accepted) == [Accepted(batch_id=i) for i in ("j/0", "j/1", "j/2", "j/3", "k/0", "j/4")]
+    # One Accepted for the turn's six new batches, in order: one each cost more than the rest of a submission.
+    assert sent_of(sent, Accepted) == [Accepted(batch_id="j/0", more=["j/1", "j/2", "j/3", "k/0", "j/4"])]
     assert sent_of(sent, JobEnded)[0].agreed  # the job holds its five batches, sliced or not
     assigns = sent_of(sent, Assign, b"w")
     # Up to 6 claims, one job, one context: j/3 starts a slice of its own, which k/0 (another job) cannot join.
@@ -1002,3 +1003,16 @@ def test_a_worker_dropping_a_slice_it_copied_gets_back_the_credit_it_used_and_no
     broker(b"b", ContextFailed(context_id=A, error="out of memory"))
     broker.turn()
     assert broker.state.workers[b"b"].credit == 1  # what it granted, not the five batches of the slice
+
+
+def test_a_turn_s_acceptances_for_a_producer_travel_as_one_message_in_order(broker) -> None:
+    broker.submit(batch("j", 0))
+    broker.turn()
+    broker.submit(batch("j", 1), batch("j", 0), batch("j", 2), batch("j", 3))  # j/0 again: a duplicate
+    broker.submit(batch("k", 0), producer=b"q")
+    sent = broker.turn()
+    assert sent_of(sent, Accepted, b"p") == [
+        Accepted(batch_id="j/1"), Accepted(batch_id="j/0", duplicate=True), Accepted(batch_id="j/2", more=["j/3"])
+    ]  # fmt: skip
+    assert sent_of(sent, Accepted, b"q") == [Accepted(batch_id="k/0")]
+    assert broker.state.queued_total() == 5
