@@ -19,12 +19,9 @@ import zmq
 import zmq.asyncio
 
 from pervade.broker.state import BrokerState
-from pervade.protocol import Accepted, Message, encode_group, message_count
+from pervade.protocol import MAX_ACCEPTED_MORE, Accepted, Message, encode_group, message_count
 
 log = structlog.get_logger("broker")
-
-#: Batches one ``Accepted`` names at most besides its first (the protocol's bound on ``more``).
-MAX_ACCEPTED_MORE = 4096
 
 #: Sends the frames of one ZeroMQ message (a group: header and bodies) to one peer now; False when the peer
 #: is gone or not keeping up.

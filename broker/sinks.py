@@ -200,5 +200,5 @@ def count_written(job: JobRecord, row: StoredBatch) -> None:
         if len(job.errors) < MAX_JOB_ERRORS:
             job.errors.append(f"{row.batch_id}: {row.error}")
     else:
-        job.written += row.members or 1  # a slice: the producer batches it holds
+        job.written += row.weight  # a slice: the producer batches it holds
         job.pairs_written += row.pairs

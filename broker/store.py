@@ -75,7 +75,7 @@ from pervade.broker.wal import scan_log
 from pervade.context import ContextSpec
 from pervade.errors import StateError
 from pervade.manifest import Manifest
-from pervade.protocol import Batch, BatchResult, Member
+from pervade.protocol import Batch, BatchResult, Member, member_spans
 
 STORE_FILE = "broker.sqlite3"
 #: Once the write-ahead log holds more than this, the broker finishes a checkpoint between two of its own
@@ -777,7 +777,7 @@ class BrokerStore:
         self._rows[batch.batch_id] = row
         self._seen.add(batch.batch_id)
         self._changed.append(batch.batch_id)
-        self._count(None, BatchStatus.QUEUED, context_id, members or 1)
+        self._count(None, BatchStatus.QUEUED, context_id, row.weight)
         return row
 
     def carve(self, row: StoredBatch, batch: Batch, batches: int) -> tuple[StoredBatch, Batch]:
@@ -788,7 +788,7 @@ class BrokerStore:
         if batches >= row.members:
             return row, batch
         front_members = batch.members[:batches]
-        cut = sum(member.claims for member in front_members)
+        cut = member_spans(front_members)[-1][1]
         if batches == 1:
             front = msgspec.structs.replace(batch, batch_id=front_members[0].batch_id, members=[],
                                             claims=batch.claims[:cut])  # fmt: skip
@@ -925,11 +925,10 @@ class BrokerStore:
         batch = self.batch(row.batch_id)
         dissolved = self._move(row, _DROP_CONTENT, status=BatchStatus.SPLIT, worker=None)
         self.status_counts[BatchStatus.SPLIT] -= dissolved.weight  # its batches count as themselves below
-        parts, start = [], 0
-        for member in batch.members:
-            claims = batch.claims[start : start + member.claims]
-            start += member.claims
-            parts.append(msgspec.structs.replace(batch, batch_id=member.batch_id, claims=claims, members=[]))
+        parts = [
+            msgspec.structs.replace(batch, batch_id=member.batch_id, claims=batch.claims[start:end], members=[])
+            for member, (start, end) in zip(batch.members, member_spans(batch.members), strict=True)
+        ]
         head = self._heads.get(dissolved.context_id)
         rows = []
         for part in reversed(parts):
@@ -991,7 +990,7 @@ class BrokerStore:
             unwritten.update(columns)
         if current.status is _QUEUED and moved.status is not _QUEUED:
             self._left_queue(moved)
-        self._count(current.status, moved.status, moved.context_id, moved.members or 1)
+        self._count(current.status, moved.status, moved.context_id, moved.weight)
         return moved
 
     def _left_queue(self, row: StoredBatch) -> None:

@@ -7,7 +7,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from pervade.gpuworker.engine import EncodedClaims
-from pervade.protocol import Assign, Batch, LoadContext
+from pervade.protocol import Assign, Batch, LoadContext, member_spans
 
 
 @dataclass
@@ -65,11 +65,7 @@ class BatchWork:
 
     def spans(self) -> list[tuple[int, int]]:
         """Each producer batch's claims, as (start, end) offsets: a slice's members in order, or the whole."""
-        spans, start = [], 0
-        for member in self.assign.batch.members or ():
-            spans.append((start, start + member.claims))
-            start += member.claims
-        return spans or [(0, self.claims)]
+        return member_spans(self.assign.batch.members) or [(0, self.claims)]
 
     def same_run(self, first: BatchWork) -> bool:
         """Whether this batch may be tokenized and scored in one call with ``first``: same context and template."""

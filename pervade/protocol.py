@@ -64,6 +64,19 @@ class Member(_Part):
     claims: Annotated[int, msgspec.Meta(ge=1)]
 
 
+def member_spans(members: list[Member]) -> list[tuple[int, int]]:
+    """Each member's claims in its slice, as (start, end) offsets, in order."""
+    spans, start = [], 0
+    for member in members:
+        spans.append((start, start + member.claims))
+        start += member.claims
+    return spans
+
+
+#: Batches one ``Accepted`` names at most besides its first (``more``).
+MAX_ACCEPTED_MORE = 4096
+
+
 class Batch(_Part):
     """Claims to score under one prompt template with one model. The unit of scheduling.
 
@@ -165,7 +178,7 @@ class Accepted(Message, tag="accepted"):
 
     batch_id: Id
     duplicate: bool = False
-    more: Annotated[list[Id], msgspec.Meta(max_length=4096)] = []
+    more: Annotated[list[Id], msgspec.Meta(max_length=MAX_ACCEPTED_MORE)] = []
 
 
 class Rejected(Message, tag="rejected"):

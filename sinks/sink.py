@@ -49,6 +49,7 @@ from pervade.protocol import (
     RunProgress,
     SinkAck,
     SinkReady,
+    member_spans,
 )
 from pervade.session import BrokerSession, Heartbeats
 from pervade.sinks.commit import OutputDirectory, Published
@@ -239,8 +240,8 @@ class Sink:
         before the broker lost its state and sliced them otherwise, say) are skipped one by one, so every
         producer batch is written once, however it was sliced."""
         result, members = message.result, message.members
-        slice_id = result.batch_id
-        if sum(member.claims for member in members) != len(result.verdicts):
+        slice_id, spans = result.batch_id, member_spans(members)
+        if spans[-1][1] != len(result.verdicts):
             log.error("slice_delivery_malformed", batch_id=slice_id, members=len(members), rows=len(result.verdicts))
             return
         if slice_id in self._slice_of.get(members[0].batch_id, ()):
@@ -259,12 +260,11 @@ class Sink:
             self.duplicates_skipped += written.count(True) + held.count(True)
             log.info("duplicate_delivery_skipped", batch_id=slice_id, batches=written.count(True) + held.count(True))
             waiting = [member.batch_id for member, keep in zip(members, held, strict=True) if keep]
-            verdicts, start, fresh = [], 0, []
-            for member, done, kept in zip(members, written, held, strict=True):
+            verdicts, fresh = [], []
+            for member, (start, end), done, kept in zip(members, spans, written, held, strict=True):
                 if not done and not kept:
-                    verdicts += result.verdicts[start : start + member.claims]
+                    verdicts += result.verdicts[start:end]
                     fresh.append(member)
-                start += member.claims
             if not fresh and not waiting:
                 await self.session.send(SinkAck(batch_ids=[slice_id]))
                 return
