@@ -22,6 +22,10 @@ mode is under 5%. On a shared 2-core machine one run varies by several per cent 
 ``rq2_batch_size_xN.csv``. The repeats go round the batch sizes (1, 2, ... 512, then 1, 2, ... again), not
 one size's runs after the other's: a machine that slows down or speeds up over the minutes a sweep takes
 then weighs on every size alike, instead of on the sizes that ran last.
+
+A size may be given more than once. ``--batch-sizes 64 64 64 64 64 64 64 64 64 64 --repeats 3`` is the
+sweep's control: ten points that differ in nothing, so the spread it reports is what the machine's noise
+alone gives this statistic (the CSV is then ``rq2_batch_size_xN_control.csv``).
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ def main() -> int:
 
     workload, model, base = workload_from_args(args, "rq2")
     name = "rq2_batch_size" if args.repeats == 1 else f"rq2_batch_size_x{args.repeats}"
+    control = len(args.batch_sizes) > 1 and len(set(args.batch_sizes)) == 1
+    if control:
+        name += "_control"
     report = Report(name, ["mode", "batch", "runs", "pairs_done", "seconds", "min_s", "max_s", "pairs_per_s",
                            "model_loads", "projected"], out_dir=args.out_dir)  # fmt: skip
     report.header(
@@ -66,15 +73,15 @@ def main() -> int:
         "extrapolated from the pairs done",
     )
     for mode in args.modes:
-        runs_of: dict[int, list[PipelineRun]] = {batch_size: [] for batch_size in args.batch_sizes}
+        runs_of: list[list[PipelineRun]] = [[] for _ in args.batch_sizes]  # by point: a size may repeat
         for repeat in range(args.repeats):
-            for batch_size in args.batch_sizes:
+            for index, batch_size in enumerate(args.batch_sizes):
                 point = dataclasses.replace(workload, batch_size=batch_size)
-                runs_of[batch_size].append(asyncio.run(
-                    run_pipeline(point, base / f"{mode}-{batch_size}-{repeat}", workers=args.workers,
+                runs_of[index].append(asyncio.run(
+                    run_pipeline(point, base / f"{mode}-{index}-{batch_size}-{repeat}", workers=args.workers,
                                  threads=args.threads, mode=mode, limit_s=args.limit_s)
                 ))  # fmt: skip
-        for batch_size, runs in runs_of.items():
+        for batch_size, runs in zip(args.batch_sizes, runs_of, strict=True):
             times = sorted(total_seconds(run, len(workload.expected)) for run in runs)
             median = statistics.median(times)
             middle = runs[len(runs) // 2]
@@ -84,17 +91,23 @@ def main() -> int:
                        projected="" if all(run.complete for run in runs) else "projected")  # fmt: skip
     for mode in args.modes:
         times = [r["seconds"] for r in report.rows if r["mode"] == mode]
-        report.note(f"{mode}: sensitivity (slowest - fastest) / fastest = {(max(times) - min(times)) / min(times):.1%}"
-                    f" over batch sizes {min(args.batch_sizes)}..{max(args.batch_sizes)}; slowest/fastest "
-                    f"{max(times) / min(times):.1f}x (paper: 13.6% pervasive, 27x baseline)")  # fmt: skip
+        spread = f"{mode}: sensitivity (slowest - fastest) / fastest = {(max(times) - min(times)) / min(times):.1%}"
+        if control:
+            report.note(f"{spread} over {len(times)} points all at batch size {args.batch_sizes[0]}: the control, "
+                        f"what the machine's noise alone gives")  # fmt: skip
+        else:
+            report.note(f"{spread} over batch sizes {min(args.batch_sizes)}..{max(args.batch_sizes)}; slowest/fastest "
+                        f"{max(times) / min(times):.1f}x (paper: 13.6% pervasive, 27x baseline)")  # fmt: skip
 
     def draw(axes, rows) -> None:
         for mode in dict.fromkeys(r["mode"] for r in rows):
             mine = [r for r in rows if r["mode"] == mode]
-            axes.plot([r["batch"] for r in mine], [r["seconds"] for r in mine], marker="o", label=mode)
-        axes.set_xscale("log", base=2)
+            xs = list(range(1, len(mine) + 1)) if control else [r["batch"] for r in mine]
+            axes.plot(xs, [r["seconds"] for r in mine], marker="o", label=mode)
+        if not control:
+            axes.set_xscale("log", base=2)
         axes.set_yscale("log")
-        axes.set_xlabel("producer batch size (claims)")
+        axes.set_xlabel(f"point, all at batch size {args.batch_sizes[0]}" if control else "producer batch size (claims)")
         axes.set_ylabel("total time, s (log)")
         axes.legend()
 
