@@ -739,8 +739,8 @@ class BrokerStore:
         """Queue a new batch at the back of its context's queue (``context_id``: its context's id, when the
         caller has it at hand).
 
-        A small batch that follows one of the same job, context and template queued since the last flush
-        joins it in a *slice*: one row, one assignment, one result and one delivery for many producer
+        A small batch that follows one of the same job, context, template and submission time (a producer stamps
+        a trip's batches with one) queued since the last flush joins it in a *slice*: one row, one assignment, one result and one delivery for many producer
         batches, up to ``slice_claims`` claims (0: none). A producer's batch of one claim would otherwise cost every
         hop a row, a message and a commit of its own (issue 21: the broker's cost per batch is the pipeline's
         bound at batch size 1). The slice closes at the flush, before anything reads it back, so a turn's
@@ -832,6 +832,7 @@ class BrokerStore:
             or held.job_id != batch.job_id
             or held.template_id != batch.template_id
             or held.template != batch.template
+            or held.submitted_at != batch.submitted_at  # one time per slice: each row of the output keeps its own
         ):
             return False
         if not row.members:  # the open batch becomes a slice: renamed before anything outside the store saw it

@@ -900,6 +900,24 @@ def test_small_batches_submitted_together_travel_as_a_slice_and_are_counted_as_t
     assert broker.status(slice_id) is BatchStatus.WRITTEN
 
 
+def test_batches_submitted_at_other_times_are_sliced_apart_and_each_keeps_its_time(slicing) -> None:
+    """A slice carries one ``submitted_at``, which the output writes on each of its rows: a batch stamped at
+    another time (a later trip, a clock corrected for it alone) starts a slice of its own."""
+    broker = slicing
+    broker(b"s", SinkReady(sink_id="s"))
+    broker.worker(b"w", contexts=[A], credit=4)
+    later = [msgspec.structs.replace(batch("j", n, claims=1), submitted_at=T0 + 30.0) for n in (2, 3)]
+    broker.submit(batch("j", 0, claims=1), batch("j", 1, claims=1), *later)
+    assigns = sent_of(broker.turn(), Assign, b"w")
+    assert [([m.batch_id for m in a.batch.members], a.batch.submitted_at) for a in assigns] == [
+        (["j/0", "j/1"], T0), (["j/2", "j/3"], T0 + 30.0)
+    ]  # fmt: skip
+    broker(b"w", *[Completed(result=msgspec.structs.replace(result_for(a.batch), submitted_at=a.batch.submitted_at))
+                   for a in assigns])  # fmt: skip
+    written = {m.batch_id: d.result.submitted_at for d in sent_of(broker.turn(), Deliver, b"s") for m in d.members}
+    assert written == {"j/0": T0, "j/1": T0, "j/2": T0 + 30.0, "j/3": T0 + 30.0}
+
+
 def test_a_batch_of_a_slice_is_known_by_its_id_after_a_restart_and_a_slice_s_id_is_no_producer_s(tmp_path) -> None:
     broker = Broker(tmp_path / "state", slice_claims=6)
     broker.submit(batch("j", 0), batch("j", 1))
