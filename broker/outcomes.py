@@ -18,12 +18,10 @@ import structlog
 from pervade.broker.sinks import Sinks
 from pervade.broker.state import BrokerState
 from pervade.broker.store import StoredBatch
-from pervade.protocol import BatchResult
+from pervade.protocol import BatchResult, part_id, part_of
 
 log = structlog.get_logger("broker")
 
-#: Between a split batch's root id and the claims a part holds: ``ROOT~START-STOP`` (claim offsets in the root).
-PART_MARK = "~"
 #: The protocol's longest batch id.
 MAX_ID_LENGTH = 256
 
@@ -101,12 +99,12 @@ class Outcomes:
         store = self.state.store
         batch = store.batch(row.batch_id)
         root_id, start = row.root or row.batch_id, 0
-        if row.root is not None:  # a part already: its claims start where its id says
-            start = int(row.batch_id.rsplit(PART_MARK, 1)[1].split("-", 1)[0])
+        if row.root is not None and (named := part_of(row.batch_id)) is not None:  # a part: claims start as named
+            start = named.start
         half = len(batch.claims) // 2
         pieces = [(start, batch.claims[:half]), (start + half, batch.claims[half:])]
         parts = [
-            msgspec.structs.replace(batch, batch_id=f"{root_id}{PART_MARK}{first}-{first + len(claims)}", claims=claims)
+            msgspec.structs.replace(batch, batch_id=part_id(root_id, first, first + len(claims)), claims=claims)
             for first, claims in pieces
         ]
         if any(len(part.batch_id) > MAX_ID_LENGTH or store.taken(part.batch_id) for part in parts):

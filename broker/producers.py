@@ -20,6 +20,7 @@ from pervade.broker.state import BrokerState
 from pervade.broker.store import JobRecord, content_digest
 from pervade.errors import ConfigError, ProtocolError
 from pervade.protocol import (
+    PART_MARK,
     AbortJob,
     Accepted,
     Batch,
@@ -29,6 +30,7 @@ from pervade.protocol import (
     ProducerReady,
     Rejected,
     Submit,
+    part_of,
 )
 
 log = structlog.get_logger("broker")
@@ -51,6 +53,11 @@ class Producers:
         batch = message.batch
         if batch.members:  # refused before its job is opened: a job of such batches alone would stay open
             self.refuse_submission(identity, batch, "a producer's batch cannot name members: slices are the broker's")
+            return
+        # The sink reads a part's id as claims of another batch (sinks/coverage.py): the form is the broker's.
+        if PART_MARK in batch.batch_id and part_of(batch.batch_id) is not None:
+            reason = f"batch id {batch.batch_id} has the form of a split batch's part (ROOT~START-STOP), the broker's"
+            self.refuse_submission(identity, batch, reason + ": rename the batch")
             return
         job = state.job(batch.job_id, identity)
         known = store.submitted(batch.batch_id)

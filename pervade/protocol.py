@@ -14,7 +14,7 @@ so a receiver can log it, answer ``Error`` where it can, and carry on.
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated, NamedTuple, Union
 
 import msgspec
 
@@ -71,6 +71,36 @@ def member_spans(members: list[Member]) -> list[tuple[int, int]]:
         spans.append((start, start + member.claims))
         start += member.claims
     return spans
+
+
+#: Between a split batch's root id and the claims a part holds: ``ROOT~START-STOP`` (claim offsets in the root).
+PART_MARK = "~"
+
+
+class PartOf(NamedTuple):
+    """What a split batch's part id names: its root batch, and the root's claims it holds, [start, stop)."""
+
+    root: str
+    start: int
+    stop: int
+
+
+def part_id(root: str, start: int, stop: int) -> str:
+    """The id of the part of ``root`` holding its claims [start, stop) (broker/outcomes.py splits)."""
+    return f"{root}{PART_MARK}{start}-{stop}"
+
+
+def part_of(batch_id: str) -> PartOf | None:
+    """The root and claims a part id names, or None for an id that is not a part's. A producer's batch id
+    never has this form (the broker refuses one that has), so the sink may read rows' ids this way."""
+    root, mark, span = batch_id.rpartition(PART_MARK)
+    if not mark or not root:
+        return None
+    start, dash, stop = span.partition("-")
+    if not dash or not start.isdigit() or not stop.isdigit() or not start.isascii() or not stop.isascii():
+        return None
+    first, end = int(start), int(stop)
+    return PartOf(root, first, end) if first < end else None
 
 
 #: Batches one ``Accepted`` names at most besides its first (``more``).

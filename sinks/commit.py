@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -38,6 +39,7 @@ import structlog
 
 from pervade.errors import ConfigError
 from pervade.procs import process_alive
+from pervade.sinks.coverage import covering_ids
 from pervade.sinks.failures import FailureLog, fsync_directory
 from pervade.sinks.schema import upgraded_copy
 from pervade.sinks.staging import StagedFile, staged_owner, staging_dir_for
@@ -148,14 +150,18 @@ class OutputDirectory:
     def publish(self, staged: StagedFile) -> Published:
         """Move a staged file into the output directory, minus any batch another sink published first."""
         with self._locked() as ledger:
-            already = {b for b in staged.batch_ids if b in self.index}
+            already, overlapping = self._published_before(staged.batch_ids)
             rows, path = staged.rows, staged.final
+            if overlapping:  # another's parts of the same batch: their claims' rows are dropped from ours
+                claims = self.index.claims_under(set().union(*overlapping.values()))
+                rows, emptied = _rewrite_without(staged.path, already, set(overlapping), claims)
+                already |= emptied
+            elif already and len(already) < len(staged.batch_ids):
+                rows, _ = _rewrite_without(staged.path, already)
             if len(already) == len(staged.batch_ids):
                 staged.path.unlink()
                 rows, path = 0, None
             else:
-                if already:
-                    rows = _rewrite_without(staged.path, already)
                 os.replace(staged.path, staged.final)
                 fsync_directory(self.out_dir)  # the rename itself must survive a crash
                 self.index.add(staged.batch_ids)
@@ -166,13 +172,37 @@ class OutputDirectory:
             )
         return Published(staged.batch_ids, rows, len(already), path)
 
+    def _published_before(self, batch_ids: list[str]) -> tuple[set[str], dict[str, list[str]]]:
+        """Of ``batch_ids``: those whose claims the output holds all of already, and, for those it may hold
+        some of (another id of the same split batch, ``sinks/coverage.py``), the ids that hold them."""
+        already: set[str] = set()
+        overlapping: dict[str, list[str]] = {}
+        for batch_id in batch_ids:
+            covering = covering_ids(batch_id, self.index, self.index.parts)
+            if covering is None:
+                already.add(batch_id)
+            elif covering:
+                overlapping[batch_id] = covering
+        return already, overlapping
+
     def record_failures(self, failures: FailureLog) -> list[str]:
-        """Append the pending failures, except batches already recorded or written by any sink."""
+        """Append the pending failures, except batches already recorded or written by any sink, and the claims
+        of a batch that another's parts of it hold."""
         if not failures.pending:
             return []
         with self._locked() as ledger:
-            fresh = [b for b in failures.pending if b not in self.index]
-            recorded = failures.flush(self.index)
+            already, overlapping = self._published_before(list(failures.pending))
+            if overlapping:
+                claims = self.index.claims_under(set().union(*overlapping.values()))
+                for batch_id in overlapping:
+                    failure = failures.pending[batch_id]
+                    kept = [claim_id for claim_id in failure.claim_ids if claim_id not in claims]
+                    if kept:
+                        failures.pending[batch_id] = msgspec.structs.replace(failure, claim_ids=kept)
+                    else:
+                        already.add(batch_id)
+            fresh = [b for b in failures.pending if b not in already]
+            recorded = failures.flush(already)
             self.index.add(recorded)
             self._note_published(ledger, fresh)
         return recorded
@@ -189,13 +219,24 @@ class OutputDirectory:
         return removed
 
 
-def _rewrite_without(path: Path, batch_ids: set[str]) -> int:
-    """Rewrite a staged file without the rows of ``batch_ids``; returns the rows kept."""
+def _rewrite_without(
+    path: Path, batch_ids: set[str], overlapping: set[str] = frozenset(), claims: set[str] = frozenset()
+) -> tuple[int, set[str]]:
+    """Rewrite a staged file without the rows of ``batch_ids``, nor the rows of ``overlapping`` batches for
+    ``claims``; returns the rows kept, and the overlapping batches left with none."""
     table = pq.read_table(path)
-    kept = table.filter(pc.invert(pc.is_in(table["batch_id"], value_set=pa.array(sorted(batch_ids)))))
+    dropped = pc.is_in(table["batch_id"], value_set=pa.array(sorted(batch_ids), pa.string()))
+    if overlapping:
+        theirs = pc.and_(
+            pc.is_in(table["batch_id"], value_set=pa.array(sorted(overlapping), pa.string())),
+            pc.is_in(table["claim_id"], value_set=pa.array(sorted(claims), pa.string())),
+        )
+        dropped = pc.or_(dropped, theirs)
+    kept = table.filter(pc.invert(dropped))
     rewritten = path.with_name("rewrite-" + path.name)  # a staging name too: cleaned if we die here
     pq.write_table(kept, rewritten, compression="zstd")
     with open(rewritten, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(rewritten, path)
-    return kept.num_rows
+    left = set(pc.unique(kept["batch_id"]).to_pylist())
+    return kept.num_rows, overlapping - left

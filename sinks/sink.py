@@ -38,11 +38,14 @@ from pervade.monitor import format_duration
 from pervade.options import POSITIVE, at_least, broker_option, check_options, nested, option, progress_option
 from pervade.progress import reported_bars
 from pervade.protocol import (
+    PART_MARK,
+    BatchResult,
     Deliver,
     DeliverFailure,
     Disconnect,
     Error,
     JobDone,
+    Member,
     ProgressReply,
     ProgressRequest,
     RollNow,
@@ -53,6 +56,7 @@ from pervade.protocol import (
 )
 from pervade.session import BrokerSession, Heartbeats
 from pervade.sinks.commit import OutputDirectory, Published
+from pervade.sinks.coverage import PartsByRoot, Span, claims_left, extent, rows_in
 from pervade.sinks.failures import FailureLog
 from pervade.sinks.parquet import RollingParquetWriter
 
@@ -132,6 +136,8 @@ class Sink:
         #: The producer batches of the slices held and not yet acknowledged: batch id -> its slice's id. Rows,
         #: the output's index and its ledger name producer batches; the broker is answered with slice ids.
         self._slice_of: dict[str, list[str]] = {}
+        #: The split batches' parts among the outcomes held (``sinks/coverage.py``).
+        self._held_parts = PartsByRoot()
         self._oldest_unacked: float | None = None
         self._last_delivery = 0.0
         self._all_jobs_done = False
@@ -217,28 +223,43 @@ class Sink:
         if isinstance(message, Deliver) and message.members:
             await self.accept_slice(message)
             return
-        batch_id = message.result.batch_id if isinstance(message, Deliver) else message.failure.batch_id
+        outcome = message.result if isinstance(message, Deliver) else message.failure
+        batch_id = outcome.batch_id
+        claims = len(outcome.verdicts) if isinstance(outcome, BatchResult) else len(outcome.claim_ids)
         if batch_id in self.writer.batches_in_file or batch_id in self.failures.pending:
             if batch_id in self._slice_of:  # held as part of a slice: acknowledged as itself too
                 self._acknowledge_with(batch_id, batch_id)
             return  # delivered again before our roll: the roll acknowledges it
         if message.redelivery and batch_id not in self.index:
             await asyncio.to_thread(self.index.refresh)  # another sink (or our former self) may have it
-        if batch_id in self.index:
+        left, held = self._claims_left(batch_id, claims)
+        if not left:
             self.duplicates_skipped += 1
             log.info("duplicate_delivery_skipped", batch_id=batch_id)
-            await self.session.send(SinkAck(batch_ids=[batch_id]))
+            if held:  # the rest of its claims are in what we hold: acknowledged with it
+                self._acknowledge_with(self._any_held(), batch_id)
+            else:
+                await self.session.send(SinkAck(batch_ids=[batch_id]))
             return
-        if isinstance(message, Deliver):
-            self.writer.add(message.result)
+        start = extent(batch_id, claims).start
+        if left != [(start, start + claims)]:  # some of its claims are in the output under its root's other ids
+            rows = rows_in(left, start)
+            log.info("duplicate_claims_skipped", batch_id=batch_id, claims=claims - len(rows))
+            if isinstance(outcome, BatchResult):
+                outcome = msgspec.structs.replace(outcome, verdicts=[outcome.verdicts[row] for row in rows])
+            else:
+                outcome = msgspec.structs.replace(outcome, claim_ids=[outcome.claim_ids[row] for row in rows])
+        if isinstance(outcome, BatchResult):
+            self.writer.add(outcome)
         else:
-            self.failures.add(message.failure)
+            self.failures.add(outcome)
+        self._held_parts.note([batch_id])
         await self._held()
 
     async def accept_slice(self, message: Deliver) -> None:
-        """A slice's verdicts: each row under its producer batch. Batches of it already in the output (written
-        before the broker lost its state and sliced them otherwise, say) are skipped one by one, so every
-        producer batch is written once, however it was sliced."""
+        """A slice's verdicts: each row under its producer batch. The claims of a batch already in the output
+        (written before the broker lost its state and sliced or split it otherwise, say) are skipped, so every
+        claim of every producer batch is written once, however it was sliced."""
         result, members = message.result, message.members
         slice_id, spans = result.batch_id, member_spans(members)
         if spans[-1][1] != len(result.verdicts):
@@ -248,29 +269,29 @@ class Sink:
             return  # delivered again before our roll: the roll acknowledges it
         if message.redelivery and any(member.batch_id not in self.index for member in members):
             await asyncio.to_thread(self.index.refresh)
-        in_file, failing = self.writer.batches_in_file, self.failures.pending
-        # Each batch: durable already (skipped), held (in the file being written, or a failure to record:
-        # acknowledged with it), or new.
-        written = [member.batch_id in self.index for member in members]
-        held = [
-            not done and (member.batch_id in in_file or member.batch_id in failing)
-            for member, done in zip(members, written, strict=True)
-        ]
-        if any(written) or any(held):
-            self.duplicates_skipped += written.count(True) + held.count(True)
-            log.info("duplicate_delivery_skipped", batch_id=slice_id, batches=written.count(True) + held.count(True))
-            waiting = [member.batch_id for member, keep in zip(members, held, strict=True) if keep]
-            verdicts, fresh = [], []
-            for member, (start, end), done, kept in zip(members, spans, written, held, strict=True):
-                if not done and not kept:
-                    verdicts += result.verdicts[start:end]
-                    fresh.append(member)
-            if not fresh and not waiting:
-                await self.session.send(SinkAck(batch_ids=[slice_id]))
-                return
-            for batch_id in waiting:
-                self._acknowledge_with(batch_id, slice_id)
+        # Each batch: new (written whole), durable already or held (skipped; a held one acknowledged with
+        # what holds it), or some of each (its new claims written).
+        verdicts, fresh, skipped, waiting = [], [], 0, False
+        for member, (start, end) in zip(members, spans, strict=True):
+            left, held = self._claims_left(member.batch_id, member.claims)
+            waiting = waiting or held
+            if left == [(0, member.claims)]:
+                verdicts += result.verdicts[start:end]
+                fresh.append(member)
+                continue
+            skipped += 1
+            if left:
+                rows = rows_in(left, 0)
+                verdicts += [result.verdicts[start + row] for row in rows]
+                fresh.append(Member(batch_id=member.batch_id, claims=len(rows)))
+        if skipped:
+            self.duplicates_skipped += skipped
+            log.info("duplicate_delivery_skipped", batch_id=slice_id, batches=skipped)
             if not fresh:
+                if waiting:
+                    self._acknowledge_with(self._any_held(), slice_id)
+                else:
+                    await self.session.send(SinkAck(batch_ids=[slice_id]))
                 return
             result, members = msgspec.structs.replace(result, verdicts=verdicts), fresh
         self.writer.add(result, members)
@@ -278,6 +299,27 @@ class Sink:
         for member in members:
             slice_of[member.batch_id] = [slice_id]
         await self._held()
+
+    def _claims_left(self, batch_id: str, claims: int) -> tuple[list[Span], bool]:
+        """The claims of a delivery (offsets in its root) neither in the output nor held (``claims_left``),
+        and whether what we hold covers any of the others."""
+        index, in_file, pending = self.index, self.writer.batches_in_file, self.failures.pending
+        if PART_MARK not in batch_id and batch_id not in index.parts and batch_id not in self._held_parts:
+            # A batch of which no part is known (nearly all): in the output or held as itself, or not at all.
+            if batch_id in index:
+                return [], False
+            return ([], True) if batch_id in in_file or batch_id in pending else ([(0, claims)], False)
+        durable = [(index, index.parts)]
+        left = claims_left(batch_id, claims, durable)
+        if not left:
+            return [], False
+        held = (in_file, self._held_parts), (pending, self._held_parts)
+        fewer = claims_left(batch_id, claims, [*durable, *held])
+        return fewer, fewer != left
+
+    def _any_held(self) -> str:
+        """A batch held now: made durable, and acknowledged, at the next roll with all the others."""
+        return next(iter(self.writer.batches_in_file or self.failures.pending))
 
     def _acknowledge_with(self, batch_id: str, ack_id: str) -> None:
         """Acknowledge ``ack_id`` too once ``batch_id``, held in the current file, is durable."""
@@ -307,6 +349,8 @@ class Sink:
         except OSError as exc:
             await self.step_away(exc)
             return
+        finally:
+            self._held_parts.clear()  # durable now (the index has them), or dropped
         self._oldest_unacked = None
         self._retry_s = WRITE_RETRY_MIN_S
         durable = list(failed)
@@ -361,6 +405,7 @@ class Sink:
             log.warning("discard_failed", error=str(exc))
         self.failures.discard()
         self._slice_of.clear()
+        self._held_parts.clear()
         self._oldest_unacked = None
         await self.session.send_if_connected(Disconnect(reason=f"cannot write its output: {error.strerror or error}"))
         self.session.close()

@@ -10,6 +10,7 @@ also tells a file of an earlier version, which the sink upgrades before it publi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import structlog
 
+from pervade.sinks.coverage import PartsByRoot
 from pervade.sinks.failures import failures_dir_for, parse_failures
 from pervade.sinks.schema import is_outdated
 
@@ -24,7 +26,9 @@ log = structlog.get_logger("sinks")
 
 
 class WrittenIndex:
-    """Batch ids durable in ``out_dir``. ``refresh`` reads only files it has not read yet.
+    """Batch ids durable in ``out_dir``, and the split batches' parts among them by root (``parts``: a root
+    delivered whole may be written in parts, ``sinks/coverage.py``). ``refresh`` reads only files it has not
+    read yet.
 
     Blocking I/O: an asyncio caller runs ``refresh`` on a thread.
     """
@@ -32,6 +36,7 @@ class WrittenIndex:
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = Path(out_dir)
         self.batch_ids: set[str] = set()
+        self.parts = PartsByRoot()
         self._read_files: set[Path] = set()
         #: Files written by an earlier version (a column added since missing): ``OutputDirectory`` upgrades them.
         self.outdated: set[Path] = set()
@@ -42,6 +47,7 @@ class WrittenIndex:
 
     def add(self, batch_ids: list[str]) -> None:
         self.batch_ids.update(batch_ids)
+        self.parts.note(batch_ids)
 
     def refresh(self) -> int:
         """Read the files written since the last refresh; returns how many batch ids were new."""
@@ -54,7 +60,7 @@ class WrittenIndex:
                 except (OSError, KeyError, pa.ArrowException) as exc:  # not a file of ours: it holds no batch
                     log.warning("unreadable_output_file", path=str(path), error=str(exc))
                 else:
-                    self.batch_ids.update(pc.unique(column).to_pylist())
+                    self.add(pc.unique(column).to_pylist())
                     if is_outdated(schema):
                         self.outdated.add(path)
                 self._read_files.add(path)
@@ -64,6 +70,26 @@ class WrittenIndex:
             if self._failure_sizes.get(path) == size:
                 continue
             _, recorded = parse_failures(path.read_text(encoding="utf-8"))  # complete batches only
-            self.batch_ids.update(recorded)
+            self.add(list(recorded))
             self._failure_sizes[path] = size
         return len(self.batch_ids) - before
+
+    def claims_under(self, batch_ids: Iterable[str]) -> set[str]:
+        """The claim ids the output holds under ``batch_ids``, as rows or recorded failures: read from the
+        files, for the rare publication that overlaps another's parts of one batch (``sinks/commit.py``)."""
+        wanted = set(batch_ids)
+        claims: set[str] = set()
+        if not wanted:
+            return claims
+        for path in sorted(self.out_dir.glob("*.parquet")) if self.out_dir.exists() else []:
+            try:
+                table = pq.read_table(path, columns=["batch_id", "claim_id"])
+            except (OSError, KeyError, pa.ArrowException):  # not a file of ours: it holds no batch
+                continue
+            mine = table.filter(pc.is_in(table["batch_id"], value_set=pa.array(sorted(wanted))))
+            claims.update(mine["claim_id"].to_pylist())
+        directory = failures_dir_for(self.out_dir)
+        for path in sorted(directory.glob("*.jsonl")) if directory.exists() else []:
+            records, _ = parse_failures(path.read_text(encoding="utf-8"))
+            claims.update(r["claim_id"] for r in records if r["batch_id"] in wanted)
+        return claims

@@ -773,10 +773,12 @@ def test_a_batch_that_cannot_be_scored_is_split_until_its_bad_claim_fails_alone(
 
 
 def test_a_batch_whose_part_id_a_producer_took_is_retried_whole(broker) -> None:
-    """A producer may name a batch like a part (ids may hold ``~``): the failed batch is then not split, but
-    retried whole, and the broker goes on (a part inserted under a taken id would fail the turn's commit)."""
+    """A batch named like a part, queued by a broker of the version before such names were refused (its state
+    holds it): the failed batch is then not split, but retried whole, and the broker goes on (a part inserted
+    under a taken id would fail the turn's commit)."""
     broker.worker(b"w", contexts=[A], credit=1)
-    broker.submit(batch("j", 0, claims=4), msgspec.structs.replace(batch("j", 1), batch_id="j/0~0-2"))
+    broker.submit(batch("j", 0, claims=4))
+    broker.store.add(msgspec.structs.replace(batch("j", 1), batch_id="j/0~0-2"))  # as the older broker queued it
     assert assigned(broker.turn()) == [(b"w", "j/0")]
     broker(b"w", BatchFailed(batch_id="j/0", error="too long"), Pull(credit=1))
     assert assigned(broker.turn()) == [(b"w", "j/0")]  # retried whole, in front of the other batch
@@ -995,20 +997,19 @@ def test_idle_workers_share_a_slice_and_none_gets_more_than_its_credit(slicing) 
     assert broker.store.status_counts[BatchStatus.ASSIGNED] == 6
 
 
-def test_a_batch_named_like_a_part_inside_a_slice_has_the_failed_batch_retried_whole(slicing) -> None:
-    """A producer's batch named like another batch's part (``j/0~0-2``), queued inside a slice (no row of its
-    own), still keeps that batch from splitting into a taken name: it is retried whole, never left stuck."""
+def test_a_batch_named_like_a_part_is_refused_and_opens_no_job(slicing) -> None:
+    """A part's id (``ROOT~START-STOP``) is the broker's: the sink reads it as claims of the root batch, so a
+    producer's batch named ``j/0~0-2`` would have its rows taken for j/0's (or j/0's for its own)."""
     broker = slicing
     broker.submit(batch("j", 0, claims=4))
     broker.turn()
-    broker.submit(batch("j", 1, claims=1), msgspec.structs.replace(batch("j", 2, claims=1), batch_id="j/0~0-2"))
-    broker.turn()
+    broker.submit(msgspec.structs.replace(batch("k", 2, claims=1), batch_id="j/0~0-2"), producer=b"q")
+    [rejected] = sent_of(broker.turn(), Rejected, b"q")
+    assert "form of a split batch's part" in rejected.reason and "k" not in broker.state.jobs
     broker.worker(b"w", contexts=[A], credit=1)
     assert assigned(broker.turn()) == [(b"w", "j/0")]
-    broker(b"w", BatchFailed(batch_id="j/0", error="too long"), Pull(credit=1))
-    sent = broker.turn()
-    assert assigned(sent) == [(b"w", "j/0")] and sent_of(sent, Error) == []  # retried whole, at the front
-    assert broker.state.counters["batches_split"] == 0 and broker.store.get("j/0").attempts == 2
+    broker(b"w", BatchFailed(batch_id="j/0", error="too long"), Pull(credit=2))
+    assert assigned(broker.turn()) == [(b"w", "j/0~0-2"), (b"w", "j/0~2-4")]  # split as named
 
 
 def test_a_worker_dropping_a_slice_it_copied_gets_back_the_credit_it_used_and_no_more(slicing) -> None:

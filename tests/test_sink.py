@@ -176,6 +176,125 @@ async def test_a_batch_of_a_slice_held_as_a_failure_is_neither_written_nor_ackno
     assert {f["batch_id"] for f in read_failures(out)} == {"j1/1"}
 
 
+def part(whole: Batch, start: int, stop: int) -> Batch:
+    """The part of ``whole`` a broker's split names ``ROOT~START-STOP``."""
+    return msgspec.structs.replace(whole, batch_id=f"{whole.batch_id}~{start}-{stop}", claims=whole.claims[start:stop])
+
+
+def failure_of(b: Batch) -> BatchFailure:
+    return BatchFailure(
+        batch_id=b.batch_id, job_id=b.job_id, context_id=b.context.context_id, model=b.context.model,
+        template_id=b.template_id, claim_ids=[c.claim_id for c in b.claims], error="out of memory", attempts=3,
+    )  # fmt: skip
+
+
+async def test_a_batch_split_by_one_broker_and_scored_whole_by_the_next_is_written_once(broker_side, tmp_path) -> None:
+    """A broker splits a batch that failed (``ROOT~START-STOP``); the failure may have been a worker's (an
+    out-of-memory), so a broker that lost its state and got the batch resubmitted may score it whole, or
+    split one it had written whole. Each claim is written once: in parts, whole, or some of each."""
+    out = tmp_path / "out"
+    sink, task, identity = await start_sink(broker_side, out, "s")
+    j0, j1, j2, j3 = (batch("j1", n, claims=4) for n in range(4))
+
+    async def delivered(message: Deliver | DeliverFailure, acked: str) -> None:
+        await broker_side.send(identity, message)
+        assert (await broker_side.receive(SinkAck))[1].batch_ids == [acked]
+
+    # The first broker: j1/0 split, its first half written; j1/1 written whole; j1/3's first half failed.
+    await delivered(Deliver(result=result_for(part(j0, 0, 2))), "j1/0~0-2")
+    await delivered(Deliver(result=result_for(j1)), "j1/1")
+    await delivered(DeliverFailure(failure=failure_of(part(j3, 0, 1))), "j1/3~0-1")
+    # The next broker: j1/0 scored whole in a slice with j1/2; j1/1 split, and its parts scored.
+    await delivered(slice_delivery("slice~n~1", j0, j2), "slice~n~1")
+    await delivered(Deliver(result=result_for(part(j1, 0, 2))), "j1/1~0-2")
+    await delivered(Deliver(result=result_for(part(j1, 2, 4))), "j1/1~2-4")
+    await delivered(Deliver(result=result_for(j3)), "j1/3")  # its claim 3-0 is recorded as failed
+    sink.stop()
+    await task
+
+    table = read_verdicts(out)
+    rows = sorted(zip(table["claim_id"].to_pylist(), table["batch_id"].to_pylist(), strict=True))
+    assert rows == [
+        ("0-0", "j1/0~0-2"), ("0-1", "j1/0~0-2"), ("0-2", "j1/0"), ("0-3", "j1/0"),
+        *[(f"1-{i}", "j1/1") for i in range(4)], *[(f"2-{i}", "j1/2") for i in range(4)],
+        ("3-1", "j1/3"), ("3-2", "j1/3"), ("3-3", "j1/3"),
+    ]  # fmt: skip
+    assert [f["claim_id"] for f in read_failures(out)] == ["3-0"]
+
+
+async def test_parts_of_a_batch_held_unwritten_are_not_written_again_with_the_batch(broker_side, tmp_path) -> None:
+    out = tmp_path / "out"
+    sink, task, identity = await start_sink(broker_side, out, "s", idle_roll_seconds=60.0, roll_seconds=60.0)
+    j0 = batch("j1", 0, claims=4)
+    await broker_side.send(identity, Deliver(result=result_for(part(j0, 0, 2))))
+    await broker_side.send(identity, DeliverFailure(failure=failure_of(part(j0, 2, 4))))
+    await broker_side.send(identity, Deliver(result=result_for(j0)))  # all of its claims held: nothing to write
+    await broker_side.send(identity, RollNow())
+    acked: set[str] = set()
+    while acked != {"j1/0~0-2", "j1/0~2-4", "j1/0"}:
+        acked.update((await broker_side.receive(SinkAck))[1].batch_ids)
+    sink.stop()
+    await task
+    assert read_verdicts(out)["batch_id"].to_pylist() == ["j1/0~0-2", "j1/0~0-2"]
+    assert [f["claim_id"] for f in read_failures(out)] == ["0-2", "0-3"]
+
+
+def test_the_claims_left_of_a_delivery_are_those_no_id_of_its_batch_holds() -> None:
+    from pervade.protocol import PartOf, part_of
+    from pervade.sinks.coverage import PartsByRoot, claims_left, covering_ids
+
+    assert part_of("j/0~2-4") == PartOf("j/0", 2, 4) and part_of("j/0~4-2") is None and part_of("~0-1") is None
+    assert [part_of(i) for i in ("j/0", "slice~ab~7", "j/0~2-", "j/0~a-4", "j/0~\u00b2-4")] == [None] * 5
+    ids = {"r~0-2", "r~5-6", "s", "t~1-3"}
+    parts = PartsByRoot()
+    parts.note(ids)
+    held = [(ids, parts)]
+    assert claims_left("r", 8, held) == [(2, 5), (6, 8)]
+    assert claims_left("r~1-6", 5, held) == [(2, 5)]
+    assert claims_left("r~0-2", 2, held) == [] and claims_left("s~0-3", 3, held) == []  # itself; its root whole
+    assert claims_left("u", 3, held) == [(0, 3)] and claims_left("t~0-9", 4, held) == [(0, 4)]  # not a part: 9 != 4
+    assert covering_ids("r", ids, parts) == ["r~0-2", "r~5-6"] and covering_ids("r~1-3", ids, parts) == ["r~0-2"]
+    assert covering_ids("s~0-1", ids, parts) is None and covering_ids("u", ids, parts) == []
+
+
+def test_a_sink_publishing_a_batch_another_sink_wrote_parts_of_keeps_only_the_claims_they_lack(tmp_path) -> None:
+    """Two sinks share the output: one holds a batch whole (its index knew no part of it), the other publishes
+    parts of it first (from a broker before a state loss). Under the commit lock the first leaves out the
+    claims the parts hold, as rows or as failures, and the batch still counts as durable."""
+    from pervade.sinks.failures import FailureLog
+
+    out = tmp_path / "out"
+    first, second = OutputDirectory(out), OutputDirectory(out)
+    j0, j1, j2 = batch("j7", 0, claims=4), batch("j7", 1, claims=2), batch("j7", 2, claims=4)
+    holding = RollingParquetWriter(first, "first")
+    holding.add(result_for(j0))
+    holding.add(result_for(j1))
+    held_failures = FailureLog(out, "first")
+    held_failures.add(failure_of(j2))
+    parts = RollingParquetWriter(second, "second")
+    parts.add(result_for(part(j0, 0, 2)))
+    parts.add(result_for(part(j2, 0, 2)))
+    assert parts.roll().batch_ids == ["j7/0~0-2", "j7/2~0-2"]
+    failures = FailureLog(out, "second")
+    failures.add(failure_of(part(j0, 2, 3)))
+    assert second.record_failures(failures) == ["j7/0~2-3"]
+
+    published = holding.roll()
+    assert published.batch_ids == ["j7/0", "j7/1"] and published.rows == 3 and published.skipped == 0
+    assert first.record_failures(held_failures) == ["j7/2"]
+    late = FailureLog(out, "first")
+    late.add(failure_of(part(j0, 3, 4)))  # j7/0 is written whole now: nothing of it to record
+    assert first.record_failures(late) == ["j7/0~3-4"]
+    table = read_verdicts(out)
+    assert sorted(zip(table["claim_id"].to_pylist(), table["batch_id"].to_pylist(), strict=True)) == [
+        ("0-0", "j7/0~0-2"), ("0-1", "j7/0~0-2"), ("0-3", "j7/0"), ("1-0", "j7/1"), ("1-1", "j7/1"),
+        ("2-0", "j7/2~0-2"), ("2-1", "j7/2~0-2"),
+    ]  # fmt: skip
+    assert sorted((f["claim_id"], f["batch_id"]) for f in read_failures(out)) == [
+        ("0-2", "j7/0~2-3"), ("2-2", "j7/2"), ("2-3", "j7/2")
+    ]  # fmt: skip
+
+
 async def test_told_nothing_more_is_coming_a_sink_acknowledges_without_waiting_for_its_idle_roll(
     broker_side, tmp_path
 ) -> None:
