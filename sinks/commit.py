@@ -153,8 +153,7 @@ class OutputDirectory:
             already, overlapping = self._published_before(staged.batch_ids)
             rows, path = staged.rows, staged.final
             if overlapping:  # another's parts of the same batch: their claims' rows are dropped from ours
-                claims = self.index.claims_under(set().union(*overlapping.values()))
-                rows, emptied = _rewrite_without(staged.path, already, set(overlapping), claims)
+                rows, emptied = _rewrite_without(staged.path, already, self._claims_held_for(overlapping))
                 already |= emptied
             elif already and len(already) < len(staged.batch_ids):
                 rows, _ = _rewrite_without(staged.path, already)
@@ -185,6 +184,12 @@ class OutputDirectory:
                 overlapping[batch_id] = covering
         return already, overlapping
 
+    def _claims_held_for(self, overlapping: dict[str, list[str]]) -> dict[str, set[str]]:
+        """For each batch ``overlapping`` names, the claim ids the output holds under the ids it lists (a
+        claim id is a batch's own: the same claim is in another template's batch too)."""
+        held = self.index.claims_under(set().union(*overlapping.values()))
+        return {batch_id: set().union(*(held[other] for other in others)) for batch_id, others in overlapping.items()}
+
     def record_failures(self, failures: FailureLog) -> list[str]:
         """Append the pending failures, except batches already recorded or written by any sink, and the claims
         of a batch that another's parts of it hold."""
@@ -193,8 +198,7 @@ class OutputDirectory:
         with self._locked() as ledger:
             already, overlapping = self._published_before(list(failures.pending))
             if overlapping:
-                claims = self.index.claims_under(set().union(*overlapping.values()))
-                for batch_id in overlapping:
+                for batch_id, claims in self._claims_held_for(overlapping).items():
                     failure = failures.pending[batch_id]
                     kept = [claim_id for claim_id in failure.claim_ids if claim_id not in claims]
                     if kept:
@@ -220,18 +224,18 @@ class OutputDirectory:
 
 
 def _rewrite_without(
-    path: Path, batch_ids: set[str], overlapping: set[str] = frozenset(), claims: set[str] = frozenset()
+    path: Path, batch_ids: set[str], claims_of: dict[str, set[str]] | None = None
 ) -> tuple[int, set[str]]:
-    """Rewrite a staged file without the rows of ``batch_ids``, nor the rows of ``overlapping`` batches for
-    ``claims``; returns the rows kept, and the overlapping batches left with none."""
+    """Rewrite a staged file without the rows of ``batch_ids``, nor the rows of each batch of ``claims_of``
+    for its claims there; returns the rows kept, and the batches of ``claims_of`` left with none."""
     table = pq.read_table(path)
     dropped = pc.is_in(table["batch_id"], value_set=pa.array(sorted(batch_ids), pa.string()))
-    if overlapping:
-        theirs = pc.and_(
-            pc.is_in(table["batch_id"], value_set=pa.array(sorted(overlapping), pa.string())),
-            pc.is_in(table["claim_id"], value_set=pa.array(sorted(claims), pa.string())),
-        )
-        dropped = pc.or_(dropped, theirs)
+    if claims_of:
+        # (batch id, claim id) as one key, the batch id's length first: ids may hold any character.
+        pairs = sorted(f"{len(b)}:{b}:{claim_id}" for b, claims in claims_of.items() for claim_id in claims)
+        lengths = pc.cast(pc.utf8_length(table["batch_id"]), pa.string())
+        keys = pc.binary_join_element_wise(lengths, table["batch_id"], table["claim_id"], ":")
+        dropped = pc.or_(dropped, pc.is_in(keys, value_set=pa.array(pairs, pa.string())))
     kept = table.filter(pc.invert(dropped))
     rewritten = path.with_name("rewrite-" + path.name)  # a staging name too: cleaned if we die here
     pq.write_table(kept, rewritten, compression="zstd")
@@ -239,4 +243,4 @@ def _rewrite_without(
         os.fsync(handle.fileno())
     os.replace(rewritten, path)
     left = set(pc.unique(kept["batch_id"]).to_pylist())
-    return kept.num_rows, overlapping - left
+    return kept.num_rows, set(claims_of or ()) - left

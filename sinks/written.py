@@ -74,11 +74,11 @@ class WrittenIndex:
             self._failure_sizes[path] = size
         return len(self.batch_ids) - before
 
-    def claims_under(self, batch_ids: Iterable[str]) -> set[str]:
-        """The claim ids the output holds under ``batch_ids``, as rows or recorded failures: read from the
-        files, for the rare publication that overlaps another's parts of one batch (``sinks/commit.py``)."""
+    def claims_under(self, batch_ids: Iterable[str]) -> dict[str, set[str]]:
+        """The claim ids the output holds under each of ``batch_ids``, as rows or recorded failures: read from
+        the files, for the rare publication that overlaps another's parts of one batch (``sinks/commit.py``)."""
         wanted = set(batch_ids)
-        claims: set[str] = set()
+        claims: dict[str, set[str]] = {batch_id: set() for batch_id in wanted}
         if not wanted:
             return claims
         for path in sorted(self.out_dir.glob("*.parquet")) if self.out_dir.exists() else []:
@@ -86,10 +86,13 @@ class WrittenIndex:
                 table = pq.read_table(path, columns=["batch_id", "claim_id"])
             except (OSError, KeyError, pa.ArrowException):  # not a file of ours: it holds no batch
                 continue
-            mine = table.filter(pc.is_in(table["batch_id"], value_set=pa.array(sorted(wanted))))
-            claims.update(mine["claim_id"].to_pylist())
+            mine = table.filter(pc.is_in(table["batch_id"], value_set=pa.array(sorted(wanted), pa.string())))
+            for batch_id, claim_id in zip(mine["batch_id"].to_pylist(), mine["claim_id"].to_pylist(), strict=True):
+                claims[batch_id].add(claim_id)
         directory = failures_dir_for(self.out_dir)
         for path in sorted(directory.glob("*.jsonl")) if directory.exists() else []:
             records, _ = parse_failures(path.read_text(encoding="utf-8"))
-            claims.update(r["claim_id"] for r in records if r["batch_id"] in wanted)
+            for record in records:
+                if record["batch_id"] in wanted:
+                    claims[record["batch_id"]].add(record["claim_id"])
         return claims

@@ -266,29 +266,33 @@ def test_a_sink_publishing_a_batch_another_sink_wrote_parts_of_keeps_only_the_cl
     out = tmp_path / "out"
     first, second = OutputDirectory(out), OutputDirectory(out)
     j0, j1, j2 = batch("j7", 0, claims=4), batch("j7", 1, claims=2), batch("j7", 2, claims=4)
+    j3 = msgspec.structs.replace(j0, batch_id="j7/3", template_id="t2")  # j7/0's claims, another template
     holding = RollingParquetWriter(first, "first")
     holding.add(result_for(j0))
     holding.add(result_for(j1))
+    holding.add(result_for(j3))
     held_failures = FailureLog(out, "first")
     held_failures.add(failure_of(j2))
     parts = RollingParquetWriter(second, "second")
     parts.add(result_for(part(j0, 0, 2)))
     parts.add(result_for(part(j2, 0, 2)))
-    assert parts.roll().batch_ids == ["j7/0~0-2", "j7/2~0-2"]
+    parts.add(result_for(part(j3, 2, 4)))
+    assert parts.roll().batch_ids == ["j7/0~0-2", "j7/2~0-2", "j7/3~2-4"]
     failures = FailureLog(out, "second")
     failures.add(failure_of(part(j0, 2, 3)))
     assert second.record_failures(failures) == ["j7/0~2-3"]
 
     published = holding.roll()
-    assert published.batch_ids == ["j7/0", "j7/1"] and published.rows == 3 and published.skipped == 0
+    assert published.batch_ids == ["j7/0", "j7/1", "j7/3"] and published.rows == 5 and published.skipped == 0
     assert first.record_failures(held_failures) == ["j7/2"]
     late = FailureLog(out, "first")
     late.add(failure_of(part(j0, 3, 4)))  # j7/0 is written whole now: nothing of it to record
     assert first.record_failures(late) == ["j7/0~3-4"]
     table = read_verdicts(out)
     assert sorted(zip(table["claim_id"].to_pylist(), table["batch_id"].to_pylist(), strict=True)) == [
-        ("0-0", "j7/0~0-2"), ("0-1", "j7/0~0-2"), ("0-3", "j7/0"), ("1-0", "j7/1"), ("1-1", "j7/1"),
-        ("2-0", "j7/2~0-2"), ("2-1", "j7/2~0-2"),
+        ("0-0", "j7/0~0-2"), ("0-0", "j7/3"), ("0-1", "j7/0~0-2"), ("0-1", "j7/3"), ("0-2", "j7/3~2-4"),
+        ("0-3", "j7/0"), ("0-3", "j7/3~2-4"), ("1-0", "j7/1"), ("1-1", "j7/1"), ("2-0", "j7/2~0-2"),
+        ("2-1", "j7/2~0-2"),
     ]  # fmt: skip
     assert sorted((f["claim_id"], f["batch_id"]) for f in read_failures(out)) == [
         ("0-2", "j7/0~2-3"), ("2-2", "j7/2"), ("2-3", "j7/2")
