@@ -27,8 +27,8 @@ class PartsByRoot:
         self._spans: dict[str, set[Span]] = {}
 
     def note(self, batch_ids: Iterable[str]) -> None:
-        for batch_id in batch_ids:
-            if PART_MARK in batch_id and (part := part_of(batch_id)) is not None:
+        for batch_id in batch_ids:  # a foreign file's column may hold anything: nulls, numbers
+            if isinstance(batch_id, str) and PART_MARK in batch_id and (part := part_of(batch_id)) is not None:
                 self._spans.setdefault(part.root, set()).add((part.start, part.stop))
 
     def of(self, root: str) -> set[Span]:

@@ -39,6 +39,7 @@ from pervade.options import POSITIVE, at_least, broker_option, check_options, ne
 from pervade.progress import reported_bars
 from pervade.protocol import (
     PART_MARK,
+    BatchFailure,
     BatchResult,
     Deliver,
     DeliverFailure,
@@ -136,8 +137,10 @@ class Sink:
         #: The producer batches of the slices held and not yet acknowledged: batch id -> its slice's id. Rows,
         #: the output's index and its ledger name producer batches; the broker is answered with slice ids.
         self._slice_of: dict[str, list[str]] = {}
-        #: The split batches' parts among the outcomes held (``sinks/coverage.py``).
-        self._held_parts = PartsByRoot()
+        #: The split batches' parts among the outcomes held (``sinks/coverage.py``): in the current file, and
+        #: among the failures to record.
+        self._file_parts = PartsByRoot()
+        self._failure_parts = PartsByRoot()
         self._oldest_unacked: float | None = None
         self._last_delivery = 0.0
         self._all_jobs_done = False
@@ -232,7 +235,8 @@ class Sink:
             return  # delivered again before our roll: the roll acknowledges it
         if message.redelivery and batch_id not in self.index:
             await asyncio.to_thread(self.index.refresh)  # another sink (or our former self) may have it
-        left, held = self._claims_left(batch_id, claims)
+        failure = isinstance(outcome, BatchFailure)
+        left, held = self._claims_left(batch_id, claims, failure)
         if not left:
             self.duplicates_skipped += 1
             log.info("duplicate_delivery_skipped", batch_id=batch_id)
@@ -251,9 +255,10 @@ class Sink:
                 outcome = msgspec.structs.replace(outcome, claim_ids=[outcome.claim_ids[row] for row in rows])
         if isinstance(outcome, BatchResult):
             self.writer.add(outcome)
+            self._file_parts.note([batch_id])
         else:
             self.failures.add(outcome)
-        self._held_parts.note([batch_id])
+            self._failure_parts.note([batch_id])
         await self._held()
 
     async def accept_slice(self, message: Deliver) -> None:
@@ -270,7 +275,7 @@ class Sink:
         if message.redelivery and any(member.batch_id not in self.index for member in members):
             await asyncio.to_thread(self.index.refresh)
         # Each batch: new (written whole), durable already or held (skipped; a held one acknowledged with
-        # what holds it), or some of each (its new claims written).
+        # what holds it), or some of each (its claims not in the output nor in the current file written).
         verdicts, fresh, skipped, waiting = [], [], 0, False
         for member, (start, end) in zip(members, spans, strict=True):
             left, held = self._claims_left(member.batch_id, member.claims)
@@ -300,22 +305,31 @@ class Sink:
             slice_of[member.batch_id] = [slice_id]
         await self._held()
 
-    def _claims_left(self, batch_id: str, claims: int) -> tuple[list[Span], bool]:
-        """The claims of a delivery (offsets in its root) neither in the output nor held (``claims_left``),
-        and whether what we hold covers any of the others."""
+    def _claims_left(self, batch_id: str, claims: int, failure: bool = False) -> tuple[list[Span], bool]:
+        """The claims of a delivery (offsets in its root) to write, and whether it is all held already (then
+        it is acknowledged with the next roll, which makes what is held durable).
+
+        The claims to write are those neither in the output nor held where the delivery goes: the current
+        file for verdicts, the failures to record for a failure. What the other place holds does not count:
+        a roll publishes the file first and records the failures next, and an id in the output must mean
+        all its claims are there, whatever becomes of the rest of the roll."""
         index, in_file, pending = self.index, self.writer.batches_in_file, self.failures.pending
-        if PART_MARK not in batch_id and batch_id not in index.parts and batch_id not in self._held_parts:
-            # A batch of which no part is known (nearly all): in the output or held as itself, or not at all.
+        if (
+            PART_MARK not in batch_id
+            and batch_id not in index.parts
+            and batch_id not in self._file_parts
+            and batch_id not in self._failure_parts
+        ):  # a batch of which no part is known (nearly all): in the output or held as itself, or not at all
             if batch_id in index:
                 return [], False
             return ([], True) if batch_id in in_file or batch_id in pending else ([(0, claims)], False)
         durable = [(index, index.parts)]
-        left = claims_left(batch_id, claims, durable)
-        if not left:
+        if not claims_left(batch_id, claims, durable):
             return [], False
-        held = (in_file, self._held_parts), (pending, self._held_parts)
-        fewer = claims_left(batch_id, claims, [*durable, *held])
-        return fewer, fewer != left
+        in_file_too, pending_too = (in_file, self._file_parts), (pending, self._failure_parts)
+        if not claims_left(batch_id, claims, [*durable, in_file_too, pending_too]):
+            return [], True
+        return claims_left(batch_id, claims, [*durable, pending_too if failure else in_file_too]), False
 
     def _any_held(self) -> str:
         """A batch held now: made durable, and acknowledged, at the next roll with all the others."""
@@ -350,7 +364,8 @@ class Sink:
             await self.step_away(exc)
             return
         finally:
-            self._held_parts.clear()  # durable now (the index has them), or dropped
+            self._file_parts.clear()  # durable now (the index has them), or dropped
+            self._failure_parts.clear()
         self._oldest_unacked = None
         self._retry_s = WRITE_RETRY_MIN_S
         durable = list(failed)
@@ -405,7 +420,8 @@ class Sink:
             log.warning("discard_failed", error=str(exc))
         self.failures.discard()
         self._slice_of.clear()
-        self._held_parts.clear()
+        self._file_parts.clear()
+        self._failure_parts.clear()
         self._oldest_unacked = None
         await self.session.send_if_connected(Disconnect(reason=f"cannot write its output: {error.strerror or error}"))
         self.session.close()

@@ -84,9 +84,9 @@ class WrittenIndex:
         for path in sorted(self.out_dir.glob("*.parquet")) if self.out_dir.exists() else []:
             try:
                 table = pq.read_table(path, columns=["batch_id", "claim_id"])
+                mine = table.filter(pc.is_in(table["batch_id"], value_set=pa.array(sorted(wanted), pa.string())))
             except (OSError, KeyError, pa.ArrowException):  # not a file of ours: it holds no batch
                 continue
-            mine = table.filter(pc.is_in(table["batch_id"], value_set=pa.array(sorted(wanted), pa.string())))
             for batch_id, claim_id in zip(mine["batch_id"].to_pylist(), mine["claim_id"].to_pylist(), strict=True):
                 claims[batch_id].add(claim_id)
         directory = failures_dir_for(self.out_dir)
