@@ -17,7 +17,7 @@ from pervade.broker.outcomes import Outcomes
 from pervade.broker.records import ProducerRecord
 from pervade.broker.results import plausible_time
 from pervade.broker.state import BrokerState
-from pervade.broker.store import JobRecord, content_digest
+from pervade.broker.store import JobRecord, same_content
 from pervade.errors import ConfigError, ProtocolError
 from pervade.protocol import (
     PART_MARK,
@@ -68,7 +68,7 @@ class Producers:
                 )
                 self.refuse_submission(identity, batch, reason)
                 return
-            if known.content is not None and known.content != content_digest(batch):
+            if known.content is not None and not same_content(known.content, batch):
                 reason = (
                     f"batch id {batch.batch_id} was submitted before with other claims or another template: "
                     "a changed sweep needs a new job id"

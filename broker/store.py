@@ -189,10 +189,20 @@ class StoredBatch(msgspec.Struct, frozen=True, gc=False):
 
 
 def content_digest(batch: Batch) -> str:
-    """What a batch computes (its job, context, template and claims; not when it was submitted), so the
-    same batch id sent with other content is told apart from a resend."""
-    key = _encoder.encode((batch.job_id, batch.context, batch.template_id, batch.template, batch.claims))
+    """What a batch computes (its job, its context's id, template and claims; not when it was submitted, nor
+    where the model lies: a producer resuming a job on another node may name a copy of the same files at
+    another path), so the same batch id sent with other content is told apart from a resend."""
+    key = _encoder.encode((batch.job_id, batch.context.context_id, batch.template_id, batch.template, batch.claims))
     return hashlib.sha256(key).hexdigest()[:32]
+
+
+def same_content(digest: str, batch: Batch) -> bool:
+    """Whether ``batch`` computes what ``digest`` (a stored ``content_digest``) says. A broker before this
+    one digested the whole context, path included: a resend of a batch it stored is recognised too."""
+    if digest == content_digest(batch):
+        return True
+    key = _encoder.encode((batch.job_id, batch.context, batch.template_id, batch.template, batch.claims))
+    return digest == hashlib.sha256(key).hexdigest()[:32]
 
 
 @dataclass

@@ -195,6 +195,24 @@ def declared_context(model: str) -> DeclareContext:
     return DeclareContext(context=ContextSpec(model=model, files=manifest.digest), manifest=manifest)
 
 
+def test_a_batch_resent_naming_a_copy_of_its_model_elsewhere_is_a_resend(tmp_path) -> None:
+    """A producer resuming a job on another node names the same model files at another path: the same
+    context id, the same batch ids, and what the batches compute is the same. They are resends, not a
+    changed sweep (which would fail the job), before and after a restart."""
+    here, there = declared_context("/scratch/node1/model"), declared_context("/scratch/node7/model")
+    assert here.context.context_id == there.context.context_id
+    broker = Broker(tmp_path / "state")
+    broker(b"p", ProducerReady(producer_id="p"), here)
+    broker.submit(batch("j", 0, context=here.context))
+    broker.turn()
+    broker.store.close()
+    broker = Broker(tmp_path / "state")
+    broker(b"q", ProducerReady(producer_id="q"), there)
+    broker.submit(batch("j", 0, context=there.context), producer=b"q")
+    assert sent_of(broker.turn(), Accepted, b"q") == [Accepted(batch_id="j/0", duplicate=True)]
+    broker.store.close()
+
+
 def test_a_declared_context_is_loaded_by_workers_holding_none_before_its_first_batch(broker) -> None:
     declared = declared_context("model-d")
     broker.worker(b"idle", credit=4)
