@@ -42,7 +42,7 @@ from pervade.context import ContextSpec, ResolvedContext
 from pervade.errors import ClaimsError, ConfigError, InputError, JobFailed, ProtocolError
 from pervade.keys import ClientKeys
 from pervade.producer.claims import chunk_digest, chunks, read_ahead
-from pervade.producer.sweep import SubmitReport, Sweep, batch_id_for
+from pervade.producer.sweep import SubmitReport, Sweep, batch_id_for, work_key
 from pervade.producer.templates import validate_templates
 from pervade.producer.window import DEFAULT_MAX_UNACKED, DEFAULT_MAX_UNACKED_PAIRS, SendWindow
 from pervade.prompts import PromptTemplate
@@ -312,9 +312,10 @@ class Producer:
         batches of 512 fill each run whole (RQ2, docs/benchmarks.md). A trip holds READ_AHEAD_PAIRS pairs, so
         the templates still advance together."""
         submitted_at = time.time()
+        work = {template_id: work_key(template, sweep.context) for template_id, template in sweep.templates.items()}
         return [
             Batch(
-                batch_id=batch_id_for(sweep.job_id, index, template_id, digest, template, sweep.context),
+                batch_id=batch_id_for(sweep.job_id, index, template_id, digest, work[template_id]),
                 job_id=sweep.job_id, context=sweep.context, template_id=template_id, template=template,
                 claims=chunk, submitted_at=submitted_at,
             )  # fmt: skip

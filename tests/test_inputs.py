@@ -11,7 +11,7 @@ import pytest
 from pervade.context import ContextSpec
 from pervade.errors import ClaimsError, TemplateError
 from pervade.producer.claims import ClaimFields, ClaimsSource, read_claims, sample_claims_path, scan_claims
-from pervade.producer.sweep import job_id_for
+from pervade.producer.sweep import batch_id_for, job_id_for, work_key
 from pervade.producer.templates import load_templates, validate_templates
 from tests.conftest import FEVER_DEV
 
@@ -192,3 +192,13 @@ def test_the_job_id_names_what_the_sweep_computes(tmp_path) -> None:
     assert job_id(records, templates={"t": {"text": "{claim} Answer:", "labels": {"SUPPORTS": " y", "REFUTES": " n"}}}) != first
     assert job_id(records, context=ContextSpec(model="other")) != first
     assert job_id(records, batch_size=16) != first
+
+
+def test_a_batch_id_is_what_earlier_producers_named_it() -> None:
+    """A batch id names its claims and what they are scored with; a sweep resumed by a newer producer must
+    name its batches as the older one did, or the broker and the sinks would not recognise them."""
+    template = validate_templates({"t": "{claim} Answer:"})["t"]
+    work = work_key(template, ContextSpec(model="m"))
+    assert batch_id_for("job-x", 3, "t", b"\x01abc", work) == "job-x/0000003/t/e7bd29a4"
+    assert batch_id_for("job-x", 3, "t", b"\x01abd", work) != "job-x/0000003/t/e7bd29a4"
+
