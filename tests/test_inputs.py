@@ -201,4 +201,3 @@ def test_a_batch_id_is_what_earlier_producers_named_it() -> None:
     work = work_key(template, ContextSpec(model="m"))
     assert batch_id_for("job-x", 3, "t", b"\x01abc", work) == "job-x/0000003/t/e7bd29a4"
     assert batch_id_for("job-x", 3, "t", b"\x01abd", work) != "job-x/0000003/t/e7bd29a4"
-
