@@ -46,7 +46,7 @@ class BrokerConfig:
     #: A batch that fails this many times (or whose worker dies this many times) is recorded as failed.
     max_attempts: int = option(3, "a batch failing this many times is recorded as failed", flag="--max-attempts",
                                check=at_least(1))  # fmt: skip
-    #: Small batches a producer submits together (same job, context and template) travel as one *slice* of up to
+    #: Small batches a producer submits together (same job, context, template and time) travel as one *slice* of up to
     #: this many claims: one row, assignment, result and delivery instead of one per batch (``BrokerStore.add``).
     slice_claims: int = option(
         DEFAULT_SLICE_CLAIMS, "claims a slice of small batches holds at most: submitted together, they travel as "

@@ -25,7 +25,7 @@ A batch moves through these statuses (``BatchStatus``):
                       "parts"; the producer's batch they came from, their ``root``, is written once every part
                       is written or recorded failed)
 
-Small batches of one job, context and template queued in one turn form a *slice* (``add``): one row, with the
+Small batches of one job, context, template and submission time queued in one turn form a *slice* (``add``): one row, with the
 claims of all of them, which the broker assigns, completes, delivers and marks written as one batch. Each
 producer batch in it (a *member*) keeps its id and content digest in the ``members`` table, so it is found
 by ``submitted`` like any batch; a slice is cut at dispatch (``carve``) and, if it fails, dissolved back into
@@ -749,10 +749,11 @@ class BrokerStore:
         """Queue a new batch at the back of its context's queue (``context_id``: its context's id, when the
         caller has it at hand).
 
-        A small batch that follows one of the same job, context, template and submission time (a producer stamps
-        a trip's batches with one) queued since the last flush joins it in a *slice*: one row, one assignment, one result and one delivery for many producer
-        batches, up to ``slice_claims`` claims (0: none). A producer's batch of one claim would otherwise cost every
-        hop a row, a message and a commit of its own (issue 21: the broker's cost per batch is the pipeline's
+        A small batch that follows one of the same job, context, template and submission time (a producer
+        stamps a trip's batches with one) queued since the last flush joins it in a *slice*: one row, one
+        assignment, one result and one delivery for many producer batches, up to ``slice_claims`` claims (0:
+        none). A producer's batch of one claim would otherwise cost every hop a row, a message and a commit of
+        its own (issue 21: the broker's cost per batch is the pipeline's
         bound at batch size 1). The slice closes at the flush, before anything reads it back, so a turn's
         submissions slice and nothing waits for more to come. Each producer batch keeps its id, its content
         digest (the ``members`` table: a resubmission is recognised) and its own row in the output."""
@@ -920,13 +921,7 @@ class BrokerStore:
         if taken:  # checked before any change: an insert that fails at the commit would fail the whole turn
             raise StateError(f"cannot split batch {row.batch_id}: the state already holds {', '.join(taken)}")
         split = self._move(row, _DROP_CONTENT, status=BatchStatus.SPLIT, worker=None)
-        root = split.root or split.batch_id
-        head = self._heads.get(split.context_id)
-        for part in reversed(parts):
-            self._min_key -= 1
-            stored = self._insert(part, split.context_id, self._min_key, root=root)
-            if head is not None:
-                head.entries.appendleft((stored, part))
+        self._queue_in_front(parts, split.context_id, root=split.root or split.batch_id)
 
     def dissolve(self, row: StoredBatch) -> list[StoredBatch]:
         """Replace a slice by the producer's batches it holds, each queued at the front again as a batch of its
@@ -940,15 +935,19 @@ class BrokerStore:
             msgspec.structs.replace(batch, batch_id=member.batch_id, claims=batch.claims[start:end], members=[])
             for member, (start, end) in zip(batch.members, member_spans(batch.members), strict=True)
         ]
-        head = self._heads.get(dissolved.context_id)
+        self._open_slice = None
+        return self._queue_in_front(parts, dissolved.context_id, root=None)
+
+    def _queue_in_front(self, batches: list[Batch], context_id: str, root: str | None) -> list[StoredBatch]:
+        """Queue ``batches`` at the front of their context's queue, in their order; returns their rows."""
+        head = self._heads.get(context_id)
         rows = []
-        for part in reversed(parts):
+        for batch in reversed(batches):
             self._min_key -= 1
-            stored = self._insert(part, dissolved.context_id, self._min_key, root=None)
+            stored = self._insert(batch, context_id, self._min_key, root=root)
             rows.append(stored)
             if head is not None:
-                head.entries.appendleft((stored, part))
-        self._open_slice = None
+                head.entries.appendleft((stored, batch))
         return rows[::-1]
 
     def settle_part(self, part: StoredBatch) -> StoredBatch:

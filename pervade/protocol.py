@@ -110,8 +110,8 @@ MAX_ACCEPTED_MORE = 4096
 class Batch(_Part):
     """Claims to score under one prompt template with one model. The unit of scheduling.
 
-    A *slice* is a batch the broker made of small batches a producer submitted together (same job, context
-    and template): it travels, is assigned, answered and delivered as one, and ``members`` names the
+    A *slice* is a batch the broker made of small batches a producer submitted together (same job, context,
+    template and ``submitted_at``): it travels, is assigned, answered and delivered as one, and ``members`` names the
     producer's batches it holds, in claim order. A producer never sets ``members``."""
 
     batch_id: Id

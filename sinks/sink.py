@@ -40,7 +40,6 @@ from pervade.progress import reported_bars
 from pervade.protocol import (
     PART_MARK,
     BatchFailure,
-    BatchResult,
     Deliver,
     DeliverFailure,
     Disconnect,
@@ -227,15 +226,15 @@ class Sink:
             await self.accept_slice(message)
             return
         outcome = message.result if isinstance(message, Deliver) else message.failure
+        failure = isinstance(outcome, BatchFailure)
         batch_id = outcome.batch_id
-        claims = len(outcome.verdicts) if isinstance(outcome, BatchResult) else len(outcome.claim_ids)
+        claims = len(outcome.claim_ids) if failure else len(outcome.verdicts)
         if batch_id in self.writer.batches_in_file or batch_id in self.failures.pending:
             if batch_id in self._slice_of:  # held as part of a slice: acknowledged as itself too
                 self._acknowledge_with(batch_id, batch_id)
             return  # delivered again before our roll: the roll acknowledges it
         if message.redelivery and batch_id not in self.index:
             await asyncio.to_thread(self.index.refresh)  # another sink (or our former self) may have it
-        failure = isinstance(outcome, BatchFailure)
         left, held = self._claims_left(batch_id, claims, failure)
         if not left:
             self.duplicates_skipped += 1
@@ -249,16 +248,16 @@ class Sink:
         if left != [(start, start + claims)]:  # some of its claims are in the output under its root's other ids
             rows = rows_in(left, start)
             log.info("duplicate_claims_skipped", batch_id=batch_id, claims=claims - len(rows))
-            if isinstance(outcome, BatchResult):
-                outcome = msgspec.structs.replace(outcome, verdicts=[outcome.verdicts[row] for row in rows])
-            else:
+            if failure:
                 outcome = msgspec.structs.replace(outcome, claim_ids=[outcome.claim_ids[row] for row in rows])
-        if isinstance(outcome, BatchResult):
-            self.writer.add(outcome)
-            self._file_parts.note([batch_id])
-        else:
+            else:
+                outcome = msgspec.structs.replace(outcome, verdicts=[outcome.verdicts[row] for row in rows])
+        if failure:
             self.failures.add(outcome)
             self._failure_parts.note([batch_id])
+        else:
+            self.writer.add(outcome)
+            self._file_parts.note([batch_id])
         await self._held()
 
     async def accept_slice(self, message: Deliver) -> None:

@@ -81,10 +81,11 @@ class WrittenIndex:
         claims: dict[str, set[str]] = {batch_id: set() for batch_id in wanted}
         if not wanted:
             return claims
+        value_set = pa.array(sorted(wanted), pa.string())
         for path in sorted(self.out_dir.glob("*.parquet")) if self.out_dir.exists() else []:
             try:
                 table = pq.read_table(path, columns=["batch_id", "claim_id"])
-                mine = table.filter(pc.is_in(table["batch_id"], value_set=pa.array(sorted(wanted), pa.string())))
+                mine = table.filter(pc.is_in(table["batch_id"], value_set=value_set))
             except (OSError, KeyError, pa.ArrowException):  # not a file of ours: it holds no batch
                 continue
             for batch_id, claim_id in zip(mine["batch_id"].to_pylist(), mine["claim_id"].to_pylist(), strict=True):
